@@ -1,0 +1,60 @@
+"""`geotrain launch RECIPE`: create a run and drive it to the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from geotrain.cli.common import err, handle_errors, out, print_json
+
+EXIT = {"succeeded": 0, "failed": 1, "stopped": 130}
+
+
+@handle_errors
+def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
+           detach: Annotated[bool, typer.Option("--detach", "-d",
+                                                help="run the controller in the background")] = False,
+           as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Provision the recipe's sites, train across them, and tear everything down at the end.
+
+    In the foreground a live view shows each site; Ctrl-C stops the run cleanly.
+    """
+    from rich.live import Live
+
+    import providers as registry
+    from geotrain.cli.view import run_view
+    from geotrain.controller import Controller, create_run, detach as start_detached, status
+    from geotrain.errors import ProviderError
+    from geotrain.recipe import load
+
+    r = load(recipe)
+    for name in sorted({s.provider for s in r.sites}):
+        check = registry.get(name).check()
+        if not check.ok:
+            raise ProviderError(f"provider {name} is not usable here: {check.detail}")
+    run_id = create_run(r, str(recipe.resolve()))
+    if detach:
+        pid = start_detached(run_id)
+        if as_json:
+            print_json({"run": run_id, "controller_pid": pid})
+        else:
+            out.print(f"run [bold]{run_id}[/] started in the background (controller pid {pid})\n"
+                      f"  geotrain status {run_id}\n  geotrain logs {run_id} --follow\n"
+                      f"  geotrain down {run_id}", highlight=False)
+        return
+    if as_json:
+        state = Controller(run_id).run()
+        print_json(status(run_id))
+    else:
+        err.print(f"run [bold]{run_id}[/] — Ctrl-C stops it cleanly", highlight=False)
+        with Live(console=out, refresh_per_second=4, transient=False) as live:
+            state = Controller(run_id, on_tick=lambda s: live.update(run_view(s))).run()
+        final = status(run_id)
+        if state == "succeeded":
+            out.print(f"[green]✓[/] finished: eval loss {final['eval_loss']:.4f}; "
+                      f"model at {final['store']}/final/model.safetensors", highlight=False)
+        elif final.get("error"):
+            err.print(f"[bold red]error:[/] {final['error']}", highlight=False)
+    raise typer.Exit(EXIT[state])

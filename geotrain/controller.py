@@ -1,0 +1,301 @@
+"""The controller: create a run, provision its sites, watch them, finish.
+
+`create_run()` writes everything a run needs to the run store (run.json and
+the round-0 global model) and the state db. `Controller(run_id).run()` then
+provisions each site, watches heartbeats, commits and the provider's view of
+the nodes, and finishes: the final model and a summary in the store, every
+site torn down. It runs in the foreground under `geotrain launch`, or as its
+own process (`python -m geotrain.controller RUN`) under `launch --detach`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import providers
+from geotrain import __version__
+from geotrain.errors import GeotrainError
+from geotrain.recipe import Recipe, default_home
+from geotrain.state import StateDB, iso
+from geotrain.store import RunStore, round_key, run_url
+
+POLL_S = 0.5
+FINAL_STATES = ("succeeded", "failed", "stopped")
+
+
+class RunFailed(GeotrainError):
+    pass
+
+
+class Stop(Exception):
+    """Raised in the controller's loop by SIGTERM / SIGINT: stop the run."""
+
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> str:
+    """Write run.json and the round-0 global state; record the run. Returns its id."""
+    from geotrain.sync.diloco import encode, params_hash
+    from geotrain.train.trainer import initial_state
+
+    home = home or default_home()
+    run_id = new_run_id(recipe.name)
+    url = run_url(recipe.store_root(), run_id)
+    store = RunStore(url)
+    members = [s.name for s in recipe.sites]
+    store.write_run({"id": run_id, "name": recipe.name, "created_at": time.time(),
+                     "version": __version__, "recipe": recipe.to_dict(), "members": members,
+                     "store": url})
+    params = initial_state(recipe)
+    store.commit_global(0, {"model.safetensors": encode(params)},
+                        {"hash": params_hash(params), "members": members})
+    db = StateDB(home)
+    db.add_run(run_id, recipe.name, recipe_path, recipe.to_dict(), url, recipe.train.rounds,
+               [{"name": s.name, "provider": s.provider, "region": s.region} for s in recipe.sites])
+    store.event("controller", "created", f"run {run_id} created", store=url)
+    return run_id
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def status(run_id: str, home: Path | None = None) -> dict:
+    """The run as `geotrain status --json` shows it."""
+    db = StateDB(home or default_home())
+    run = db.run(run_id)
+    return _status_of(db, run)
+
+
+def _status_of(db: StateDB, run: dict) -> dict:
+    alive = run["state"] == "running" and pid_alive(run["controller_pid"])
+    return {
+        "id": run["id"], "name": run["name"], "state": run["state"],
+        "rounds_done": run["rounds_done"], "rounds_total": run["rounds_total"],
+        "eval_loss": run["eval_loss"], "store": run["store"],
+        "started_at": iso(run["started_at"]), "first_step_at": iso(run["first_step_at"]),
+        "finished_at": iso(run["finished_at"]),
+        "controller_pid": run["controller_pid"] if alive else None,
+        "error": run["error"],
+        "sites": [{"name": s["name"], "provider": s["provider"], "region": s["region"],
+                   "state": s["state"], "pid": s["pid"], "round": s["round"], "step": s["step"],
+                   "loss": s["loss"], "tokens_per_s": s["tokens_per_s"],
+                   "bytes_sent": s["bytes_sent"]} for s in db.sites(run["id"])],
+    }
+
+
+def statuses(home: Path | None = None) -> list[dict]:
+    db = StateDB(home or default_home())
+    return [_status_of(db, r) for r in db.runs()]
+
+
+class Controller:
+    def __init__(self, run_id: str, home: Path | None = None,
+                 on_tick: Callable[[dict], None] | None = None):
+        self.home = home or default_home()
+        self.db = StateDB(self.home)
+        self.run_id = self.db.run(run_id)["id"]
+        row = self.db.run(self.run_id)
+        self.store = RunStore(row["store"])
+        self.recipe = Recipe.model_validate(json.loads(row["recipe_json"]))
+        self.on_tick = on_tick or (lambda s: None)
+        self.log_dir = self.home / "runs" / self.run_id / "logs"
+        self.nodes: dict[str, list[providers.Node]] = {}
+        self.node_rows: dict[str, int] = {}
+
+    # -- events --------------------------------------------------------------------
+
+    def event(self, kind: str, message: str, **data) -> None:
+        self.store.event("controller", kind, message, **data)
+        self.db.add_event(self.run_id, "controller", kind, message, **data)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def run(self) -> str:
+        """Drive the run to its end; returns the final state."""
+        self.db.update_run(self.run_id, controller_pid=os.getpid(), state="running")
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.provision()
+            state = self.watch()
+        except Stop:
+            state = "stopped"
+            self.event("stopped", "run stopped by the user")
+        except Exception as e:  # noqa: BLE001 - any failure ends the run cleanly, recorded
+            state = "failed"
+            self.db.update_run(self.run_id, error=str(e)[:2000])
+            self.event("failed", f"run failed: {e}")
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self.teardown()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.db.update_run(self.run_id, state=state, finished_at=time.time())
+        self.on_tick(status(self.run_id, self.home))
+        return state
+
+    def _on_signal(self, signum, frame):
+        raise Stop()
+
+    def provision(self) -> None:
+        for site in self.recipe.sites:
+            plan = providers.SitePlan(
+                run_id=self.run_id, site=site.name, provider=site.provider,
+                store_url=self.store.url, region=site.region, workers=site.workers,
+                options=(("log_dir", str(self.log_dir)),))
+            provider = providers.get(site.provider)
+            row = self.db.add_node(self.run_id, site.name, site.provider, site.region)
+            self.node_rows[site.name] = row
+            nodes = provider.launch(plan)
+            self.nodes[site.name] = nodes
+            self.db.update_node(row, instance_id=nodes[0].instance_id, pid=nodes[0].pid, state="running")
+            self.db.update_site(self.run_id, site.name, state="starting", pid=nodes[0].pid)
+            self.event("site-launched", f"site {site.name} launched on {site.provider}",
+                       site=site.name, instance=nodes[0].instance_id)
+
+    def watch(self) -> str:
+        rounds_total = self.recipe.train.rounds
+        seen_round = -1
+        while True:
+            beats = {s.name: self.store.heartbeat(s.name) for s in self.recipe.sites}
+            for name, hb in beats.items():
+                if hb:
+                    self.db.update_site(self.run_id, name, state=hb["state"], round=hb.get("round"),
+                                        step=hb.get("step"), loss=hb.get("loss"),
+                                        tokens_per_s=hb.get("tokens_per_s"),
+                                        bytes_sent=hb.get("bytes_sent"))
+            latest = self.store.latest_global() or 0
+            if latest != seen_round:
+                seen_round = latest
+                manifest = self.store.global_manifest(latest)
+                self.db.update_run(self.run_id, rounds_done=latest, eval_loss=manifest.get("eval_loss"))
+            firsts = [hb.get("first_step_at") if hb else None for hb in beats.values()]
+            if all(firsts) and self.db.run(self.run_id)["first_step_at"] is None:
+                self.db.update_run(self.run_id, first_step_at=max(firsts))
+            self.on_tick(status(self.run_id, self.home))
+
+            failed = [n for n, hb in beats.items() if hb and hb["state"] == "failed"]
+            if failed:
+                errors = "; ".join(f"{n}: {beats[n].get('error', '?')}" for n in failed)
+                raise RunFailed(f"site {', '.join(failed)} failed ({errors})")
+            if latest >= rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):
+                self.finish(latest)
+                return "succeeded"
+            for name in beats:
+                if not self._site_alive(name) and not (beats[name] and beats[name]["state"] == "done"):
+                    # Let a last heartbeat land before judging the exit.
+                    time.sleep(POLL_S)
+                    hb = self.store.heartbeat(name)
+                    if not (hb and hb["state"] in ("done", "failed")):
+                        raise RunFailed(f"site {name} exited unexpectedly; see {self.log_dir / name}.log")
+            time.sleep(POLL_S)
+
+    def _site_alive(self, name: str) -> bool:
+        nodes = self.nodes.get(name, [])
+        provider = providers.get(self.recipe.sites[[s.name for s in self.recipe.sites].index(name)].provider)
+        live = {n.instance_id for n in provider.query(self.run_id, name)}
+        return any(n.instance_id in live for n in nodes)
+
+    def finish(self, last_round: int) -> None:
+        files, manifest = self.store.read_global(last_round)
+        history = []
+        for r in self.store.committed_rounds():
+            m = self.store.global_manifest(r)
+            history.append({"round": r, "eval_loss": m.get("eval_loss"), "hash": m["hash"],
+                            "results": {s: v["hash"] for s, v in self.store.results(r).items()}})
+        run = self.db.run(self.run_id)
+        t = self.recipe.train
+        tokens = t.rounds * t.inner_steps * t.batch_size * t.seq_len * sum(s.workers for s in self.recipe.sites)
+        summary = {"run": self.run_id, "rounds": last_round, "eval_loss": manifest.get("eval_loss"),
+                   "hash": manifest["hash"], "tokens": tokens,
+                   "wall_s": time.time() - run["started_at"],
+                   "first_step_s": (run["first_step_at"] - run["started_at"]) if run["first_step_at"] else None,
+                   "history": history, "global_round": round_key(last_round)}
+        self.store.write_final(files["model.safetensors"], summary)
+        self.db.update_run(self.run_id, rounds_done=last_round, eval_loss=manifest.get("eval_loss"))
+        self.event("finished", f"run finished: {last_round} rounds, eval loss {manifest.get('eval_loss'):.4f}")
+
+    def teardown(self) -> None:
+        """Stop every site of the run: by our records and by the provider's tags."""
+        for site in self.recipe.sites:
+            if self.store.heartbeat(site.name) and self.store.heartbeat(site.name)["state"] not in ("done", "failed"):
+                self.store.send_command(site.name, "stop")
+        terminated = terminate_run(self.db, self.run_id)
+        for site in self.recipe.sites:
+            hb = self.store.heartbeat(site.name)
+            self.db.update_site(self.run_id, site.name, state=hb["state"] if hb else "stopped")
+        if terminated:
+            self.event("teardown", f"terminated {len(terminated)} node(s)")
+
+
+def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
+    """Terminate every node of a run the state db or the providers know of."""
+    rows = db.nodes(run_id)
+    gone: list[providers.Node] = []
+    for name in sorted({r["provider"] for r in rows}):
+        provider = providers.get(name)
+        live = provider.query(run_id)
+        if live:
+            gone += provider.terminate(live)
+    for r in rows:
+        if r["state"] != "terminated":
+            db.update_node(r["id"], state="terminated", terminated_at=time.time())
+    return gone
+
+
+def down(run_id: str, home: Path | None = None) -> dict:
+    """Stop a run wherever its controller is, and leave nothing running."""
+    db = StateDB(home or default_home())
+    run = db.run(run_id)
+    pid = run["controller_pid"]
+    if run["state"] == "running" and pid_alive(pid) and pid != os.getpid():
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    gone = terminate_run(db, run["id"])
+    run = db.run(run["id"])
+    if run["state"] == "running":
+        db.update_run(run["id"], state="stopped", finished_at=time.time())
+    return {"run": run["id"], "terminated": [n.instance_id for n in gone],
+            "state": db.run(run["id"])["state"]}
+
+
+def detach(run_id: str, home: Path | None = None) -> int:
+    """Start the controller for run_id as its own background process."""
+    home = home or default_home()
+    log_dir = home / "runs" / run_id
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "controller.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))
+    StateDB(home).update_run(run_id, controller_pid=proc.pid)
+    return proc.pid
+
+
+if __name__ == "__main__":
+    final = Controller(sys.argv[1]).run()
+    sys.exit(0 if final == "succeeded" else 1)

@@ -1,0 +1,394 @@
+"""The recipe: the YAML a user writes to describe a run, as typed, frozen models.
+
+A recipe names the run and its sites; everything else has a default:
+
+    name: demo
+    model: {preset: tiny}
+    train: {rounds: 20, inner_steps: 50}
+    sites:
+      - name: a
+      - name: b
+        workers: 2
+
+`load(path)` returns a validated `Recipe` or raises `RecipeError` naming the
+file, the line, the dotted field and what would be valid. Relative paths in
+`data.paths` and `store.url` are resolved against the recipe's directory, so
+the loaded recipe means the same thing from any working directory.
+`geotrain schema` prints `schema()` for editors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from geotrain.errors import RecipeError
+
+SLUG = r"^[a-z0-9][a-z0-9-]*$"
+STORE_SCHEMES = ("file", "s3", "gs", "az")
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ModelDims(NamedTuple):
+    n_layer: int
+    n_head: int
+    d_model: int
+
+
+# The built-in model's sizes; geotrain/train/model.py reads them from here.
+PRESETS = {
+    "tiny": ModelDims(4, 4, 128),
+    "small": ModelDims(6, 8, 256),
+    "medium": ModelDims(12, 8, 512),
+    "large": ModelDims(24, 16, 1024),
+    "xl": ModelDims(32, 20, 1280),
+}
+
+
+def default_home() -> Path:
+    """geotrain's own folder: `$GEOTRAIN_HOME`, or `~/.geotrain`."""
+    return Path(os.environ.get("GEOTRAIN_HOME") or "~/.geotrain").expanduser().absolute()
+
+
+def _invalid(message: str, *at: str | int) -> PydanticCustomError:
+    """A validation error at `at`, a path below the validated model's own location."""
+    return PydanticCustomError("geotrain", message, {"at": at})
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("base_dir") or Path.cwd()).absolute()
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelSpec(_Spec):
+    """The byte-level GPT to train: a preset size, optionally with some sizes overridden."""
+
+    preset: Literal["tiny", "small", "medium", "large", "xl"] = Field(
+        "tiny", description="Size preset; 'tiny' trains on a CPU.")
+    n_layer: int | None = Field(None, ge=1, description="Transformer blocks; overrides the preset.")
+    n_head: int | None = Field(None, ge=1, description="Attention heads; overrides the preset.")
+    d_model: int | None = Field(
+        None, ge=8, description="Width; overrides the preset. Must be divisible by n_head.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability, in [0, 1).")
+
+    def dims(self) -> ModelDims:
+        """The sizes after applying overrides to the preset."""
+        p = PRESETS[self.preset]
+        return ModelDims(self.n_layer or p.n_layer, self.n_head or p.n_head,
+                         self.d_model or p.d_model)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        _, n_head, d_model = self.dims()
+        if d_model % n_head == 0:
+            return self
+        if self.d_model is None:
+            raise _invalid(f"must divide d_model {d_model} of preset '{self.preset}' "
+                           f"(got {n_head})", "n_head")
+        lo, hi = d_model // n_head * n_head, (d_model // n_head + 1) * n_head
+        near = f"{lo} or {hi}" if lo >= 8 else str(hi)
+        raise _invalid(f"must be divisible by n_head {n_head}, e.g. {near} (got {d_model})",
+                       "d_model")
+
+
+class DataSpec(_Spec):
+    """What to train on, and how much of it to hold out for evaluation."""
+
+    source: Literal["python-stdlib", "files"] = Field(
+        "python-stdlib", description="'python-stdlib': the Python standard library's own source "
+                                     "(needs no download); 'files': the files matched by `paths`.")
+    paths: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], description="Glob patterns of text files, relative to the recipe's directory. "
+                        "Required when source is 'files', empty otherwise.")
+    eval_fraction: float = Field(
+        0.02, gt=0, lt=0.5, description="Fraction of the data held out for evaluation.")
+
+    @field_validator("paths")
+    @classmethod
+    def _resolve_paths(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        return [os.path.normpath(_base_dir(info) / os.path.expanduser(p)) for p in paths]
+
+    @model_validator(mode="after")
+    def _paths_match_source(self) -> DataSpec:
+        if self.source == "files" and not self.paths:
+            raise _invalid("required when source is 'files': a list of glob patterns, "
+                           "e.g. ['corpus/*.txt']", "paths")
+        if self.source != "files" and self.paths:
+            raise _invalid(f"only allowed when source is 'files' (source is '{self.source}')",
+                           "paths")
+        return self
+
+
+class TrainSpec(_Spec):
+    """The inner loop each site runs: H AdamW steps per round, with a cosine lr schedule."""
+
+    rounds: int = Field(20, ge=1, description="Outer rounds (sync points between sites).")
+    inner_steps: int = Field(50, ge=1, description="H: inner AdamW steps per site per round.")
+    batch_size: int = Field(16, ge=1, description="Sequences per worker per inner step.")
+    seq_len: int = Field(128, ge=8, le=65536, description="Tokens (bytes) per sequence.")
+    lr: float = Field(3e-3, gt=0, description="Peak inner learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at "
+                                "lr * min_lr_ratio after rounds * inner_steps steps.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
+    seed: int = Field(0, description="Seed for model init and data order.")
+    eval_batches: int = Field(8, ge=1, description="Batches per evaluation.")
+    threads: int = Field(1, ge=1, description="torch threads per worker.")
+
+
+class SyncSpec(_Spec):
+    """How sites merge what they learned at the end of each round."""
+
+    algorithm: Literal["diloco"] = Field("diloco", description="Cross-site algorithm.")
+    outer_lr: float = Field(0.7, gt=0, description="Outer optimizer learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum, in [0, 1).")
+    nesterov: bool = Field(True, description="Use Nesterov momentum in the outer optimizer.")
+    compression: Literal["none"] = Field("none", description="Codec for pseudo-gradients.")
+    round_timeout_s: float = Field(
+        600, gt=0, description="Seconds a site waits for the others in a round before going on.")
+
+
+class StoreSpec(_Spec):
+    """Where the run store lives: the single source of truth of a run."""
+
+    url: str | None = Field(None, description="Root of run stores: file://, s3://, gs://, az:// or "
+                            "a filesystem path (relative to the recipe's directory); "
+                            "default file://$GEOTRAIN_HOME/runs.")
+
+    @field_validator("url")
+    @classmethod
+    def _normalize_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if url is None:
+            return None
+        valid = ", ".join(f"{s}://" for s in STORE_SCHEMES) + " or a filesystem path"
+        # Two letters or more, so that a Windows drive letter reads as a path.
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):", url)
+        if not scheme:
+            return "file://" + os.path.normpath(_base_dir(info) / os.path.expanduser(url))
+        if scheme[1] not in STORE_SCHEMES or not url.startswith(f"{scheme[1]}://"):
+            raise _invalid(f"unsupported store URL {url!r}; valid: {valid}")
+        if url == f"{scheme[1]}://":
+            raise _invalid(f"{url!r} names no bucket or folder")
+        return url
+
+
+class SiteSpec(_Spec):
+    """One place that trains: a provider, a region, and its data-parallel workers."""
+
+    name: str = Field(pattern=SLUG, max_length=20, description="Site name, unique in the recipe.")
+    provider: Literal["local", "aws", "gcp", "azure"] = Field(
+        "local", description="Where the site runs; 'local' is processes on this machine.")
+    region: str | None = Field(None, description="Provider region; None lets the planner choose.")
+    workers: int = Field(1, ge=1, le=64, description="Ray actors in the site's data-parallel "
+                         "group (one per GPU on a cloud node).")
+
+
+class Recipe(_Spec):
+    """A geotrain recipe: one model trained across sites that merge through a run store."""
+
+    name: str = Field(pattern=SLUG, max_length=40, description="Run name: a-z, 0-9 and '-'.")
+    model: ModelSpec = Field(ModelSpec(), description="The model to train.")
+    data: DataSpec = Field(DataSpec(), description="The training data.")
+    train: TrainSpec = Field(TrainSpec(), description="The inner loop each site runs.")
+    sync: SyncSpec = Field(SyncSpec(), description="How sites merge each round.")
+    store: StoreSpec = Field(StoreSpec(), description="Where the run store lives.")
+    sites: list[SiteSpec] = Field(min_length=1, description="The sites that train; at least one.")
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_site_names(cls, sites: list[SiteSpec]) -> list[SiteSpec]:
+        first: dict[str, int] = {}
+        for i, site in enumerate(sites):
+            if site.name in first:
+                raise _invalid(f"duplicate site name '{site.name}' "
+                               f"(also sites[{first[site.name]}])", i, "name")
+            first[site.name] = i
+        return sites
+
+    def store_root(self) -> str:
+        """The URL under which this recipe's runs are stored."""
+        return self.store.url or f"file://{default_home() / 'runs'}"
+
+    def to_dict(self) -> dict:
+        """A plain, JSON-able dict that validates back to an equal Recipe."""
+        return self.model_dump(mode="json")
+
+
+def schema() -> dict:
+    """The JSON Schema of a recipe, for editors."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()}
+
+
+def load(path: str | Path) -> Recipe:
+    """Read and validate the recipe at `path`; raise RecipeError on any mistake."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(str(path), None, "", "file not found") from None
+    except UnicodeDecodeError:
+        raise RecipeError(str(path), None, "", "not UTF-8 text") from None
+    except OSError as e:
+        raise RecipeError(str(path), None, "", (e.strerror or str(e)).lower()) from None
+    return loads(text, source=str(path), base_dir=Path(path).absolute().parent)
+
+
+def loads(text: str, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as YAML; relative paths resolve against base_dir (or the cwd)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        _check_duplicate_keys(root, source)
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        problem += " (check the indentation)" if "<block" in problem else ""
+        raise RecipeError(source, mark and mark.line + 1, "", f"invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if root is None:
+        raise RecipeError(source, None, "", "recipe is empty; it needs at least 'name' and 'sites'")
+    if not isinstance(data, dict):
+        raise RecipeError(source, root.start_mark.line + 1, "",
+                          f"expected a mapping of fields at the top level (got {_show(data)})")
+    try:
+        return Recipe.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as e:
+        raise _first_error(e, root, source) from None
+
+
+def _check_duplicate_keys(root: yaml.Node | None, source: str) -> None:
+    # PyYAML silently keeps the last of two equal keys; a recipe should never rely on that.
+    stack, seen = [root] if root is not None else [], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or isinstance(node, yaml.ScalarNode):
+            continue
+        seen.add(id(node))
+        is_map = isinstance(node, yaml.MappingNode)
+        pairs = node.value if is_map else [(None, n) for n in node.value]
+        lines: dict[str, int] = {}
+        for key, value in pairs:
+            if isinstance(key, yaml.ScalarNode) and key.value in lines:
+                raise RecipeError(source, key.start_mark.line + 1, "", f"duplicate key "
+                                  f"'{key.value}' (first on line {lines[key.value]})")
+            if isinstance(key, yaml.ScalarNode):
+                lines[key.value] = key.start_mark.line + 1
+            stack.append(value)
+
+
+def _first_error(exc: ValidationError, root: yaml.Node, source: str) -> RecipeError:
+    """The one error to report: the topmost in the file, preferring anything over 'missing'
+    (a misspelt required key is both unknown and missing; 'did you mean' helps more)."""
+    found = []
+    for err in exc.errors():
+        loc = tuple(err["loc"]) + tuple(err.get("ctx", {}).get("at", ()))
+        found.append((err["type"] == "missing", _line_of(root, loc), len(found), loc, err))
+    _, line, _, loc, err = min(found)
+    shown = loc[:-1] if err["type"] == "invalid_key" else loc  # a non-text key is no field
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in shown).lstrip(".")
+    return RecipeError(source, line, field, _message(err, loc))
+
+
+def _line_of(root: yaml.Node, loc: tuple) -> int:
+    """The line of the deepest node along loc: the key itself, or its parent if it is missing."""
+    node, line = root, root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            line, node = match[-1][0].start_mark.line + 1, match[-1][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _type_at(loc: tuple) -> Any:
+    """The annotation of the field at loc, walking Recipe's models and lists."""
+    t: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            t = (get_args(t) or (None,))[0]
+        elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
+            t = t.model_fields[part].annotation
+        else:
+            return None
+    return t
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, short."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _did_you_mean(word: Any, options: list | tuple) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+    "list_type": "a list", "tuple_type": "a list", "model_type": "a mapping",
+    "dict_type": "a mapping",
+}
+
+
+def _message(err: dict, loc: tuple) -> str:
+    """One crisp sentence for a pydantic error: what was wrong and what would be valid."""
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind in ("extra_forbidden", "invalid_key"):
+        valid = list(_type_at(loc[:-1]).model_fields)
+        hint = _did_you_mean(loc[-1], valid)
+        hint += " " if hint else ""
+        return f"unknown field '{loc[-1]}'; {hint}valid fields: {', '.join(valid)}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        options = get_args(_type_at(loc))
+        hint = _did_you_mean(got, options)
+        return (f"expected one of {', '.join(map(repr, options))} "
+                f"(got {_show(got)}{'; ' + hint if hint else ''})")
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"must be {op} {_show(ctx[key])} (got {_show(got)})"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]} (got {_show(got)})"
+    if kind in ("too_short", "too_long"):
+        n = ctx["min_length" if kind == "too_short" else "max_length"]
+        least = "at least" if kind == "too_short" else "at most"
+        return f"must have {least} {n} item{'s' * (n != 1)} (got {ctx['actual_length']})"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters (got {len(got)})"
+    if kind == "string_pattern_mismatch":
+        return f"must be lowercase a-z, 0-9 and '-', not starting with '-' (got {_show(got)})"
+    return err["msg"]  # our own PydanticCustomErrors, already phrased for users

@@ -1,0 +1,106 @@
+"""The site agent: what runs on a site's head node.
+
+It starts the site's own Ray cluster (bound to the site's private address,
+token authentication on), creates one TrainWorker per worker, forms their
+gloo group inside the site, runs the trainer, and watches the run store for
+commands from the controller. It exits 0 when its share of the run is done
+(or it was told to stop), non-zero when training failed.
+
+    python -m geotrain.site.agent --store file:///.../runs/RUN --site a
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+
+from geotrain.recipe import Recipe
+from geotrain.store import RunStore
+
+OBJECT_STORE_BYTES = 80 * 1024 * 1024
+log = logging.getLogger("geotrain.site")
+
+
+class Stopped(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped(f"signal {signum}")
+
+
+def start_ray(workers: int, host: str, temp_dir: str | None) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=workers, include_dashboard=False,
+             object_store_memory=OBJECT_STORE_BYTES, _node_ip_address=host,
+             _temp_dir=temp_dir, log_to_driver=True, configure_logging=False)
+
+
+def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None) -> int:
+    import ray
+
+    from geotrain.site.worker import TrainWorker
+
+    store = RunStore(store_url)
+    recipe = Recipe.model_validate(store.read_run()["recipe"])
+    spec = next(s for s in recipe.sites if s.name == site)
+    store.beat(site, {"state": "starting", "pid": os.getpid()})
+    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    code = 1
+    try:
+        t0 = time.time()
+        start_ray(spec.workers, host, temp_dir)
+        store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s", seconds=time.time() - t0)
+        world = spec.workers
+        workers = [TrainWorker.remote(store_url, site, rank, world) for rank in range(world)]
+        port = ray.get(workers[0].rendezvous.remote(host))
+        ray.get([w.join.remote(host, port) for w in workers])
+        pending = [w.train.remote() for w in workers]
+        results = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            results += ray.get(done)
+            if any(c["command"] == "stop" for c in store.commands(site)):
+                raise Stopped("stop command")
+        summary = next(r for r in results if r["rank"] == 0)
+        store.event(site, "done", f"finished at round {summary['round']}", **{
+            k: summary[k] for k in ("round", "bytes_sent", "bytes_received")})
+        code = 0
+    except (Stopped, KeyboardInterrupt) as e:
+        store.beat(site, {"state": "stopped", "pid": os.getpid()})
+        store.event(site, "stopped", f"stopped: {e}")
+        code = 0
+    except Exception as e:  # noqa: BLE001 - the agent reports every failure to the store
+        cause = getattr(e, "cause", None) or e
+        store.beat(site, {"state": "failed", "pid": os.getpid(), "error": str(cause)[:2000]})
+        store.event(site, "failed", f"{type(cause).__name__}: {str(cause)[:500]}",
+                    traceback=traceback.format_exc()[-4000:])
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="geotrain-site-agent", description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True, help="the run store URL")
+    p.add_argument("--site", required=True, help="this site's name in the recipe")
+    p.add_argument("--host", default="127.0.0.1", help="the site's private address Ray binds to")
+    p.add_argument("--temp-dir", default=None, help="Ray's session directory for this site")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run_agent(a.store, a.site, a.host, a.temp_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

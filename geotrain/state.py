@@ -1,0 +1,142 @@
+"""The local state db: what this machine asked for, in SQLite under GEOTRAIN_HOME.
+
+Runs, their sites, every node we asked a provider for, and events. A node is
+recorded *before* the provider is called, so `geotrain down` can always find
+what might exist, even after a crash mid-provision. Every call opens its own
+connection: the CLI, a detached controller and tests may share the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from geotrain.errors import RunNotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, name TEXT, recipe_path TEXT, recipe_json TEXT, store TEXT,
+    state TEXT, created_at REAL, started_at REAL, first_step_at REAL, finished_at REAL,
+    controller_pid INTEGER, rounds_total INTEGER, rounds_done INTEGER DEFAULT 0,
+    eval_loss REAL, error TEXT);
+CREATE TABLE IF NOT EXISTS sites (
+    run_id TEXT, name TEXT, provider TEXT, region TEXT, state TEXT, pid INTEGER,
+    round INTEGER, step INTEGER, loss REAL, tokens_per_s REAL, bytes_sent INTEGER,
+    updated_at REAL, PRIMARY KEY (run_id, name));
+CREATE TABLE IF NOT EXISTS nodes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, site TEXT, provider TEXT,
+    region TEXT, instance_id TEXT, pid INTEGER, state TEXT, created_at REAL,
+    terminated_at REAL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, at REAL, source TEXT,
+    kind TEXT, message TEXT, data TEXT);
+"""
+
+RUN_STATES = ("running", "succeeded", "failed", "stopped")
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+class StateDB:
+    def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / "state.db"
+        with self._conn() as c:
+            c.executescript(SCHEMA)
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _update(self, table: str, where: dict, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        cond = " AND ".join(f"{k} = ?" for k in where)
+        with self._conn() as c:
+            c.execute(f"UPDATE {table} SET {sets} WHERE {cond}", [*values.values(), *where.values()])
+
+    # -- runs ------------------------------------------------------------------------
+
+    def add_run(self, run_id: str, name: str, recipe_path: str, recipe: dict, store: str,
+                rounds_total: int, sites: list[dict]) -> None:
+        now = time.time()
+        with self._conn() as c:
+            c.execute("INSERT INTO runs (id, name, recipe_path, recipe_json, store, state, created_at,"
+                      " started_at, rounds_total) VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+                      (run_id, name, recipe_path, json.dumps(recipe), store, now, now, rounds_total))
+            for s in sites:
+                c.execute("INSERT INTO sites (run_id, name, provider, region, state, updated_at)"
+                          " VALUES (?, ?, ?, ?, 'pending', ?)",
+                          (run_id, s["name"], s["provider"], s.get("region"), now))
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        self._update("runs", {"id": run_id}, **values)
+
+    def run(self, run_id: str) -> dict:
+        with self._conn() as c:
+            row = c.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                # A unique prefix is enough, as with git hashes.
+                rows = c.execute("SELECT * FROM runs WHERE id LIKE ?", (run_id + "%",)).fetchall()
+                if len(rows) != 1:
+                    raise RunNotFound(f"no run {run_id!r} in {self.path}"
+                                      + (" (ambiguous prefix)" if rows else ""))
+                row = rows[0]
+        return dict(row)
+
+    def runs(self) -> list[dict]:
+        with self._conn() as c:
+            return [dict(r) for r in c.execute("SELECT * FROM runs ORDER BY created_at")]
+
+    # -- sites and nodes -------------------------------------------------------------
+
+    def update_site(self, run_id: str, name: str, **values: Any) -> None:
+        self._update("sites", {"run_id": run_id, "name": name}, updated_at=time.time(), **values)
+
+    def sites(self, run_id: str) -> list[dict]:
+        with self._conn() as c:
+            return [dict(r) for r in c.execute(
+                "SELECT * FROM sites WHERE run_id = ? ORDER BY rowid", (run_id,))]
+
+    def add_node(self, run_id: str, site: str, provider: str, region: str | None) -> int:
+        """Record the intent to create a node; returns its row id."""
+        with self._conn() as c:
+            cur = c.execute("INSERT INTO nodes (run_id, site, provider, region, state, created_at)"
+                            " VALUES (?, ?, ?, ?, 'requested', ?)",
+                            (run_id, site, provider, region, time.time()))
+            return int(cur.lastrowid)
+
+    def update_node(self, node_id: int, **values: Any) -> None:
+        self._update("nodes", {"id": node_id}, **values)
+
+    def nodes(self, run_id: str, live_only: bool = False) -> list[dict]:
+        q = "SELECT * FROM nodes WHERE run_id = ?"
+        if live_only:
+            q += " AND state != 'terminated'"
+        with self._conn() as c:
+            return [dict(r) for r in c.execute(q + " ORDER BY id", (run_id,))]
+
+    # -- events ------------------------------------------------------------------------
+
+    def add_event(self, run_id: str, source: str, kind: str, message: str, **data: Any) -> None:
+        with self._conn() as c:
+            c.execute("INSERT INTO events (run_id, at, source, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+                      (run_id, time.time(), source, kind, message, json.dumps(data)))
+
+    def events(self, run_id: str) -> list[dict]:
+        with self._conn() as c:
+            return [dict(r) for r in c.execute(
+                "SELECT at, source, kind, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))]

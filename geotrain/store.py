@@ -1,0 +1,315 @@
+"""The run store: the single source of truth of a run, on any fsspec backend.
+
+Every path inside a run store is built here and nowhere else. The layout
+(see shared/DESIGN.md):
+
+    <run>/run.json                     recipe as resolved, run id, created, version
+    <run>/global/<round>/              model.safetensors, outer.safetensors,
+                                       manifest.json, then COMMITTED (last)
+    <run>/rounds/<round>/<site>.bin    a site's encoded pseudo-gradient
+    <run>/rounds/<round>/<site>.json   its manifest (sha256, tokens, steps, codec), written after the payload
+    <run>/rounds/<round>/results/<site>.json   the global hash the site ended the round with
+    <run>/sites/<site>/heartbeat       last beat: step, round, loss, tokens/s, state
+    <run>/sites/<site>/commands/<n>    drain / stop, written by the controller
+    <run>/sites/<site>/events.jsonl    what the site did (one writer per file)
+    <run>/events.jsonl                 what the controller did
+    <run>/final/                       model.safetensors + summary.json at the end
+
+A reader never sees a half-written object: on `file://` every write goes to a
+temporary name and is renamed into place; on object stores a single PUT is
+atomic. Multi-object units (a global round, a contribution) are written data
+first and marker last, and every payload is checked against the sha256 in its
+manifest before anyone uses it.
+
+Run with `python -m geotrain.store URL` to print a run store's summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+
+from geotrain.errors import StoreError
+
+T = TypeVar("T")
+
+# gcsfs probes a hierarchical-namespace API on import unless told not to; on an
+# emulator or an ordinary bucket every call would then wait out a long timeout.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+SCHEMES = ("file", "s3", "gs", "az")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def round_key(r: int) -> str:
+    """Zero-padded so that listing order is numeric order."""
+    return f"{r:06d}"
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call fn, retrying transient storage failures with exponential backoff.
+
+    A missing object is an answer, not a failure, so FileNotFoundError passes
+    straight through; anything else that looks like I/O is retried.
+    """
+    for i in range(attempts):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            if i == attempts - 1:
+                raise StoreError(f"store: {what} failed after {attempts} attempts: {e}") from e
+            time.sleep(base_delay * 2**i)
+    raise AssertionError("unreachable")
+
+
+class RunStore:
+    """One run's folder in object storage. `url` is the run's own root."""
+
+    def __init__(self, url: str, **storage_options: Any):
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        if scheme not in SCHEMES:
+            raise StoreError(f"store: unsupported URL scheme {scheme!r} in {url!r}; valid: "
+                             + ", ".join(f"{s}://" for s in SCHEMES))
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+        self.local = scheme == "file"
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.url!r})"
+
+    # -- primitives -----------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        return join(self.root, key)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write one object so that readers see either nothing or all of it."""
+        path = self._path(key)
+
+        def write() -> None:
+            if self.local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+
+        retry(write, f"write {key}")
+
+    def get(self, key: str) -> bytes:
+        return retry(lambda: self.fs.cat_file(self._path(key)), f"read {key}")
+
+    def exists(self, key: str) -> bool:
+        if not self.local:
+            self.fs.invalidate_cache()
+        return retry(lambda: self.fs.exists(self._path(key)), f"stat {key}")
+
+    def listdir(self, key: str) -> list[str]:
+        """Names (not paths) directly under key; empty if it does not exist."""
+        path = self._path(key)
+        if not self.local:
+            self.fs.invalidate_cache()
+        try:
+            entries = retry(lambda: self.fs.ls(path, detail=False), f"list {key}")
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return sorted(n for n in names if ".tmp-" not in n and n)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put(key, json.dumps(obj, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get(key))
+
+    def append_jsonl(self, key: str, record: dict) -> None:
+        """Append one line. Each jsonl file has exactly one writer (the controller
+        or one site), so read-modify-write on object stores cannot lose a line."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        if self.local:
+            path = self._path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab") as f:  # O_APPEND: one small write is atomic
+                f.write(line)
+            return
+        try:
+            old = self.get(key)
+        except FileNotFoundError:
+            old = b""
+        self.put(key, old + line)
+
+    def read_jsonl(self, key: str) -> list[dict]:
+        try:
+            text = self.get(key).decode()
+        except FileNotFoundError:
+            return []
+        # A line being appended right now may be incomplete; it is read next time.
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    # -- run ----------------------------------------------------------------------------
+
+    def write_run(self, info: dict) -> None:
+        self.put_json("run.json", info)
+
+    def read_run(self) -> dict:
+        try:
+            return self.get_json("run.json")
+        except FileNotFoundError:
+            raise StoreError(f"store: no run at {self.url} (run.json missing)") from None
+
+    # -- global state: one folder per committed round ------------------------------------
+
+    def commit_global(self, r: int, files: dict[str, bytes], manifest: dict) -> None:
+        """Write round r's global state; COMMITTED is written last, so a reader that
+        sees it sees every file, each checked against the manifest's sha256."""
+        base = f"global/{round_key(r)}"
+        for name, data in files.items():
+            self.put(f"{base}/{name}", data)
+        full = dict(manifest, round=r, files={n: sha256(d) for n, d in files.items()})
+        self.put_json(f"{base}/manifest.json", full)
+        self.put_json(f"{base}/COMMITTED", {"round": r, "manifest_sha256":
+                                            sha256(json.dumps(full, sort_keys=True).encode())})
+
+    def committed_rounds(self) -> list[int]:
+        rounds = []
+        for name in self.listdir("global"):
+            if name.isdigit() and self.exists(f"global/{name}/COMMITTED"):
+                rounds.append(int(name))
+        return sorted(rounds)
+
+    def latest_global(self) -> int | None:
+        # Newest first: stop at the first committed one instead of probing all.
+        for name in reversed(self.listdir("global")):
+            if name.isdigit() and self.exists(f"global/{name}/COMMITTED"):
+                return int(name)
+        return None
+
+    def read_global(self, r: int) -> tuple[dict[str, bytes], dict]:
+        base = f"global/{round_key(r)}"
+        if not self.exists(f"{base}/COMMITTED"):
+            raise StoreError(f"store: global round {r} is not committed")
+        raw = self.get(f"{base}/manifest.json")
+        if sha256(raw) != self.get_json(f"{base}/COMMITTED")["manifest_sha256"]:
+            raise StoreError(f"store: checksum mismatch in global/{round_key(r)}/manifest.json")
+        manifest = json.loads(raw)
+        files = {}
+        for name, digest in manifest["files"].items():
+            data = self.get(f"{base}/{name}")
+            if sha256(data) != digest:
+                raise StoreError(f"store: checksum mismatch in global/{round_key(r)}/{name}")
+            files[name] = data
+        return files, manifest
+
+    def global_manifest(self, r: int) -> dict:
+        return self.get_json(f"global/{round_key(r)}/manifest.json")
+
+    # -- contributions -----------------------------------------------------------------
+
+    def put_contribution(self, r: int, site: str, payload: bytes, meta: dict) -> dict:
+        base = f"rounds/{round_key(r)}/{site}"
+        self.put(f"{base}.bin", payload)
+        manifest = dict(meta, round=r, site=site, sha256=sha256(payload), bytes=len(payload))
+        self.put_json(f"{base}.json", manifest)  # the marker: payload is complete
+        return manifest
+
+    def contributions(self, r: int) -> list[str]:
+        """Sites whose contribution to round r is complete (manifest present)."""
+        names = self.listdir(f"rounds/{round_key(r)}")
+        return [n[:-5] for n in names if n.endswith(".json")]
+
+    def read_contribution(self, r: int, site: str) -> tuple[bytes, dict]:
+        base = f"rounds/{round_key(r)}/{site}"
+        manifest = self.get_json(f"{base}.json")
+        payload = self.get(f"{base}.bin")
+        if sha256(payload) != manifest["sha256"]:
+            raise StoreError(f"store: checksum mismatch in contribution of {site} to round {r}")
+        return payload, manifest
+
+    def put_result(self, r: int, site: str, result: dict) -> None:
+        self.put_json(f"rounds/{round_key(r)}/results/{site}.json", dict(result, site=site, round=r))
+
+    def results(self, r: int) -> dict[str, dict]:
+        base = f"rounds/{round_key(r)}/results"
+        return {n[:-5]: self.get_json(f"{base}/{n}") for n in self.listdir(base) if n.endswith(".json")}
+
+    # -- sites: heartbeats, commands, events ------------------------------------------
+
+    def beat(self, site: str, beat: dict) -> None:
+        self.put_json(f"sites/{site}/heartbeat", dict(beat, site=site, at=time.time()))
+
+    def heartbeat(self, site: str) -> dict | None:
+        try:
+            return self.get_json(f"sites/{site}/heartbeat")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def send_command(self, site: str, command: str, **args: Any) -> None:
+        name = f"{time.time_ns()}-{command}"
+        self.put_json(f"sites/{site}/commands/{name}", dict(args, command=command, at=time.time()))
+
+    def commands(self, site: str) -> list[dict]:
+        base = f"sites/{site}/commands"
+        return [self.get_json(f"{base}/{n}") for n in self.listdir(base)]
+
+    def event(self, source: str, kind: str, message: str = "", **data: Any) -> dict:
+        """Record an event; source is 'controller' or a site name."""
+        record = {"at": time.time(), "source": source, "kind": kind, "message": message, **data}
+        key = "events.jsonl" if source == "controller" else f"sites/{source}/events.jsonl"
+        self.append_jsonl(key, record)
+        return record
+
+    def events(self, sites: list[str]) -> list[dict]:
+        out = self.read_jsonl("events.jsonl")
+        for s in sites:
+            out += self.read_jsonl(f"sites/{s}/events.jsonl")
+        return sorted(out, key=lambda e: e["at"])
+
+    # -- the end -------------------------------------------------------------------------
+
+    def write_final(self, model: bytes, summary: dict) -> None:
+        self.put("final/model.safetensors", model)
+        self.put_json("final/summary.json", dict(summary, model_sha256=sha256(model)))
+
+    def read_final(self) -> dict | None:
+        try:
+            return self.get_json("final/summary.json")
+        except FileNotFoundError:
+            return None
+
+
+def run_url(root: str, run_id: str) -> str:
+    """The URL of a run's store under a store root."""
+    return join(root, run_id)
+
+
+if __name__ == "__main__":
+    import sys
+
+    s = RunStore(sys.argv[1])
+    info = s.read_run()
+    print(json.dumps({"run": info.get("id"), "committed": s.committed_rounds(),
+                      "final": s.read_final()}, indent=2))

@@ -1,0 +1,1 @@
+"""The built-in trainer: a byte-level GPT, its data, and the inner loop a site runs."""

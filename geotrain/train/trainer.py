@@ -1,0 +1,171 @@
+"""The built-in trainer: one site's share of a geotrain run.
+
+`train_site()` is what each worker of a site runs (inside a Ray actor, see
+geotrain/site/worker.py): build the byte-level GPT, load this worker's
+disjoint data shard, and run AdamW inner steps wrapped in `DiLoCo`, which
+meets the other sites through the run store every `inner_steps` steps. Rank 0
+of the site writes heartbeats; the round leader evaluates the new global
+model on held-out data and commits it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from geotrain.recipe import Recipe
+from geotrain.store import RunStore
+from geotrain.sync.diloco import DiLoCo, RoundExchange, model_params
+from geotrain.train import data as D
+from geotrain.train.model import GPT, build, config_for, configure_optimizer, lr_at
+
+EVAL_BYTES_PER_BATCH = 4
+
+
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where a worker sits: which site (of all the run's sites) and which rank
+    inside that site."""
+
+    site: str
+    site_index: int
+    n_sites: int
+    rank: int
+    world: int
+
+
+def model_config(recipe: Recipe):
+    m = recipe.model
+    return config_for(m.preset, recipe.train.seq_len, n_layer=m.n_layer, n_head=m.n_head,
+                      d_model=m.d_model, dropout=m.dropout)
+
+
+def initial_state(recipe: Recipe) -> dict[str, torch.Tensor]:
+    """The round-0 global parameters: a deterministic function of the recipe."""
+    return model_params(build(model_config(recipe), seed=recipe.train.seed))
+
+
+def files_for(recipe: Recipe) -> tuple[list, list]:
+    files = D.stdlib_files() if recipe.data.source == "python-stdlib" else D.glob_files(recipe.data.paths)
+    return D.split(files, recipe.data.eval_fraction, recipe.train.seed)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list) -> float:
+    model.eval()
+    losses = [model(x, y)[1].item() for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
+               members: list[str], should_stop: Callable[[], bool] = lambda: False,
+               beat_every_s: float = 1.0) -> dict:
+    """Train until the recipe's last round is committed; return a summary."""
+    t = recipe.train
+    torch.set_num_threads(t.threads)
+    torch.set_flush_denormal(True)
+    train_files, eval_files = files_for(recipe)
+    mine = D.shard(D.shard(train_files, place.site_index, place.n_sites), place.rank, place.world)
+    data = D.load_bytes(mine)
+
+    model = build(model_config(recipe), seed=t.seed)
+    inner = configure_optimizer(model, t.lr, t.weight_decay, t.betas)
+    exchange = RoundExchange(store, place.site, members, timeout_s=recipe.sync.round_timeout_s)
+    leader = place.rank == 0 and exchange.leader
+    eval_set = None
+    if leader:
+        need = t.eval_batches * t.batch_size * (t.seq_len + 1) * EVAL_BYTES_PER_BATCH
+        eval_set = D.eval_batches(D.load_bytes(eval_files, max_bytes=need),
+                                  t.batch_size, t.seq_len, t.eval_batches)
+
+    state = {"eval_loss": None}
+
+    def on_commit(r: int) -> dict:
+        state["eval_loss"] = evaluate(model, eval_set)
+        store.event(place.site, "round", f"round {r} committed, eval loss {state['eval_loss']:.4f}",
+                    round=r, eval_loss=state["eval_loss"])
+        return {"eval_loss": state["eval_loss"]}
+
+    diloco = DiLoCo(model, inner, exchange, t.inner_steps, recipe.sync.outer_lr,
+                    recipe.sync.outer_momentum, recipe.sync.nesterov,
+                    on_commit=on_commit if leader else None, should_stop=should_stop)
+    total_steps = t.rounds * t.inner_steps
+    tokens_per_step = t.batch_size * t.seq_len * place.world
+    first_step_at, last_beat, loss_ema, tok_s = None, 0.0, None, 0.0
+
+    def beat(status: str, step: int) -> None:
+        if place.rank == 0:
+            store.beat(place.site, {"state": status, "round": diloco.round, "step": step,
+                                    "loss": loss_ema, "tokens_per_s": tok_s,
+                                    "bytes_sent": diloco.bytes_sent,
+                                    "bytes_received": diloco.bytes_received,
+                                    "first_step_at": first_step_at,
+                                    "eval_loss": state["eval_loss"]})
+
+    with diloco:
+        start_round = diloco.round
+        beat("training", start_round * t.inner_steps)
+        while diloco.round < t.rounds:
+            # Reseeded per round, so a site that resumes at round r reads the
+            # same stream it would have read without the interruption.
+            batches = D.Batches(data, t.batch_size, t.seq_len,
+                                seed=hash_seed(t.seed, place.site_index, place.rank, diloco.round))
+            for k in range(t.inner_steps):
+                step = diloco.round * t.inner_steps + k
+                for group in inner.param_groups:
+                    group["lr"] = lr_at(step, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)
+                t0 = time.perf_counter()
+                x, y = batches.next()
+                _, loss = model(x, y)
+                loss.backward()
+                if place.world > 1:
+                    _all_reduce_grads(model, place.world)
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                inner.step()
+                inner.zero_grad(set_to_none=True)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{place.site}: non-finite loss at step {step}")
+                loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+                tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                if first_step_at is None:
+                    first_step_at = time.time()
+                    beat("training", step + 1)
+                if time.monotonic() - last_beat > beat_every_s:
+                    beat("training", step + 1)
+                    last_beat = time.monotonic()
+                if k == t.inner_steps - 1:
+                    beat("syncing", step + 1)
+                diloco.step(tokens_per_step)
+            if should_stop():
+                break
+    beat("done", diloco.round * t.inner_steps)
+    return {"site": place.site, "rank": place.rank, "round": diloco.round,
+            "bytes_sent": diloco.bytes_sent, "bytes_received": diloco.bytes_received,
+            "hashes": {h.round: h.hash for h in diloco.history},
+            "first_step_at": first_step_at, "eval_loss": state["eval_loss"]}
+
+
+def hash_seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h

@@ -1,0 +1,100 @@
+"""Providers: the places a site can be put, behind one small function set.
+
+Every provider module (`providers/local.py`, later `aws.py`, `gcp.py`,
+`azure.py`) implements exactly the functions declared here, with the same
+signatures, and says "see providers/__init__.py" instead of repeating the
+docstrings. Callers never import a provider module directly: they call
+`get(name)`, which imports it on first use, so a cloud SDK is loaded only when
+that cloud is used.
+
+The contract:
+
+    capabilities() -> Capabilities
+        What the provider can do; the planner and controller ask this instead
+        of testing the provider's name.
+
+    check() -> CredentialCheck
+        Whether this machine can use the provider, and why not. Never raises,
+        never includes a secret.
+
+    launch(plan: SitePlan) -> list[Node]
+        Create the nodes of one site and start the site agent on node 0. The
+        caller has already recorded the intent in the state db. Raises
+        CapacityError when the provider has no room (the caller fails over to
+        the site's next candidate), ProviderError for anything else; in both
+        cases nothing is left running.
+
+    query(run_id: str, site: str | None = None) -> list[Node]
+        Every node the provider holds for a run (optionally one site), found by
+        the provider's own tags/labels, not by our memory.
+
+    terminate(nodes: list[Node]) -> list[Node]
+        Stop and delete the given nodes and everything attached to them; idempotent;
+        returns the nodes with their final state.
+
+    open_ports(plan: SitePlan) -> None
+        Allow traffic between the site's own nodes and nothing else (Ray and its
+        agents are never reachable from outside the site).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+PROVIDERS = ("local", "aws", "gcp", "azure")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    spot: bool
+    multi_node: bool
+    preemption_notice: bool
+    gpus: bool
+
+
+@dataclass(frozen=True)
+class CredentialCheck:
+    provider: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One concrete placement of a site."""
+
+    run_id: str
+    site: str
+    provider: str
+    store_url: str
+    region: str | None = None
+    nodes: int = 1
+    workers: int = 1
+    instance_type: str | None = None
+    spot: bool = False
+    # Provider-specific settings that are not secrets (e.g. the local log dir).
+    options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class Node:
+    run_id: str
+    site: str
+    provider: str
+    instance_id: str
+    state: str  # pending | running | terminated
+    private_ip: str | None = None
+    pid: int | None = None
+    region: str | None = None
+
+
+def get(name: str) -> ModuleType:
+    """The provider module for `name`, imported on first use."""
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}")
+    return importlib.import_module(f"providers.{name}")

@@ -1,0 +1,154 @@
+"""The local provider: each site is a process tree on this machine.
+
+A site is its agent process (a new session, so its process group is its own)
+plus the Ray cluster the agent starts, bound to 127.0.0.1 with its own temp
+dir and its own auth token. Every process of a site carries GEOTRAIN_RUN and
+GEOTRAIN_SITE in its environment — Ray's workers inherit it — which is what
+`query` and `terminate` look for in /proc: the local equivalent of cloud tags.
+Nothing is ever killed by name.
+
+See providers/__init__.py for the contract.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from providers import Capabilities, CredentialCheck, Node, SitePlan
+
+HOST = "127.0.0.1"
+GRACE_S = 10.0
+_children: dict[int, subprocess.Popen] = {}  # agents this process started, to reap
+
+
+def capabilities() -> Capabilities:
+    return Capabilities(spot=False, multi_node=False, preemption_notice=False, gpus=False)
+
+
+def check() -> CredentialCheck:
+    return CredentialCheck("local", True, f"processes on this machine ({os.cpu_count()} cores)")
+
+
+def open_ports(plan: SitePlan) -> None:
+    """Nothing to open: a local site binds only 127.0.0.1."""
+
+
+def _instance_id(pid: int) -> str:
+    # pid@start-time, so a recycled pid is never mistaken for our process.
+    return f"{pid}@{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def launch(plan: SitePlan) -> list[Node]:
+    log_dir = Path(plan.option("log_dir") or ".")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = f"/tmp/gt-{plan.run_id[-8:]}-{plan.site}"
+    env = dict(os.environ, GEOTRAIN_RUN=plan.run_id, GEOTRAIN_SITE=plan.site,
+               RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "geotrain.site.agent", "--store", plan.store_url,
+           "--site", plan.site, "--host", HOST, "--temp-dir", temp_dir]
+    with open(log_dir / f"{plan.site}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    _children[proc.pid] = proc
+    return [Node(plan.run_id, plan.site, "local", _instance_id(proc.pid), "running",
+                 private_ip=HOST, pid=proc.pid, region=plan.region or "local")]
+
+
+def _tagged() -> list[tuple[int, str, str]]:
+    """(pid, run, site) of every process on this machine carrying our tags."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"GEOTRAIN_RUN=" not in environ:
+            continue
+        tags = dict(kv.split(b"=", 1) for kv in environ.split(b"\0") if b"=" in kv)
+        run, site = tags.get(b"GEOTRAIN_RUN"), tags.get(b"GEOTRAIN_SITE")
+        if run and site:
+            out.append((int(entry), run.decode(), site.decode()))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    _reap()
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def processes(run_id: str) -> list[int]:
+    """Every live process tagged with the run: agents, their Ray processes, workers."""
+    return sorted(p for p, r, _ in _tagged() if r == run_id and _alive(p))
+
+
+def query(run_id: str, site: str | None = None) -> list[Node]:
+    """One node per site with a live process tagged for the run. The agent is
+    the process whose parent is not itself tagged for the same site."""
+    procs = [(p, r, s) for p, r, s in _tagged() if r == run_id and (site is None or s == site)
+             and _alive(p)]
+    nodes = []
+    for s in sorted({s for _, _, s in procs}):
+        pids = sorted(p for p, _, s2 in procs if s2 == s)
+        # The site's agent started first, so it has the smallest start time.
+        agent = min(pids, key=lambda p: int(_start_time(p) or 0))
+        nodes.append(Node(run_id, s, "local", _instance_id(agent), "running",
+                          private_ip=HOST, pid=agent, region="local"))
+    return nodes
+
+
+def terminate(nodes: list[Node]) -> list[Node]:
+    """SIGTERM each site's agent (it shuts its Ray cluster down), then after a
+    grace period SIGKILL whatever is still tagged for that site."""
+    done = []
+    for node in nodes:
+        pid_str, _, started = node.instance_id.partition("@")
+        pid = int(pid_str)
+        if _start_time(pid) == started and _alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        done.append(node)
+    deadline = time.monotonic() + GRACE_S
+    keys = {(n.run_id, n.site) for n in nodes}
+    while time.monotonic() < deadline:
+        if not any((r, s) in keys and _alive(p) for p, r, s in _tagged()):
+            break
+        time.sleep(0.1)
+    for p, r, s in _tagged():
+        if (r, s) in keys and _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _reap()
+    return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
+                 n.region) for n in done]
+
+
+def _reap() -> None:
+    """Collect the agents this process started that have exited (no zombies)."""
+    for pid, proc in list(_children.items()):
+        if proc.poll() is not None:
+            del _children[pid]

@@ -1,0 +1,288 @@
+"""The recipe: defaults, path resolution, and one precise error for every kind of mistake."""
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from geotrain import recipe
+from geotrain.errors import CapacityError, GeotrainError, RecipeError
+from geotrain.recipe import Recipe, load, loads
+
+pytestmark = pytest.mark.timeout(30)
+
+SITES = "sites:\n  - name: a\n"
+
+
+def error(text: str) -> RecipeError:
+    with pytest.raises(RecipeError) as info:
+        loads(text, source="r.yaml")
+    return info.value
+
+
+FULL = """\
+name: demo-run
+model:
+  preset: small
+  n_layer: 3
+  dropout: 0.1
+data:
+  source: files
+  paths: ["corpus/*.txt", /abs/data/**/*.md]
+train:
+  rounds: 5
+  inner_steps: 10
+  betas: [0.8, 0.9]
+sync:
+  outer_lr: 0.5
+  nesterov: false
+store:
+  url: s3://bucket/geotrain
+sites:
+  - name: a
+  - name: b
+    provider: aws
+    region: us-east-1
+    workers: 4
+"""
+
+
+def test_valid_recipe_loads_and_round_trips(tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text(FULL)
+    r = load(path)
+    assert r.name == "demo-run"
+    assert r.model.dims() == (3, 8, 256)
+    assert r.data.paths == [str(tmp_path / "corpus/*.txt"), "/abs/data/**/*.md"]
+    assert r.train.betas == (0.8, 0.9)
+    assert [(s.name, s.provider, s.region, s.workers) for s in r.sites] == [
+        ("a", "local", None, 1), ("b", "aws", "us-east-1", 4)]
+    assert r.store_root() == "s3://bucket/geotrain"
+    d = r.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert Recipe.model_validate(d) == r
+    assert loads(json.dumps(d)) == r  # JSON is YAML; resolved paths stay as they are
+
+
+def test_defaults_are_as_documented():
+    r = loads("name: x\n" + SITES)
+    assert r.model.model_dump() == dict(preset="tiny", n_layer=None, n_head=None, d_model=None,
+                                        dropout=0.0)
+    assert r.data.model_dump() == dict(source="python-stdlib", paths=[], eval_fraction=0.02)
+    assert r.train.model_dump() == dict(
+        rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
+        warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), seed=0,
+        eval_batches=8, threads=1)
+    assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
+                                       nesterov=True, compression="none", round_timeout_s=600)
+    assert r.store.url is None
+    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1)
+
+
+def test_recipe_is_frozen():
+    r = loads("name: x\n" + SITES)
+    with pytest.raises(Exception):
+        r.name = "y"
+    with pytest.raises(Exception):
+        r.train.rounds = 3
+
+
+def test_schema_describes_every_field():
+    s = recipe.schema()
+    assert s["title"] == "Recipe" and s["required"] == ["name", "sites"]
+    models = [s, *s["$defs"].values()]
+    assert {m["title"] for m in models} >= {"Recipe", "ModelSpec", "DataSpec", "TrainSpec",
+                                             "SyncSpec", "StoreSpec", "SiteSpec"}
+    for m in models:
+        assert m["description"] and m["additionalProperties"] is False
+        for name, prop in m["properties"].items():
+            assert prop.get("description"), f"{m['title']}.{name} has no description"
+    json.dumps(s)
+
+
+def test_plain_path_store_becomes_absolute_file_url(tmp_path: Path):
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text("name: x\nstore:\n  url: ../runs\n" + SITES)
+    r = load(path)
+    assert r.store.url == f"file://{tmp_path / 'runs'}"
+    assert r.store_root() == r.store.url
+    assert loads("name: x\nstore: {url: /srv/runs}\n" + SITES).store.url == "file:///srv/runs"
+    assert loads("name: x\nstore: {url: 'gs://b/p'}\n" + SITES).store.url == "gs://b/p"
+
+
+def test_loads_resolves_against_base_dir(tmp_path: Path):
+    text = "name: x\ndata: {source: files, paths: [a/*.txt]}\nstore: {url: runs}\n" + SITES
+    r = loads(text, base_dir=tmp_path)
+    assert r.data.paths == [str(tmp_path / "a/*.txt")]
+    assert r.store.url == f"file://{tmp_path / 'runs'}"
+
+
+def test_default_store_root_follows_geotrain_home(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("GEOTRAIN_HOME", str(tmp_path))
+    assert recipe.default_home() == tmp_path
+    assert loads("name: x\n" + SITES).store_root() == f"file://{tmp_path / 'runs'}"
+    monkeypatch.delenv("GEOTRAIN_HOME")
+    assert recipe.default_home() == Path.home() / ".geotrain"
+
+
+TOP = "name: x\n"
+MISTAKES = {
+    "unknown top-level key": (
+        TOP + "trian:\n  rounds: 3\n" + SITES, 2, "trian",
+        "unknown field 'trian'; did you mean 'train'? "
+        "valid fields: name, model, data, train, sync, store, sites"),
+    "unknown nested key": (
+        TOP + "train:\n  rounds: 3\n  inner_stepz: 5\n" + SITES, 4, "train.inner_stepz",
+        "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
+        "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
+        "grad_clip, betas, seed, eval_batches, threads"),
+    "unknown key, nothing close": (
+        TOP + SITES + "    zone: eu\n", 4, "sites[0].zone",
+        "unknown field 'zone'; valid fields: name, provider, region, workers"),
+    "misspelt required key": (
+        "nmae: x\n" + SITES, 1, "nmae",
+        "unknown field 'nmae'; did you mean 'name'? "
+        "valid fields: name, model, data, train, sync, store, sites"),
+    "wrong literal": (
+        TOP + "model:\n  preset: huge\n" + SITES, 3, "model.preset",
+        "expected one of 'tiny', 'small', 'medium', 'large', 'xl' (got 'huge')"),
+    "wrong literal, close": (
+        TOP + "sites:\n  - name: a\n  - name: b\n    provider: asw\n", 5, "sites[1].provider",
+        "expected one of 'local', 'aws', 'gcp', 'azure' (got 'asw'; did you mean 'aws'?)"),
+    "number too small": (
+        TOP + "train:\n  inner_steps: 0\n" + SITES, 3, "train.inner_steps",
+        "must be >= 1 (got 0)"),
+    "number too large in a list item": (
+        TOP + "sites:\n  - name: a\n  - name: b\n    workers: 65\n", 5, "sites[1].workers",
+        "must be <= 64 (got 65)"),
+    "tuple item out of range": (
+        TOP + "train:\n  betas: [0.9, 1.5]\n" + SITES, 3, "train.betas[1]",
+        "must be < 1 (got 1.5)"),
+    "not finite": (
+        TOP + "train:\n  lr: .inf\n" + SITES, 3, "train.lr", "expected a finite number (got inf)"),
+    "wrong type, integer": (
+        TOP + "train:\n  inner_steps: abc\n" + SITES, 3, "train.inner_steps",
+        "expected an integer (got 'abc')"),
+    "wrong type, fraction for integer": (
+        TOP + "train:\n  rounds: 2.5\n" + SITES, 3, "train.rounds",
+        "expected an integer (got 2.5)"),
+    "wrong type, string": (
+        TOP + "sites:\n  - name: a\n    region: no\n", 4, "sites[0].region",
+        "expected a string (got false)"),
+    "wrong type, mapping": (
+        TOP + "model: big\n" + SITES, 2, "model", "expected a mapping (got 'big')"),
+    "wrong type, list": (
+        TOP + "sites:\n  name: a\n", 2, "sites", "expected a list (got a mapping)"),
+    "missing name": (
+        "# a comment\n" + SITES, 2, "name", "required field is missing"),
+    "missing sites": (
+        TOP + "train:\n  rounds: 3\n", 1, "sites", "required field is missing"),
+    "missing site name": (
+        TOP + "sites:\n  - name: a\n  - workers: 2\n", 4, "sites[1].name",
+        "required field is missing"),
+    "empty sites": (
+        TOP + "sites: []\n", 2, "sites", "must have at least 1 item (got 0)"),
+    "duplicate site names": (
+        TOP + "sites:\n  - name: a\n  - name: b\n  - name: a\n", 5, "sites[2].name",
+        "duplicate site name 'a' (also sites[0])"),
+    "bad slug": (
+        "name: My Run\n" + SITES, 1, "name",
+        "must be lowercase a-z, 0-9 and '-', not starting with '-' (got 'My Run')"),
+    "site name too long": (
+        TOP + "sites:\n  - name: abcdefghijklmnopqrstu\n", 3, "sites[0].name",
+        "must be at most 20 characters (got 21)"),
+    "d_model not divisible by n_head": (
+        TOP + "model:\n  n_head: 3\n  d_model: 100\n" + SITES, 4, "model.d_model",
+        "must be divisible by n_head 3, e.g. 99 or 102 (got 100)"),
+    "n_head does not divide the preset's d_model": (
+        TOP + "model:\n  preset: tiny\n  n_head: 3\n" + SITES, 4, "model.n_head",
+        "must divide d_model 128 of preset 'tiny' (got 3)"),
+    "files source without paths": (
+        TOP + "data:\n  source: files\n" + SITES, 2, "data.paths",
+        "required when source is 'files': a list of glob patterns, e.g. ['corpus/*.txt']"),
+    "paths without files source": (
+        TOP + "data:\n  paths: [a.txt]\n" + SITES, 3, "data.paths",
+        "only allowed when source is 'files' (source is 'python-stdlib')"),
+    "empty path": (
+        TOP + "data:\n  source: files\n  paths:\n    - a.txt\n    - ''\n" + SITES, 6,
+        "data.paths[1]", "must not be empty"),
+    "bad store scheme": (
+        TOP + "store:\n  url: http://example.com/runs\n" + SITES, 3, "store.url",
+        "unsupported store URL 'http://example.com/runs'; "
+        "valid: file://, s3://, gs://, az:// or a filesystem path"),
+    "store scheme without //": (
+        TOP + "store:\n  url: 's3:bucket'\n" + SITES, 3, "store.url",
+        "unsupported store URL 's3:bucket'; "
+        "valid: file://, s3://, gs://, az:// or a filesystem path"),
+    "store URL without bucket": (
+        TOP + "store:\n  url: 'gs://'\n" + SITES, 3, "store.url",
+        "'gs://' names no bucket or folder"),
+}
+
+
+@pytest.mark.parametrize("text, line, field, message", MISTAKES.values(), ids=MISTAKES.keys())
+def test_each_mistake_gets_one_precise_error(text, line, field, message):
+    e = error(text)
+    assert (e.file, e.line, e.field, e.message) == ("r.yaml", line, field, message)
+    assert str(e) == f"r.yaml:{line}: {field}: {message}"
+
+
+def test_first_error_in_file_order_is_reported():
+    e = error(TOP + "train:\n  rounds: 0\n  inner_steps: 0\nsync:\n  outer_lr: 0\n" + SITES)
+    assert (e.line, e.field) == (3, "train.rounds")
+    e = error(TOP + "train:\n  inner_stepz: 1\n  rounds: 0\n" + SITES)
+    assert (e.line, e.field) == (3, "train.inner_stepz")
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("name: x\nsites:\n  - name: a\n   workers: 2\n", 4,
+     "invalid YAML: expected <block end>, but found '<block mapping start>' "
+     "(check the indentation)"),
+    ("name: x\nsites: : a\n", 2, "invalid YAML: mapping values are not allowed here"),
+    ("name: [x\n" + SITES, 2, "invalid YAML: expected ',' or ']', but got ':'"),
+    ("name: x\ntrain: {}\ntrain: {rounds: 1}\n" + SITES, 3,
+     "duplicate key 'train' (first on line 2)"),
+    ("# recipe\n- name: a\n- name: b\n", 2,
+     "expected a mapping of fields at the top level (got a list)"),
+    ("just text\n", 1, "expected a mapping of fields at the top level (got 'just text')"),
+], ids=["yaml indentation", "yaml colon", "yaml bracket", "duplicate key", "top-level list",
+        "top-level scalar"])
+def test_file_level_mistakes(text, line, message):
+    e = error(text)
+    assert (e.line, e.field, e.message) == (line, "", message)
+    assert str(e) == f"r.yaml:{line}: {message}"
+
+
+def test_empty_recipe():
+    e = error("# nothing yet\n")
+    assert (e.line, e.field) == (None, "")
+    assert str(e) == "r.yaml: recipe is empty; it needs at least 'name' and 'sites'"
+
+
+def test_missing_file(tmp_path: Path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(RecipeError) as info:
+        load(path)
+    assert str(info.value) == f"{path}: file not found"
+    assert info.value.to_dict() == {"error": "RecipeError", "file": str(path), "line": None,
+                                    "field": "", "message": "file not found"}
+
+
+def test_errors_in_a_file_name_the_file(tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: x\nsites: []\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:2: sites: must have at least 1 item"):
+        load(path)
+
+
+def test_errors_are_geotrain_errors_and_pickle():
+    e = error("name: x\nsites: []\n")
+    assert isinstance(e, GeotrainError)
+    again = pickle.loads(pickle.dumps(e))
+    assert str(again) == str(e) and again.to_dict() == e.to_dict()
+    c = CapacityError("no g5 capacity", ["aws/us-east-1", "aws/us-west-2"])
+    assert str(c) == "no g5 capacity (tried: aws/us-east-1, aws/us-west-2)"
+    assert str(pickle.loads(pickle.dumps(c))) == str(c)
+    assert CapacityError("none").tried == []
