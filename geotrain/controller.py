@@ -44,6 +44,23 @@ def new_run_id(name: str) -> str:
     return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+def preflight(recipe: Recipe, recipe_path: str) -> None:
+    """What must hold before anything is created: every provider usable, the
+    data there. Raises a GeotrainError that says what to fix."""
+    from geotrain.errors import ProviderError, RecipeError
+    from geotrain.train.data import glob_files
+
+    for name in sorted({s.provider for s in recipe.sites}):
+        check = providers.get(name).check()
+        if not check.ok:
+            raise ProviderError(f"provider {name} is not usable here: {check.detail}")
+    if recipe.data.source == "files":
+        try:
+            glob_files(recipe.data.paths)
+        except ValueError as e:
+            raise RecipeError(recipe_path, None, "data.paths", str(e)) from None
+
+
 def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> str:
     """Write run.json and the round-0 global state; record the run. Returns its id."""
     from geotrain.sync.diloco import encode, params_hash
@@ -266,20 +283,21 @@ def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
 
 
 def down(run_id: str, home: Path | None = None) -> dict:
-    """Stop a run wherever its controller is, and leave nothing running."""
+    """Stop a run wherever its controller is, and leave nothing running.
+    Reports every node that was live when called and is terminated now."""
     db = StateDB(home or default_home())
     run = db.run(run_id)
+    live = [r for r in db.nodes(run["id"]) if r["state"] != "terminated"]
     pid = run["controller_pid"]
     if run["state"] == "running" and pid_alive(pid) and pid != os.getpid():
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    gone = terminate_run(db, run["id"])
-    run = db.run(run["id"])
-    if run["state"] == "running":
+    terminate_run(db, run["id"])
+    if db.run(run["id"])["state"] == "running":
         db.update_run(run["id"], state="stopped", finished_at=time.time())
-    return {"run": run["id"], "terminated": [n.instance_id for n in gone],
+    return {"run": run["id"], "terminated": [r["instance_id"] for r in live],
             "state": db.run(run["id"])["state"]}
 
 

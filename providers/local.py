@@ -57,7 +57,10 @@ def launch(plan: SitePlan) -> list[Node]:
     log_dir.mkdir(parents=True, exist_ok=True)
     temp_dir = f"/tmp/gt-{plan.run_id[-8:]}-{plan.site}"
     env = dict(os.environ, GEOTRAIN_RUN=plan.run_id, GEOTRAIN_SITE=plan.site,
-               RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1")
+               RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
+               # Without this Ray swaps 127.0.0.1 for the machine's external
+               # address and listens there; with it every Ray port is loopback.
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "geotrain.site.agent", "--store", plan.store_url,
            "--site", plan.site, "--host", HOST, "--temp-dir", temp_dir]

@@ -69,3 +69,12 @@ def test_providers_lists_local_as_usable(geotrain_home: Path):
     rows = {r["name"]: r for r in json.loads(p.stdout)}
     assert rows["local"]["available"] is True
     assert set(rows) == {"local", "aws", "gcp", "azure"}
+
+
+def test_data_that_matches_nothing_fails_before_anything_starts(tmp_path: Path, geotrain_home: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ndata: {source: files, paths: ['corpus/*.txt']}\nsites: [{name: a}]\n")
+    p = run("launch", str(recipe), home=geotrain_home)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"{recipe}: data.paths: data pattern '{tmp_path}/corpus/*.txt' matches no files" in p.stderr
+    assert json.loads(run("status", "--json", home=geotrain_home).stdout) == []

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from geotrain.store import RunStore
-from tests.helpers import geotrain_cmd, geotrain_home, tagged_processes, wait_for  # noqa: F401
+from tests.helpers import geotrain_cmd, geotrain_home, listening_sockets, tagged_processes, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -24,13 +23,13 @@ model: {{preset: tiny, n_layer: 2, d_model: 64, n_head: 4}}
 train: {{rounds: {rounds}, inner_steps: 10, batch_size: 4, seq_len: 64, lr: 4.0e-3, warmup_steps: 5}}
 sites:
   - {{name: a, provider: local}}
-  - {{name: b, provider: local}}
+  - {{name: b, provider: local, workers: {workers_b}}}
 """
 
 
-def write_recipe(tmp_path: Path, name: str, rounds: int) -> Path:
+def write_recipe(tmp_path: Path, name: str, rounds: int, workers_b: int = 1) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(RECIPE.format(name=name, rounds=rounds))
+    path.write_text(RECIPE.format(name=name, rounds=rounds, workers_b=workers_b))
     return path
 
 
@@ -41,7 +40,8 @@ def status(home: Path, run: str) -> dict:
 
 
 def test_two_sites_train_one_model(tmp_path: Path, geotrain_home: Path):
-    recipe = write_recipe(tmp_path, "two", rounds=4)
+    """Site a has one worker, site b two (a gloo group inside the site)."""
+    recipe = write_recipe(tmp_path, "two", rounds=4, workers_b=2)
     proc = subprocess.run(geotrain_cmd("launch", str(recipe), "--json"), capture_output=True,
                           text=True, env=dict(os.environ, GEOTRAIN_HOME=str(geotrain_home)), timeout=200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -97,7 +97,8 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, geotrain_home: Path):
 
 
 def test_detach_then_down(tmp_path: Path, geotrain_home: Path):
-    recipe = write_recipe(tmp_path, "detach", rounds=200)
+    """Also: while it trains, nothing of the run listens beyond loopback."""
+    recipe = write_recipe(tmp_path, "detach", rounds=200, workers_b=2)
     env = dict(os.environ, GEOTRAIN_HOME=str(geotrain_home))
     out = subprocess.run(geotrain_cmd("launch", str(recipe), "--detach", "--json"), env=env,
                          capture_output=True, text=True, check=True, timeout=60)
@@ -106,10 +107,14 @@ def test_detach_then_down(tmp_path: Path, geotrain_home: Path):
     assert s["state"] == "running" and s["controller_pid"]
     assert {site["state"] for site in s["sites"]} <= {"training", "syncing"}
     controller = s["controller_pid"]
+    sockets = listening_sockets(tagged_processes(run))
+    assert len(sockets) >= 6  # Ray's GCS, raylets, workers, gloo ... all there
+    assert {addr for _, addr, _ in sockets} == {"127.0.0.1"}, sockets
     down = subprocess.run(geotrain_cmd("down", run, "--json"), env=env, capture_output=True,
                           text=True, timeout=90)
     assert down.returncode == 0, down.stderr
-    assert json.loads(down.stdout)["state"] == "stopped"
+    report = json.loads(down.stdout)
+    assert report["state"] == "stopped" and len(report["terminated"]) == 2
     s = status(geotrain_home, run)
     assert s["state"] == "stopped" and s["controller_pid"] is None
     assert tagged_processes(run) == []
@@ -124,5 +129,16 @@ def _only_run(home: Path) -> str | None:
     return runs[0]["id"] if runs else None
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-v"]))
+
+def test_a_failing_site_fails_the_run_and_leaves_nothing(tmp_path: Path, geotrain_home: Path):
+    """lr 1e6 makes the loss non-finite within a few steps: the site reports it,
+    the controller fails the run, every site is torn down."""
+    recipe = tmp_path / "diverge.yaml"
+    recipe.write_text(RECIPE.format(name="diverge", rounds=50, workers_b=1).replace("lr: 4.0e-3", "lr: 1.0e+6"))
+    proc = subprocess.run(geotrain_cmd("launch", str(recipe), "--json"), capture_output=True, text=True,
+                          env=dict(os.environ, GEOTRAIN_HOME=str(geotrain_home)), timeout=150)
+    assert proc.returncode == 1
+    s = json.loads(proc.stdout)
+    assert s["state"] == "failed" and s["finished_at"]
+    assert "non-finite loss" in s["error"] and "failed" in s["error"]
+    assert tagged_processes(s["id"]) == []

@@ -23,17 +23,12 @@ def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
     """
     from rich.live import Live
 
-    import providers as registry
     from geotrain.cli.view import run_view
-    from geotrain.controller import Controller, create_run, detach as start_detached, status
-    from geotrain.errors import ProviderError
+    from geotrain.controller import Controller, create_run, detach as start_detached, preflight, status
     from geotrain.recipe import load
 
     r = load(recipe)
-    for name in sorted({s.provider for s in r.sites}):
-        check = registry.get(name).check()
-        if not check.ok:
-            raise ProviderError(f"provider {name} is not usable here: {check.detail}")
+    preflight(r, str(recipe))
     run_id = create_run(r, str(recipe.resolve()))
     if detach:
         pid = start_detached(run_id)

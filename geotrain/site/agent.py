@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 
@@ -48,6 +49,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
 
     from geotrain.site.worker import TrainWorker
 
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="gt-site-")
     store = RunStore(store_url)
     recipe = Recipe.model_validate(store.read_run()["recipe"])
     spec = next(s for s in recipe.sites if s.name == site)
@@ -61,8 +63,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s", seconds=time.time() - t0)
         world = spec.workers
         workers = [TrainWorker.remote(store_url, site, rank, world) for rank in range(world)]
-        port = ray.get(workers[0].rendezvous.remote(host))
-        ray.get([w.join.remote(host, port) for w in workers])
+        rendezvous = os.path.join(temp_dir, "gloo-rendezvous")
+        ray.get([w.join.remote(rendezvous) for w in workers])
         pending = [w.train.remote() for w in workers]
         results = []
         while pending:
@@ -86,8 +88,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return code
 
 

@@ -1,8 +1,10 @@
 """The Ray actor that runs one worker of a site's data-parallel group.
 
-The site agent creates `workers` of these in its site's Ray cluster; rank 0
-opens a torch.distributed TCPStore on a free port of the site's private
-address and the others join it, so the gloo group never leaves the site.
+The site agent creates `workers` of these in its site's Ray cluster and forms
+their gloo group. The group's rendezvous is a FileStore in the site's own temp
+dir when all workers share one node, so it opens no port at all; gloo itself
+binds the interface the provider names (GLOO_SOCKET_IFNAME), the site's private
+one, so the group never leaves the site.
 """
 
 from __future__ import annotations
@@ -18,19 +20,12 @@ class TrainWorker:
         self.store_url, self.site, self.rank, self.world = store_url, site, rank, world
         self._tcp_store = None
 
-    def rendezvous(self, host: str) -> int:
-        """Rank 0 only: open the group's TCPStore on port 0 and return its port."""
-        import torch.distributed as dist
-
-        self._tcp_store = dist.TCPStore(host, 0, self.world, is_master=True, wait_for_workers=False)
-        return self._tcp_store.port
-
-    def join(self, host: str, port: int) -> None:
+    def join(self, rendezvous_file: str) -> None:
         import torch.distributed as dist
 
         if self.world == 1:
             return
-        store = self._tcp_store or dist.TCPStore(host, port, self.world, is_master=False)
+        store = dist.FileStore(rendezvous_file, self.world)
         dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world)
 
     def pid(self) -> int:
