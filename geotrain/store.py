@@ -213,7 +213,11 @@ class RunStore:
         if not self.exists(f"{base}/COMMITTED"):
             raise StoreError(f"store: global round {r} is not committed")
         raw = self.get(f"{base}/manifest.json")
-        if sha256(raw) != self.get_json(f"{base}/COMMITTED")["manifest_sha256"]:
+        try:
+            expected = self.get_json(f"{base}/COMMITTED")["manifest_sha256"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise StoreError(f"store: corrupt marker global/{round_key(r)}/COMMITTED") from None
+        if sha256(raw) != expected:
             raise StoreError(f"store: checksum mismatch in global/{round_key(r)}/manifest.json")
         manifest = json.loads(raw)
         files = {}

@@ -1,0 +1,69 @@
+"""Shared fixtures: a local S3 emulator (moto server) for the whole session.
+
+The server is started once, on a free port bound to 127.0.0.1, with dummy
+credentials in the environment, and stopped through its own process handle.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"moto_server did not answer on port {port} within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """(endpoint_url, bucket) of a running moto server with one empty bucket."""
+    if not MOTO_SERVER.exists():
+        pytest.skip(f"moto_server not found at {MOTO_SERVER}")
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_SESSION_TOKEN", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ))
+        try:
+            wait_for_port(port, proc)
+            bucket = f"geotrain-test-{uuid.uuid4().hex[:8]}"
+            boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=bucket)
+            yield url, bucket
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
