@@ -137,10 +137,10 @@ class Controller:
         row = self.db.run(self.run_id)
         self.store = RunStore(row["store"])
         self.recipe = Recipe.model_validate(json.loads(row["recipe_json"]))
+        self.sites = {s.name: s for s in self.recipe.sites}
         self.on_tick = on_tick or (lambda s: None)
         self.log_dir = self.home / "runs" / self.run_id / "logs"
         self.nodes: dict[str, list[providers.Node]] = {}
-        self.node_rows: dict[str, int] = {}
 
     # -- events --------------------------------------------------------------------
 
@@ -184,7 +184,6 @@ class Controller:
                 options=(("log_dir", str(self.log_dir)),))
             provider = providers.get(site.provider)
             row = self.db.add_node(self.run_id, site.name, site.provider, site.region)
-            self.node_rows[site.name] = row
             nodes = provider.launch(plan)
             self.nodes[site.name] = nodes
             self.db.update_node(row, instance_id=nodes[0].instance_id, pid=nodes[0].pid, state="running")
@@ -230,10 +229,10 @@ class Controller:
             time.sleep(POLL_S)
 
     def _site_alive(self, name: str) -> bool:
-        nodes = self.nodes.get(name, [])
-        provider = providers.get(self.recipe.sites[[s.name for s in self.recipe.sites].index(name)].provider)
+        """Whether the provider still holds the node we launched for the site."""
+        provider = providers.get(self.sites[name].provider)
         live = {n.instance_id for n in provider.query(self.run_id, name)}
-        return any(n.instance_id in live for n in nodes)
+        return any(n.instance_id in live for n in self.nodes.get(name, []))
 
     def finish(self, last_round: int) -> None:
         files, manifest = self.store.read_global(last_round)
@@ -256,9 +255,10 @@ class Controller:
 
     def teardown(self) -> None:
         """Stop every site of the run: by our records and by the provider's tags."""
-        for site in self.recipe.sites:
-            if self.store.heartbeat(site.name) and self.store.heartbeat(site.name)["state"] not in ("done", "failed"):
-                self.store.send_command(site.name, "stop")
+        for name in self.sites:
+            hb = self.store.heartbeat(name)
+            if hb and hb["state"] not in ("done", "failed"):
+                self.store.send_command(name, "stop")
         terminated = terminate_run(self.db, self.run_id)
         for site in self.recipe.sites:
             hb = self.store.heartbeat(site.name)

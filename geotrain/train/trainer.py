@@ -145,7 +145,8 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{place.site}: non-finite loss at step {step}")
                 loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
-                tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                rate = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                tok_s = rate if not tok_s else 0.9 * tok_s + 0.1 * rate
                 if first_step_at is None:
                     first_step_at = time.time()
                     beat("training", step + 1)
