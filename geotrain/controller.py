@@ -84,6 +84,11 @@ def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> st
     return run_id
 
 
+def log_dir(home: Path, run_id: str) -> Path:
+    """Where this machine keeps a run's process logs (not in the run store)."""
+    return home / "logs" / run_id
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -139,7 +144,7 @@ class Controller:
         self.recipe = Recipe.model_validate(json.loads(row["recipe_json"]))
         self.sites = {s.name: s for s in self.recipe.sites}
         self.on_tick = on_tick or (lambda s: None)
-        self.log_dir = self.home / "runs" / self.run_id / "logs"
+        self.log_dir = log_dir(self.home, self.run_id)
         self.nodes: dict[str, list[providers.Node]] = {}
 
     # -- events --------------------------------------------------------------------
@@ -304,9 +309,9 @@ def down(run_id: str, home: Path | None = None) -> dict:
 def detach(run_id: str, home: Path | None = None) -> int:
     """Start the controller for run_id as its own background process."""
     home = home or default_home()
-    log_dir = home / "runs" / run_id
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "controller.log", "ab") as log:
+    logs = log_dir(home, run_id)
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "controller.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))

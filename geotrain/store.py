@@ -298,6 +298,9 @@ class RunStore:
         self.put("final/model.safetensors", model)
         self.put_json("final/summary.json", dict(summary, model_sha256=sha256(model)))
 
+    def final_model_url(self) -> str:
+        return join(self.url, "final/model.safetensors")
+
     def read_final(self) -> dict | None:
         try:
             return self.get_json("final/summary.json")

@@ -102,6 +102,7 @@ def test_detach_then_down(tmp_path: Path, geotrain_home: Path):
     env = dict(os.environ, GEOTRAIN_HOME=str(geotrain_home))
     out = subprocess.run(geotrain_cmd("launch", str(recipe), "--detach", "--json"), env=env,
                          capture_output=True, text=True, check=True, timeout=60)
+    assert set(json.loads(out.stdout)) == {"run"}
     run = json.loads(out.stdout)["run"]
     s = wait_for(lambda: (x := status(geotrain_home, run))["first_step_at"] and x, timeout=90)
     assert s["state"] == "running" and s["controller_pid"]

@@ -26,6 +26,7 @@ def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
     from geotrain.cli.view import run_view
     from geotrain.controller import Controller, create_run, detach as start_detached, preflight, status
     from geotrain.recipe import load
+    from geotrain.store import RunStore
 
     r = load(recipe)
     preflight(r, str(recipe))
@@ -33,7 +34,7 @@ def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
     if detach:
         pid = start_detached(run_id)
         if as_json:
-            print_json({"run": run_id, "controller_pid": pid})
+            print_json({"run": run_id})
         else:
             out.print(f"run [bold]{run_id}[/] started in the background (controller pid {pid})\n"
                       f"  geotrain status {run_id}\n  geotrain logs {run_id} --follow\n"
@@ -49,7 +50,7 @@ def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
         final = status(run_id)
         if state == "succeeded":
             out.print(f"[green]✓[/] finished: eval loss {final['eval_loss']:.4f}; "
-                      f"model at {final['store']}/final/model.safetensors", highlight=False)
+                      f"model at {RunStore(final['store']).final_model_url()}", highlight=False)
         elif final.get("error"):
             err.print(f"[bold red]error:[/] {final['error']}", highlight=False)
     raise typer.Exit(EXIT[state])
