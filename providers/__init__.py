@@ -70,6 +70,7 @@ class SitePlan:
     provider: str
     store_url: str
     region: str | None = None
+    zones: tuple[str, ...] = ()  # tried in order; empty lets the provider choose
     nodes: int = 1
     workers: int = 1
     instance_type: str | None = None

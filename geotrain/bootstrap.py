@@ -1,0 +1,39 @@
+"""Boot scripts for cloud nodes: what a freshly created machine runs to become
+part of a site.
+
+`render(plan, node_index, ray_token)` fills `infra/boot.sh.tmpl` for one node.
+Every value comes from the plan and is passed through `shlex.quote`, so nothing
+in a recipe can inject shell. Cloud providers pass the result as user data
+(AWS), the `startup-script` metadata item (GCP) or custom data (Azure).
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+from pathlib import Path
+
+from geotrain import __version__
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "boot.sh.tmpl"
+
+
+def package_spec(plan_option: str | None = None) -> str:
+    """What the node pip-installs: the plan's `package` option (a wheel URL, a
+    VCS URL or a requirement), else this exact geotrain version."""
+    return plan_option or f"geotrain=={__version__}"
+
+
+def template_text() -> str:
+    return TEMPLATE.read_text()
+
+
+def render(plan, node_index: int, ray_token: str) -> str:
+    """The boot script for node `node_index` of the site in `plan` (a providers.SitePlan)."""
+    if not 0 <= node_index < plan.nodes:
+        raise ValueError(f"node_index {node_index} out of range for a {plan.nodes}-node site")
+    values = {"run_id": plan.run_id, "site": plan.site, "provider": plan.provider,
+              "node_index": str(node_index), "nodes": str(plan.nodes), "ray_token": ray_token,
+              "store_url": plan.store_url, "package": package_spec(plan.option("package"))}
+    return string.Template(template_text()).substitute(
+        {k: shlex.quote(v) for k, v in values.items()})
