@@ -209,9 +209,11 @@ class Controller:
                                         bytes_sent=hb.get("bytes_sent"))
             latest = self.store.latest_global() or 0
             if latest != seen_round:
-                seen_round = latest
-                manifest = self.store.global_manifest(latest)
-                self.db.update_run(self.run_id, rounds_done=latest, eval_loss=manifest.get("eval_loss"))
+                evaluated = self.store.read_eval(latest)
+                if evaluated or latest == 0:
+                    seen_round = latest
+                self.db.update_run(self.run_id, rounds_done=latest,
+                                   eval_loss=(evaluated or {}).get("eval_loss"))
             firsts = [hb.get("first_step_at") if hb else None for hb in beats.values()]
             if all(firsts) and self.db.run(self.run_id)["first_step_at"] is None:
                 self.db.update_run(self.run_id, first_step_at=max(firsts))
@@ -244,19 +246,21 @@ class Controller:
         history = []
         for r in self.store.committed_rounds():
             m = self.store.global_manifest(r)
-            history.append({"round": r, "eval_loss": m.get("eval_loss"), "hash": m["hash"],
+            history.append({"round": r, "eval_loss": (self.store.read_eval(r) or {}).get("eval_loss"),
+                            "hash": m["hash"], "members": m.get("members"),
                             "results": {s: v["hash"] for s, v in self.store.results(r).items()}})
         run = self.db.run(self.run_id)
         t = self.recipe.train
         tokens = t.rounds * t.inner_steps * t.batch_size * t.seq_len * sum(s.workers for s in self.recipe.sites)
-        summary = {"run": self.run_id, "rounds": last_round, "eval_loss": manifest.get("eval_loss"),
+        eval_loss = (self.store.read_eval(last_round) or {}).get("eval_loss")
+        summary = {"run": self.run_id, "rounds": last_round, "eval_loss": eval_loss,
                    "hash": manifest["hash"], "tokens": tokens,
                    "wall_s": time.time() - run["started_at"],
                    "first_step_s": (run["first_step_at"] - run["started_at"]) if run["first_step_at"] else None,
                    "history": history, "global_round": round_key(last_round)}
         self.store.write_final(files["model.safetensors"], summary)
-        self.db.update_run(self.run_id, rounds_done=last_round, eval_loss=manifest.get("eval_loss"))
-        self.event("finished", f"run finished: {last_round} rounds, eval loss {manifest.get('eval_loss'):.4f}")
+        self.db.update_run(self.run_id, rounds_done=last_round, eval_loss=eval_loss)
+        self.event("finished", f"run finished: {last_round} rounds, eval loss {eval_loss:.4f}")
 
     def teardown(self) -> None:
         """Stop every site of the run: by our records and by the provider's tags."""

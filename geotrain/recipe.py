@@ -156,9 +156,26 @@ class SyncSpec(_Spec):
     outer_lr: float = Field(0.7, gt=0, description="Outer optimizer learning rate.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum, in [0, 1).")
     nesterov: bool = Field(True, description="Use Nesterov momentum in the outer optimizer.")
-    compression: Literal["none"] = Field("none", description="Codec for pseudo-gradients.")
+    compression: Literal["none", "int8", "int4", "topk"] = Field(
+        "none", description="Codec for pseudo-gradients: 'none' (fp32), 'int8' / 'int4' (blockwise "
+        "scaled), 'topk' (chunked top-k with error feedback and quantised values).")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of values 'topk' sends.")
+    value_bits: Literal[4, 8] = Field(4, description="Bits per value 'topk' sends.")
+    overlap: bool = Field(False, description="Train the next round while this round's exchange "
+                          "runs; its merge is applied one round late, keeping local progress. "
+                          "Hides slow links; at small scale it costs some loss (see docs/benchmarks.md).")
+    round_seconds: float | None = Field(
+        None, gt=0, description="End rounds by wall time instead of inner_steps, so slow and fast "
+        "sites meet together; contributions are weighted by tokens trained.")
     round_timeout_s: float = Field(
-        600, gt=0, description="Seconds a site waits for the others in a round before going on.")
+        600, gt=0, description="Seconds the first site to finish a round waits for live, "
+        "training sites before the round goes on without them (their work is carried over).")
+    join_wait_s: float = Field(60, ge=0, description="Seconds a round waits for a site that is "
+                               "still starting.")
+    liveness_timeout_s: float = Field(4, ge=1, description="A site whose agent has not beaten "
+                                      "for this long is not waited for, and is declared lost.")
+    reject_norm_factor: float = Field(10, gt=1, description="Reject a contribution whose norm is "
+                                      "more than this times the round's median (3+ sites).")
 
 
 class StoreSpec(_Spec):

@@ -9,7 +9,10 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/rounds/<round>/<site>.bin    a site's encoded pseudo-gradient
     <run>/rounds/<round>/<site>.json   its manifest (sha256, tokens, steps, codec), written after the payload
     <run>/rounds/<round>/results/<site>.json   the global hash the site ended the round with
+    <run>/rounds/<round>/_members.json who is in the round: created once, first writer wins
+    <run>/global/<round>/eval.json     the committer's eval of that global state
     <run>/sites/<site>/heartbeat       last beat: step, round, loss, tokens/s, state
+    <run>/sites/<site>/alive           liveness, every ~1 s: state, pid, time
     <run>/sites/<site>/commands/<n>    drain / stop, written by the controller
     <run>/sites/<site>/events.jsonl    what the site did (one writer per file)
     <run>/events.jsonl                 what the controller did
@@ -69,7 +72,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
     for i in range(attempts):
         try:
             return fn()
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             raise
         except (OSError, TimeoutError, ConnectionError) as e:
             if i == attempts - 1:
@@ -113,6 +116,36 @@ class RunStore:
                 self.fs.pipe_file(path, data)
 
         retry(write, f"write {key}")
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write key only if it does not exist yet; True if this call created it.
+
+        First writer wins, atomically: on file:// a complete temporary file is
+        hard-linked into place (link fails if the name exists); on object
+        stores a conditional PUT (If-None-Match: * / ifGenerationMatch=0).
+        """
+        path = self._path(key)
+
+        def write() -> bool:
+            if self.local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+
+        return retry(write, f"create {key}")
 
     def get(self, key: str) -> bytes:
         return retry(lambda: self.fs.cat_file(self._path(key)), f"read {key}")
@@ -194,6 +227,9 @@ class RunStore:
         self.put_json(f"{base}/COMMITTED", {"round": r, "manifest_sha256":
                                             sha256(json.dumps(full, sort_keys=True).encode())})
 
+    def is_committed(self, r: int) -> bool:
+        return self.exists(f"global/{round_key(r)}/COMMITTED")
+
     def committed_rounds(self) -> list[int]:
         rounds = []
         for name in self.listdir("global"):
@@ -243,7 +279,7 @@ class RunStore:
     def contributions(self, r: int) -> list[str]:
         """Sites whose contribution to round r is complete (manifest present)."""
         names = self.listdir(f"rounds/{round_key(r)}")
-        return [n[:-5] for n in names if n.endswith(".json")]
+        return [n[:-5] for n in names if n.endswith(".json") and not n.startswith("_")]
 
     def read_contribution(self, r: int, site: str) -> tuple[bytes, dict]:
         base = f"rounds/{round_key(r)}/{site}"
@@ -252,6 +288,37 @@ class RunStore:
         if sha256(payload) != manifest["sha256"]:
             raise StoreError(f"store: checksum mismatch in contribution of {site} to round {r}")
         return payload, manifest
+
+    def contribution_meta(self, r: int, site: str) -> dict:
+        return self.get_json(f"rounds/{round_key(r)}/{site}.json")
+
+    def decide_members(self, r: int, decision: dict) -> tuple[dict, bool]:
+        """Record who is in round r, once: the first writer wins. Returns the
+        decision that stands (this one or the earlier one) and whether this
+        call made it."""
+        key = f"rounds/{round_key(r)}/_members.json"
+        decision = dict(decision, round=r)
+        won = self.create(key, json.dumps(decision, sort_keys=True).encode())
+        return (decision if won else self.get_json(key)), won
+
+    def members(self, r: int) -> dict | None:
+        """Round r's membership decision, or None while it is open."""
+        try:
+            return self.get_json(f"rounds/{round_key(r)}/_members.json")
+        except FileNotFoundError:
+            return None
+
+    def rounds_started(self) -> list[int]:
+        return [int(n) for n in self.listdir("rounds") if n.isdigit()]
+
+    def put_eval(self, r: int, record: dict) -> None:
+        self.put_json(f"global/{round_key(r)}/eval.json", dict(record, round=r))
+
+    def read_eval(self, r: int) -> dict | None:
+        try:
+            return self.get_json(f"global/{round_key(r)}/eval.json")
+        except FileNotFoundError:
+            return None
 
     def put_result(self, r: int, site: str, result: dict) -> None:
         self.put_json(f"rounds/{round_key(r)}/results/{site}.json", dict(result, site=site, round=r))
@@ -270,6 +337,21 @@ class RunStore:
             return self.get_json(f"sites/{site}/heartbeat")
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def alive(self, site: str, state: str, **info: Any) -> None:
+        """Liveness, written every second or so by a site's agent (and by DiLoCo
+        when it runs outside an agent): who is there and in what state."""
+        self.put_json(f"sites/{site}/alive", dict(info, site=site, state=state, at=time.time()))
+
+    def liveness(self) -> dict[str, dict]:
+        """Every site's last liveness record (age = time.time() - record['at'])."""
+        out = {}
+        for name in self.listdir("sites"):
+            try:
+                out[name] = self.get_json(f"sites/{name}/alive")
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        return out
 
     def send_command(self, site: str, command: str, **args: Any) -> None:
         name = f"{time.time_ns()}-{command}"

@@ -75,7 +75,10 @@ def test_defaults_are_as_documented():
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), seed=0,
         eval_batches=8, threads=1)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
-                                       nesterov=True, compression="none", round_timeout_s=600)
+                                       nesterov=True, compression="none", topk_fraction=0.01,
+                                       value_bits=4, overlap=False, round_seconds=None,
+                                       round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
+                                       reject_norm_factor=10)
     assert r.store.url is None
     assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1)
 

@@ -1,8 +1,9 @@
-"""Tests of DiLoCo through the run store (geotrain/sync/diloco.py).
+"""Tests of DiLoCo through the run store (geotrain/sync/diloco.py, rounds.py).
 
 Checked against references: one site with H=1, outer lr 1 and no momentum is
 plain AdamW; the outer step is hand-written Nesterov SGD and torch's SGD; two
-sites in threads end every round with bit-identical global parameters.
+sites in threads end every round with bit-identical global parameters, with
+and without overlap; overlap with nothing to wait for is plain DiLoCo.
 
     python -m pytest tests/test_sync.py -q
 """
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from geotrain.store import RunStore
+from geotrain.sync import compression
 from geotrain.sync.diloco import (DiLoCo, RoundExchange, SyncError, decode, encode, model_params,
                                   outer_step, params_hash, weighted_mean)
 from geotrain.train.model import build, config_for
@@ -72,7 +74,7 @@ def test_one_site_h1_is_adamw(tmp_path):
     commit_start(store, model)
     gen = torch.Generator().manual_seed(1)
     hashes = {}
-    with DiLoCo(model, opt, RoundExchange(store, "a", ["a"]), inner_steps=1,
+    with DiLoCo(model, opt, RoundExchange(store, "a"), inner_steps=1,
                 outer_lr=1.0, outer_momentum=0.0) as diloco:
         for step in range(1, 9):
             x, y = batch(gen)
@@ -99,7 +101,7 @@ def test_one_site_h1_is_adamw(tmp_path):
 
 def test_enter_without_committed_state_fails(tmp_path):
     model = build(CFG, seed=0)
-    exchange = RoundExchange(RunStore("file://" + str(tmp_path)), "a", ["a"])
+    exchange = RoundExchange(RunStore("file://" + str(tmp_path)), "a")
     with pytest.raises(SyncError, match="no committed global state"):
         with DiLoCo(model, torch.optim.AdamW(model.parameters()), exchange, inner_steps=1):
             pass
@@ -112,7 +114,7 @@ def test_step_syncs_every_h_steps(tmp_path):
     commit_start(store, model)
     gen = torch.Generator().manual_seed(2)
     results = []
-    with DiLoCo(model, opt, RoundExchange(store, "a", ["a"]), inner_steps=3) as diloco:
+    with DiLoCo(model, opt, RoundExchange(store, "a"), inner_steps=3) as diloco:
         for _ in range(7):
             x, y = batch(gen)
             train_step(model, opt, x, y)
@@ -223,13 +225,10 @@ def test_weighted_mean_triple_weight_counts_three_times():
         assert not torch.allclose(heavy[n], (da[n] + db[n]) / 2, atol=1e-3)
 
 
-# ---- two sites --------------------------------------------------------------------
+# ---- two sites ----------------------------------------------------------------------
 
-def test_two_sites_in_threads_are_bit_identical(tmp_path):
-    url = "file://" + str(tmp_path)
-    start = build(CFG, seed=0)
-    start_hash = commit_start(RunStore(url), start)
-    rounds, h = 4, 3
+def run_sites(url, specs, rounds, h, overlap=False, **exchange_kw):
+    """Train sites in threads; specs: {name: (data seed, batch size)}."""
     out: dict[str, dict] = {}
     errors: list[BaseException] = []
 
@@ -237,30 +236,47 @@ def test_two_sites_in_threads_are_bit_identical(tmp_path):
         try:
             model = build(CFG, seed=0)
             opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-            exchange = RoundExchange(RunStore(url), name, ["a", "b"], timeout_s=30, poll_s=0.01)
+            exchange = RoundExchange(RunStore(url), name, poll_s=0.01, **exchange_kw)
             gen = torch.Generator().manual_seed(seed)
-            with DiLoCo(model, opt, exchange, inner_steps=h) as diloco:
-                for _ in range(rounds * h):
+            with DiLoCo(model, opt, exchange, inner_steps=h, overlap=overlap) as diloco:
+                while diloco.training_round <= rounds:
                     x, y = batch(gen, b=batch_size)
                     train_step(model, opt, x, y)
                     diloco.step(tokens=x.numel())
-            out[name] = {"history": diloco.history, "final": params_hash(model_params(model))}
+                diloco.finish()
+            out[name] = {"history": diloco.history, "final": params_hash(model_params(model)),
+                         "global": params_hash(diloco.global_params)}
         except BaseException as e:  # noqa: BLE001 - re-raised by the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=site, args=("a", 10, 4)),
-               threading.Thread(target=site, args=("b", 20, 2))]
+    store = RunStore(url)
+    for name in specs:  # both are known to be alive before either finishes a round
+        store.alive(name, "starting")
+    threads = [threading.Thread(target=site, args=(n, *spec)) for n, spec in specs.items()]
     for t in threads:
         t.start()
     for t in threads:
         t.join(50)
     assert not errors, errors[0]
+    return out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_two_sites_in_threads_are_bit_identical(tmp_path, overlap):
+    url = "file://" + str(tmp_path)
+    start = build(CFG, seed=0)
+    start_hash = commit_start(RunStore(url), start)
+    rounds, h = 4, 3
+    out = run_sites(url, {"a": (10, 4), "b": (20, 2)}, rounds, h, overlap=overlap)
     a, b = out["a"]["history"], out["b"]["history"]
     assert [r.round for r in a] == [r.round for r in b] == [1, 2, 3, 4]
     assert [r.hash for r in a] == [r.hash for r in b]
     assert len({start_hash, *(r.hash for r in a)}) == rounds + 1  # every round moved the model
-    assert out["a"]["final"] == out["b"]["final"] == a[-1].hash
-    assert a[0].members == ["a", "b"] and a[0].bytes_received == b[0].bytes_sent > 0
+    assert out["a"]["global"] == out["b"]["global"] == a[-1].hash
+    if not overlap:  # without overlap the model ends exactly on the global state
+        assert out["a"]["final"] == out["b"]["final"] == a[-1].hash
+    assert all(r.members == ["a", "b"] for r in a)
+    assert a[0].bytes_received == b[0].bytes_sent > 0
 
     store = RunStore(url)
     assert store.committed_rounds() == [0, 1, 2, 3, 4]
@@ -269,34 +285,191 @@ def test_two_sites_in_threads_are_bit_identical(tmp_path):
         assert set(results) == {"a", "b"}
         assert results["a"]["hash"] == results["b"]["hash"] == res.hash
         assert store.read_global(res.round)[1]["hash"] == res.hash
+        assert store.members(res.round)["decided_by"] in ("a", "b")
 
     # Round 1 by hand from what the store holds: tokens 4*16 vs 2*16 per step.
     parts = []
     for s in ("a", "b"):
         payload, manifest = store.read_contribution(1, s)
-        parts.append((s, decode(payload), float(manifest["tokens"])))
+        parts.append((s, compression.decode(payload), float(manifest["tokens"])))
     assert [p[2] for p in parts] == [h * 4 * 16, h * 2 * 16]
     theta = model_params(start)
     outer_step(theta, weighted_mean(parts), {}, 0.7, 0.9, True)
     assert params_hash(theta) == a[0].hash
 
 
-def test_gather_times_out_naming_the_missing_site(tmp_path):
+def plain_diloco(rounds, h, seed, lr_outer, mu):
+    """Reference DiLoCo for one site, written out with no store and no threads."""
+    model = build(CFG, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    theta, buf = model_params(model), {}
+    gen = torch.Generator().manual_seed(seed)
+    hashes = []
+    for _ in range(rounds):
+        for _ in range(h):
+            x, y = batch(gen)
+            train_step(model, opt, x, y)
+        local = model_params(model)
+        outer_step(theta, {n: theta[n] - local[n] for n in theta}, buf, lr_outer, mu, True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(theta[n])
+        hashes.append(params_hash(theta))
+    return hashes
+
+
+def test_exchange_thread_with_no_delay_is_plain_diloco(tmp_path):
+    """The background exchange, with instant transfers and zero delay, gives
+    bit for bit what plain DiLoCo written out by hand gives."""
+    url = "file://" + str(tmp_path)
+    commit_start(RunStore(url), build(CFG, seed=0))
+    out = run_sites(url, {"a": (3, 4)}, rounds=4, h=2, overlap=0)
+    assert [r.hash for r in out["a"]["history"]] == plain_diloco(4, 2, 3, 0.7, 0.9)
+
+
+def test_overlap_alone_at_outer_lr_1_tracks_no_overlap(tmp_path):
+    """One site, outer lr 1, no momentum: each merge lands exactly where the site
+    already is, so applying it a round late must not change the trajectory."""
+    runs = {}
+    for overlap in (False, True):
+        url = "file://" + str(tmp_path / str(overlap))
+        model = build(CFG, seed=0)
+        commit_start(RunStore(url), model)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(4)
+        with DiLoCo(model, opt, RoundExchange(RunStore(url), "a"), inner_steps=3,
+                    outer_lr=1.0, outer_momentum=0.0, overlap=overlap) as diloco:
+            while diloco.training_round <= 5:
+                x, y = batch(gen)
+                train_step(model, opt, x, y)
+                diloco.step(tokens=x.numel())
+            diloco.finish()
+        runs[overlap] = model_params(model)
+        assert diloco.round == 5 and RunStore(url).committed_rounds() == list(range(6))
+    for n in runs[False]:
+        assert_same_training(n, runs[False][n], runs[True][n], "end")
+
+
+# ---- membership, late work, rejection ----------------------------------------------
+
+def publish(store, r, site, delta, tokens=16.0):
+    RoundExchange(store, site).publish(r, delta, tokens=tokens, steps=1, base_round=r - 1)
+
+
+def test_membership_is_agreed_when_two_sites_race(tmp_path):
     store = RunStore("file://" + str(tmp_path))
-    exchange = RoundExchange(store, "a", ["a", "b", "c"], timeout_s=0.5, poll_s=0.02)
-    store.put_contribution(1, "c", encode({"w": torch.zeros(2)}), {"tokens": 1})
-    exchange.publish(1, {"w": torch.ones(2)}, tokens=4, steps=1)
+    for s in ("a", "b", "c"):
+        publish(store, 1, s, {"w": torch.full((3,), float(ord(s)))})
+    results, barrier = {}, threading.Barrier(2)
+
+    def decide(site):
+        barrier.wait()
+        results[site] = RoundExchange(RunStore(store.url), site, poll_s=0.001).decide(1)
+
+    threads = [threading.Thread(target=decide, args=(s,)) for s in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    (da, won_a), (db, won_b) = results["a"], results["b"]
+    assert won_a != won_b  # exactly one created the decision
+    assert da == db == store.members(1)
+    assert [e["site"] for e in da["accepted"]] == ["a", "b", "c"]
+
+
+def test_decide_waits_for_a_live_site_not_for_a_stale_one(tmp_path):
+    store = RunStore("file://" + str(tmp_path))
+    ex = RoundExchange(store, "a", poll_s=0.01, liveness_s=1.0)
+    store.alive("b", "training", training_round=1)
+    store.alive("c", "training", training_round=1)
+    publish(store, 1, "a", {"w": torch.ones(2)})
+    got = {}
+    t = threading.Thread(target=lambda: got.update(d=ex.decide(1)))
+    t.start()
+    time.sleep(0.3)
+    assert store.members(1) is None  # b and c are alive and on round 1: wait
+    publish(store, 1, "b", {"w": torch.ones(2)})
     t0 = time.monotonic()
-    with pytest.raises(SyncError, match=r"round 1: no contribution from b within 0.5 s"):
-        exchange.gather(1)
-    assert 0.5 <= time.monotonic() - t0 < 3.0
+    t.join(5)  # c stops beating: after liveness_s the round goes on without it
+    decision, won = got["d"]
+    assert won and [e["site"] for e in decision["accepted"]] == ["a", "b"]
+    assert time.monotonic() - t0 < 3.0
 
 
-def test_gather_stops_when_asked(tmp_path):
-    exchange = RoundExchange(RunStore("file://" + str(tmp_path)), "a", ["a", "b"], timeout_s=30)
-    exchange.publish(1, {"w": torch.ones(2)}, tokens=4, steps=1)
+def test_decide_stops_when_asked(tmp_path):
+    store = RunStore("file://" + str(tmp_path))
+    store.alive("b", "training", training_round=1)
+    publish(store, 1, "a", {"w": torch.ones(2)})
+
+    def keep_b_alive():
+        store.alive("b", "training", training_round=1)
+        return True
+
     with pytest.raises(SyncError, match="stopped"):
-        exchange.gather(1, should_stop=lambda: True)
+        RoundExchange(store, "a", poll_s=0.01).decide(1, should_stop=keep_b_alive)
+
+
+def test_a_late_contribution_lands_in_the_next_round(tmp_path):
+    store = RunStore("file://" + str(tmp_path))
+    ex = RoundExchange(store, "a")
+    publish(store, 1, "a", {"w": torch.ones(2)})
+    d1, _ = ex.decide(1)  # b is not known to be alive: round 1 is a alone
+    assert [e["site"] for e in d1["accepted"]] == ["a"]
+    publish(store, 1, "b", {"w": torch.full((2,), 3.0)}, tokens=48)  # too late for round 1
+    publish(store, 2, "a", {"w": torch.ones(2)})
+    d2, _ = ex.decide(2)
+    assert [(e["site"], e["round"]) for e in d2["accepted"]] == [("b", 1), ("a", 2)]
+    parts, _ = ex.gather(d2)
+    assert [(e.site, e.round, e.tokens) for e, _ in parts] == [("b", 1, 48.0), ("a", 2, 16.0)]
+    publish(store, 3, "a", {"w": torch.ones(2)})
+    d3, _ = ex.decide(3)  # carried once, never twice
+    assert [(e["site"], e["round"]) for e in d3["accepted"]] == [("a", 3)]
+    assert any(e["kind"] == "carried" for e in store.events(["a"]))
+
+
+def test_corrupt_nan_and_outlier_contributions_are_rejected(tmp_path):
+    store = RunStore("file://" + str(tmp_path))
+    for s in ("a", "b", "c"):
+        publish(store, 1, s, {"w": torch.full((4,), 1.0 + ord(s) % 3)})
+    publish(store, 1, "d", {"w": torch.full((4,), 1e4)})  # norm far outside the others'
+    # e: a NaN tensor published by a broken sender that bypassed its codec's check
+    nan = encode({"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])})
+    store.put_contribution(1, "e", nan, {"tokens": 16, "codec": "none", "published_at": time.time()})
+    # f: bits flipped in the store after the manifest was written
+    publish(store, 1, "f", {"w": torch.ones(4)})
+    path = tmp_path / "rounds" / "000001" / "f.bin"
+    path.write_bytes(path.read_bytes()[:-4] + b"\xff\xff\xff\xff")
+    decision, won = RoundExchange(store, "a").decide(1)
+    assert won and [e["site"] for e in decision["accepted"]] == ["a", "b", "c"]
+    reasons = {e["site"]: e["reason"] for e in decision["rejected"]}
+    assert set(reasons) == {"d", "e", "f"}
+    assert "median" in reasons["d"] and "non-finite" in reasons["e"] and "checksum" in reasons["f"]
+    assert {e["site"] for e in store.events(["a"]) if e["kind"] == "rejected"} == {"d", "e", "f"}
+
+
+def test_a_dead_deciders_round_is_committed_by_another_site(tmp_path):
+    url = "file://" + str(tmp_path)
+    store = RunStore(url)
+    model = build(CFG, seed=0)
+    commit_start(store, model)
+    # x published and decided round 1, then died before committing it
+    publish(store, 1, "x", {n: torch.zeros_like(t) + 1e-3 for n, t in model_params(model).items()})
+    decision, _ = RoundExchange(store, "x").decide(1)
+    assert not store.is_committed(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ex = RoundExchange(store, "a", takeover_s=0.2)
+    with DiLoCo(model, opt, ex, inner_steps=2) as diloco:  # joins: applies round 1 itself
+        assert diloco.round == 1 and diloco.training_round == 2
+        gen = torch.Generator().manual_seed(5)
+        while diloco.training_round <= 2:
+            x, y = batch(gen)
+            train_step(model, opt, x, y)
+            diloco.step(tokens=x.numel())
+        diloco.finish()
+    assert store.committed_rounds() == [0, 1, 2]
+    assert store.read_global(1)[1]["hash"] == diloco.history[0].hash if diloco.history[0].round == 1 \
+        else store.results(1)["a"]["hash"]
+    assert any(e["kind"] == "takeover" for e in store.events(["a"]))
 
 
 # ---- encoding -------------------------------------------------------------------

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -30,6 +31,39 @@ log = logging.getLogger("geotrain.site")
 
 class Stopped(Exception):
     pass
+
+
+class Liveness:
+    """Beats `sites/<site>/alive` every `every_s` from a thread, so the other
+    sites and the controller can tell a live site from a lost one no matter
+    how long a training step or a Ray start takes."""
+
+    def __init__(self, store: RunStore, site: str, every_s: float = 1.0):
+        self.store, self.site, self.every_s = store, site, every_s
+        self.state = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
+
+    def start(self) -> Liveness:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        try:
+            self.store.alive(self.site, self.state, pid=os.getpid())
+        except Exception as e:  # noqa: BLE001 - a missed beat must not kill the site
+            log.warning("liveness beat failed: %s", e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._beat()
+
+    def stop(self, state: str) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.state = state
+        self._beat()
 
 
 def _on_sigterm(signum, frame):
@@ -54,9 +88,10 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     recipe = Recipe.model_validate(store.read_run()["recipe"])
     spec = next(s for s in recipe.sites if s.name == site)
     store.beat(site, {"state": "starting", "pid": os.getpid()})
+    liveness = Liveness(store, site).start()
     store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
     signal.signal(signal.SIGTERM, _on_sigterm)
-    code = 1
+    code, final = 1, "failed"
     try:
         t0 = time.time()
         start_ray(spec.workers, host, temp_dir)
@@ -66,6 +101,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         rendezvous = os.path.join(temp_dir, "gloo-rendezvous")
         ray.get([w.join.remote(rendezvous) for w in workers])
         pending = [w.train.remote() for w in workers]
+        liveness.state = "running"
         results = []
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
@@ -75,11 +111,11 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         summary = next(r for r in results if r["rank"] == 0)
         store.event(site, "done", f"finished at round {summary['round']}", **{
             k: summary[k] for k in ("round", "bytes_sent", "bytes_received")})
-        code = 0
+        code, final = 0, "done"
     except (Stopped, KeyboardInterrupt) as e:
         store.beat(site, {"state": "stopped", "pid": os.getpid()})
         store.event(site, "stopped", f"stopped: {e}")
-        code = 0
+        code, final = 0, "stopped"
     except Exception as e:  # noqa: BLE001 - the agent reports every failure to the store
         cause = getattr(e, "cause", None) or e
         store.beat(site, {"state": "failed", "pid": os.getpid(), "error": str(cause)[:2000]})
@@ -87,6 +123,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
                     traceback=traceback.format_exc()[-4000:])
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        liveness.stop(final)
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     return code

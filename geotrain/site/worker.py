@@ -41,4 +41,4 @@ class TrainWorker:
         recipe = Recipe.model_validate(run["recipe"])
         names = [s.name for s in recipe.sites]
         place = WorkerPlace(self.site, names.index(self.site), len(names), self.rank, self.world)
-        return train_site(recipe, store, place, members=run["members"])
+        return train_site(recipe, store, place)

@@ -1,24 +1,37 @@
-"""DiLoCo across sites, through the run store.
+"""DiLoCo across sites, through the run store — around any model and optimizer.
 
-Each site runs H inner optimizer steps on its own data, then publishes its
-pseudo-gradient (global - local) to the store, reads every member's, averages
-them weighted by tokens trained, and applies the outer optimizer (SGD with
-Nesterov momentum) to the global parameters. Every site does the same float
-operations in the same order on the same inputs, on the CPU in fp32, so every
-site ends a round with bit-identical global parameters; each records the hash
-it got, and the round's leader commits the new global state to the store.
+Each site runs inner optimizer steps on its own data; at the end of a round
+(H steps, or `round_seconds` of wall time) it publishes its pseudo-gradient —
+its progress since the round began — encoded by its codec. The round's
+accepted contributions are averaged, weighted by tokens trained, and the outer
+optimizer (SGD with Nesterov momentum) moves the global parameters. Every site
+does the same float operations in the same order on the same decoded inputs,
+on the CPU in fp32, so every site holds bit-identical global parameters after
+every round (each records their hash in `rounds/r/results/`).
 
-In a user's own loop (the built-in trainer uses exactly this):
+With `overlap=True` the round's exchange (upload, waiting for the others,
+download, outer step) runs in a background thread while the site trains the
+next round; the merged update is applied one round late, keeping the local
+progress made meanwhile: on landing, the site adds `global_r - anchor_r` to
+its parameters, where anchor_r is what it had when it published round r.
+Compute waits only when an exchange takes longer than a whole round. With
+`overlap=False` (or an instant exchange and zero delay) this is plain DiLoCo.
 
+In a user's own loop:
+
+    exchange = RoundExchange(RunStore(url), site="a")
     with DiLoCo(model, inner_opt, exchange, inner_steps=50) as diloco:
-        for batch in data:
-            loss = model(batch).backward(); inner_opt.step(); inner_opt.zero_grad()
-            diloco.step(tokens=batch.numel())   # syncs every 50 inner steps
+        for x, y in data:
+            loss = model(x, y); loss.backward(); inner_opt.step(); inner_opt.zero_grad()
+            diloco.step(tokens=x.numel())
+            if diloco.done(rounds=100): break
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,14 +41,12 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from geotrain.errors import GeotrainError
-from geotrain.store import RunStore
+from geotrain.sync.rounds import RoundExchange, SyncError
 
 Tensors = dict[str, torch.Tensor]
 
-
-class SyncError(GeotrainError):
-    """A round could not complete (a member never published, a bad payload)."""
+__all__ = ["DiLoCo", "RoundExchange", "RoundResult", "SyncError", "decode", "encode",
+           "load_params", "model_params", "outer_step", "params_hash", "weighted_mean"]
 
 
 def params_hash(params: Tensors) -> str:
@@ -48,6 +59,7 @@ def params_hash(params: Tensors) -> str:
 
 
 def encode(tensors: Tensors) -> bytes:
+    """Global state (model, outer momentum) as safetensors: lossless."""
     return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
@@ -81,8 +93,7 @@ def outer_step(params: Tensors, grad: Tensors, momentum_buf: Tensors,
 
 
 def weighted_mean(parts: list[tuple[str, Tensors, float]]) -> Tensors:
-    """Sum of w_i/W * delta_i, always in site-name order so every site gets the
-    same bits."""
+    """Sum of w_i/W * delta_i, always in key order so every site gets the same bits."""
     parts = sorted(parts, key=lambda p: p[0])
     total = sum(w for _, _, w in parts)
     out: Tensors = {}
@@ -99,160 +110,294 @@ class RoundResult:
     hash: str
     bytes_sent: int
     bytes_received: int
-    wait_s: float
+    wait_s: float  # how long compute waited for this round's merge
     members: list[str]
-
-
-class RoundExchange:
-    """The store side of a round: publish a contribution, gather the members',
-    commit the global state. Membership is fixed to `members` here."""
-
-    def __init__(self, store: RunStore, site: str, members: list[str],
-                 timeout_s: float = 600.0, poll_s: float = 0.05):
-        self.store, self.site, self.members = store, site, sorted(members)
-        self.timeout_s, self.poll_s = timeout_s, poll_s
-
-    @property
-    def leader(self) -> bool:
-        return self.site == self.members[0]
-
-    def latest(self) -> tuple[int, Tensors, Tensors] | None:
-        """The newest committed global state: (round, params, momentum)."""
-        r = self.store.latest_global()
-        if r is None:
-            return None
-        files, _ = self.store.read_global(r)
-        momentum = decode(files["outer.safetensors"]) if "outer.safetensors" in files else {}
-        return r, decode(files["model.safetensors"]), momentum
-
-    def publish(self, r: int, delta: Tensors, tokens: int, steps: int) -> int:
-        payload = encode(delta)
-        self.store.put_contribution(r, self.site, payload,
-                                    {"tokens": tokens, "inner_steps": steps, "codec": "none"})
-        return len(payload)
-
-    def gather(self, r: int, should_stop: Callable[[], bool] = lambda: False
-               ) -> tuple[list[tuple[str, Tensors, float]], int]:
-        """Wait for every member's contribution to round r; return them with the
-        bytes downloaded."""
-        deadline = time.monotonic() + self.timeout_s
-        while set(self.members) - set(self.store.contributions(r)):
-            if time.monotonic() > deadline:
-                missing = sorted(set(self.members) - set(self.store.contributions(r)))
-                raise SyncError(f"round {r}: no contribution from {', '.join(missing)} "
-                                f"within {self.timeout_s:g} s")
-            if should_stop():
-                raise SyncError(f"round {r}: stopped while waiting for the other sites")
-            time.sleep(self.poll_s)
-        parts, received = [], 0
-        for site in self.members:
-            payload, manifest = self.store.read_contribution(r, site)
-            received += len(payload) if site != self.site else 0
-            parts.append((site, decode(payload), float(manifest["tokens"])))
-        return parts, received
-
-    def commit(self, r: int, params: Tensors, momentum: Tensors, meta: dict) -> None:
-        files = {"model.safetensors": encode(params)}
-        if momentum:
-            files["outer.safetensors"] = encode(momentum)
-        self.store.commit_global(r, files, meta)
+    rejected: list[str] = field(default_factory=list)
 
 
 @dataclass
+class _Merged:
+    round: int
+    params: Tensors
+    momentum: Tensors
+    hash: str
+    members: list[str]
+    rejected: list[str]
+    received: int
+
+
 class DiLoCo:
-    """Wraps a model and its inner optimizer; `step()` after each inner step
-    syncs through the store every `inner_steps` steps.
+    """Wraps a model and its inner optimizer; call `step(tokens)` after each
+    inner step. With torch.distributed initialised (several workers in one
+    site, gradients all-reduced inside it) rank 0 alone talks to the store and
+    broadcasts parameters to the others at round boundaries."""
 
-    With torch.distributed initialised (several workers in one site), the
-    site's local model is identical on every rank (gradients are all-reduced
-    inside the site); rank 0 alone talks to the store and broadcasts the new
-    global parameters to the others.
-    """
-
-    model: torch.nn.Module
-    inner_optimizer: torch.optim.Optimizer
-    exchange: RoundExchange
-    inner_steps: int
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    nesterov: bool = True
-    # Called on the leader after each round with the new global model loaded;
-    # returns extra fields for the commit manifest (the trainer's eval loss).
-    on_commit: Callable[[int], dict] | None = None
-    should_stop: Callable[[], bool] = lambda: False
-    round: int = 0
-    global_params: Tensors = field(default_factory=dict)
-    momentum: Tensors = field(default_factory=dict)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    history: list[RoundResult] = field(default_factory=list)
-    _steps: int = 0
-    _tokens: int = 0
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer,
+                 exchange: RoundExchange | None, inner_steps: int | None = 50, *,
+                 round_seconds: float | None = None, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, nesterov: bool = True, overlap: bool | int = False,
+                 on_commit: Callable[[int, Tensors], dict] | None = None,
+                 should_stop: Callable[[], bool] = lambda: False, liveness: bool = True):
+        if not inner_steps and not round_seconds:
+            raise ValueError("DiLoCo needs inner_steps or round_seconds to end a round")
+        self.model, self.inner_optimizer, self.exchange = model, inner_optimizer, exchange
+        self.inner_steps, self.round_seconds = inner_steps, round_seconds
+        self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
+        # Rounds a merge may land late: 0 is plain DiLoCo, 1 overlaps one round.
+        self.delay = int(overlap)
+        self.on_commit, self.should_stop = on_commit, should_stop
+        # Beat sites/<site>/alive from a thread (a geotrain site agent does it
+        # itself; a user's own script gets it here).
+        self.liveness = liveness
+        self._closing = threading.Event()
+        self.round = 0            # the newest global round applied to the model
+        self.training_round = 1   # the round the current inner steps will be published to
+        self.global_params: Tensors = {}
+        self.momentum: Tensors = {}
+        self.bytes_sent = self.bytes_received = 0
+        self.wait_s = 0.0
+        self.history: list[RoundResult] = []
+        self._steps = self._tokens = 0
+        self._round_t0 = time.monotonic()
+        self._start: Tensors = {}           # params when this round began (rank 0)
+        self._anchors: dict[int, Tensors] = {}  # params when we published round r
+        self._sent: dict[int, int] = {}
+        self._todo: queue.Queue = queue.Queue()
+        self._merged: dict[int, _Merged | BaseException] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._queued = 0  # highest round handed to the merger
+        self._commit_lock = threading.Lock()
+        self._uncommitted: dict[int, tuple] = {}
 
     @property
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
+    # -- lifecycle -----------------------------------------------------------------------
+
     def __enter__(self) -> DiLoCo:
         if self.rank == 0:
-            latest = self.exchange.latest()
-            if latest is None:
-                raise SyncError("no committed global state in the store to start from")
-            self.round, self.global_params, self.momentum = latest
-        else:
-            self.global_params = model_params(self.model)
-        self._broadcast_global()
-        load_params(self.model, self.global_params)
+            self._catch_up()
+            self._thread = threading.Thread(target=self._merger, name="diloco-merger", daemon=True)
+            self._thread.start()
+            if self.liveness:
+                threading.Thread(target=self._beat, name="diloco-liveness", daemon=True).start()
+        self._broadcast_round()
+        if self.rank == 0:
+            load_params(self.model, self.global_params)
+        self._broadcast_model()
+        if self.rank == 0:
+            self._start = model_params(self.model)
+        self._round_t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self._closing.set()
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join(timeout=5)
 
-    def _broadcast_global(self) -> None:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
-        r = torch.tensor([self.round])
-        dist.broadcast(r, 0)
-        self.round = int(r.item())
-        for name in sorted(self.global_params):
-            dist.broadcast(self.global_params[name], 0)
+    def _beat(self) -> None:
+        store, site = self.exchange.store, self.exchange.site
+        while True:
+            try:
+                store.alive(site, "training", training_round=self.training_round, pid=None)
+            except Exception:  # noqa: BLE001 - a missed beat must not stop training
+                pass
+            if self._closing.wait(1.0):
+                store.alive(site, "done", training_round=self.training_round)
+                return
+
+    def _catch_up(self) -> None:
+        """Start from the newest committed global state, then apply every round
+        decided since (committed or not) so we join at the first open round."""
+        store = self.exchange.store
+        r = store.latest_global()
+        if r is None:
+            raise SyncError("no committed global state in the store to start from")
+        files, _ = store.read_global(r)
+        self.round, self.global_params = r, decode(files["model.safetensors"])
+        self.momentum = decode(files["outer.safetensors"]) if "outer.safetensors" in files else {}
+        while (decision := store.members(self.round + 1)) is not None:
+            merged = self._merge(self.round + 1, decision, decided_by_me=False)
+            self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum
+        self.training_round = self.round + 1
+        self._queued = self.round
+
+    def done(self, rounds: int) -> bool:
+        """True once round `rounds` has been published and its merge applied."""
+        return self.round >= rounds
+
+    # -- the inner loop's hook -----------------------------------------------------------
 
     def step(self, tokens: int) -> RoundResult | None:
-        """Count one inner step of `tokens` site-wide tokens; sync when a round ends."""
+        """Count one inner step of `tokens` site-wide tokens; at a round's end,
+        publish and apply whatever merges are due. Returns the newest result applied."""
         self._steps += 1
         self._tokens += tokens
-        if self._steps < self.inner_steps:
+        if not self._round_over():
             return None
-        return self.sync()
+        return self.end_round()
 
-    def sync(self) -> RoundResult | None:
-        r = self.round + 1
-        local = model_params(self.model)
+    def _round_over(self) -> bool:
+        if self.round_seconds is None:
+            return self._steps >= self.inner_steps
+        over = torch.tensor([int(time.monotonic() - self._round_t0 >= self.round_seconds
+                                 or (self.inner_steps and self._steps >= self.inner_steps))])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(over, 0)  # rank 0's clock decides for the whole site
+        return bool(over.item())
+
+    def end_round(self, final: bool = False) -> RoundResult | None:
+        """Publish this round's progress; apply merges that are due (all of them
+        when `final`, or without overlap)."""
         result = None
         if self.rank == 0:
-            delta = {n: self.global_params[n] - local[n] for n in local}
-            sent = self.exchange.publish(r, delta, self._tokens, self._steps)
-            t0 = time.monotonic()
-            parts, received = self.exchange.gather(r, self.should_stop)
-            wait = time.monotonic() - t0
-            grad = weighted_mean(parts)
-            outer_step(self.global_params, grad, self.momentum,
-                       self.outer_lr, self.outer_momentum, self.nesterov)
-            digest = params_hash(self.global_params)
-            self.bytes_sent += sent
-            self.bytes_received += received
-            result = RoundResult(r, digest, sent, received, wait, [p[0] for p in parts])
-            self.history.append(result)
-        self.round = r
-        self._broadcast_global()
-        load_params(self.model, self.global_params)
+            local = model_params(self.model)
+            r = self.exchange.first_open_round(self.training_round)
+            delta = {n: self._start[n] - local[n] for n in local}
+            self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
+            self.bytes_sent += self._sent[r]
+            self._anchors[r] = local
+            self._start = {n: t.clone() for n, t in local.items()}
+            self.training_round = r + 1
+            with self._cv:
+                self._queued = r
+            self._todo.put(r)
+            result = self._apply_until(r if final else r - self.delay, just_published=r)
         self._steps = self._tokens = 0
-        if self.rank == 0:
-            self.exchange.store.put_result(r, self.exchange.site, {"hash": result.hash})
-            if self.exchange.leader:
-                meta = {"hash": result.hash, "members": result.members}
-                if self.on_commit:
-                    meta.update(self.on_commit(r))
-                self.exchange.commit(r, self.global_params, self.momentum, meta)
+        self._broadcast_round()
+        self._broadcast_model()
+        self._round_t0 = time.monotonic()
         return result
+
+    def finish(self) -> RoundResult | None:
+        """Wait for every published round's merge and apply it (end of training)."""
+        result = None
+        if self.rank == 0:
+            result = self._apply_until(self.training_round - 1)
+            self.settle_commits(wait=True)
+        self._broadcast_round()
+        self._broadcast_model()
+        return result
+
+    def _apply_until(self, due: int, just_published: int | None = None) -> RoundResult | None:
+        result = None
+        while self.round < due:
+            t0 = time.monotonic()
+            merged = self._wait_merged(self.round + 1)
+            waited = time.monotonic() - t0
+            self.wait_s += waited
+            anchor = self._anchors.pop(merged.round, None)
+            if merged.round == just_published:
+                # Nothing trained since we published: take the global state exactly.
+                load_params(self.model, merged.params)
+                self._start = {n: t.clone() for n, t in merged.params.items()}
+            else:
+                # Keep the progress made since: shift everything by global - anchor
+                # (or by how far the global moved, for a round we were not in).
+                base = anchor if anchor is not None else self.global_params
+                correction = {n: merged.params[n] - base[n] for n in merged.params}
+                with torch.no_grad():
+                    for n, p in self.model.named_parameters():
+                        p.add_(correction[n].to(p.device, p.dtype))
+                for t in [self._start, *self._anchors.values()]:
+                    for n in t:
+                        t[n].add_(correction[n])
+            self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum
+            self.bytes_received += merged.received
+            result = RoundResult(merged.round, merged.hash, self._sent.pop(merged.round, 0),
+                                 merged.received, waited, merged.members, merged.rejected)
+            self.history.append(result)
+        return result
+
+    def _wait_merged(self, r: int) -> _Merged:
+        with self._cv:
+            while r not in self._merged:
+                if self.should_stop():
+                    raise SyncError(f"round {r}: stopped while waiting for the merge")
+                self._cv.wait(timeout=0.2)
+            out = self._merged.pop(r)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    # -- the exchange, in the background -------------------------------------------------
+
+    def _merger(self) -> None:
+        """Resolve rounds in order, up to the newest one we published."""
+        g_round, params, momentum = self.round, self.global_params, self.momentum
+        while True:
+            target = self._todo.get()
+            if target is None:
+                return
+            try:
+                while g_round < target:
+                    decision, won = self.exchange.decide(g_round + 1, self.should_stop,
+                                                         tick=self.settle_commits)
+                    merged = self._merge(g_round + 1, decision, won, params, momentum)
+                    g_round, params, momentum = merged.round, merged.params, merged.momentum
+                    with self._cv:
+                        self._merged[merged.round] = merged
+                        self._cv.notify_all()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                with self._cv:
+                    self._merged[g_round + 1] = e
+                    self._cv.notify_all()
+                return
+
+    def _merge(self, r: int, decision: dict, decided_by_me: bool,
+               params: Tensors | None = None, momentum: Tensors | None = None) -> _Merged:
+        """Apply round r's decision to (params, momentum): a new global state."""
+        params = {n: t.clone() for n, t in (params if params is not None else self.global_params).items()}
+        momentum = {n: t.clone() for n, t in (momentum if momentum is not None else self.momentum).items()}
+        parts, received = self.exchange.gather(decision)
+        if parts:
+            grad = weighted_mean([(f"{e.round:09d}/{e.site}", d, e.tokens) for e, d in parts])
+            outer_step(params, grad, momentum, self.outer_lr, self.outer_momentum, self.nesterov)
+        digest = params_hash(params)
+        store, site = self.exchange.store, self.exchange.site
+        store.put_result(r, site, {"hash": digest})
+        with self._commit_lock:
+            self._uncommitted[r] = (params, momentum, digest, decision, decided_by_me)
+        self.settle_commits()
+        members = [f"{e.site}@{e.round}" if e.round != r else e.site for e, _ in parts]
+        rejected = [f"{e['site']}@{e['round']}" for e in decision.get("rejected", [])]
+        return _Merged(r, params, momentum, digest, members, rejected, received)
+
+    def settle_commits(self, wait: bool = False) -> None:
+        """Commit the rounds we merged whose decider has not committed them (after
+        the takeover delay), so committed rounds never have a gap. With `wait`,
+        block until every round we merged is committed by someone."""
+        while True:
+            with self._commit_lock:
+                for r, (params, momentum, digest, decision, mine) in sorted(self._uncommitted.items()):
+                    if self.exchange.ensure_committed(r, params, momentum, digest, decision, mine):
+                        if self.on_commit:
+                            self.exchange.store.put_eval(
+                                r, dict(self.on_commit(r, params), by=self.exchange.site))
+                    if self.exchange.store.is_committed(r):
+                        del self._uncommitted[r]
+                if not wait or not self._uncommitted:
+                    return
+            if self.should_stop():
+                raise SyncError("stopped while waiting for the last rounds to be committed")
+            time.sleep(0.2)
+
+    # -- inside a site -------------------------------------------------------------------
+
+    def _broadcast_round(self) -> None:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        r = torch.tensor([self.round, self.training_round])
+        dist.broadcast(r, 0)
+        self.round, self.training_round = int(r[0]), int(r[1])
+
+    def _broadcast_model(self) -> None:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        with torch.no_grad():
+            for _, p in sorted(self.model.named_parameters()):
+                dist.broadcast(p.data, 0)
 

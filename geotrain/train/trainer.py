@@ -4,8 +4,8 @@
 geotrain/site/worker.py): build the byte-level GPT, load this worker's
 disjoint data shard, and run AdamW inner steps wrapped in `DiLoCo`, which
 meets the other sites through the run store every `inner_steps` steps. Rank 0
-of the site writes heartbeats; the round leader evaluates the new global
-model on held-out data and commits it.
+of the site writes heartbeats and talks to the store; whichever site commits
+a round evaluates that global model on held-out data.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from geotrain.recipe import Recipe
 from geotrain.store import RunStore
-from geotrain.sync.diloco import DiLoCo, RoundExchange, model_params
+from geotrain.sync import compression
+from geotrain.sync.diloco import DiLoCo, RoundExchange, load_params, model_params
 from geotrain.train import data as D
 from geotrain.train.model import GPT, build, config_for, configure_optimizer, lr_at
 
@@ -74,11 +75,20 @@ def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
         offset += g.numel()
 
 
+def make_exchange(recipe: Recipe, store: RunStore, site: str) -> RoundExchange:
+    """The site's side of the rounds, configured from the recipe's sync section."""
+    s = recipe.sync
+    codec = compression.make_codec(s.compression, topk_fraction=s.topk_fraction,
+                                   value_bits=s.value_bits)
+    return RoundExchange(store, site, codec=codec, window_s=s.round_timeout_s,
+                         join_wait_s=s.join_wait_s, liveness_s=s.liveness_timeout_s,
+                         reject_norm_factor=s.reject_norm_factor)
+
+
 def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
-               members: list[str], should_stop: Callable[[], bool] = lambda: False,
-               beat_every_s: float = 1.0) -> dict:
-    """Train until the recipe's last round is committed; return a summary."""
-    t = recipe.train
+               should_stop: Callable[[], bool] = lambda: False, beat_every_s: float = 1.0) -> dict:
+    """Train until the recipe's last round is merged and committed; return a summary."""
+    t, sync = recipe.train, recipe.sync
     torch.set_num_threads(t.threads)
     torch.set_flush_denormal(True)
     train_files, eval_files = files_for(recipe)
@@ -87,50 +97,60 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
 
     model = build(model_config(recipe), seed=t.seed)
     inner = configure_optimizer(model, t.lr, t.weight_decay, t.betas)
-    exchange = RoundExchange(store, place.site, members, timeout_s=recipe.sync.round_timeout_s)
-    leader = place.rank == 0 and exchange.leader
-    eval_set = None
-    if leader:
-        need = t.eval_batches * t.batch_size * (t.seq_len + 1) * EVAL_BYTES_PER_BATCH
-        eval_set = D.eval_batches(D.load_bytes(eval_files, max_bytes=need),
-                                  t.batch_size, t.seq_len, t.eval_batches)
+    exchange = make_exchange(recipe, store, place.site) if place.rank == 0 else None
+    state = {"eval_loss": None, "eval_model": None, "eval_set": None}
 
-    state = {"eval_loss": None}
+    def on_commit(r: int, params: dict) -> dict:
+        # Whoever commits a round evaluates it, on its own copy of the model
+        # (this runs in the exchange thread, beside training).
+        if state["eval_model"] is None:
+            need = t.eval_batches * t.batch_size * (t.seq_len + 1) * EVAL_BYTES_PER_BATCH
+            state["eval_set"] = D.eval_batches(D.load_bytes(eval_files, max_bytes=need),
+                                               t.batch_size, t.seq_len, t.eval_batches)
+            state["eval_model"] = build(model_config(recipe), seed=t.seed)
+        load_params(state["eval_model"], params)
+        loss = evaluate(state["eval_model"], state["eval_set"])
+        state["eval_loss"] = loss
+        store.event(place.site, "round", f"round {r} committed, eval loss {loss:.4f}",
+                    round=r, eval_loss=loss)
+        return {"eval_loss": loss}
 
-    def on_commit(r: int) -> dict:
-        state["eval_loss"] = evaluate(model, eval_set)
-        store.event(place.site, "round", f"round {r} committed, eval loss {state['eval_loss']:.4f}",
-                    round=r, eval_loss=state["eval_loss"])
-        return {"eval_loss": state["eval_loss"]}
-
-    diloco = DiLoCo(model, inner, exchange, t.inner_steps, recipe.sync.outer_lr,
-                    recipe.sync.outer_momentum, recipe.sync.nesterov,
-                    on_commit=on_commit if leader else None, should_stop=should_stop)
+    diloco = DiLoCo(model, inner, exchange, None if sync.round_seconds else t.inner_steps,
+                    round_seconds=sync.round_seconds, outer_lr=sync.outer_lr,
+                    outer_momentum=sync.outer_momentum, nesterov=sync.nesterov,
+                    overlap=sync.overlap, on_commit=on_commit, should_stop=should_stop,
+                    liveness=False)  # the site agent beats
     total_steps = t.rounds * t.inner_steps
     tokens_per_step = t.batch_size * t.seq_len * place.world
-    first_step_at, last_beat, loss_ema, tok_s = None, 0.0, None, 0.0
+    first_step_at, last_beat, loss_ema, tok_s, steps_done = None, 0.0, None, 0.0, 0
 
-    def beat(status: str, step: int) -> None:
+    def beat(status: str) -> None:
         if place.rank == 0:
-            store.beat(place.site, {"state": status, "round": diloco.round, "step": step,
+            store.beat(place.site, {"state": status, "round": diloco.round,
+                                    "training_round": diloco.training_round, "step": steps_done,
                                     "loss": loss_ema, "tokens_per_s": tok_s,
                                     "bytes_sent": diloco.bytes_sent,
                                     "bytes_received": diloco.bytes_received,
-                                    "first_step_at": first_step_at,
+                                    "wait_s": diloco.wait_s, "first_step_at": first_step_at,
                                     "eval_loss": state["eval_loss"]})
 
     with diloco:
-        start_round = diloco.round
-        beat("training", start_round * t.inner_steps)
-        while diloco.round < t.rounds:
+        beat("training")
+        while diloco.training_round <= t.rounds and not should_stop():
+            r = diloco.training_round
             # Reseeded per round, so a site that resumes at round r reads the
             # same stream it would have read without the interruption.
             batches = D.Batches(data, t.batch_size, t.seq_len,
-                                seed=hash_seed(t.seed, place.site_index, place.rank, diloco.round))
-            for k in range(t.inner_steps):
-                step = diloco.round * t.inner_steps + k
+                                seed=hash_seed(t.seed, place.site_index, place.rank, r))
+            t_round, k = time.monotonic(), 0
+            while diloco.training_round == r:
+                if sync.round_seconds:
+                    progress = min(1.0, (time.monotonic() - t_round) / sync.round_seconds)
+                    position = int((r - 1 + progress) * t.inner_steps)
+                else:
+                    position = (r - 1) * t.inner_steps + k
                 for group in inner.param_groups:
-                    group["lr"] = lr_at(step, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)
+                    group["lr"] = lr_at(position, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)
                 t0 = time.perf_counter()
                 x, y = batches.next()
                 _, loss = model(x, y)
@@ -143,25 +163,26 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
                 inner.zero_grad(set_to_none=True)
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"{place.site}: non-finite loss at step {step}")
+                    raise FloatingPointError(f"{place.site}: non-finite loss at step {position}")
                 loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
                 rate = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
                 tok_s = rate if not tok_s else 0.9 * tok_s + 0.1 * rate
+                k += 1
+                steps_done += 1
                 if first_step_at is None:
                     first_step_at = time.time()
-                    beat("training", step + 1)
+                    beat("training")
                 if time.monotonic() - last_beat > beat_every_s:
-                    beat("training", step + 1)
+                    beat("training")
                     last_beat = time.monotonic()
-                if k == t.inner_steps - 1:
-                    beat("syncing", step + 1)
                 diloco.step(tokens_per_step)
-            if should_stop():
-                break
-    beat("done", diloco.round * t.inner_steps)
+        beat("syncing")
+        if not should_stop():
+            diloco.finish()
+    beat("done" if diloco.round >= t.rounds else "stopped")
     return {"site": place.site, "rank": place.rank, "round": diloco.round,
             "bytes_sent": diloco.bytes_sent, "bytes_received": diloco.bytes_received,
-            "hashes": {h.round: h.hash for h in diloco.history},
+            "wait_s": diloco.wait_s, "hashes": {h.round: h.hash for h in diloco.history},
             "first_step_at": first_step_at, "eval_loss": state["eval_loss"]}
 
 

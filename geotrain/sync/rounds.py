@@ -1,0 +1,250 @@
+"""Rounds through the run store: publish a contribution, agree once on who is
+in the round, reject what is bad, merge, commit.
+
+A round r is a transaction in the store:
+
+1. Each site that finishes its inner steps publishes its encoded
+   pseudo-gradient to `rounds/r/<site>.bin` (+ its manifest, written last).
+2. Whoever first sees that every live site has published (or that the wait
+   for the missing ones is over) validates every contribution it can read —
+   checksum, decodable, finite, norm not far outside the others' — and
+   creates `rounds/r/members.json` with a conditional create. First writer
+   wins; every site then uses exactly that decision, so they merge the same
+   inputs in the same order and end with bit-identical global parameters.
+3. A contribution that arrives after its round was decided is *carried*: the
+   decision of a later round includes it (with its own token count), so no
+   work is dropped. A contribution is in at most one decision.
+4. The decider commits `global/r` (model + outer momentum, deterministic
+   manifest, COMMITTED last). If it dies first, any other site commits the
+   same bytes later (`ensure_committed`), so committed rounds have no gaps.
+
+Who is waited for: sites whose agent beat within `liveness_s` (see
+`RunStore.alive`) and whose trainer is on round <= r; a site still starting
+is waited for at most `join_wait_s`, a training one at most `window_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from geotrain.errors import GeotrainError, StoreError
+from geotrain.store import RunStore
+from geotrain.sync import compression
+
+Tensors = dict[str, torch.Tensor]
+log = logging.getLogger("geotrain.sync")
+
+ACTIVE = ("starting", "running", "training")
+
+
+class SyncError(GeotrainError):
+    """A round could not complete (nobody decided it in time, or we were stopped)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One accepted contribution in a round's decision."""
+
+    site: str
+    round: int  # the round it was published to (< the decision's round when carried)
+    sha256: str
+    tokens: float
+
+    @classmethod
+    def of(cls, d: dict) -> Entry:
+        return cls(d["site"], int(d["round"]), d["sha256"], float(d["tokens"]))
+
+
+def tensor_norm(t: Tensors) -> float:
+    """L2 norm over all tensors, in float64 and name order (deterministic)."""
+    return math.sqrt(sum(float(t[n].double().pow(2).sum()) for n in sorted(t)))
+
+
+class RoundExchange:
+    """The store side of rounds for one site (used by rank 0 of the site only)."""
+
+    def __init__(self, store: RunStore, site: str, *, codec: compression.Codec | None = None,
+                 window_s: float = 600.0, join_wait_s: float = 60.0, liveness_s: float = 4.0,
+                 reject_norm_factor: float = 10.0, lookback: int = 3, poll_s: float = 0.05,
+                 takeover_s: float = 10.0):
+        self.store, self.site = store, site
+        self.codec = codec or compression.make_codec("none")
+        self.window_s, self.join_wait_s, self.liveness_s = window_s, join_wait_s, liveness_s
+        self.reject_norm_factor, self.lookback, self.poll_s = reject_norm_factor, lookback, poll_s
+        self.takeover_s = takeover_s
+        self._decoded: dict[tuple[int, str], Tensors] = {}  # what the decider already read
+        self._read_for: dict[int, int] = {}  # bytes the decider downloaded deciding round r
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, r: int, delta: Tensors, tokens: float, steps: int, base_round: int) -> int:
+        """Encode and publish this site's contribution to round r; returns bytes written."""
+        payload = self.codec.encode(delta)
+        self.store.put_contribution(r, self.site, payload, {
+            "tokens": tokens, "inner_steps": steps, "codec": self.codec.name,
+            "base_round": base_round, "published_at": time.time()})
+        return len(payload)
+
+    def first_open_round(self, r: int) -> int:
+        """r, or the first round after r that is not decided yet."""
+        while self.store.members(r) is not None:
+            r += 1
+        return r
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def _waiting_for(self, r: int, present: set[str], first_at: float) -> list[str]:
+        """Sites we still wait for in round r (empty: decide now)."""
+        now, waited = time.time(), time.time() - first_at
+        out = []
+        for site, alive in self.store.liveness().items():
+            if site in present or now - alive.get("at", 0) > self.liveness_s:
+                continue
+            if alive.get("state") not in ACTIVE:
+                continue
+            training_round = alive.get("training_round")
+            if training_round is None:
+                hb = self.store.heartbeat(site) or {}
+                if hb.get("state") in ("training", "syncing"):
+                    training_round = hb.get("training_round")
+                elif hb.get("state") not in (None, "starting"):
+                    continue  # done, stopped, failed, preempting: not coming
+            if training_round is not None:
+                if training_round <= r and waited < self.window_s:
+                    out.append(site)
+            elif waited < self.join_wait_s:  # still starting: bounded wait
+                out.append(site)
+        return sorted(out)
+
+    def decide(self, r: int, should_stop: Callable[[], bool] = lambda: False,
+               tick: Callable[[], None] = lambda: None) -> tuple[dict, bool]:
+        """Wait until round r's membership is decided (deciding it ourselves if we
+        get there first). Returns (decision, whether we made it). `tick` is
+        called about once a second while waiting."""
+        last_tick = time.monotonic()
+        while True:
+            decision = self.store.members(r)
+            if decision is not None:
+                return decision, False
+            present = set(self.store.contributions(r))
+            if present:
+                metas = {s: self.store.contribution_meta(r, s) for s in present}
+                first_at = min(m.get("published_at", time.time()) for m in metas.values())
+                waiting = self._waiting_for(r, present, first_at)
+                if not waiting:
+                    return self._make_decision(r, present)
+            if should_stop():
+                raise SyncError(f"round {r}: stopped while waiting for the other sites")
+            if time.monotonic() - last_tick > 1.0:
+                tick()
+                last_tick = time.monotonic()
+            time.sleep(self.poll_s)
+
+    def _carried(self, r: int) -> list[tuple[int, str]]:
+        """Contributions to earlier rounds that no decision has included yet."""
+        out, decided = [], set()
+        lo = max(1, r - self.lookback)
+        for q in range(lo, r):
+            m = self.store.members(q) or {}
+            for e in m.get("accepted", []) + m.get("rejected", []):
+                decided.add((int(e["round"]), e["site"]))
+        for q in range(lo, r):
+            out += [(q, s) for s in self.store.contributions(q) if (q, s) not in decided]
+        return out
+
+    def _make_decision(self, r: int, present: set[str]) -> tuple[dict, bool]:
+        candidates = self._carried(r) + [(r, s) for s in sorted(present)]
+        accepted, rejected, norms = [], [], {}
+        self._read_for[r] = 0
+        for q, site in candidates:
+            try:
+                payload, meta = self.store.read_contribution(q, site)
+                self._read_for[r] += len(payload) if site != self.site else 0
+                delta = compression.decode(payload)
+            except (StoreError, compression.CodecError) as e:
+                rejected.append({"site": site, "round": q, "reason": str(e)[:300]})
+                continue
+            if not all(torch.isfinite(t).all() for t in delta.values()):
+                rejected.append({"site": site, "round": q, "reason": "non-finite values"})
+                continue
+            norms[(q, site)] = tensor_norm(delta)
+            self._decoded[(q, site)] = delta
+            accepted.append({"site": site, "round": q, "sha256": meta["sha256"],
+                             "tokens": float(meta["tokens"]), "norm": norms[(q, site)]})
+        if len(accepted) >= 3:
+            median = statistics.median(norms.values())
+            keep = []
+            for e in accepted:
+                if median > 0 and e["norm"] > self.reject_norm_factor * median:
+                    rejected.append({"site": e["site"], "round": e["round"], "reason":
+                                     f"norm {e['norm']:.3g} > {self.reject_norm_factor:g} x "
+                                     f"median {median:.3g}"})
+                else:
+                    keep.append(e)
+            accepted = keep
+        decision = {"accepted": accepted, "rejected": rejected, "decided_by": self.site,
+                    "decided_at": time.time()}
+        decision, won = self.store.decide_members(r, decision)
+        if won:
+            for e in rejected:
+                self.store.event(self.site, "rejected", f"round {r}: rejected the contribution "
+                                 f"of {e['site']} (round {e['round']}): {e['reason']}", **e)
+            carried = [e for e in accepted if e["round"] != r]
+            if carried:
+                self.store.event(self.site, "carried", f"round {r}: carried "
+                                 + ", ".join(f"{e['site']}@{e['round']}" for e in carried),
+                                 round=r, carried=carried)
+        return decision, won
+
+    # -- merging -------------------------------------------------------------------------
+
+    def gather(self, decision: dict) -> tuple[list[tuple[Entry, Tensors]], int]:
+        """The accepted contributions of a decision, decoded, in canonical order,
+        with the bytes downloaded for them."""
+        parts, received = [], self._read_for.pop(decision["round"], 0)
+        for e in sorted((Entry.of(d) for d in decision["accepted"]), key=lambda e: (e.round, e.site)):
+            delta = self._decoded.pop((e.round, e.site), None)
+            if delta is None:
+                payload, meta = self.store.read_contribution(e.round, e.site)
+                if meta["sha256"] != e.sha256:
+                    raise SyncError(f"round {decision['round']}: the contribution of {e.site} "
+                                    f"changed after it was accepted")
+                received += len(payload) if e.site != self.site else 0
+                delta = compression.decode(payload)
+            parts.append((e, delta))
+        return parts, received
+
+    # -- committing ----------------------------------------------------------------------
+
+    def commit(self, r: int, params: Tensors, momentum: Tensors, hash_: str, decision: dict) -> None:
+        """Commit global round r. Deterministic bytes: two sites committing the same
+        round write identical objects, so a takeover can never corrupt a round."""
+        from geotrain.sync.diloco import encode
+
+        files = {"model.safetensors": encode(params)}
+        if momentum:
+            files["outer.safetensors"] = encode(momentum)
+        members = [e["site"] if e["round"] == r else f"{e['site']}@{e['round']}"
+                   for e in decision["accepted"]]
+        self.store.commit_global(r, files, {"hash": hash_, "members": members})
+
+    def ensure_committed(self, r: int, params: Tensors, momentum: Tensors, hash_: str,
+                         decision: dict, decided_by_me: bool) -> bool:
+        """Commit round r if we decided it, or if its decider has not committed it
+        within takeover_s; True if this call committed it."""
+        if self.store.is_committed(r):
+            return False
+        if not decided_by_me and time.time() - decision.get("decided_at", 0) < self.takeover_s:
+            return False
+        self.commit(r, params, momentum, hash_, decision)
+        if not decided_by_me:
+            self.store.event(self.site, "takeover", f"committed round {r} for "
+                             f"{decision.get('decided_by')}", round=r)
+        return True
