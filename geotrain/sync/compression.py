@@ -260,15 +260,13 @@ class Codec:
             if not quant.all_finite(x):
                 raise CodecError(f"tensor {name!r} holds NaN or inf; a site must not publish "
                                  f"a non-finite pseudo-gradient")
-            if self.error_feedback and name in self._residual:
-                e = self._residual[name]
-                if e.shape != t.shape:
-                    raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)} but its "
-                                     f"error-feedback residual has {tuple(e.shape)}; "
-                                     f"reset() the codec or load a matching state")
-                x = x + (e.reshape(-1) if self.error_decay == 1 else self.error_decay * e.reshape(-1))
+            e = self._residual.get(name) if self.error_feedback else None
+            if e is not None and e.shape != t.shape:
+                raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)} but its "
+                                 f"error-feedback residual has {tuple(e.shape)}; "
+                                 f"reset() the codec or load a matching state")
             mode = self.mode(x.numel())
-            arrays, residual = self._encode_one(x, mode)
+            arrays, residual = self._encode_one(x, None if e is None else e.reshape(-1), mode)
             entries.append([name, list(t.shape), mode])
             parts.extend(np.ascontiguousarray(a) for a in arrays)
             if self.error_feedback:
@@ -277,19 +275,29 @@ class Codec:
         self._residual.update(updated)   # only once the whole payload is built
         return payload
 
-    def _encode_one(self, x: torch.Tensor, mode: str) -> tuple[list[np.ndarray], torch.Tensor]:
-        """The tensor's body sections and its residual x - x_hat."""
+    def _encode_one(self, x: torch.Tensor, e: torch.Tensor | None, mode: str
+                    ) -> tuple[list[np.ndarray], torch.Tensor | None]:
+        """The body sections of x' = x + β·e, and (with error feedback) the new
+        residual x' - x_hat, computed with the same ops as decode()."""
+        if e is not None:
+            x = x.add(e, alpha=self.error_decay)
         if mode == "f32":
-            return [x.numpy()], torch.zeros_like(x)
+            return [x.numpy()], torch.zeros_like(x) if self.error_feedback else None
         if mode in ("b8", "b4"):
             bits = 8 if mode == "b8" else 4
-            q, scale, x_hat = quant.block_encode(x, self.block, bits)
+            q, scale = quant.block_encode(x, self.block, bits)
             codes = q if bits == 8 else quant.pack4(q)
-            return [scale.view(torch.int16).numpy(), codes.numpy()], x - x_hat
-        idx, q, scale, residual = quant.topk_encode(x, self.chunk, self.k, self.value_bits)
+            residual = x - quant.block_decode(q, scale, self.block) if self.error_feedback else None
+            return [scale.view(torch.int16).numpy(), codes.numpy()], residual
+        n = x.numel()
+        nc = math.ceil(n / self.chunk)
+        rows = torch.empty(nc * self.chunk, dtype=torch.float32)   # ours: overwritten below
+        rows[:n] = x
+        rows[n:] = 0
+        idx, q, scale = quant.topk_encode_(rows.view(nc, self.chunk), self.k, self.value_bits)
         codes = q.reshape(-1) if self.value_bits == 8 else quant.pack4(q)
         return [scale.view(torch.int16).numpy(), idx.to(torch.int32).numpy().astype("<u2"),
-                codes.numpy()], residual
+                codes.numpy()], rows[:n]
 
     def decode(self, data: bytes) -> Tensors:
         return decode(data)

@@ -88,14 +88,13 @@ def unpack4(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 # ---- dense blockwise absmax (int8 / int4) ----
 
-def block_encode(x: torch.Tensor, block: int, bits: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat fp32 x -> (codes int8 [n], scales bf16 [ceil(n/block)], x_hat fp32 [n])."""
+def block_encode(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 x -> (codes int8 [n], scales bf16 [ceil(n/block)]);
+    block_decode of them is x_hat."""
     n, qmax = x.numel(), QMAX[bits]
     xp = _rows(x, math.ceil(n / block), block)
     scale = bf16_scale(_absmax(xp), qmax)
-    q = _quantise(xp, scale, qmax)
-    return q.view(-1)[:n], scale, _dequantise(q, scale).view(-1)[:n]
+    return _quantise(xp, scale, qmax).view(-1)[:n], scale
 
 
 def block_decode(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
@@ -105,25 +104,24 @@ def block_decode(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tens
 
 # ---- chunked top-k with quantised values ----
 
-def topk_encode(x: torch.Tensor, chunk: int, k: int, bits: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat fp32 x -> (indices int64 [nc, k] ascending within each chunk,
-    codes int8 [nc, k], scales bf16 [nc], residual x - x_hat fp32 [n]).
+def topk_encode_(rows: torch.Tensor, k: int, bits: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 rows [nc, chunk] -> (indices int64 [nc, k] ascending within each
+    row, codes int8 [nc, k], scales bf16 [nc]). In place: `rows` becomes the
+    residual rows - x_hat (x_hat = topk_decode of the result), which is rows
+    everywhere except the kept values, where it is their rounding error.
 
-    The tail chunk is padded with zeros; when it holds fewer than k values
+    A caller pads its tail chunk with zeros; when that holds fewer than k values
     some picks land in the padding and decode to nothing.
     """
-    n, qmax = x.numel(), QMAX[bits]
-    nc = math.ceil(n / chunk)
-    xp = _rows(x, nc, chunk)
-    _, idx = xp.abs().topk(k, dim=1, sorted=False)
+    qmax = QMAX[bits]
+    _, idx = rows.abs().topk(k, dim=1, sorted=False)
     idx, _ = idx.sort(dim=1)            # canonical order: same set -> same bytes
-    vals = xp.gather(1, idx)
+    vals = rows.gather(1, idx)
     scale = bf16_scale(vals.abs().amax(dim=1), qmax)
     q = _quantise(vals, scale, qmax)
-    # x - x_hat without building x_hat: x everywhere, vals - deq where kept.
-    residual = xp.clone().scatter_(1, idx, vals - _dequantise(q, scale))
-    return idx, q, scale, residual.view(-1)[:n]
+    rows.scatter_(1, idx, vals - _dequantise(q, scale))
+    return idx, q, scale
 
 
 def topk_decode(idx: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
