@@ -279,7 +279,7 @@ class Codec:
                     ) -> tuple[list[np.ndarray], torch.Tensor | None]:
         """The body sections of x' = x + β·e, and (with error feedback) the new
         residual x' - x_hat, computed with the same ops as decode()."""
-        if e is not None:
+        if e is not None and mode[0] != "k":
             x = x.add(e, alpha=self.error_decay)
         if mode == "f32":
             return [x.numpy()], torch.zeros_like(x) if self.error_feedback else None
@@ -294,6 +294,8 @@ class Codec:
         rows = torch.empty(nc * self.chunk, dtype=torch.float32)   # ours: overwritten below
         rows[:n] = x
         rows[n:] = 0
+        if e is not None:
+            rows[:n].add_(e, alpha=self.error_decay)
         idx, q, scale = quant.topk_encode_(rows.view(nc, self.chunk), self.k, self.value_bits)
         codes = q.reshape(-1) if self.value_bits == 8 else quant.pack4(q)
         return [scale.view(torch.int16).numpy(), idx.to(torch.int32).numpy().astype("<u2"),
