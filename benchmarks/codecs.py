@@ -9,7 +9,7 @@ measures, on this machine's CPU:
   the parameters of the built-in GPT presets `tiny` and `small` (their small
   tensors, LayerNorm gains and biases, travel dense under top-k), as bytes
   per parameter and as fp32 ÷ codec;
-- encode and decode wall time for the 10 M-value tensor (median of
+- encode and decode wall time for the 10 M-value tensor (best of
   --repeat), with error feedback as the codec defaults, at the default torch
   thread count and on one thread.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,20 +38,21 @@ def _label(name: str, kw: dict) -> str:
     return name + ("-8bit" if kw.get("value_bits") == 8 else "")
 
 
-def _median_ms(fn, repeat: int) -> float:
+def _best_ms(fn, repeat: int) -> float:
+    """Best of `repeat`: on a shared machine the minimum is the least disturbed."""
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def time_arm(name: str, kw: dict, x: dict, repeat: int) -> dict:
     codec = make_codec(name, **kw)
     payload = codec.encode(x)                    # warm up; fills the residual
-    enc = _median_ms(lambda: codec.encode(x), repeat)
-    dec = _median_ms(lambda: decode(payload), repeat)
+    enc = _best_ms(lambda: codec.encode(x), repeat)
+    dec = _best_ms(lambda: decode(payload), repeat)
     return {"encode_ms": round(enc, 1), "decode_ms": round(dec, 1)}
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     x = {"w": torch.randn(args.values) * 1e-3}
     threads = torch.get_num_threads()
     result = {"when": datetime.now().isoformat(timespec="seconds"), "values": args.values,
-              "threads": threads, "copy_ms": round(_median_ms(lambda: x["w"].clone(), args.repeat), 1),
+              "threads": threads, "copy_ms": round(_best_ms(lambda: x["w"].clone(), args.repeat), 1),
               "arms": {}, "models": {}}
     for name, kw in ARMS:
         p = make_codec(name, **kw).encode(x)
