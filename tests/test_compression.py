@@ -254,6 +254,12 @@ def _valid_topk():
     lambda h, b: h.__setitem__("t", h["t"] * 2),           # duplicate name
     lambda h, b: h.__setitem__("t", [["w", [-1], "k8"]]),
     lambda h, b: h.__setitem__("t", "w"),
+    lambda h, b: h.__setitem__("t", [["w", [128], ["k8"]]]),
+    lambda h, b: h.__setitem__("t", [["w", [128], "k8", 1]]),
+    lambda h, b: h.__setitem__("t", [["w", [2 ** 40], "k8"]]),
+    lambda h, b: h.__setitem__("t", [["w", [2 ** 39, 2 ** 39], "k8"]]),
+    lambda h, b: h.__setitem__("block", True),
+    lambda h, b: h.pop("k"),
     lambda h, b: b.__setitem__(slice(4, 6), struct.pack("<H", 64)),    # index outside its chunk
     lambda h, b: b.__setitem__(slice(4, 8), b[6:8] + b[4:6]),          # indices out of order
     lambda h, b: b.__setitem__(slice(0, 2), b"\x80\xbf"),               # scale -1.0 (bf16)
@@ -380,3 +386,29 @@ def test_diloco_on_least_squares_with_compressed_pseudo_gradients():
     assert int8 == pytest.approx(fp32, rel=0.05)
     assert topk_ef < 0.3 * start
     assert topk_ef < 0.5 * topk_plain
+
+
+def test_fuzzed_headers_raise_only_codec_errors():
+    """Any header value of any type, with a valid checksum: decode either
+    succeeds or raises CodecError, never another exception."""
+    import random
+    rng = random.Random(0)
+    junk = [None, -1, 0, 1, 7, 64, 2 ** 70, 1.5, "x", "k4", "b8", [], [1], {}, True, [-3], [[]]]
+    for _ in range(300):
+        header, body = _valid_topk()
+        target = rng.choice(["codec", "block", "chunk", "k", "t", "entry", "shape", "mode", "name"])
+        value = rng.choice(junk)
+        if target in ("entry", "shape", "mode", "name"):
+            pos = {"entry": None, "name": 0, "shape": 1, "mode": 2}[target]
+            if pos is None:
+                header["t"][0] = value
+            else:
+                header["t"][0][pos] = value
+        else:
+            header[target] = value
+        if rng.random() < 0.3:
+            body = body[:rng.randrange(len(body) + 1)]
+        try:
+            decode(C._pack(header, [bytes(body)]))
+        except CodecError:
+            pass

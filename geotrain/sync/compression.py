@@ -84,13 +84,13 @@ class PayloadInfo:
 
 def _sections(mode: str, n: int, block: int, chunk: int, k: int) -> list[tuple[str, int]]:
     """(numpy dtype, count) of each section of one tensor's body."""
-    nb, nc = math.ceil(n / block), math.ceil(n / chunk)
+    nb, nc = -(-n // block), -(-n // chunk)        # exact integer ceilings
     return {
         "f32": [("<f4", n)],
         "b8": [("<i2", nb), ("i1", n)],
-        "b4": [("<i2", nb), ("u1", math.ceil(n / 2))],
+        "b4": [("<i2", nb), ("u1", -(-n // 2))],
         "k8": [("<i2", nc), ("<u2", nc * k), ("i1", nc * k)],
-        "k4": [("<i2", nc), ("<u2", nc * k), ("u1", math.ceil(nc * k / 2))],
+        "k4": [("<i2", nc), ("<u2", nc * k), ("u1", -(-nc * k // 2))],
     }[mode]
 
 
@@ -155,7 +155,7 @@ def payload_info(data: bytes) -> PayloadInfo:
     entries, seen, expected = [], set(), start
     for e in header["t"]:
         ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
-              and isinstance(e[1], list) and all(isinstance(d, int) and not isinstance(d, bool)
+              and isinstance(e[2], str) and isinstance(e[1], list) and all(isinstance(d, int) and not isinstance(d, bool)
                                                  and 0 <= d < 1 << 40 for d in e[1]))
         if not ok:
             raise _bad(f"tensor entry {e!r} is not [name, shape, mode]")
