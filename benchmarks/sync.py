@@ -1,0 +1,273 @@
+"""Sync benchmark: DiLoCo with codecs against DDP — bytes between sites, held-out
+loss, and compute utilisation over thin links.
+
+    python benchmarks/sync.py [--quick] [--out benchmarks/out/sync.json]
+        [--codecs none,int8,topk] [--H 10,50] [--mbit 10,100,1000] [--rtt-ms 50]
+        [--torchft-python /path/to/venv/bin/python]
+
+1. Loss and bytes. Every arm trains the same byte-level GPT from the same seed
+   on the same per-site data shards and batch streams, for the same number of
+   steps (so the same tokens), with the same inner AdamW and lr schedule, on
+   `--sites` processes (one torch thread each). `ddp` all-reduces the flat
+   fp32 gradient with torch.distributed gloo every step; its bytes are those
+   of the ring all-reduce algorithm (2(N-1)/N · 4 · params per rank per step,
+   each way). `diloco-<codec>-H<h>` runs geotrain's DiLoCo through a file://
+   run store; its bytes are the payloads each site uploaded plus what it
+   downloaded of the others'. Ratios are against `ddp` of the same run.
+2. Utilisation. 3 sites, each in its own network namespace behind a link of
+   10 / 100 / 1000 Mbit/s (tc tbf both ways), exchanging through a moto S3
+   server in the root namespace (real boto/s3fs requests), and DDP with gloo
+   over the same links. Latency is modelled (netem is unavailable): `--rtt-ms`
+   per store request and (N-1)·RTT per all-reduce. Utilisation = compute time
+   / wall time per site, DiLoCo with overlap off and on.
+3. torchft 0.2.0's DiLoCo as a peer when `--torchft-python` names a Python that
+   has it (see benchmarks/sync_torchft.py); otherwise the JSON says why not.
+
+The 2-core machine is shared: compare arms by tokens and bytes, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import sync_net  # noqa: E402
+from benchmarks.sync_report import plot, print_arms, print_util  # noqa: E402
+
+SITE = Path(__file__).with_name("sync_site.py")
+
+# Training setups shared by every arm of a run. `full` is MACHINE-NOTES's
+# reference scale; lr 6e-3 is the DP-tuned inner lr found there.
+PRESETS = {
+    "full": dict(model=dict(n_layer=4, n_head=4, d_model=128, context=128), batch=8, steps=1000,
+                 warmup=50, eval_every=100, eval_batches=16, H=[10, 50], util_rounds=3,
+                 util_ddp_steps=40),
+    "quick": dict(model=dict(n_layer=2, n_head=2, d_model=64, context=64), batch=8, steps=240,
+                  warmup=24, eval_every=60, eval_batches=8, H=[10, 30], util_rounds=3,
+                  util_ddp_steps=30),
+    "tiny": dict(model=dict(n_layer=1, n_head=2, d_model=32, context=32), batch=4, steps=20,
+                 warmup=2, eval_every=10, eval_batches=2, H=[5], util_rounds=2, util_ddp_steps=6,
+                 max_bytes_per_site=200_000),
+}
+COMMON = dict(lr=6e-3, weight_decay=0.1, clip=1.0, min_lr_ratio=0.1, seed=0, eval_fraction=0.0175,
+              outer_lr=0.7, outer_momentum=0.9, topk_fraction=0.01, value_bits=4)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare_store(url: str, spec: dict, storage_options: dict) -> None:
+    """Round 0 (the seed's model) committed, and every site marked as starting."""
+    from geotrain.store import RunStore
+    from geotrain.sync.diloco import encode, model_params, params_hash
+    from geotrain.train.model import GPTConfig, build
+
+    store = RunStore(url, **storage_options)
+    params = model_params(build(GPTConfig(**spec["model"]), seed=spec["seed"]))
+    store.commit_global(0, {"model.safetensors": encode(params)}, {"hash": params_hash(params)})
+    for i in range(spec["sites"]):
+        store.alive(f"site{i}", "starting")
+
+
+def run_sites(spec: dict, work: Path, wrap=lambda i, cmd: cmd, env_for=lambda i: {},
+              timeout_s: float = 3600) -> tuple[list[dict], float]:
+    """Start one process per site, wait for all; (their results, wall seconds)."""
+    spec_path = work / f"{spec['name']}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    procs = []
+    t0 = time.monotonic()
+    for i in range(spec["sites"]):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(ROOT), **env_for(i))
+        cmd = wrap(i, [sys.executable, str(SITE), str(spec_path), str(i),
+                       str(work / f"{spec['name']}.{i}.json")])
+        log = open(work / f"{spec['name']}.{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for i, (p, log) in enumerate(procs):
+            left = timeout_s - (time.monotonic() - t0)
+            if p.wait(timeout=max(1.0, left)) != 0:
+                tail = (work / f"{spec['name']}.{i}.log").read_text()[-3000:]
+                raise RuntimeError(f"{spec['name']}: site {i} exited with {p.returncode}:\n{tail}")
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    wall = time.monotonic() - t0
+    return [json.loads((work / f"{spec['name']}.{i}.json").read_text())
+            for i in range(spec["sites"])], wall
+
+
+def train_setup(setup: dict) -> dict:
+    """What every site process needs from a preset (not the benchmark's own knobs)."""
+    return dict(COMMON, **{k: v for k, v in setup.items()
+                           if k not in ("H", "util_rounds", "util_ddp_steps")})
+
+
+def arm_specs(setup: dict, sites: int, codecs: list[str], hs: list[int]) -> list[dict]:
+    base = dict(train_setup(setup), sites=sites)
+    specs = [dict(base, name="ddp", kind="ddp")]
+    for h in hs:
+        if setup["steps"] % h:
+            raise SystemExit(f"--H {h} does not divide the {setup['steps']} steps")
+        specs += [dict(base, name=f"diloco-{c}-H{h}", kind="diloco", codec=c, H=h) for c in codecs]
+    return specs
+
+
+def run_arm(spec: dict, work: Path) -> dict:
+    if spec["kind"] == "ddp":
+        spec = dict(spec, init_method=f"tcp://127.0.0.1:{free_port()}")
+    else:
+        url = "file://" + str(work / "stores" / spec["name"])
+        spec = dict(spec, store_url=url)
+        prepare_store(url, spec, {})
+    results, proc_wall = run_sites(spec, work)
+    first = results[0]
+    arm = {"name": spec["name"], "sites": spec["sites"],
+           "bytes_per_site": sum(r["bytes_sent"] + r["bytes_received"] for r in results) / len(results),
+           "bytes_sent_per_site": sum(r["bytes_sent"] for r in results) / len(results),
+           "eval_loss": first["eval_loss"], "tokens": first["tokens"],
+           "wall_s": max(r["wall_s"] for r in results), "process_wall_s": proc_wall,
+           "compute_s": sum(r["compute_s"] for r in results) / len(results),
+           "params": first["params"], "curve": first["curve"],
+           "codec": spec.get("codec"), "H": spec.get("H")}
+    if spec["kind"] == "diloco":
+        hashes = {r["hash"] for r in results}
+        arm["bit_identical_sites"] = len(hashes) == 1
+    return arm
+
+
+def add_ratios(arms: list[dict]) -> None:
+    ddp = next(a for a in arms if a["name"] == "ddp")
+    for a in arms:
+        a["bytes_ratio_vs_ddp"] = ddp["bytes_per_site"] / max(a["bytes_per_site"], 1)
+        a["sent_ratio_vs_ddp"] = ddp["bytes_sent_per_site"] / max(a["bytes_sent_per_site"], 1)
+        a["loss_gap_vs_ddp"] = a["eval_loss"] / ddp["eval_loss"] - 1
+
+
+def utilization(setup: dict, mbits: list[float], codec: str, h: int, rtt_s: float,
+                work: Path) -> tuple[list[dict], str | None]:
+    """Rows {mbit, arm, utilization, ...}; or ([], why) when links cannot be built."""
+    why = sync_net.unavailable_reason()
+    if why:
+        print(f"utilisation skipped: {why}", flush=True)
+        return [], why
+    n = 3
+    base = dict(train_setup(setup), sites=n, eval_batches=0, rtt_s=rtt_s)
+    rows = []
+    creds = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                 AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(creds)
+    for mbit in mbits:
+        with sync_net.Links(n, mbit) as links:
+            moto, endpoint = sync_net.start_moto(links.hub_ip)
+            try:
+                import boto3
+                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+                env = lambda i: dict(creds, AWS_ENDPOINT_URL=endpoint,  # noqa: E731
+                                     GLOO_SOCKET_IFNAME=links.site_dev(i))
+                opts = {"client_kwargs": {"endpoint_url": endpoint}}
+                arms = [dict(base, name=f"ddp-{mbit}", arm="ddp", kind="ddp",
+                             steps=setup["util_ddp_steps"],
+                             init_method=f"tcp://{links.site_ip(0)}:29511")]
+                for overlap in (False, True):
+                    tag = f"diloco-{codec}-H{h}" + ("-overlap" if overlap else "")
+                    arms.append(dict(base, name=f"{tag}-{mbit}", arm=tag, kind="diloco",
+                                     codec=codec, H=h, overlap=overlap,
+                                     steps=h * setup["util_rounds"],
+                                     store_url=f"s3://bench/{tag}", storage_options=opts))
+                for spec in arms:
+                    if spec["kind"] == "diloco":
+                        prepare_store(spec["store_url"], spec, opts)
+                    before = [links.wire_bytes(i) for i in range(n)]
+                    results, _ = run_sites(spec, work, wrap=links.wrap, env_for=env)
+                    wire = [links.wire_bytes(i) - b for i, b in zip(range(n), before)]
+                    utils = [r["compute_s"] / r["wall_s"] for r in results]
+                    rows.append({"mbit": mbit, "arm": spec["arm"],
+                                 "utilization": sum(utils) / n, "utilization_min": min(utils),
+                                 "steps": spec["steps"], "wall_s": max(r["wall_s"] for r in results),
+                                 "wire_bytes_per_site": sum(wire) / n,
+                                 "payload_bytes_per_site": sum(r["bytes_sent"] + r["bytes_received"]
+                                                               for r in results) / n})
+                    print_util(rows[-1])
+            finally:
+                moto.kill()
+                moto.wait()
+    return rows, None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small model, short run (<= 8 min)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="training setup (default full, or quick)")
+    ap.add_argument("--sites", type=int, default=4)
+    ap.add_argument("--codecs", default="none,int8,topk", help="DiLoCo codecs, comma-separated")
+    ap.add_argument("--H", default=None, help="inner steps per round, comma-separated")
+    ap.add_argument("--steps", type=int, help="override the preset's steps")
+    ap.add_argument("--mbit", default="10,100,1000", help="link rates for utilisation ('' skips)")
+    ap.add_argument("--rtt-ms", type=float, default=50.0, help="modelled round trip per request")
+    ap.add_argument("--util-codec", default="int8")
+    ap.add_argument("--torchft-python", help="a Python with torchft==0.2.0 installed")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/sync.json")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    preset = a.preset or ("quick" if a.quick else "full")
+    setup = dict(PRESETS[preset])
+    if a.steps:
+        setup["steps"] = a.steps
+    hs = [int(h) for h in a.H.split(",")] if a.H else setup["H"]
+    codecs = [c for c in a.codecs.split(",") if c]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gt-bench-sync-") as tmp:
+        work = Path(tmp)
+        arms = []
+        for spec in arm_specs(setup, a.sites, codecs, hs):
+            arms.append(run_arm(spec, work))
+            print(f"  {arms[-1]['name']}: loss {arms[-1]['eval_loss']:.4f}, "
+                  f"{arms[-1]['bytes_per_site']:,.0f} B/site, {arms[-1]['wall_s']:.0f} s", flush=True)
+        add_ratios(arms)
+        print_arms(arms)
+        mbits = [float(m) for m in a.mbit.split(",") if m]
+        util_h = max(hs)
+        util, util_skipped = utilization(setup, mbits, a.util_codec, util_h, a.rtt_ms / 1000,
+                                         work) if mbits else ([], "no --mbit given")
+        if a.torchft_python:
+            from benchmarks.sync_torchft import run_peer
+            torchft = run_peer(a.torchft_python, dict(COMMON, **setup, sites=a.sites, H=util_h), work)
+        else:
+            torchft = {"status": "skipped", "why": "no --torchft-python given"}
+        if torchft.get("arm"):
+            arms.append(torchft["arm"])
+            add_ratios(arms)
+    results = {"preset": preset, "setup": dict(COMMON, **setup), "arms": arms,
+               "utilization": util, "utilization_skipped": util_skipped,
+               "utilization_setup": {"sites": 3, "codec": a.util_codec, "H": util_h,
+                                     "rtt_ms": a.rtt_ms, "latency": "modelled: one RTT per store "
+                                     "request, (N-1) RTT per gloo all-reduce"},
+               "torchft": {k: v for k, v in torchft.items() if k != "arm"},
+               "total_s": time.monotonic() - t0, "machine": {"cpus": os.cpu_count()}}
+    a.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {a.out}")
+    if not a.no_plots:
+        plot(results, a.out.parent, a.out.stem)
+    print(f"total {results['total_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
