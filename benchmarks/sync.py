@@ -49,11 +49,11 @@ SITE = Path(__file__).with_name("sync_site.py")
 # reference scale; lr 6e-3 is the DP-tuned inner lr found there.
 PRESETS = {
     "full": dict(model=dict(n_layer=4, n_head=4, d_model=128, context=128), batch=8, steps=1000,
-                 warmup=50, eval_every=100, eval_batches=16, H=[10, 50], util_rounds=3,
-                 util_ddp_steps=40),
+                 warmup=50, eval_every=100, eval_batches=16, H=[10, 50], util_rounds=4,
+                 util_ddp_steps=20),
     "quick": dict(model=dict(n_layer=2, n_head=2, d_model=64, context=64), batch=8, steps=240,
-                  warmup=24, eval_every=60, eval_batches=8, H=[10, 30], util_rounds=3,
-                  util_ddp_steps=30),
+                  warmup=24, eval_every=60, eval_batches=8, H=[30], util_rounds=4,
+                  util_ddp_steps=15),
     "tiny": dict(model=dict(n_layer=1, n_head=2, d_model=32, context=32), batch=4, steps=20,
                  warmup=2, eval_every=10, eval_batches=2, H=[5], util_rounds=2, util_ddp_steps=6,
                  max_bytes_per_site=200_000),
@@ -148,7 +148,16 @@ def run_arm(spec: dict, work: Path) -> dict:
     if spec["kind"] == "diloco":
         hashes = {r["hash"] for r in results}
         arm["bit_identical_sites"] = len(hashes) == 1
+        # Not in DiLoCo.bytes_sent: the global state (model + outer momentum, fp32)
+        # that the round's decider commits to the store every round.
+        arm["commit_bytes_per_site"] = commit_bytes(work / "stores" / spec["name"]) / spec["sites"]
     return arm
+
+
+def commit_bytes(store_dir: Path) -> int:
+    """Bytes of every committed global round after round 0 in a file:// store."""
+    rounds = [d for d in (store_dir / "global").iterdir() if d.is_dir() and int(d.name) > 0]
+    return sum(f.stat().st_size for d in rounds for f in d.iterdir() if f.is_file())
 
 
 def add_ratios(arms: list[dict]) -> None:
@@ -196,9 +205,11 @@ def utilization(setup: dict, mbits: list[float], codec: str, h: int, rtt_s: floa
                     before = [links.wire_bytes(i) for i in range(n)]
                     results, _ = run_sites(spec, work, wrap=links.wrap, env_for=env)
                     wire = [links.wire_bytes(i) - b for i, b in zip(range(n), before)]
-                    utils = [r["compute_s"] / r["wall_s"] for r in results]
+                    utils = [r["compute_s"] / r["loop_s"] for r in results]
+                    drained = [r["compute_s"] / r["wall_s"] for r in results]
                     rows.append({"mbit": mbit, "arm": spec["arm"],
                                  "utilization": sum(utils) / n, "utilization_min": min(utils),
+                                 "utilization_with_drain": sum(drained) / n,
                                  "steps": spec["steps"], "wall_s": max(r["wall_s"] for r in results),
                                  "wire_bytes_per_site": sum(wire) / n,
                                  "payload_bytes_per_site": sum(r["bytes_sent"] + r["bytes_received"]
@@ -221,12 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mbit", default="10,100,1000", help="link rates for utilisation ('' skips)")
     ap.add_argument("--rtt-ms", type=float, default=50.0, help="modelled round trip per request")
     ap.add_argument("--util-codec", default="int8")
+    ap.add_argument("--topk-fraction", type=float, default=COMMON["topk_fraction"])
+    ap.add_argument("--value-bits", type=int, default=COMMON["value_bits"], help="top-k value bits")
     ap.add_argument("--torchft-python", help="a Python with torchft==0.2.0 installed")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/sync.json")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
     preset = a.preset or ("quick" if a.quick else "full")
-    setup = dict(PRESETS[preset])
+    setup = dict(PRESETS[preset], topk_fraction=a.topk_fraction, value_bits=a.value_bits)
     if a.steps:
         setup["steps"] = a.steps
     hs = [int(h) for h in a.H.split(",")] if a.H else setup["H"]
@@ -241,19 +254,21 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {arms[-1]['name']}: loss {arms[-1]['eval_loss']:.4f}, "
                   f"{arms[-1]['bytes_per_site']:,.0f} B/site, {arms[-1]['wall_s']:.0f} s", flush=True)
         add_ratios(arms)
-        print_arms(arms)
         mbits = [float(m) for m in a.mbit.split(",") if m]
         util_h = max(hs)
         util, util_skipped = utilization(setup, mbits, a.util_codec, util_h, a.rtt_ms / 1000,
                                          work) if mbits else ([], "no --mbit given")
         if a.torchft_python:
             from benchmarks.sync_torchft import run_peer
-            torchft = run_peer(a.torchft_python, dict(COMMON, **setup, sites=a.sites, H=util_h), work)
+            torchft = run_peer(a.torchft_python, dict(train_setup(setup), sites=a.sites, H=util_h), work)
         else:
             torchft = {"status": "skipped", "why": "no --torchft-python given"}
         if torchft.get("arm"):
             arms.append(torchft["arm"])
             add_ratios(arms)
+        else:
+            print(f"torchft: {torchft['status']}: {torchft['why']}")
+    print_arms(arms)
     results = {"preset": preset, "setup": dict(COMMON, **setup), "arms": arms,
                "utilization": util, "utilization_skipped": util_skipped,
                "utilization_setup": {"sites": 3, "codec": a.util_codec, "H": util_h,

@@ -8,16 +8,18 @@ from pathlib import Path
 
 def print_arms(arms: list[dict]) -> None:
     print(f"{'arm':<22} {'eval loss':>9} {'vs ddp':>8} {'bytes/site':>14} {'ddp ÷ arm':>10} "
-          f"{'(sent only)':>11} {'wall s':>7}")
+          f"{'(sent only)':>11} {'wall s':>7} {'+commits B/site':>16}")
     for a in arms:
         print(f"{a['name']:<22} {a['eval_loss']:>9.4f} {a['loss_gap_vs_ddp']:>+8.2%} "
               f"{a['bytes_per_site']:>14,.0f} {a['bytes_ratio_vs_ddp']:>10,.1f} "
-              f"{a['sent_ratio_vs_ddp']:>11,.1f} {a['wall_s']:>7.0f}", flush=True)
+              f"{a['sent_ratio_vs_ddp']:>11,.1f} {a['wall_s']:>7.0f} "
+              f"{a.get('commit_bytes_per_site', 0):>16,.0f}", flush=True)
 
 
 def print_util(row: dict) -> None:
     print(f"  {row['mbit']:>6g} Mbit/s  {row['arm']:<26} utilisation {row['utilization']:6.1%} "
-          f"(min {row['utilization_min']:.1%}), {row['wire_bytes_per_site']:,.0f} B/site on the wire, "
+          f"(min {row['utilization_min']:.1%}; {row['utilization_with_drain']:.1%} with the last "
+          f"merge), {row['wire_bytes_per_site']:,.0f} B/site on the wire, "
           f"{row['wall_s']:.0f} s", flush=True)
 
 

@@ -169,6 +169,7 @@ def run(spec: dict, index: int) -> dict:
                 if (step + 1) >= next_eval and step < steps - 1:
                     record(step, diloco.bytes_sent, diloco.bytes_received)
                     next_eval += eval_every
+        out["loop_s"] = time.perf_counter() - t_start  # before the last merge drains
         if diloco is not None:
             diloco.finish()
             out.update(bytes_sent=diloco.bytes_sent, bytes_received=diloco.bytes_received,

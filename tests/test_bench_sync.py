@@ -1,0 +1,52 @@
+"""The sync benchmark (benchmarks/sync.py) end to end in its tiny setup: 2 sites,
+20 steps, DDP and DiLoCo with two codecs, no thin links, no torchft.
+
+Checks the JSON shape the issue fixes, that DDP's bytes are the ring all-reduce's,
+that DiLoCo's are what the codec payloads weigh (int8 about a quarter of fp32),
+that every DiLoCo site ended bit-identical, and that losses are real numbers
+that went down from ln 256.
+
+    python -m pytest tests/test_bench_sync.py -q
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def test_tiny_run_writes_the_documented_json(tmp_path):
+    out = tmp_path / "sync.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks/sync.py"), "--preset", "tiny",
+                        "--sites", "2", "--codecs", "none,int8", "--H", "5", "--mbit", "",
+                        "--no-plots", "--out", str(out)],
+                       capture_output=True, text=True, timeout=220)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) >= {"arms", "utilization"}
+    assert results["utilization"] == [] and results["utilization_skipped"]
+    arms = {a["name"]: a for a in results["arms"]}
+    assert set(arms) == {"ddp", "diloco-none-H5", "diloco-int8-H5"}
+    for a in arms.values():
+        assert {"name", "sites", "bytes_per_site", "eval_loss", "tokens", "wall_s"} <= set(a)
+        assert a["sites"] == 2 and a["tokens"] == 20 * 4 * 32 * 2
+        assert math.isfinite(a["eval_loss"]) and 1.0 < a["eval_loss"] < math.log(256)
+        assert a["wall_s"] > 0
+    ddp, none, int8 = arms["ddp"], arms["diloco-none-H5"], arms["diloco-int8-H5"]
+    params = ddp["params"]
+    # ring all-reduce, 2 ranks: each sends and receives 2(N-1)/N * 4 B * params per step
+    assert ddp["bytes_per_site"] == 20 * 2 * int(2 * 1 / 2 * 4 * params)
+    # 4 rounds; each site uploads its fp32 delta and downloads the other's
+    assert 8 * 4 * params < none["bytes_per_site"] < 8 * 4 * params * 1.1
+    assert 0.2 < int8["bytes_per_site"] / none["bytes_per_site"] < 0.35
+    assert none["bytes_ratio_vs_ddp"] == pytest.approx(ddp["bytes_per_site"] / none["bytes_per_site"])
+    assert none["bit_identical_sites"] and int8["bit_identical_sites"]
+    assert ddp["loss_gap_vs_ddp"] == 0
+    assert results["torchft"]["status"] == "skipped"
