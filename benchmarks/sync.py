@@ -124,7 +124,11 @@ def arm_specs(setup: dict, sites: int, codecs: list[str], hs: list[int]) -> list
     for h in hs:
         if setup["steps"] % h:
             raise SystemExit(f"--H {h} does not divide the {setup['steps']} steps")
-        specs += [dict(base, name=f"diloco-{c}-H{h}", kind="diloco", codec=c, H=h) for c in codecs]
+        for c in codecs:  # "topk@0.1": top-k keeping 10 %
+            name, _, frac = c.partition("@")
+            extra = {"topk_fraction": float(frac)} if frac else {}
+            specs.append(dict(base, name=f"diloco-{name}{frac}-H{h}", kind="diloco", codec=name,
+                              H=h, **extra))
     return specs
 
 
@@ -168,19 +172,52 @@ def add_ratios(arms: list[dict]) -> None:
         a["loss_gap_vs_ddp"] = a["eval_loss"] / ddp["eval_loss"] - 1
 
 
+def util_specs(base: dict, setup: dict, codec: str, h: int, ddp_init: str, store: str,
+               opts: dict) -> list[dict]:
+    """DDP, and DiLoCo with overlap off and on, for one utilisation measurement."""
+    specs = [dict(base, name="ddp-util", arm="ddp", kind="ddp", steps=setup["util_ddp_steps"],
+                  init_method=ddp_init)]
+    for overlap in (False, True):
+        tag = f"diloco-{codec}-H{h}" + ("-overlap" if overlap else "")
+        specs.append(dict(base, name=f"{tag}-util", arm=tag, kind="diloco", codec=codec, H=h,
+                          overlap=overlap, steps=h * setup["util_rounds"],
+                          store_url=f"{store}/{tag}-{time.time_ns()}", storage_options=opts))
+    return specs
+
+
+def util_row(mbit: float | None, spec: dict, results: list[dict], wire: list[int] | None) -> dict:
+    n = len(results)
+    utils = [r["compute_s"] / r["loop_s"] for r in results]
+    drained = [r["compute_s"] / r["wall_s"] for r in results]
+    return {"mbit": mbit, "arm": spec["arm"], "utilization": sum(utils) / n,
+            "utilization_min": min(utils), "utilization_with_drain": sum(drained) / n,
+            "steps": spec["steps"], "wall_s": max(r["wall_s"] for r in results),
+            "wire_bytes_per_site": sum(wire) / n if wire else None,
+            "payload_bytes_per_site": sum(r["bytes_sent"] + r["bytes_received"] for r in results) / n}
+
+
 def utilization(setup: dict, mbits: list[float], codec: str, h: int, rtt_s: float,
-                work: Path) -> tuple[list[dict], str | None]:
-    """Rows {mbit, arm, utilization, ...}; or ([], why) when links cannot be built."""
+                work: Path) -> tuple[list[dict], list[dict], str | None]:
+    """(rows over thin links, reference rows on this machine without links or
+    latency, why the links were skipped or None)."""
+    n = 3
+    base = dict(train_setup(setup), sites=n, eval_batches=0)
+    reference = []
+    for spec in util_specs(base, setup, codec, h, f"tcp://127.0.0.1:{free_port()}",
+                           "file://" + str(work / "stores"), {}):
+        if spec["kind"] == "diloco":
+            prepare_store(spec["store_url"], spec, {})
+        reference.append(util_row(None, spec, run_sites(spec, work)[0], None))
+        print_util(reference[-1])
     why = sync_net.unavailable_reason()
     if why:
-        print(f"utilisation skipped: {why}", flush=True)
-        return [], why
-    n = 3
-    base = dict(train_setup(setup), sites=n, eval_batches=0, rtt_s=rtt_s)
+        print(f"utilisation over links skipped: {why}", flush=True)
+        return [], reference, why
     rows = []
     creds = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                  AWS_DEFAULT_REGION="us-east-1")
     os.environ.update(creds)
+    base = dict(base, rtt_s=rtt_s)
     for mbit in mbits:
         with sync_net.Links(n, mbit) as links:
             moto, endpoint = sync_net.start_moto(links.hub_ip)
@@ -190,35 +227,19 @@ def utilization(setup: dict, mbits: list[float], codec: str, h: int, rtt_s: floa
                 env = lambda i: dict(creds, AWS_ENDPOINT_URL=endpoint,  # noqa: E731
                                      GLOO_SOCKET_IFNAME=links.site_dev(i))
                 opts = {"client_kwargs": {"endpoint_url": endpoint}}
-                arms = [dict(base, name=f"ddp-{mbit}", arm="ddp", kind="ddp",
-                             steps=setup["util_ddp_steps"],
-                             init_method=f"tcp://{links.site_ip(0)}:29511")]
-                for overlap in (False, True):
-                    tag = f"diloco-{codec}-H{h}" + ("-overlap" if overlap else "")
-                    arms.append(dict(base, name=f"{tag}-{mbit}", arm=tag, kind="diloco",
-                                     codec=codec, H=h, overlap=overlap,
-                                     steps=h * setup["util_rounds"],
-                                     store_url=f"s3://bench/{tag}", storage_options=opts))
-                for spec in arms:
+                for spec in util_specs(base, setup, codec, h, f"tcp://{links.site_ip(0)}:29511",
+                                       "s3://bench", opts):
                     if spec["kind"] == "diloco":
                         prepare_store(spec["store_url"], spec, opts)
                     before = [links.wire_bytes(i) for i in range(n)]
                     results, _ = run_sites(spec, work, wrap=links.wrap, env_for=env)
                     wire = [links.wire_bytes(i) - b for i, b in zip(range(n), before)]
-                    utils = [r["compute_s"] / r["loop_s"] for r in results]
-                    drained = [r["compute_s"] / r["wall_s"] for r in results]
-                    rows.append({"mbit": mbit, "arm": spec["arm"],
-                                 "utilization": sum(utils) / n, "utilization_min": min(utils),
-                                 "utilization_with_drain": sum(drained) / n,
-                                 "steps": spec["steps"], "wall_s": max(r["wall_s"] for r in results),
-                                 "wire_bytes_per_site": sum(wire) / n,
-                                 "payload_bytes_per_site": sum(r["bytes_sent"] + r["bytes_received"]
-                                                               for r in results) / n})
+                    rows.append(util_row(mbit, spec, results, wire))
                     print_util(rows[-1])
             finally:
                 moto.kill()
                 moto.wait()
-    return rows, None
+    return rows, reference, None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small model, short run (<= 8 min)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="training setup (default full, or quick)")
     ap.add_argument("--sites", type=int, default=4)
-    ap.add_argument("--codecs", default="none,int8,topk", help="DiLoCo codecs, comma-separated")
+    ap.add_argument("--codecs", default="none,int8,topk",
+                    help="DiLoCo codecs, comma-separated; topk@F keeps the fraction F")
     ap.add_argument("--H", default=None, help="inner steps per round, comma-separated")
     ap.add_argument("--steps", type=int, help="override the preset's steps")
     ap.add_argument("--mbit", default="10,100,1000", help="link rates for utilisation ('' skips)")
@@ -256,8 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
         add_ratios(arms)
         mbits = [float(m) for m in a.mbit.split(",") if m]
         util_h = max(hs)
-        util, util_skipped = utilization(setup, mbits, a.util_codec, util_h, a.rtt_ms / 1000,
-                                         work) if mbits else ([], "no --mbit given")
+        util, util_ref, util_skipped = utilization(
+            setup, mbits, a.util_codec, util_h, a.rtt_ms / 1000, work) if mbits else (
+            [], [], "no --mbit given")
         if a.torchft_python:
             from benchmarks.sync_torchft import run_peer
             torchft = run_peer(a.torchft_python, dict(train_setup(setup), sites=a.sites, H=util_h), work)
@@ -271,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_arms(arms)
     results = {"preset": preset, "setup": dict(COMMON, **setup), "arms": arms,
                "utilization": util, "utilization_skipped": util_skipped,
+               "utilization_reference": util_ref,
                "utilization_setup": {"sites": 3, "codec": a.util_codec, "H": util_h,
                                      "rtt_ms": a.rtt_ms, "latency": "modelled: one RTT per store "
                                      "request, (N-1) RTT per gloo all-reduce"},

@@ -17,9 +17,11 @@ def print_arms(arms: list[dict]) -> None:
 
 
 def print_util(row: dict) -> None:
-    print(f"  {row['mbit']:>6g} Mbit/s  {row['arm']:<26} utilisation {row['utilization']:6.1%} "
+    link = f"{row['mbit']:>6g} Mbit/s" if row["mbit"] else "  no link  "
+    wire = f"{row['wire_bytes_per_site']:,.0f}" if row["wire_bytes_per_site"] else "-"
+    print(f"  {link}  {row['arm']:<26} utilisation {row['utilization']:6.1%} "
           f"(min {row['utilization_min']:.1%}; {row['utilization_with_drain']:.1%} with the last "
-          f"merge), {row['wire_bytes_per_site']:,.0f} B/site on the wire, "
+          f"merge), {wire} B/site on the wire, "
           f"{row['wall_s']:.0f} s", flush=True)
 
 
