@@ -61,7 +61,6 @@ class Links:
         # A private /24 per benchmark process, so concurrent runs do not collide.
         self.net = f"10.{200 + pid % 50}.{(pid // 50) % 250}"
         self.hub_ip = f"{self.net}.1"
-        self._up = False
         atexit.register(self.close)
 
     def ns(self, i: int) -> str:
@@ -89,7 +88,6 @@ class Links:
         self.close()
 
     def _build(self) -> None:
-        self._up = True
         br = f"{self.prefix}br"
         _run("ip", "link", "add", br, "type", "bridge")
         _run("ip", "addr", "add", f"{self.hub_ip}/24", "dev", br)
@@ -112,7 +110,6 @@ class Links:
         for i in range(getattr(self, "n", 0)):
             subprocess.run(["ip", "netns", "del", self.ns(i)], capture_output=True)
         subprocess.run(["ip", "link", "del", f"{self.prefix}br"], capture_output=True)
-        self._up = False
 
     def wrap(self, i: int, cmd: list[str]) -> list[str]:
         """`cmd` run inside site i's namespace."""
