@@ -44,6 +44,7 @@ sites:
   - name: b
     provider: aws
     region: us-east-1
+    instance_type: g5.12xlarge
     workers: 4
 """
 
@@ -73,11 +74,14 @@ def test_defaults_are_as_documented():
     assert r.train.model_dump() == dict(
         rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), seed=0,
-        eval_batches=8, threads=1)
+        eval_batches=8, threads=1, hours=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
                                        nesterov=True, compression="none", round_timeout_s=600)
     assert r.store.url is None
-    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1)
+    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1,
+                                           zones=[], instance_type=None, gpu=None, spot=False,
+                                           nodes=1, candidates=[])
+    assert r.budget is None and r.train.hours is None
 
 
 def test_recipe_is_frozen():
@@ -132,19 +136,20 @@ MISTAKES = {
     "unknown top-level key": (
         TOP + "trian:\n  rounds: 3\n" + SITES, 2, "trian",
         "unknown field 'trian'; did you mean 'train'? "
-        "valid fields: name, model, data, train, sync, store, sites"),
+        "valid fields: name, model, data, train, sync, store, sites, budget"),
     "unknown nested key": (
         TOP + "train:\n  rounds: 3\n  inner_stepz: 5\n" + SITES, 4, "train.inner_stepz",
         "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
         "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
-        "grad_clip, betas, seed, eval_batches, threads"),
+        "grad_clip, betas, seed, eval_batches, threads, hours"),
     "unknown key, nothing close": (
-        TOP + SITES + "    zone: eu\n", 4, "sites[0].zone",
-        "unknown field 'zone'; valid fields: name, provider, region, workers"),
+        TOP + SITES + "    colour: eu\n", 4, "sites[0].colour",
+        "unknown field 'colour'; valid fields: name, provider, region, workers, zones, "
+        "instance_type, gpu, spot, nodes, candidates"),
     "misspelt required key": (
         "nmae: x\n" + SITES, 1, "nmae",
         "unknown field 'nmae'; did you mean 'name'? "
-        "valid fields: name, model, data, train, sync, store, sites"),
+        "valid fields: name, model, data, train, sync, store, sites, budget"),
     "wrong literal": (
         TOP + "model:\n  preset: huge\n" + SITES, 3, "model.preset",
         "expected one of 'tiny', 'small', 'medium', 'large', 'xl' (got 'huge')"),
