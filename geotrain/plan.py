@@ -187,7 +187,7 @@ def derived_hours(recipe: Recipe, chosen: list[Candidate], params: int) -> float
         flops = catalog.GPU_TFLOPS.get(device, catalog.GPU_TFLOPS["T4"]) * 1e12
         tokens_per_s = flops * catalog.MFU.get(device, catalog.DEFAULT_MFU) / (6 * params)
         slowest = max(slowest, t.inner_steps * t.batch_size * t.seq_len / tokens_per_s)
-    return round(t.rounds * slowest / 3600, 6)
+    return t.rounds * slowest / 3600
 
 
 def store_provider(recipe: Recipe) -> str:

@@ -72,7 +72,7 @@ def refresh(provider: Annotated[Optional[str], typer.Option("--provider", "-p",
         return
     for r in results:
         mark = "[green]✓[/]" if r.refreshed else "[yellow]–[/]"
-        out.print(f"{mark} [bold]{r.provider}[/]: {r.detail}", highlight=False)
+        out.print(f"{mark} [bold]{r.provider}[/]: {r.detail}", highlight=False, soft_wrap=True)
         for url in r.urls:
             out.print(f"    from {url}", highlight=False)
         if r.refreshed:
