@@ -395,14 +395,21 @@ def _type_at(loc: tuple) -> Any:
     """The annotation of the field at loc, walking Recipe's models and lists."""
     t: Any = Recipe
     for part in loc:
-        if type(None) in get_args(t):  # an optional model: walk the model
-            t = next(a for a in get_args(t) if a is not type(None))
+        t = _unwrap_optional(t)
         if isinstance(part, int):
             t = (get_args(t) or (None,))[0]
         elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
             t = t.model_fields[part].annotation
         else:
             return None
+    return _unwrap_optional(t)
+
+
+def _unwrap_optional(t: Any) -> Any:
+    """`Model | None` -> Model; anything else as it is."""
+    args = get_args(t)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
     return t
 
 
@@ -462,6 +469,8 @@ def _message(err: dict, loc: tuple) -> str:
         return "must not be empty"
     if kind == "string_too_long":
         return f"must be at most {ctx['max_length']} characters (got {len(got)})"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == GPU_REQ:
+        return f"expected 'MODEL:COUNT' GPUs per node, e.g. 'A100:8' or 'L4:1' (got {_show(got)})"
     if kind == "string_pattern_mismatch":
         return f"must be lowercase a-z, 0-9 and '-', not starting with '-' (got {_show(got)})"
     return err["msg"]  # our own PydanticCustomErrors, already phrased for users

@@ -198,3 +198,22 @@ def test_a_run_with_no_capacity_anywhere_fails_with_what_was_tried(clouds, tmp_p
     assert "tried: aws/us-east-1 g5.12xlarge spot" in s["error"]
     assert len(s["sites"][0]["placements_tried"]) == 4
     assert {r["state"] for r in db.nodes(run)} == {"terminated"}
+
+
+def test_an_old_state_db_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    home = tmp_path / "old"
+    home.mkdir()
+    with sqlite3.connect(home / "state.db") as c:  # the first release's tables
+        c.executescript("CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT, state TEXT);"
+                        "CREATE TABLE sites (run_id TEXT, name TEXT, provider TEXT, region TEXT,"
+                        " state TEXT, PRIMARY KEY (run_id, name));"
+                        "INSERT INTO sites VALUES ('r', 'a', 'local', NULL, 'done');")
+    StateDB(home)
+    StateDB(home)  # twice: idempotent
+    with sqlite3.connect(home / "state.db") as c:
+        cols = {r[1] for r in c.execute("PRAGMA table_info(sites)")}
+        assert {"placements_tried", "placement", "usd_per_hour", "launched_at"} <= cols
+        assert "spend_usd" in {r[1] for r in c.execute("PRAGMA table_info(runs)")}
+        assert c.execute("SELECT name, placements_tried FROM sites").fetchall() == [("a", None)]
