@@ -110,7 +110,3 @@ def _record_nodes(db: StateDB, row: int, run_id: str, site: str, p: Placement,
         db.update_node(node_row, instance_id=n.instance_id, pid=n.pid, state="running",
                        region=n.region or p.region)
 
-
-def tried_of(site_row: dict) -> list[dict]:
-    """The attempts stored with a site row (for status)."""
-    return json.loads(site_row.get("placements_tried") or "[]")

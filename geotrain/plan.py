@@ -56,10 +56,6 @@ class Candidate:
     available: bool
     reason: str = ""  # why not available
 
-    def placement(self) -> Placement:
-        return Placement(provider=self.provider, region=self.region, zones=list(self.zones),
-                         instance_type=self.instance_type, spot=self.spot)
-
 
 @dataclass(frozen=True)
 class SitePlanned:
@@ -217,8 +213,3 @@ def _rate(src: str, src_region: str | None, dst: str, cats: Catalogs) -> float:
     cat = cats(src)
     return cat.interregion_egress if src == dst else cat.egress_usd_per_gb(src_region)
 
-
-def placement_usd_per_hour(p: Placement, site: SiteSpec, home: Path | None = None) -> float:
-    """$/h of a site on placement `p` (× nodes); 0 where the catalog has no price."""
-    c = resolve(p, site, Catalogs(home))
-    return c.usd_per_hour or 0.0
