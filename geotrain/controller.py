@@ -120,11 +120,13 @@ def _status_of(db: StateDB, run: dict) -> dict:
         "started_at": iso(run["started_at"]), "first_step_at": iso(run["first_step_at"]),
         "finished_at": iso(run["finished_at"]),
         "controller_pid": run["controller_pid"] if alive else None,
-        "error": run["error"],
+        "error": run["error"], "spend_usd": run.get("spend_usd"),
         "sites": [{"name": s["name"], "provider": s["provider"], "region": s["region"],
                    "state": s["state"], "pid": s["pid"], "round": s["round"], "step": s["step"],
                    "loss": s["loss"], "tokens_per_s": s["tokens_per_s"],
-                   "bytes_sent": s["bytes_sent"]} for s in db.sites(run["id"])],
+                   "bytes_sent": s["bytes_sent"], "usd_per_hour": s.get("usd_per_hour"),
+                   "placements_tried": json.loads(s.get("placements_tried") or "[]")}
+                  for s in db.sites(run["id"])],
     }
 
 
@@ -182,18 +184,14 @@ class Controller:
         raise Stop()
 
     def provision(self) -> None:
+        from geotrain.placement import launch_site
+
         for site in self.recipe.sites:
-            plan = providers.SitePlan(
-                run_id=self.run_id, site=site.name, provider=site.provider,
-                store_url=self.store.url, region=site.region, workers=site.workers,
-                options=(("log_dir", str(self.log_dir)),))
-            provider = providers.get(site.provider)
-            row = self.db.add_node(self.run_id, site.name, site.provider, site.region)
-            nodes = provider.launch(plan)
+            nodes, placement, _ = launch_site(self.db, self.run_id, site, store_url=self.store.url,
+                                              options=(("log_dir", str(self.log_dir)),), home=self.home)
             self.nodes[site.name] = nodes
-            self.db.update_node(row, instance_id=nodes[0].instance_id, pid=nodes[0].pid, state="running")
             self.db.update_site(self.run_id, site.name, state="starting", pid=nodes[0].pid)
-            self.event("site-launched", f"site {site.name} launched on {site.provider}",
+            self.event("site-launched", f"site {site.name} launched on {placement.where()}",
                        site=site.name, instance=nodes[0].instance_id)
 
     def watch(self) -> str:
@@ -218,6 +216,8 @@ class Controller:
             if all(firsts) and self.db.run(self.run_id)["first_step_at"] is None:
                 self.db.update_run(self.run_id, first_step_at=max(firsts))
             self.on_tick(status(self.run_id, self.home))
+            if self.over_budget():
+                return "stopped"
 
             failed = [n for n, hb in beats.items() if hb and hb["state"] == "failed"]
             if failed:
@@ -235,9 +235,20 @@ class Controller:
                         raise RunFailed(f"site {name} exited unexpectedly; see {self.log_dir / name}.log")
             time.sleep(POLL_S)
 
+    def over_budget(self) -> bool:
+        """Record the spend so far; past `budget.max_usd`, a `budget` event and True."""
+        from geotrain.budget import record_spend
+
+        spent, over = record_spend(self.db, self.run_id, self.recipe, self.home)
+        if over:
+            self.event("budget", f"estimated spend ${spent:,.2f} crossed the budget "
+                       f"${self.recipe.budget.max_usd:,.2f}; stopping the run", spend_usd=spent)
+        return over
+
     def _site_alive(self, name: str) -> bool:
         """Whether the provider still holds the node we launched for the site."""
-        provider = providers.get(self.sites[name].provider)
+        nodes = self.nodes.get(name)
+        provider = providers.get(nodes[0].provider if nodes else self.sites[name].provider)
         live = {n.instance_id for n in provider.query(self.run_id, name)}
         return any(n.instance_id in live for n in self.nodes.get(name, []))
 
@@ -278,17 +289,9 @@ class Controller:
 
 def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
     """Terminate every node of a run the state db or the providers know of."""
-    rows = db.nodes(run_id)
-    gone: list[providers.Node] = []
-    for name in sorted({r["provider"] for r in rows}):
-        provider = providers.get(name)
-        live = provider.query(run_id)
-        if live:
-            gone += provider.terminate(live)
-    for r in rows:
-        if r["state"] != "terminated":
-            db.update_node(r["id"], state="terminated", terminated_at=time.time())
-    return gone
+    from geotrain.cleanup import terminate_run as by_db_and_tags
+
+    return by_db_and_tags(db, run_id)
 
 
 def down(run_id: str, home: Path | None = None) -> dict:
@@ -303,11 +306,14 @@ def down(run_id: str, home: Path | None = None) -> dict:
         deadline = time.monotonic() + 30
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    terminate_run(db, run["id"])
+    gone = terminate_run(db, run["id"])
     if db.run(run["id"])["state"] == "running":
         db.update_run(run["id"], state="stopped", finished_at=time.time())
-    return {"run": run["id"], "terminated": [r["instance_id"] for r in live],
-            "state": db.run(run["id"])["state"]}
+    ids = list(dict.fromkeys([r["instance_id"] for r in live if r["instance_id"]]
+                             + [n.instance_id for n in gone]))
+    return {"run": run["id"], "terminated": ids, "state": db.run(run["id"])["state"],
+            "nodes": [{"provider": n.provider, "site": n.site, "instance_id": n.instance_id,
+                       "region": n.region} for n in gone]}
 
 
 def detach(run_id: str, home: Path | None = None) -> int:

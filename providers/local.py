@@ -57,7 +57,7 @@ def launch(plan: SitePlan) -> list[Node]:
     log_dir.mkdir(parents=True, exist_ok=True)
     temp_dir = f"/tmp/gt-{plan.run_id[-8:]}-{plan.site}"
     env = dict(os.environ, GEOTRAIN_RUN=plan.run_id, GEOTRAIN_SITE=plan.site,
-               RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
+               GEOTRAIN_HOME=_home(), RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
                # Without this Ray swaps 127.0.0.1 for the machine's external
                # address and listens there; with it every Ray port is loopback.
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
@@ -118,6 +118,32 @@ def query(run_id: str, site: str | None = None) -> list[Node]:
         nodes.append(Node(run_id, s, "local", _instance_id(agent), "running",
                           private_ip=HOST, pid=agent, region="local"))
     return nodes
+
+
+def _home() -> str:
+    from geotrain.recipe import default_home
+
+    return str(default_home())
+
+
+def _home_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for kv in environ.split(b"\0"):
+        if kv.startswith(b"GEOTRAIN_HOME="):
+            return kv.split(b"=", 1)[1].decode()
+    return None
+
+
+def query_all() -> list[Node]:
+    """Every site of every run started from this machine's GEOTRAIN_HOME. Locally the
+    GEOTRAIN_HOME plays the part of a cloud account: runs of other homes on the same
+    machine (other users, other tests) are never listed, so never terminated as orphans."""
+    home = _home()
+    runs = sorted({r for p, r, _ in _tagged() if _alive(p) and _home_of(p) == home})
+    return [n for r in runs for n in query(r) if _home_of(n.pid) == home]
 
 
 def terminate(nodes: list[Node]) -> list[Node]:
