@@ -30,6 +30,7 @@ from geotrain.store import RunStore, round_key, run_url
 
 POLL_S = 0.5
 FINAL_STATES = ("succeeded", "failed", "stopped")
+MAX_REPLACEMENTS = 10  # per site and run: past this a site that keeps dying fails the run
 
 
 class RunFailed(GeotrainError):
@@ -148,6 +149,9 @@ class Controller:
         self.on_tick = on_tick or (lambda s: None)
         self.log_dir = log_dir(self.home, self.run_id)
         self.nodes: dict[str, list[providers.Node]] = {}
+        self.launched_at: dict[str, float] = {}
+        self.replacements: dict[str, int] = {}
+        self.lost_at: dict[str, float] = {}  # site -> when it was declared lost, until it trains again
 
     # -- events --------------------------------------------------------------------
 
@@ -157,12 +161,17 @@ class Controller:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def run(self) -> str:
-        """Drive the run to its end; returns the final state."""
-        self.db.update_run(self.run_id, controller_pid=os.getpid(), state="running")
+    def run(self, resume: bool = False) -> str:
+        """Drive the run to its end; returns the final state. With `resume`, take
+        over the sites still running and relaunch the others."""
+        self.db.update_run(self.run_id, controller_pid=os.getpid(), state="running",
+                           finished_at=None, error=None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.provision()
+            if resume:
+                self.event("resumed", f"controller resumed the run (pid {os.getpid()}) at round "
+                           f"{self.store.latest_global() or 0}")
+            self.provision(adopt=resume)
             state = self.watch()
         except Stop:
             state = "stopped"
@@ -183,16 +192,91 @@ class Controller:
     def _on_signal(self, signum, frame):
         raise Stop()
 
-    def provision(self) -> None:
+    def provision(self, adopt: bool = False) -> None:
+        for site in self.recipe.sites:
+            if not (adopt and self._adopt(site.name)):
+                self._launch(site.name)
+
+    def _launch(self, name: str) -> None:
         from geotrain.placement import launch_site
 
-        for site in self.recipe.sites:
-            nodes, placement, _ = launch_site(self.db, self.run_id, site, store_url=self.store.url,
-                                              options=(("log_dir", str(self.log_dir)),), home=self.home)
-            self.nodes[site.name] = nodes
-            self.db.update_site(self.run_id, site.name, state="starting", pid=nodes[0].pid)
-            self.event("site-launched", f"site {site.name} launched on {placement.where()}",
-                       site=site.name, instance=nodes[0].instance_id)
+        nodes, placement, _ = launch_site(self.db, self.run_id, self.sites[name],
+                                          store_url=self.store.url,
+                                          options=(("log_dir", str(self.log_dir)),), home=self.home)
+        self.nodes[name] = nodes
+        self.launched_at[name] = time.time()
+        self.db.update_site(self.run_id, name, state="starting", pid=nodes[0].pid)
+        self.event("site-launched", f"site {name} launched on {placement.where()}",
+                   site=name, instance=nodes[0].instance_id)
+
+    def _adopt(self, name: str) -> bool:
+        """On resume: keep a site whose agent still beats; clear what is left of
+        one that does not (it is relaunched). True if nothing needs launching."""
+        hb = self.store.heartbeat(name) or {}
+        if hb.get("state") == "done":
+            self.nodes[name] = []
+            return True
+        alive = self.store.liveness().get(name)
+        fresh = alive and alive.get("state") in ("starting", "running") and \
+            time.time() - alive["at"] <= self.recipe.sync.liveness_timeout_s
+        live = [n for p in self._providers_of(name) for n in providers.get(p).query(self.run_id, name)]
+        if fresh and live:
+            self.nodes[name] = live
+            self.launched_at[name] = time.time()
+            self.event("site-adopted", f"site {name} still running; adopted", site=name)
+            return True
+        for p in self._providers_of(name):
+            leftovers = providers.get(p).query(self.run_id, name)
+            if leftovers:
+                providers.get(p).terminate(leftovers)
+        return False
+
+    def _providers_of(self, name: str) -> list[str]:
+        return sorted({pl.provider for pl in self.sites[name].placements()})
+
+    def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
+        """Declare a site lost — a preemption notice, its node gone, or its agent
+        silent for longer than sync.liveness_timeout_s — and replace it."""
+        state = (hb or {}).get("state")
+        if state in ("done", "failed") or (alive or {}).get("state") in ("done", "stopped", "failed"):
+            return
+        if name in self.lost_at and (hb or {}).get("first_step_at", 0) > self.lost_at[name]:
+            lost = self.lost_at.pop(name)
+            self.event("site-rejoined", f"site {name} trains again, {hb['first_step_at'] - lost:.1f} s "
+                       "after it was lost", site=name, seconds=hb["first_step_at"] - lost)
+        now, limit = time.time(), self.recipe.sync.liveness_timeout_s
+        if (alive or {}).get("state") == "preempting":
+            reason = "preempted"
+        elif not self._site_alive(name):
+            time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
+            if (self.store.heartbeat(name) or {}).get("state") in ("done", "failed"):
+                return
+            reason = "node gone"
+        elif alive and now - alive["at"] > limit and now - self.launched_at.get(name, 0) > limit:
+            reason = f"no liveness beat for {now - alive['at']:.1f} s"
+        else:
+            return
+        self.replace(name, reason, last_seen=(alive or {}).get("at"))
+
+    def replace(self, name: str, reason: str, last_seen: float | None = None) -> None:
+        """Terminate what is left of a lost site and launch it again; it catches up
+        from the newest committed round and joins the first open one."""
+        count = self.replacements[name] = self.replacements.get(name, 0) + 1
+        now = time.time()
+        self.lost_at[name] = now
+        self.event("site-lost", f"site {name} lost: {reason}", site=name, reason=reason,
+                   last_seen=last_seen, since_last_seen_s=(now - last_seen) if last_seen else None)
+        if count > MAX_REPLACEMENTS:
+            raise RunFailed(f"site {name} was lost {count} times; giving up ({reason})")
+        for p in self._providers_of(name):
+            nodes = providers.get(p).query(self.run_id, name)
+            if nodes:
+                providers.get(p).terminate(nodes)
+        for row in self.db.nodes(self.run_id):
+            if row["site"] == name and row["state"] != "terminated":
+                self.db.update_node(row["id"], state="terminated", terminated_at=now)
+        self._launch(name)
+        self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
 
     def watch(self) -> str:
         rounds_total = self.recipe.train.rounds
@@ -226,13 +310,9 @@ class Controller:
             if latest >= rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):
                 self.finish(latest)
                 return "succeeded"
+            alive = self.store.liveness()
             for name in beats:
-                if not self._site_alive(name) and not (beats[name] and beats[name]["state"] == "done"):
-                    # Let a last heartbeat land before judging the exit.
-                    time.sleep(POLL_S)
-                    hb = self.store.heartbeat(name)
-                    if not (hb and hb["state"] in ("done", "failed")):
-                        raise RunFailed(f"site {name} exited unexpectedly; see {self.log_dir / name}.log")
+                self._supervise(name, beats[name], alive.get(name))
             time.sleep(POLL_S)
 
     def over_budget(self) -> bool:
@@ -316,13 +396,27 @@ def down(run_id: str, home: Path | None = None) -> dict:
                        "region": n.region} for n in gone]}
 
 
-def detach(run_id: str, home: Path | None = None) -> int:
+def prepare_resume(run_id: str, home: Path | None = None) -> str:
+    """Check that a run can be resumed here; returns its full id."""
+    db = StateDB(home or default_home())
+    run = db.run(run_id)
+    if run["state"] == "succeeded":
+        raise GeotrainError(f"run {run['id']} already succeeded; nothing to resume")
+    if pid_alive(run["controller_pid"]) and run["controller_pid"] != os.getpid() \
+            and run["state"] == "running":
+        raise GeotrainError(f"run {run['id']} is still controlled by pid {run['controller_pid']}; "
+                            f"follow it with `geotrain status {run['id']}`")
+    return run["id"]
+
+
+def detach(run_id: str, home: Path | None = None, resume: bool = False) -> int:
     """Start the controller for run_id as its own background process."""
     home = home or default_home()
     logs = log_dir(home, run_id)
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "controller.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id],
+        proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id]
+                                + (["--resume"] if resume else []),
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))
     StateDB(home).update_run(run_id, controller_pid=proc.pid)
@@ -330,5 +424,5 @@ def detach(run_id: str, home: Path | None = None) -> int:
 
 
 if __name__ == "__main__":
-    final = Controller(sys.argv[1]).run()
+    final = Controller(sys.argv[1]).run(resume="--resume" in sys.argv[2:])
     sys.exit(0 if final == "succeeded" else 1)

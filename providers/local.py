@@ -149,17 +149,19 @@ def query_all() -> list[Node]:
 def terminate(nodes: list[Node]) -> list[Node]:
     """SIGTERM each site's agent (it shuts its Ray cluster down), then after a
     grace period SIGKILL whatever is still tagged for that site."""
-    done = []
+    done, signalled = [], False
     for node in nodes:
         pid_str, _, started = node.instance_id.partition("@")
         pid = int(pid_str)
         if _start_time(pid) == started and _alive(pid):
             try:
                 os.kill(pid, signal.SIGTERM)
+                signalled = True
             except ProcessLookupError:
                 pass
         done.append(node)
-    deadline = time.monotonic() + GRACE_S
+    # Only a live agent shuts its Ray cluster down; without one, kill at once.
+    deadline = time.monotonic() + (GRACE_S if signalled else 0)
     keys = {(n.run_id, n.site) for n in nodes}
     while time.monotonic() < deadline:
         if not any((r, s) in keys and _alive(p) for p, r, s in _tagged()):

@@ -87,6 +87,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     store = RunStore(store_url)
     recipe = Recipe.model_validate(store.read_run()["recipe"])
     spec = next(s for s in recipe.sites if s.name == site)
+    started = time.time()
     store.beat(site, {"state": "starting", "pid": os.getpid()})
     liveness = Liveness(store, site).start()
     store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
@@ -106,7 +107,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             results += ray.get(done)
-            if any(c["command"] == "stop" for c in store.commands(site)):
+            # Commands from before this agent started were for an earlier incarnation.
+            if any(c["command"] == "stop" and c["at"] >= started for c in store.commands(site)):
                 raise Stopped("stop command")
         summary = next(r for r in results if r["rank"] == 0)
         store.event(site, "done", f"finished at round {summary['round']}", **{
