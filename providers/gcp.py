@@ -27,8 +27,9 @@ Configuration (all non-secret; SitePlan.options unless said otherwise):
                       VPC: the default one ships allow-internal rules)
     subnetwork        e.g. `regions/us-central1/subnetworks/geotrain`
     image             default the Deep Learning VM family below
-    accelerator       `nvidia-l4:1` (type:count) for N1-style machine types;
-                      A2/A3/G2 machine types carry their GPUs implicitly
+    accelerator       `nvidia-tesla-t4:2` (TYPE[:COUNT], COUNT defaulting to the
+                      plan's workers) for N1-style machine types; A2/A3/A4/G2
+                      machine types carry their GPUs implicitly
     disk_gb           boot disk size, default 100
     service_account   email, default "default"
     external_ip       "true" for an ephemeral external IP (no port opened)
@@ -65,6 +66,7 @@ CAPACITY_CODES = ("ZONERESOURCEPOOLEXHAUSTED", "QUOTAEXCEEDED", "UNSUPPORTEDOPER
                   "RESOURCEPOOLEXHAUSTED", "STOCKOUT")
 CAPACITY_PHRASES = ("does not exist in zone", "does not have enough resources",
                     "is not available in zone", "currently unavailable in the")
+GPU_FAMILIES = ("a2", "a3", "a4", "g2")  # accelerator-optimized: GPUs come with the type
 LIVE, PENDING = {"RUNNING"}, {"PROVISIONING", "STAGING", "REPAIRING"}
 
 
@@ -200,7 +202,7 @@ def check() -> CredentialCheck:
         return CredentialCheck("gcp", False, f"no Application Default Credentials ({first}); "
                                f"run `gcloud auth application-default login` or attach a "
                                f"service account; endpoint {endpoint}")
-    kind = f"{type(creds).__module__.split('.')[-2]} {type(creds).__name__}"
+    kind = f"{type(creds).__module__}.{type(creds).__qualname__}"
     if not project:
         return CredentialCheck("gcp", False, f"credentials found ({kind}) but no project: set "
                                f"$GOOGLE_CLOUD_PROJECT or the site option `project`; "
@@ -240,7 +242,7 @@ def _accelerators(plan: SitePlan, api: _Api, zone: str) -> list:
                             "e.g. nvidia-l4:1 or nvidia-tesla-t4:2")
     return [api.v1.AcceleratorConfig(
         accelerator_type=f"projects/{api.project}/zones/{zone}/acceleratorTypes/{kind}",
-        accelerator_count=int(count or 1))]
+        accelerator_count=int(count or plan.workers))]  # default: one GPU per worker
 
 
 def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
@@ -249,12 +251,12 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
         raise ProviderError(f"site {plan.site}: gcp needs an instance_type (machine type), "
                             "e.g. g2-standard-8")
     accelerators = _accelerators(plan, api, zone)
+    gpu = bool(accelerators) or plan.instance_type.split("-")[0] in GPU_FAMILIES
     if plan.spot:
         scheduling = v1.Scheduling(provisioning_model="SPOT", instance_termination_action="DELETE",
                                    on_host_maintenance="TERMINATE", automatic_restart=False)
     else:
         # GPUs cannot live-migrate; plain CPU machines can.
-        gpu = bool(accelerators) or plan.instance_type.split("-")[0] in ("a2", "a3", "a4", "g2")
         scheduling = v1.Scheduling(provisioning_model="STANDARD", automatic_restart=True,
                                    on_host_maintenance="TERMINATE" if gpu else "MIGRATE")
     nic = v1.NetworkInterface(network=plan.option("network", DEFAULT_NETWORK))
@@ -263,7 +265,9 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
     if plan.option("external_ip", "false").lower() == "true":
         nic.access_configs = [v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
     metadata = [("startup-script", script), ("geotrain-run", plan.run_id),
-                ("geotrain-site", plan.site), ("install-nvidia-driver", "True")]
+                ("geotrain-site", plan.site)]
+    if gpu:  # Deep Learning VM images install the driver at first boot when asked
+        metadata.append(("install-nvidia-driver", "True"))
     return v1.Instance(
         name=instance_name(plan.run_id, plan.site, index),
         machine_type=f"zones/{zone}/machineTypes/{plan.instance_type}",

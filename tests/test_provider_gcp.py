@@ -60,10 +60,10 @@ def gcp():
 
 
 def plan(site="west", nodes=1, spot=True, zones=("us-central1-a", "us-central1-b"),
-         run=RUN, instance_type="n1-standard-8", **options) -> SitePlan:
+         run=RUN, instance_type="n1-standard-8", workers=1, **options) -> SitePlan:
     opts = {"accelerator": "nvidia-tesla-t4:1", **options}
     return SitePlan(run_id=run, site=site, provider="gcp", store_url=STORE, region="us-central1",
-                    zones=zones, nodes=nodes, workers=1, instance_type=instance_type, spot=spot,
+                    zones=zones, nodes=nodes, workers=workers, instance_type=instance_type, spot=spot,
                     options=tuple(sorted(opts.items())))
 
 
@@ -113,6 +113,8 @@ def test_spot_launch_sends_the_right_instance(gce, gcp):
         script = meta["startup-script"]
         assert f"GEOTRAIN_RUN={shlex.quote(RUN)}" in script
         assert f"STORE={shlex.quote(STORE)}" in script and f"GEOTRAIN_NODE_INDEX={i}" in script
+        assert meta["install-nvidia-driver"] == "True"
+        assert (meta["geotrain-run"], meta["geotrain-site"]) == (RUN, "west")
         scripts.append(script)
     tokens = {line.split("=", 1)[1] for s in scripts for line in s.splitlines()
               if line.startswith("export RAY_AUTH_TOKEN=")}
@@ -137,6 +139,21 @@ def test_standard_gpu_machine_and_external_ip_option(gce, gcp):
         {"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]
     fw, = gce.firewalls.values()
     assert "sourceRanges" not in fw  # an external IP opens no port
+
+
+def test_cpu_machine_migrates_and_gpu_count_defaults_to_workers(gce, gcp):
+    gcp.launch(plan(site="cpu", spot=False, instance_type="n2-standard-8", accelerator=""))
+    gcp.launch(plan(site="gpu", workers=4, accelerator="nvidia-tesla-t4"))
+    cpu, gpu = gce.bodies("POST", "/instances")
+    assert cpu["scheduling"]["onHostMaintenance"] == "MIGRATE"
+    assert "install-nvidia-driver" not in {i["key"] for i in cpu["metadata"]["items"]}
+    assert gpu["guestAccelerators"][0]["acceleratorCount"] == 4
+
+
+def test_bad_accelerator_option_is_a_provider_error_and_leaves_nothing(gce, gcp):
+    with pytest.raises(ProviderError, match="TYPE\\[:COUNT\\]"):
+        gcp.launch(plan(accelerator="nvidia-l4:lots"))
+    assert gce.instances == {} and gce.firewalls == {}
 
 
 def test_firewall_admits_only_the_site_itself(gce, gcp):
