@@ -20,9 +20,11 @@ reads and writes the run store in Cloud Storage, so even a compromised node's
 token cannot call Compute Engine or any other API, whatever roles the account
 holds (infra/gcp/ grants it object access on the run bucket only).
 
+The project is $GOOGLE_CLOUD_PROJECT, else the Application Default
+Credentials' project — one source per process, so that `launch`, `query` and
+`terminate` always look in the same project; `check()` says which.
+
 Configuration (all non-secret; SitePlan.options unless said otherwise):
-    project           GCP project; else $GOOGLE_CLOUD_PROJECT; else the
-                      Application Default Credentials' project
     network           default `global/networks/default` (prefer a dedicated
                       VPC: the default one ships allow-internal rules)
     subnetwork        e.g. `regions/us-central1/subnetworks/geotrain`
@@ -119,15 +121,14 @@ def _credentials():
 class _Api:
     """The Compute Engine clients one call needs, all on the same endpoint."""
 
-    def __init__(self, project: str | None = None):
+    def __init__(self):
         from google.api_core.client_options import ClientOptions
         from google.cloud import compute_v1
 
-        creds, default_project, _ = _credentials()
-        self.project = project or default_project
+        creds, self.project, _ = _credentials()
         if not self.project:
-            raise ProviderError("no GCP project: set the site option `project`, "
-                                "$GOOGLE_CLOUD_PROJECT, or an ADC project (gcloud config)")
+            raise ProviderError("no GCP project: set $GOOGLE_CLOUD_PROJECT or the ADC project "
+                                "(`gcloud config set project ...`)")
         endpoint = os.environ.get(ENDPOINT_ENV)
         kw = {"credentials": creds, "transport": "rest",
               "client_options": ClientOptions(api_endpoint=endpoint) if endpoint else None}
@@ -205,7 +206,7 @@ def check() -> CredentialCheck:
     kind = f"{type(creds).__module__}.{type(creds).__qualname__}"
     if not project:
         return CredentialCheck("gcp", False, f"credentials found ({kind}) but no project: set "
-                               f"$GOOGLE_CLOUD_PROJECT or the site option `project`; "
+                               f"$GOOGLE_CLOUD_PROJECT or `gcloud config set project`; "
                                f"endpoint {endpoint}")
     return CredentialCheck("gcp", True, f"project {project} (from {source}), credentials "
                            f"{kind}, endpoint {endpoint}")
@@ -216,7 +217,7 @@ def open_ports(plan: SitePlan, api: _Api | None = None) -> None:
     every protocol; no source range, so nothing outside the site gets in."""
     from google.api_core import exceptions as gexc
 
-    api = api or _Api(plan.option("project"))
+    api = api or _Api()
     v1 = api.v1
     tag = network_tag(plan.run_id, plan.site)
     rule = v1.Firewall(
@@ -320,7 +321,7 @@ def _node(api: _Api, inst, run_id: str, site: str, zone: str) -> Node:
 def launch(plan: SitePlan) -> list[Node]:
     from google.api_core import exceptions as gexc
 
-    api = _Api(plan.option("project"))
+    api = _Api()
     ray_token = secrets.token_hex(32)
     scripts = [bootstrap.render(plan, i, ray_token) for i in range(plan.nodes)]
     zones = _zones(plan, api)

@@ -185,6 +185,13 @@ def test_partial_site_in_a_zone_is_cleaned_up(gce, gcp):
     assert all(zone == "us-central1-b" for zone, _ in gce.instances)
 
 
+def test_region_without_zones_tries_the_regions_zones_in_order(gce, gcp):
+    gce.fail_zone("us-central1-a", via="operation")
+    nodes = gcp.launch(plan(zones=()))
+    assert nodes[0].region == "us-central1-b"
+    assert any(r.path.endswith("/geotrain-test/zones") for r in gce.requests)
+
+
 def test_every_zone_full_raises_capacity_error_and_leaves_nothing(gce, gcp):
     gce.fail_zone("us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED", via="http", after=1)
     gce.fail_zone("us-central1-b", "QUOTA_EXCEEDED", via="http", status=403,
