@@ -55,6 +55,18 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
         check = providers.get(name).check()
         if not check.ok:
             raise ProviderError(f"provider {name} is not usable here: {check.detail}")
+    if recipe.train.entrypoint and any(s.provider == "local" for s in recipe.sites):
+        import importlib.util
+
+        module = recipe.train.entrypoint.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise RecipeError(recipe_path, None, "train.entrypoint",
+                              f"module '{module}' is not importable here (install it, or add its "
+                              "folder to PYTHONPATH)")
     if recipe.data.source == "files":
         try:
             glob_files(recipe.data.paths)
@@ -75,9 +87,10 @@ def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> st
     store.write_run({"id": run_id, "name": recipe.name, "created_at": time.time(),
                      "version": __version__, "recipe": recipe.to_dict(), "members": members,
                      "store": url})
-    params = initial_state(recipe)
-    store.commit_global(0, {"model.safetensors": encode(params)},
-                        {"hash": params_hash(params), "members": members})
+    if not recipe.train.entrypoint:  # a user's own model commits its round 0 from the sites
+        params = initial_state(recipe)
+        store.commit_global(0, {"model.safetensors": encode(params)},
+                            {"hash": params_hash(params), "members": members})
     db = StateDB(home)
     db.add_run(run_id, recipe.name, recipe_path, recipe.to_dict(), url, recipe.train.rounds,
                [{"name": s.name, "provider": s.provider, "region": s.region} for s in recipe.sites])
@@ -351,7 +364,8 @@ class Controller:
                    "history": history, "global_round": round_key(last_round)}
         self.store.write_final(files["model.safetensors"], summary)
         self.db.update_run(self.run_id, rounds_done=last_round, eval_loss=eval_loss)
-        self.event("finished", f"run finished: {last_round} rounds, eval loss {eval_loss:.4f}")
+        loss = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
+        self.event("finished", f"run finished: {last_round} rounds{loss}")
 
     def teardown(self) -> None:
         """Stop every site of the run: by our records and by the provider's tags."""

@@ -150,6 +150,11 @@ class TrainSpec(_Spec):
     hours: float | None = Field(None, gt=0, description="Expected wall-clock hours of the run, "
                                 "for `geotrain plan`'s cost estimate; None derives it from the "
                                 "tokens and the catalog's per-GPU throughput table.")
+    entrypoint: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Your own training function, 'module:function', called on every worker of "
+                    "every site with a geotrain.train.entry.SiteContext instead of the built-in "
+                    "GPT trainer. The module must be importable on the sites.")
 
 
 class SyncSpec(_Spec):
@@ -488,6 +493,8 @@ def _message(err: dict, loc: tuple) -> str:
         return f"must be at most {ctx['max_length']} characters (got {len(got)})"
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == GPU_REQ:
         return f"expected 'MODEL:COUNT' GPUs per node, e.g. 'A100:8' or 'L4:1' (got {_show(got)})"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "entrypoint":
+        return f"must be 'module:function', e.g. 'mypkg.train:main' (got {_show(got)})"
     if kind == "string_pattern_mismatch":
         return f"must be lowercase a-z, 0-9 and '-', not starting with '-' (got {_show(got)})"
     return err["msg"]  # our own PydanticCustomErrors, already phrased for users

@@ -58,8 +58,9 @@ def drive(run_id: str, detach: bool, as_json: bool, resume: bool = False) -> Non
             state = Controller(run_id, on_tick=lambda s: live.update(run_view(s))).run(resume=resume)
         final = status(run_id)
         if state == "succeeded":
-            out.print(f"[green]✓[/] finished: eval loss {final['eval_loss']:.4f}; "
-                      f"model at {RunStore(final['store']).final_model_url()}", highlight=False)
+            loss = f"eval loss {final['eval_loss']:.4f}; " if final["eval_loss"] is not None else ""
+            out.print(f"[green]✓[/] finished: {loss}model at "
+                      f"{RunStore(final['store']).final_model_url()}", highlight=False)
         elif final.get("error"):
             err.print(f"[bold red]error:[/] {final['error']}", highlight=False)
     raise typer.Exit(EXIT[state])

@@ -41,4 +41,9 @@ class TrainWorker:
         recipe = Recipe.model_validate(run["recipe"])
         names = [s.name for s in recipe.sites]
         place = WorkerPlace(self.site, names.index(self.site), len(names), self.rank, self.world)
+        if recipe.train.entrypoint:
+            from geotrain.train.entry import SiteContext, run_entrypoint
+
+            return run_entrypoint(SiteContext(recipe, store, self.site, place.site_index,
+                                              place.n_sites, self.rank, self.world))
         return train_site(recipe, store, place)
