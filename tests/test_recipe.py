@@ -74,7 +74,7 @@ def test_defaults_are_as_documented():
     assert r.train.model_dump() == dict(
         rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), seed=0,
-        eval_batches=8, threads=1, hours=None)
+        eval_batches=8, threads=1, hours=None, entrypoint=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, overlap=False, round_seconds=None,
@@ -144,7 +144,7 @@ MISTAKES = {
         TOP + "train:\n  rounds: 3\n  inner_stepz: 5\n" + SITES, 4, "train.inner_stepz",
         "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
         "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
-        "grad_clip, betas, seed, eval_batches, threads, hours"),
+        "grad_clip, betas, seed, eval_batches, threads, hours, entrypoint"),
     "unknown key, nothing close": (
         TOP + SITES + "    colour: eu\n", 4, "sites[0].colour",
         "unknown field 'colour'; valid fields: name, provider, region, workers, zones, "

@@ -9,8 +9,10 @@ and without overlap; overlap with nothing to wait for is plain DiLoCo.
 """
 
 import copy
+import struct
 import threading
 import time
+import zlib
 
 import pytest
 import torch
@@ -427,14 +429,23 @@ def test_a_late_contribution_lands_in_the_next_round(tmp_path):
     assert any(e["kind"] == "carried" for e in store.events(["a"]))
 
 
+def nan_payload() -> bytes:
+    """A well-formed 'none' payload (valid checksum) whose last value is NaN."""
+    good = compression.make_codec("none").encode({"w": torch.zeros(4)})
+    magic, version, header_len, _ = struct.unpack_from("<3sBII", good)
+    body = bytearray(good[12:])
+    body[-4:] = struct.pack("<f", float("nan"))
+    return struct.pack("<3sBII", magic, version, header_len, zlib.crc32(bytes(body))) + bytes(body)
+
+
 def test_corrupt_nan_and_outlier_contributions_are_rejected(tmp_path):
     store = RunStore("file://" + str(tmp_path))
     for s in ("a", "b", "c"):
         publish(store, 1, s, {"w": torch.full((4,), 1.0 + ord(s) % 3)})
     publish(store, 1, "d", {"w": torch.full((4,), 1e4)})  # norm far outside the others'
     # e: a NaN tensor published by a broken sender that bypassed its codec's check
-    nan = encode({"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])})
-    store.put_contribution(1, "e", nan, {"tokens": 16, "codec": "none", "published_at": time.time()})
+    store.put_contribution(1, "e", nan_payload(), {"tokens": 16, "codec": "none",
+                                                   "published_at": time.time()})
     # f: bits flipped in the store after the manifest was written
     publish(store, 1, "f", {"w": torch.ones(4)})
     path = tmp_path / "rounds" / "000001" / "f.bin"

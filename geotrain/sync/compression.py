@@ -1,43 +1,344 @@
-"""Pseudo-gradient codecs (placeholder with the lossless codec only; the full
-set — int8, int4, top-k with error feedback — lands from the codecs branch)."""
+"""Codecs for pseudo-gradients: what a site uploads to the run store each round.
+
+    codec = make_codec("topk")            # one per site: it holds error feedback
+    payload = codec.encode(delta)         # bytes for the store; len() is the wire cost
+    delta_hat = decode(payload)           # any site, any codec: the header says which
+
+Codecs (bytes per parameter at the defaults, fp32 is 4):
+
+- `none`  fp32, lossless.                                         4
+- `int8`  blockwise absmax, `block` values share a bf16 scale     1 + 2/block   (1.031)
+- `int4`  the same with 4-bit codes, two per byte                 0.5 + 2/block (0.531)
+- `topk`  per chunk of `chunk` values keep the k = ceil(fraction·chunk)
+          largest |v| as uint16 index + 4- or 8-bit code, one bf16
+          scale per chunk; error feedback on by default             (2 + bits/8)·k/chunk + 2/chunk
+          (0.0255 at 1 %, chunk 4096, 4-bit). Tensors smaller than one
+          chunk (LayerNorm gains, biases) go dense as int8 blocks.
+
+Bounds (geotrain/sync/quant.py): for every value, |x - x_hat| <= scale/2
+with scale <= absmax/qmax·(1 + 2^-7) of its block (int8, int4) or of the
+kept values of its chunk (topk); qmax is 127 for 8 bits, 7 for 4 bits.
+What top-k drops or rounds away stays in the site's residual e and is sent
+in a later round: x' = x + β·e, send C(x'), e <- x' - decode(C(x')).
+
+Wire format, little-endian:
+
+    b"GTC" | version u8 | header_len u32 | crc32(header + body) u32 |
+    header: zlib(JSON {"codec", "block", "chunk", "k", "t": [[name, shape, mode], ...]}) |
+    body: per tensor in header order, its sections back to back
+
+modes and their sections: f32 (values f4) · b8 (scales bf16, codes i1) ·
+b4 (scales bf16, codes packed u1) · k8 (scales bf16, indices u2, codes i1) ·
+k4 (scales bf16, indices u2, codes packed u1). Names are sorted, so the same
+tensors give the same bytes. A truncated, corrupted or inconsistent payload
+raises CodecError; so does a non-finite value on either side.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from geotrain.errors import GeotrainError
+from geotrain.sync import quant
 
 Tensors = dict[str, torch.Tensor]
-CODECS = ("none",)
+CODECS = ("none", "int8", "int4", "topk")
+VERSION = 1
+_PREFIX = struct.Struct("<3sBII")       # magic, version, header length, crc32
+_MAGIC = b"GTC"
+_MODES = {"none": {"f32"}, "int8": {"b8"}, "int4": {"b4"}, "topk": {"k4", "k8", "b8"}}
+assert sys.byteorder == "little", "the wire format is written with native little-endian buffers"
 
 
 class CodecError(GeotrainError):
-    """A payload that cannot be decoded, or an input that must not be sent."""
+    """A codec setting is invalid, a tensor cannot be sent (non-finite), or a
+    payload is truncated, corrupted or inconsistent with its header."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    mode: str
+
+
+@dataclass(frozen=True)
+class PayloadInfo:
+    """What a payload's header says, without decoding the tensors."""
+    codec: str
+    block: int
+    chunk: int
+    k: int
+    tensors: tuple[TensorEntry, ...]
+    header_bytes: int        # prefix + compressed header: the overhead on the wire
+    total_bytes: int
+
+
+def _sections(mode: str, n: int, block: int, chunk: int, k: int) -> list[tuple[str, int]]:
+    """(numpy dtype, count) of each section of one tensor's body."""
+    nb, nc = -(-n // block), -(-n // chunk)        # exact integer ceilings
+    return {
+        "f32": [("<f4", n)],
+        "b8": [("<i2", nb), ("i1", n)],
+        "b4": [("<i2", nb), ("u1", -(-n // 2))],
+        "k8": [("<i2", nc), ("<u2", nc * k), ("i1", nc * k)],
+        "k4": [("<i2", nc), ("<u2", nc * k), ("u1", -(-nc * k // 2))],
+    }[mode]
+
+
+def _section_bytes(mode: str, n: int, block: int, chunk: int, k: int) -> int:
+    return sum(np.dtype(dt).itemsize * c for dt, c in _sections(mode, n, block, chunk, k))
+
+
+def _pack(header: dict, body: list) -> bytes:
+    """Prefix + compressed header + the body buffers, copied once."""
+    raw = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    crc = zlib.crc32(raw)
+    for buf in body:
+        crc = zlib.crc32(buf, crc)
+    return b"".join([_PREFIX.pack(_MAGIC, VERSION, len(raw), crc), raw, *body])
+
+
+def _bad(msg: str) -> CodecError:
+    return CodecError(f"bad pseudo-gradient payload: {msg}")
+
+
+def _read_header(data: bytes) -> tuple[dict, int]:
+    """Check prefix and checksum, parse the header; return it and the body offset."""
+    if len(data) < _PREFIX.size:
+        raise _bad(f"{len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix (truncated)")
+    magic, version, hlen, crc = _PREFIX.unpack_from(data)
+    if magic != _MAGIC:
+        raise _bad(f"starts with {magic!r}, not {_MAGIC!r} (not a geotrain codec payload)")
+    if version != VERSION:
+        raise _bad(f"format version {version}; this geotrain reads version {VERSION}")
+    start = _PREFIX.size + hlen
+    if len(data) < start:
+        raise _bad(f"header of {hlen} bytes does not fit in {len(data)} bytes (truncated)")
+    view = memoryview(data)
+    if zlib.crc32(view[start:], zlib.crc32(view[_PREFIX.size:start])) != crc:
+        raise _bad(f"checksum mismatch over {len(data)} bytes (truncated or corrupted)")
+    try:
+        header = json.loads(zlib.decompress(view[_PREFIX.size:start]))
+    except (zlib.error, ValueError) as e:
+        raise _bad(f"unreadable header ({e})") from None
+    return header, start
+
+
+def _check_int(header: dict, key: str, lo: int, hi: int) -> int:
+    v = header.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _bad(f"header field {key!r} is {v!r}; expected an integer in [{lo}, {hi}]")
+    return v
+
+
+def payload_info(data: bytes) -> PayloadInfo:
+    """Validate a payload's prefix, checksum, header and size; return its header."""
+    header, start = _read_header(data)
+    if not isinstance(header, dict) or header.get("codec") not in CODECS:
+        raise _bad(f"header names codec {header.get('codec') if isinstance(header, dict) else header!r}; "
+                   f"valid: {', '.join(CODECS)}")
+    codec = header["codec"]
+    block = _check_int(header, "block", 1, 1 << 20)
+    chunk = _check_int(header, "chunk", 1, 65536)
+    k = _check_int(header, "k", 1, chunk)
+    if not isinstance(header.get("t"), list):
+        raise _bad("header has no tensor list 't'")
+    entries, seen, expected = [], set(), start
+    for e in header["t"]:
+        ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+              and isinstance(e[2], str) and isinstance(e[1], list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                 and 0 <= d < 1 << 40 for d in e[1]))
+        if not ok:
+            raise _bad(f"tensor entry {e!r} is not [name, shape, mode]")
+        name, shape, mode = e[0], tuple(e[1]), e[2]
+        if mode not in _MODES[codec]:
+            raise _bad(f"tensor {name!r} has mode {mode!r}; codec {codec} uses "
+                       f"{', '.join(sorted(_MODES[codec]))}")
+        if name in seen:
+            raise _bad(f"tensor {name!r} appears twice")
+        seen.add(name)
+        entries.append(TensorEntry(name, shape, mode))
+        expected += _section_bytes(mode, math.prod(shape), block, chunk, k)
+    if expected != len(data):
+        raise _bad(f"header describes {expected} bytes but the payload has {len(data)}")
+    return PayloadInfo(codec, block, chunk, k, tuple(entries), start, len(data))
+
+
+def decode(data: bytes) -> Tensors:
+    """Any codec's payload -> {name: fp32 CPU tensor}; raises CodecError if it is
+    truncated, corrupted, inconsistent or holds a non-finite value."""
+    info = payload_info(data)
+    out: Tensors = {}
+    off = info.header_bytes
+    for e in info.tensors:
+        n = math.prod(e.shape)
+        arrays = []
+        for dt, count in _sections(e.mode, n, info.block, info.chunk, info.k):
+            arr = np.frombuffer(data, dtype=dt, count=count, offset=off)
+            off += arr.nbytes
+            # A copy: aligned, writable, native order; uint16 indices widen to int64.
+            arrays.append(torch.from_numpy(arr.astype(np.int64 if dt == "<u2" else dt[-2:])))
+        x = _decode_tensor(e, arrays, n, info)
+        if not quant.all_finite(x):
+            raise _bad(f"tensor {e.name!r} decodes to non-finite values")
+        out[e.name] = x.view(e.shape)
+    return out
+
+
+def _decode_tensor(e: TensorEntry, arrays: list[torch.Tensor], n: int, info: PayloadInfo
+                   ) -> torch.Tensor:
+    if e.mode == "f32":
+        return arrays[0]
+    scale = arrays[0].view(torch.bfloat16)
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise _bad(f"tensor {e.name!r} has a negative or non-finite scale")
+    if e.mode in ("b8", "b4"):
+        q = arrays[1] if e.mode == "b8" else quant.unpack4(arrays[1], n)
+        return quant.block_decode(q, scale, info.block)
+    nc, k = scale.numel(), info.k
+    idx = arrays[1].view(nc, k)
+    if bool((idx >= info.chunk).any()) or bool((idx[:, 1:] <= idx[:, :-1]).any()):
+        raise _bad(f"tensor {e.name!r} has indices outside its chunk or not strictly increasing")
+    q = arrays[2] if e.mode == "k8" else quant.unpack4(arrays[2], nc * k)
+    return quant.topk_decode(idx, q.view(nc, k), scale, info.chunk, n)
 
 
 class Codec:
-    name = "none"
+    """One site's codec. `encode` folds in and updates the error-feedback
+    residual when enabled; `decode` is stateless. Residuals are checkpointed
+    with `state_dict` / `load_state_dict`."""
+
+    def __init__(self, name: str, *, topk_fraction: float, chunk: int, value_bits: int,
+                 block: int, error_feedback: bool, error_decay: float = 1.0):
+        self.name, self.chunk, self.value_bits, self.block = name, chunk, value_bits, block
+        self.topk_fraction, self.error_feedback, self.error_decay = (
+            topk_fraction, error_feedback, error_decay)
+        self.k = min(chunk, math.ceil(topk_fraction * chunk))
+        self._residual: Tensors = {}
+
+    def __repr__(self) -> str:
+        extra = (f", topk_fraction={self.topk_fraction}, chunk={self.chunk}, k={self.k}, "
+                 f"value_bits={self.value_bits}" if self.name == "topk" else "")
+        return (f"Codec({self.name!r}, block={self.block}{extra}, "
+                f"error_feedback={self.error_feedback})")
+
+    def mode(self, numel: int) -> str:
+        """How a tensor of `numel` values travels under this codec."""
+        if self.name == "topk":
+            return f"k{self.value_bits}" if numel >= self.chunk else "b8"
+        return {"none": "f32", "int8": "b8", "int4": "b4"}[self.name]
+
+    def _header(self, entries: list[list]) -> dict:
+        return {"codec": self.name, "block": self.block, "chunk": self.chunk, "k": self.k,
+                "t": entries}
+
+    def predict_size(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Exactly len(self.encode(t)) for tensors t of these shapes."""
+        entries = [[n, list(shapes[n]), self.mode(math.prod(shapes[n]))] for n in sorted(shapes)]
+        body = sum(_section_bytes(m, math.prod(s), self.block, self.chunk, self.k)
+                   for _, s, m in entries)
+        return len(_pack(self._header(entries), [])) + body
 
     def encode(self, tensors: Tensors) -> bytes:
-        if not all(torch.isfinite(t).all() for t in tensors.values()):
-            raise CodecError("refusing to encode non-finite values")
-        return st_save({k: v.detach().contiguous().cpu().float() for k, v in tensors.items()},
-                       metadata={"codec": "none"})
+        entries, parts = [], []
+        updated: Tensors = {}
+        for name in sorted(tensors):
+            t = tensors[name]
+            if not (t.is_floating_point()):
+                raise CodecError(f"tensor {name!r} has dtype {t.dtype}; codecs send floating-point "
+                                 f"pseudo-gradients")
+            x = t.detach().to("cpu", torch.float32).reshape(-1)
+            if not quant.all_finite(x):
+                raise CodecError(f"tensor {name!r} holds NaN or inf; a site must not publish "
+                                 f"a non-finite pseudo-gradient")
+            e = self._residual.get(name) if self.error_feedback else None
+            if e is not None and e.shape != t.shape:
+                raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)} but its "
+                                 f"error-feedback residual has {tuple(e.shape)}; "
+                                 f"reset() the codec or load a matching state")
+            mode = self.mode(x.numel())
+            arrays, residual = self._encode_one(x, None if e is None else e.reshape(-1), mode)
+            entries.append([name, list(t.shape), mode])
+            parts.extend(np.ascontiguousarray(a) for a in arrays)
+            if self.error_feedback:
+                updated[name] = residual.view(t.shape)
+        payload = _pack(self._header(entries), parts)
+        self._residual.update(updated)   # only once the whole payload is built
+        return payload
+
+    def _encode_one(self, x: torch.Tensor, e: torch.Tensor | None, mode: str
+                    ) -> tuple[list[np.ndarray], torch.Tensor | None]:
+        """The body sections of x' = x + β·e, and (with error feedback) the new
+        residual x' - x_hat, computed with the same ops as decode()."""
+        if e is not None and mode[0] != "k":
+            x = x.add(e, alpha=self.error_decay)
+        if mode == "f32":
+            return [x.numpy()], torch.zeros_like(x) if self.error_feedback else None
+        if mode in ("b8", "b4"):
+            bits = 8 if mode == "b8" else 4
+            q, scale = quant.block_encode(x, self.block, bits)
+            codes = q if bits == 8 else quant.pack4(q)
+            residual = x - quant.block_decode(q, scale, self.block) if self.error_feedback else None
+            return [scale.view(torch.int16).numpy(), codes.numpy()], residual
+        n = x.numel()
+        nc = math.ceil(n / self.chunk)
+        rows = torch.empty(nc * self.chunk, dtype=torch.float32)   # ours: overwritten below
+        rows[:n] = x
+        rows[n:] = 0
+        if e is not None:
+            rows[:n].add_(e, alpha=self.error_decay)
+        idx, q, scale = quant.topk_encode_(rows.view(nc, self.chunk), self.k, self.value_bits)
+        codes = q.reshape(-1) if self.value_bits == 8 else quant.pack4(q)
+        return [scale.view(torch.int16).numpy(), idx.to(torch.int32).numpy().astype("<u2"),
+                codes.numpy()], rows[:n]
 
     def decode(self, data: bytes) -> Tensors:
         return decode(data)
 
+    def state_dict(self) -> Tensors:
+        """The error-feedback residuals (empty without error feedback)."""
+        return {n: e.clone() for n, e in self._residual.items()}
 
-def make_codec(name: str, **_) -> Codec:
-    if name != "none":
-        raise CodecError(f"unknown codec {name!r}")
-    return Codec()
+    def load_state_dict(self, state: Tensors) -> None:
+        loaded = {}
+        for n, e in state.items():
+            e = e.detach().to("cpu", torch.float32).clone()
+            if not bool(torch.isfinite(e).all()):
+                raise CodecError(f"error-feedback residual {n!r} holds NaN or inf")
+            loaded[n] = e
+        self._residual = loaded
+
+    def reset(self) -> None:
+        self._residual = {}
 
 
-def decode(data: bytes) -> Tensors:
-    try:
-        return st_load(data)
-    except Exception as e:  # safetensors raises its own error types
-        raise CodecError(f"undecodable payload: {e}") from None
+def make_codec(name: str, *, topk_fraction: float = 0.01, chunk: int = 4096,
+               value_bits: int = 4, block: int = 64, error_feedback: bool | None = None,
+               error_decay: float = 1.0) -> Codec:
+    """A codec by name (see CODECS). `value_bits` (4 or 8) is for top-k values;
+    `block` is the int8/int4 scale block; `error_feedback` defaults to on for
+    topk only; `error_decay` (β, SparseLoCo) scales the residual carried in."""
+    if name not in CODECS:
+        raise CodecError(f"unknown codec {name!r}; valid: {', '.join(CODECS)}")
+    if not 0 < topk_fraction <= 1:
+        raise CodecError(f"topk_fraction is {topk_fraction}; it must be in (0, 1]")
+    if not 1 <= chunk <= 65536:
+        raise CodecError(f"chunk is {chunk}; it must be in [1, 65536] (indices are uint16)")
+    if value_bits not in (4, 8):
+        raise CodecError(f"value_bits is {value_bits}; valid: 4, 8")
+    if not 1 <= block <= 1 << 20:
+        raise CodecError(f"block is {block}; it must be in [1, {1 << 20}]")
+    if not 0 <= error_decay <= 1:
+        raise CodecError(f"error_decay is {error_decay}; it must be in [0, 1]")
+    ef = (name == "topk") if error_feedback is None else bool(error_feedback)
+    return Codec(name, topk_fraction=topk_fraction, chunk=chunk, value_bits=value_bits,
+                 block=block, error_feedback=ef, error_decay=error_decay)

@@ -1,0 +1,132 @@
+"""The tensor-level kernels behind the pseudo-gradient codecs.
+
+`geotrain/sync/compression.py` owns the wire format and the error-feedback
+state; this file only turns a flat fp32 CPU tensor into small integer tensors
+and back. Every function is vectorised (no Python loop over blocks or chunks)
+and deterministic: the same input gives the same output bits.
+
+Scales are stored as bfloat16 (2 bytes, the full fp32 exponent range, so a
+block of 1e-9 values does not underflow as it would in fp16), rounded *up*
+to the next bf16 so that |x| / scale <= qmax still holds for the stored
+scale. Quantisation is round-to-nearest onto the symmetric grid
+{-qmax, ..., qmax} · scale with qmax = 2^(bits-1) - 1 (127 for 8 bits, 7 for
+4 bits), so for every value of a block or chunk
+
+    |x - x_hat| <= scale / 2,   scale <= absmax / qmax · (1 + 2^-7)
+
+(up to one fp32 rounding of the product q·scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+QMAX = {8: 127, 4: 7}
+
+
+def bf16_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """absmax / qmax as bfloat16, rounded up so the stored scale never clips."""
+    exact = absmax.to(torch.float32) / qmax
+    scale = exact.to(torch.bfloat16)
+    bits = scale.view(torch.int16)
+    # Scales are >= 0: the next representable bf16 above is the next bit pattern.
+    bits = torch.where(scale.to(torch.float32) < exact, bits + 1, bits)
+    return bits.view(torch.bfloat16)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True iff no NaN/inf: a finite sum proves it in one pass without a mask;
+    only an overflowing (or non-finite) sum pays for the exact check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _rows(v: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """Flat v as [rows, width], zero-padded at the end (a view when it fits exactly)."""
+    if v.numel() == rows * width:
+        return v.view(rows, width)
+    out = v.new_zeros(rows * width)
+    out[:v.numel()] = v
+    return out.view(rows, width)
+
+
+def _absmax(rows: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.aminmax(rows, dim=1)
+    return torch.maximum(hi, lo.neg())
+
+
+def _quantise(values: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round values[i, :] / scale[i] to int8 in [-qmax, qmax]; zero scale -> 0."""
+    s = scale.to(torch.float32)
+    denom = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.div(values, denom[:, None])
+    return q.round_().clamp_(-qmax, qmax).to(torch.int8)
+
+
+def _dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32).mul_(scale.to(torch.float32)[:, None])
+
+
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-7, 7] -> uint8 with two 4-bit codes (q + 8) per byte,
+    the first value in the low nibble; an odd count is padded with code 8 (0)."""
+    u = (q.reshape(-1) + 8).view(torch.uint8)
+    if u.numel() % 2:
+        u = torch.cat([u, torch.full((1,), 8, dtype=torch.uint8)])
+    return u[0::2] | (u[1::2] << 4)
+
+
+def unpack4(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of pack4: the first `count` values as int8 in [-8, 7]."""
+    out = torch.empty(2 * packed.numel(), dtype=torch.uint8)
+    out[0::2] = packed & 0x0F
+    out[1::2] = packed >> 4
+    return out[:count].view(torch.int8) - 8
+
+
+# ---- dense blockwise absmax (int8 / int4) ----
+
+def block_encode(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 x -> (codes int8 [n], scales bf16 [ceil(n/block)]);
+    block_decode of them is x_hat."""
+    n, qmax = x.numel(), QMAX[bits]
+    xp = _rows(x, math.ceil(n / block), block)
+    scale = bf16_scale(_absmax(xp), qmax)
+    return _quantise(xp, scale, qmax).view(-1)[:n], scale
+
+
+def block_decode(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes int8 [n] + scales [ceil(n/block)] -> fp32 [n]."""
+    return _dequantise(_rows(q, scale.numel(), block), scale).view(-1)[:q.numel()]
+
+
+# ---- chunked top-k with quantised values ----
+
+def topk_encode_(rows: torch.Tensor, k: int, bits: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 rows [nc, chunk] -> (indices int64 [nc, k] ascending within each
+    row, codes int8 [nc, k], scales bf16 [nc]). In place: `rows` becomes the
+    residual rows - x_hat (x_hat = topk_decode of the result), which is rows
+    everywhere except the kept values, where it is their rounding error.
+
+    A caller pads its tail chunk with zeros; when that holds fewer than k values
+    some picks land in the padding and decode to nothing.
+    """
+    qmax = QMAX[bits]
+    _, idx = rows.abs().topk(k, dim=1, sorted=False)
+    idx, _ = idx.sort(dim=1)            # canonical order: same set -> same bytes
+    vals = rows.gather(1, idx)
+    scale = bf16_scale(vals.abs().amax(dim=1), qmax)
+    q = _quantise(vals, scale, qmax)
+    rows.scatter_(1, idx, vals - _dequantise(q, scale))
+    return idx, q, scale
+
+
+def topk_decode(idx: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                chunk: int, n: int) -> torch.Tensor:
+    """Indices [nc, k] + codes [nc, k] + scales [nc] -> fp32 [n], zero where not kept."""
+    out = torch.zeros(scale.numel(), chunk, dtype=torch.float32)
+    out.scatter_(1, idx, _dequantise(q, scale))
+    return out.view(-1)[:n]
