@@ -24,7 +24,8 @@ from pathlib import Path
 import providers
 from geotrain import __version__
 from geotrain.errors import GeotrainError
-from geotrain.recipe import Recipe, default_home
+from geotrain.migrate import Migrations
+from geotrain.recipe import Placement, Recipe, SiteSpec, default_home
 from geotrain.state import StateDB, iso
 from geotrain.store import RunStore, round_key, run_url
 
@@ -149,7 +150,7 @@ def statuses(home: Path | None = None) -> list[dict]:
     return [_status_of(db, r) for r in db.runs()]
 
 
-class Controller:
+class Controller(Migrations):
     def __init__(self, run_id: str, home: Path | None = None,
                  on_tick: Callable[[dict], None] | None = None):
         self.home = home or default_home()
@@ -165,6 +166,15 @@ class Controller:
         self.launched_at: dict[str, float] = {}
         self.replacements: dict[str, int] = {}
         self.lost_at: dict[str, float] = {}  # site -> when it was declared lost, until it trains again
+        # A site's name in the store (its member) and placement change when it is migrated.
+        rows = {r["name"]: r for r in self.db.sites(self.run_id)}
+        self.member = {n: (rows.get(n) or {}).get("member") or n for n in self.sites}
+        self.override: dict[str, Placement] = {
+            n: Placement.model_validate_json(rows[n]["placement"]) for n in self.sites
+            if self.member[n] != n and (rows.get(n) or {}).get("placement")}
+        self.migrating: dict[str, dict] = {}
+        self.started = time.time()
+        self._seen_commands: set[str] = set()
 
     # -- events --------------------------------------------------------------------
 
@@ -210,12 +220,25 @@ class Controller:
             if not (adopt and self._adopt(site.name)):
                 self._launch(site.name)
 
-    def _launch(self, name: str) -> None:
+    def _spec(self, name: str, member: str | None = None, over: Placement | None = None) -> SiteSpec:
+        """The site as launched now: under its member name, on its override placement."""
+        member, over = member or self.member[name], over or self.override.get(name)
+        update: dict = {"name": member} if member != name else {}
+        if over:
+            update.update(provider=over.provider, region=over.region, zones=list(over.zones),
+                          instance_type=over.instance_type, spot=over.spot, candidates=[])
+        return self.sites[name].model_copy(update=update) if update else self.sites[name]
+
+    def _launch_spec(self, name: str, spec: SiteSpec) -> tuple[list[providers.Node], Placement]:
         from geotrain.placement import launch_site
 
-        nodes, placement, _ = launch_site(self.db, self.run_id, self.sites[name],
-                                          store_url=self.store.url,
-                                          options=(("log_dir", str(self.log_dir)),), home=self.home)
+        nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
+                                          options=(("log_dir", str(self.log_dir)),
+                                                   ("data_site", name)), home=self.home)
+        return nodes, placement
+
+    def _launch(self, name: str) -> None:
+        nodes, placement = self._launch_spec(name, self._spec(name))
         self.nodes[name] = nodes
         self.launched_at[name] = time.time()
         self.db.update_site(self.run_id, name, state="starting", pid=nodes[0].pid)
@@ -225,27 +248,28 @@ class Controller:
     def _adopt(self, name: str) -> bool:
         """On resume: keep a site whose agent still beats; clear what is left of
         one that does not (it is relaunched). True if nothing needs launching."""
-        hb = self.store.heartbeat(name) or {}
+        member = self.member[name]
+        hb = self.store.heartbeat(member) or {}
         if hb.get("state") == "done":
             self.nodes[name] = []
             return True
-        alive = self.store.liveness().get(name)
+        alive = self.store.liveness().get(member)
         fresh = alive and alive.get("state") in ("starting", "running") and \
             time.time() - alive["at"] <= self.recipe.sync.liveness_timeout_s
-        live = [n for p in self._providers_of(name) for n in providers.get(p).query(self.run_id, name)]
+        live = [n for p in self._providers_of(name) for n in providers.get(p).query(self.run_id, member)]
         if fresh and live:
             self.nodes[name] = live
             self.launched_at[name] = time.time()
             self.event("site-adopted", f"site {name} still running; adopted", site=name)
             return True
         for p in self._providers_of(name):
-            leftovers = providers.get(p).query(self.run_id, name)
+            leftovers = providers.get(p).query(self.run_id, member)
             if leftovers:
                 providers.get(p).terminate(leftovers)
         return False
 
     def _providers_of(self, name: str) -> list[str]:
-        return sorted({pl.provider for pl in self.sites[name].placements()})
+        return sorted({pl.provider for pl in self._spec(name).placements()})
 
     def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
         """Declare a site lost — a preemption notice, its node gone, or its agent
@@ -258,11 +282,13 @@ class Controller:
             self.event("site-rejoined", f"site {name} trains again, {hb['first_step_at'] - lost:.1f} s "
                        "after it was lost", site=name, seconds=hb["first_step_at"] - lost)
         now, limit = time.time(), self.recipe.sync.liveness_timeout_s
+        if name in self.migrating:
+            return  # the migration watches both members until it is done
         if (alive or {}).get("state") == "preempting":
             reason = "preempted"
         elif not self._site_alive(name):
             time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
-            if (self.store.heartbeat(name) or {}).get("state") in ("done", "failed"):
+            if (self.store.heartbeat(self.member[name]) or {}).get("state") in ("done", "failed"):
                 return
             reason = "node gone"
         elif alive and now - alive["at"] > limit and now - self.launched_at.get(name, 0) > limit:
@@ -281,12 +307,13 @@ class Controller:
                    last_seen=last_seen, since_last_seen_s=(now - last_seen) if last_seen else None)
         if count > MAX_REPLACEMENTS:
             raise RunFailed(f"site {name} was lost {count} times; giving up ({reason})")
+        member = self.member[name]
         for p in self._providers_of(name):
-            nodes = providers.get(p).query(self.run_id, name)
+            nodes = providers.get(p).query(self.run_id, member)
             if nodes:
                 providers.get(p).terminate(nodes)
         for row in self.db.nodes(self.run_id):
-            if row["site"] == name and row["state"] != "terminated":
+            if row["site"] == member and row["state"] != "terminated":
                 self.db.update_node(row["id"], state="terminated", terminated_at=now)
         self._launch(name)
         self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
@@ -295,7 +322,9 @@ class Controller:
         rounds_total = self.recipe.train.rounds
         seen_round = -1
         while True:
-            beats = {s.name: self.store.heartbeat(s.name) for s in self.recipe.sites}
+            self._poll_commands()
+            self._advance_migrations()
+            beats = {s.name: self.store.heartbeat(self.member[s.name]) for s in self.recipe.sites}
             for name, hb in beats.items():
                 if hb:
                     self.db.update_site(self.run_id, name, state=hb["state"], round=hb.get("round"),
@@ -325,7 +354,7 @@ class Controller:
                 return "succeeded"
             alive = self.store.liveness()
             for name in beats:
-                self._supervise(name, beats[name], alive.get(name))
+                self._supervise(name, beats[name], alive.get(self.member[name]))
             time.sleep(POLL_S)
 
     def over_budget(self) -> bool:
@@ -341,8 +370,8 @@ class Controller:
     def _site_alive(self, name: str) -> bool:
         """Whether the provider still holds the node we launched for the site."""
         nodes = self.nodes.get(name)
-        provider = providers.get(nodes[0].provider if nodes else self.sites[name].provider)
-        live = {n.instance_id for n in provider.query(self.run_id, name)}
+        provider = providers.get(nodes[0].provider if nodes else self._spec(name).provider)
+        live = {n.instance_id for n in provider.query(self.run_id, self.member[name])}
         return any(n.instance_id in live for n in self.nodes.get(name, []))
 
     def finish(self, last_round: int) -> None:
@@ -369,13 +398,14 @@ class Controller:
 
     def teardown(self) -> None:
         """Stop every site of the run: by our records and by the provider's tags."""
-        for name in self.sites:
-            hb = self.store.heartbeat(name)
+        members = set(self.member.values()) | {m["new"] for m in self.migrating.values()}
+        for member in sorted(members):
+            hb = self.store.heartbeat(member)
             if hb and hb["state"] not in ("done", "failed"):
-                self.store.send_command(name, "stop")
+                self.store.send_command(member, "stop")
         terminated = terminate_run(self.db, self.run_id)
         for site in self.recipe.sites:
-            hb = self.store.heartbeat(site.name)
+            hb = self.store.heartbeat(self.member[site.name])
             self.db.update_site(self.run_id, site.name, state=hb["state"] if hb else "stopped")
         if terminated:
             self.event("teardown", f"terminated {len(terminated)} node(s)")

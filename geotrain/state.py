@@ -48,6 +48,7 @@ ADDED_COLUMNS = (
     ("sites", "usd_per_hour", "REAL"),  # its catalog price, x nodes
     ("sites", "launched_at", "REAL"),
     ("runs", "spend_usd", "REAL"),  # estimated spend so far (compute + egress)
+    ("sites", "member", "TEXT"),  # the site's name in the run store (differs after a migration)
 )
 
 

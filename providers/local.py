@@ -63,7 +63,8 @@ def launch(plan: SitePlan) -> list[Node]:
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "geotrain.site.agent", "--store", plan.store_url,
-           "--site", plan.site, "--host", HOST, "--temp-dir", temp_dir]
+           "--site", plan.site, "--host", HOST, "--temp-dir", temp_dir,
+           "--data-site", plan.option("data_site") or plan.site]
     with open(log_dir / f"{plan.site}.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)

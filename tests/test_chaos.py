@@ -43,9 +43,9 @@ def status(home: Path, run: str) -> dict:
     return json.loads(cli(home, "status", run, "--json").stdout)
 
 
-def launch_detached(tmp_path: Path, home: Path) -> str:
+def launch_detached(tmp_path: Path, home: Path, rounds: int = ROUNDS) -> str:
     recipe = tmp_path / "chaos.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(RECIPE.replace(f"rounds: {ROUNDS},", f"rounds: {rounds},"))
     return json.loads(cli(home, "launch", str(recipe), "--detach", "--json").stdout)["run"]
 
 
@@ -53,18 +53,18 @@ def committed(run_store: RunStore) -> int:
     return len(run_store.committed_rounds()) - 1
 
 
-def assert_nothing_lost(home: Path, run: str) -> RunStore:
+def assert_nothing_lost(home: Path, run: str, rounds: int = ROUNDS) -> RunStore:
     s = wait_for(lambda: (x := status(home, run))["state"] != "running" and x, timeout=240, every=1)
     assert s["state"] == "succeeded", s
     store = RunStore(s["store"])
-    assert store.committed_rounds() == list(range(ROUNDS + 1))  # no gap, no duplicate
-    for r in range(1, ROUNDS + 1):
+    assert store.committed_rounds() == list(range(rounds + 1))  # no gap, no duplicate
+    for r in range(1, rounds + 1):
         manifest = store.global_manifest(r)
         results = store.results(r)
         assert results and {v["hash"] for v in results.values()} == {manifest["hash"]}, r
         assert store.members(r)["round"] == r
     final = store.read_final()
-    assert final["rounds"] == ROUNDS and final["hash"] == store.global_manifest(ROUNDS)["hash"]
+    assert final["rounds"] == rounds and final["hash"] == store.global_manifest(rounds)["hash"]
     wait_for(lambda: tagged_processes(run) == [], timeout=30)
     return store
 
@@ -129,3 +129,23 @@ def test_kill_9_everything_then_resume(tmp_path: Path, geotrain_home: Path):
 def test_resume_refuses_a_finished_or_controlled_run(tmp_path: Path, geotrain_home: Path):
     out = cli(geotrain_home, "resume", "no-such-run", check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+def test_migrate_a_site_between_local_regions(tmp_path: Path, geotrain_home: Path):
+    rounds = 60  # long enough for a second Ray cluster to start beside the first
+    run = launch_detached(tmp_path, geotrain_home, rounds)
+    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
+    out = cli(geotrain_home, "migrate", run, "--site", "a", "--to", "local:west", "--json",
+              timeout=200, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    moved = json.loads(out.stdout)
+    assert moved["kind"] == "site-migrated" and moved["member"] == "a~1"
+    assert moved["downtime_s"] == 0.0 and moved["overlap_s"] > 0  # make-before-break
+    store = assert_nothing_lost(geotrain_home, run, rounds)
+    joined = [r for r in range(1, rounds + 1)
+              if any(e["site"] == "a~1" for e in store.members(r)["accepted"])]
+    assert joined and joined[-1] == rounds  # the new member trained to the end
+    s = status(geotrain_home, run)
+    assert next(x for x in s["sites"] if x["name"] == "a")["region"] == "west"
+    print(f"\nmigration: joined after {moved['join_s']:.1f} s, done in {moved['seconds']:.1f} s, "
+          f"downtime {moved['downtime_s']:.1f} s, overlap {moved['overlap_s']:.1f} s")

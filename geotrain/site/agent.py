@@ -78,7 +78,11 @@ def start_ray(workers: int, host: str, temp_dir: str | None) -> None:
              _temp_dir=temp_dir, log_to_driver=True, configure_logging=False)
 
 
-def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None) -> int:
+def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None,
+              data_site: str | None = None) -> int:
+    """Run one site. `site` is this member's name in the store; `data_site` the
+    recipe site whose data shard it trains (they differ for a migrated site's
+    replacement, which runs beside the old member until that one drains)."""
     import ray
 
     from geotrain.site.worker import TrainWorker
@@ -86,7 +90,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="gt-site-")
     store = RunStore(store_url)
     recipe = Recipe.model_validate(store.read_run()["recipe"])
-    spec = next(s for s in recipe.sites if s.name == site)
+    data_site = data_site or site
+    spec = next(s for s in recipe.sites if s.name == data_site)
     started = time.time()
     store.beat(site, {"state": "starting", "pid": os.getpid()})
     liveness = Liveness(store, site).start()
@@ -98,7 +103,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         start_ray(spec.workers, host, temp_dir)
         store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s", seconds=time.time() - t0)
         world = spec.workers
-        workers = [TrainWorker.remote(store_url, site, rank, world) for rank in range(world)]
+        workers = [TrainWorker.remote(store_url, site, rank, world, data_site) for rank in range(world)]
         rendezvous = os.path.join(temp_dir, "gloo-rendezvous")
         ray.get([w.join.remote(rendezvous) for w in workers])
         pending = [w.train.remote() for w in workers]
@@ -137,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", required=True, help="this site's name in the recipe")
     p.add_argument("--host", default="127.0.0.1", help="the site's private address Ray binds to")
     p.add_argument("--temp-dir", default=None, help="Ray's session directory for this site")
+    p.add_argument("--data-site", default=None, help="the recipe site whose data this member "
+                   "trains (default: --site)")
+    p.add_argument("--node-index", type=int, default=0, help="this node's index in the site")
+    p.add_argument("--nodes", type=int, default=1, help="nodes in the site")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run_agent(a.store, a.site, a.host, a.temp_dir)
+    return run_agent(a.store, a.site, a.host, a.temp_dir, a.data_site)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import ray
 
 @ray.remote(num_cpus=1)
 class TrainWorker:
-    def __init__(self, store_url: str, site: str, rank: int, world: int):
+    def __init__(self, store_url: str, site: str, rank: int, world: int, data_site: str | None = None):
         self.store_url, self.site, self.rank, self.world = store_url, site, rank, world
+        self.data_site = data_site or site
         self._tcp_store = None
 
     def join(self, rendezvous_file: str) -> None:
@@ -40,7 +41,7 @@ class TrainWorker:
         run = store.read_run()
         recipe = Recipe.model_validate(run["recipe"])
         names = [s.name for s in recipe.sites]
-        place = WorkerPlace(self.site, names.index(self.site), len(names), self.rank, self.world)
+        place = WorkerPlace(self.site, names.index(self.data_site), len(names), self.rank, self.world)
         if recipe.train.entrypoint:
             from geotrain.train.entry import SiteContext, run_entrypoint
 
