@@ -36,8 +36,12 @@ DEFAULT_OPS = ("pipe_file", "cat_file", "exists", "ls", "find", "info", "mv", "l
 class FaultPlan:
     """How a store should fail.
 
-    rate   probability that a call to one of `ops` starts a fault
+    rate   probability that a call to one of `ops` starts a fault (1.0: every call
+           fails, a persistent outage)
     burst  a fault fails this call and the next burst-1 calls to `ops` too
+    gap    after a burst at least this many calls succeed (the backend recovers).
+           One store operation makes at most 3 calls, so with gap >= 3 a
+           RetryPolicy with attempts > burst absorbs every burst.
     after  share of faults raised after the call took effect (a lost reply)
     seed   makes the sequence of faults repeatable (None: random)
     ops    the fsspec method names that may fail
@@ -46,14 +50,15 @@ class FaultPlan:
 
     rate: float = 0.1
     burst: int = 1
+    gap: int = 4
     after: float = 0.0
     seed: int | None = None
     ops: tuple[str, ...] = DEFAULT_OPS
     match: str = ""
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.rate <= 1.0 and 0.0 <= self.after <= 1.0 and self.burst >= 1):
-            raise StoreError(f"fault plan {self}: rate and after must be in [0, 1] and burst >= 1")
+        if not (0.0 <= self.rate <= 1.0 and 0.0 <= self.after <= 1.0 and self.burst >= 1 and self.gap >= 0):
+            raise StoreError(f"fault plan {self}: rate and after must be in [0, 1], burst >= 1, gap >= 0")
         unknown = set(self.ops) - set(DEFAULT_OPS) - {"rm_file", "makedirs"}
         if unknown:
             raise StoreError(f"fault plan: unknown ops {sorted(unknown)}; valid: "
@@ -65,7 +70,7 @@ class FaultPlan:
         from geotrain.store import parse_settings
 
         fields = parse_settings(text, "GEOTRAIN_STORE_FAULTS", {
-            "rate": float, "burst": int, "after": float, "seed": int, "match": str,
+            "rate": float, "burst": int, "gap": int, "after": float, "seed": int, "match": str,
             "ops": lambda v: tuple(o for o in v.split("+") if o)})
         return cls(**fields)
 
@@ -103,23 +108,29 @@ class FaultyFileSystem:
         self._rng = random.Random(plan.seed)
         self._lock = threading.Lock()
         self._burst_left = 0
+        self._gap_left = 0
         self.log = FaultLog()
 
     def __repr__(self) -> str:
         return f"FaultyFileSystem({self._fs!r}, {self.plan})"
 
     def _decide(self, op: str, path: str) -> str | None:
-        """None (no fault), 'before' or 'after'; and the error to raise."""
+        """None (no fault this call), or when to raise: 'before' or 'after' the call."""
         with self._lock:
             self.log.calls[op] = self.log.calls.get(op, 0) + 1
             if self.plan.match and self.plan.match not in path:
                 return None
-            if self._burst_left > 0:
+            if self.plan.rate >= 1.0 or self._burst_left > 0:
                 self._burst_left -= 1
+            elif self._gap_left > 0:
+                self._gap_left -= 1
+                return None
             elif self._rng.random() < self.plan.rate:
                 self._burst_left = self.plan.burst - 1
             else:
                 return None
+            if self._burst_left == 0:
+                self._gap_left = self.plan.gap
             when = "after" if self._rng.random() < self.plan.after else "before"
             self.log.faults.append((op, path, when))
             return when

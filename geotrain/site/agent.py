@@ -54,7 +54,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     recipe = Recipe.model_validate(store.read_run()["recipe"])
     spec = next(s for s in recipe.sites if s.name == site)
     store.beat(site, {"state": "starting", "pid": os.getpid()})
-    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
+    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid(),
+                store_settings=store.settings())  # where retry/fault/endpoint settings came from
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = 1
     try:
