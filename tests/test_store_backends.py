@@ -225,3 +225,19 @@ def test_copy_refuses_nothing_and_itself(tmp_path):
         copy_run("file://" + str(tmp_path / "empty"), "file://" + str(tmp_path / "dst"))
     with pytest.raises(StoreError, match="onto itself"):
         copy_run("file://" + str(tmp_path / "x"), "file://" + str(tmp_path / "x"))
+
+
+def test_missing_emulator_skips_locally_and_fails_in_ci(monkeypatch):
+    from tests import emulators
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("GEOTRAIN_REQUIRE_EMULATORS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Azurite is not installed: npm install"):
+        emulators.missing("Azurite", "npm install ...")
+    monkeypatch.setenv("GEOTRAIN_REQUIRE_EMULATORS", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI requires every emulator"):
+        emulators.missing("Azurite", "npm install ...")
+    monkeypatch.setenv("GEOTRAIN_REQUIRE_EMULATORS", "0")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        emulators.missing("gcp-storage-emulator", "pip install -e '.[test]'")
