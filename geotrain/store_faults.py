@@ -67,7 +67,7 @@ class FaultPlan:
     @classmethod
     def parse(cls, text: str) -> FaultPlan:
         """Read "rate=0.2,seed=1,burst=3,after=0.5,ops=pipe_file+cat_file,match=global/"."""
-        from geotrain.store import parse_settings
+        from geotrain.store_retry import parse_settings
 
         fields = parse_settings(text, "GEOTRAIN_STORE_FAULTS", {
             "rate": float, "burst": int, "gap": int, "after": float, "seed": int, "match": str,
