@@ -1,4 +1,5 @@
-"""Shared fixtures: a local S3 emulator (moto server) for the whole session.
+"""Shared fixtures: a local S3 emulator (moto server) for the whole session;
+GCS and Azure Blob emulators and the per-backend store URLs live in tests/emulators.py.
 
 The server is started once, on a free port bound to 127.0.0.1, with dummy
 credentials in the environment, and stopped through its own process handle.
@@ -13,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.emulators import azurite, backend_url, gcs_emulator, store_urls  # noqa: F401 - fixtures
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 

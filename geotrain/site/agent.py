@@ -95,7 +95,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     started = time.time()
     store.beat(site, {"state": "starting", "pid": os.getpid()})
     liveness = Liveness(store, site).start()
-    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
+    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid(),
+                store_settings=store.settings())  # where retry/fault/endpoint settings came from
     signal.signal(signal.SIGTERM, _on_sigterm)
     code, final = 1, "failed"
     try:
