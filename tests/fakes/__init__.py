@@ -1,0 +1,1 @@
+"""Fake servers and fault injectors that speak real cloud wire formats, for tests."""
