@@ -76,7 +76,7 @@ def _client(service: str, region: str | None, session=None, attempts: int = 5):
     """A boto3 client; `attempts=1` for RunInstances, whose capacity errors
     (HTTP 5xx) botocore would otherwise retry in the same zone."""
     from botocore.config import Config
-    cfg = Config(retries={"mode": "standard", "max_attempts": attempts},
+    cfg = Config(retries={"mode": "standard", "total_max_attempts": attempts},
                  connect_timeout=10, read_timeout=60)
     return (session or _session()).client(service, region_name=region, config=cfg)
 
