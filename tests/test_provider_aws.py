@@ -198,7 +198,9 @@ def test_all_zones_full_raises_capacity_error_and_leaves_nothing(proxy, moto_ser
     assert live(ec2) == [] and geotrain_groups(ec2) == []
 
 
-@pytest.mark.parametrize("code", sorted(aws.CAPACITY_CODES))
+@pytest.mark.parametrize("code", [
+    "InsufficientInstanceCapacity", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow", "Unsupported", "InsufficientCapacity", "VcpuLimitExceeded"])
 def test_every_capacity_code_maps_to_capacity_error(proxy, moto_server, code):
     ec2 = client(moto_server)
     proxy.fail("RunInstances", "Action", {"RunInstances"}, code, status=400)
@@ -266,6 +268,16 @@ def test_terminate_leaves_nothing_and_is_idempotent(proxy, moto_server):
     assert {i["State"]["Name"] for i in instances(ec2)} == {"terminated"}
     assert aws.terminate(nodes) == gone  # again: nothing to do, no error
     assert proxy.calls("TerminateInstances") and len(proxy.calls("TerminateInstances")) == 1
+
+
+def test_terminate_retries_a_group_still_in_use(proxy, moto_server):
+    nodes = aws.launch(plan(nodes=1))
+    # A just-terminated instance's network interface holds the group a while.
+    proxy.fail("DeleteSecurityGroup", "Action", {"DeleteSecurityGroup"}, "DependencyViolation",
+               status=400, times=2)
+    aws.terminate(nodes)
+    assert len(proxy.calls("DeleteSecurityGroup")) == 3
+    assert geotrain_groups(client(moto_server)) == []
 
 
 def test_image_lookup(proxy, moto_server):

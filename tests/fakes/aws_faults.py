@@ -34,6 +34,7 @@ class Rule:
     code: str
     status: int
     let_through: int  # matching requests forwarded before the rule starts failing
+    times: int | None  # how many it fails before forwarding again (None: for ever)
     seen: int = 0
 
 
@@ -57,10 +58,11 @@ class FaultProxy:
         self.thread.start()
 
     def fail(self, action: str, param: str, values, code: str, status: int = 500,
-             let_through: int = 0) -> None:
-        """Answer `action` with error `code` whenever form parameter `param` is one of `values`."""
+             let_through: int = 0, times: int | None = None) -> None:
+        """Answer `action` with error `code` whenever form parameter `param` is
+        one of `values`: after `let_through` such calls, for `times` calls."""
         with self.lock:
-            self.rules.append(Rule(action, param, frozenset(values), code, status, let_through))
+            self.rules.append(Rule(action, param, frozenset(values), code, status, let_through, times))
 
     def reset(self) -> None:
         with self.lock:
@@ -83,7 +85,8 @@ class FaultProxy:
             for rule in self.rules:
                 if params.get("Action") == rule.action and params.get(rule.param) in rule.values:
                     rule.seen += 1
-                    if rule.seen > rule.let_through:
+                    failed = rule.seen - rule.let_through
+                    if failed > 0 and (rule.times is None or failed <= rule.times):
                         return rule
         return None
 
