@@ -128,6 +128,8 @@ def check() -> CredentialCheck:
         return CredentialCheck("aws", False, _scrub(f"sts:GetCallerIdentity refused: {code}: {message} ({where})", creds))
     except (BotoCoreError, OSError, ValueError) as e:
         return CredentialCheck("aws", False, _scrub(f"cannot use AWS: {e} ({where})", creds))
+    except Exception as e:  # noqa: BLE001 - check() never raises
+        return CredentialCheck("aws", False, _scrub(f"AWS check failed: {type(e).__name__}: {e} ({where})", creds))
 
 
 def _scrub(text: str, creds) -> str:
