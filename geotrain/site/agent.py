@@ -4,7 +4,8 @@ It starts the site's own Ray cluster (bound to the site's private address,
 token authentication on), creates one TrainWorker per worker, forms their
 gloo group inside the site, runs the trainer, and watches the run store for
 commands from the controller. It exits 0 when its share of the run is done
-(or it was told to stop), non-zero when training failed.
+(or it was told to stop, or the cloud announced a preemption: then it marks
+itself `preempting` and leaves at once), non-zero when training failed.
 
     python -m geotrain.site.agent --store file:///.../runs/RUN --site a
 """
@@ -22,6 +23,7 @@ import time
 import traceback
 
 from geotrain.recipe import Recipe
+from geotrain.site.preemption import Notice, watch_from_env
 from geotrain.store import RunStore
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
@@ -30,6 +32,12 @@ log = logging.getLogger("geotrain.site")
 
 class Stopped(Exception):
     pass
+
+
+class Preempted(Exception):
+    def __init__(self, notice: Notice):
+        super().__init__(notice)
+        self.notice = notice
 
 
 def _on_sigterm(signum, frame):
@@ -57,7 +65,11 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = 1
+    notices = None
     try:
+        # GEOTRAIN_PROVIDER / GEOTRAIN_METADATA_ENDPOINT say where to watch; `notices.fired`
+        # is the hook a drain step reads.
+        notices = watch_from_env()
         t0 = time.time()
         start_ray(spec.workers, host, temp_dir)
         store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s", seconds=time.time() - t0)
@@ -72,9 +84,22 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
             results += ray.get(done)
             if any(c["command"] == "stop" for c in store.commands(site)):
                 raise Stopped("stop command")
+            if notices and notices.fired.is_set():
+                raise Preempted(notices.notice)
         summary = next(r for r in results if r["rank"] == 0)
         store.event(site, "done", f"finished at round {summary['round']}", **{
             k: summary[k] for k in ("round", "bytes_sent", "bytes_received")})
+        code = 0
+    except Preempted as e:
+        # "Publish what it can" hooks in here, before the trainer is stopped; stopping it
+        # first keeps its heartbeats from overwriting ours.
+        ray.shutdown()
+        n = e.notice
+        store.beat(site, {"state": "preempting", "pid": os.getpid(), "notice": n.kind,
+                          "deadline": n.deadline})
+        store.event(site, "preempting", f"{n.provider} {n.kind} notice: {n.detail}",
+                    provider=n.provider, notice=n.kind, deadline=n.deadline)
+        notices.acknowledge()
         code = 0
     except (Stopped, KeyboardInterrupt) as e:
         store.beat(site, {"state": "stopped", "pid": os.getpid()})
@@ -87,6 +112,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
                     traceback=traceback.format_exc()[-4000:])
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if notices:
+            notices.stop()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     return code
