@@ -232,7 +232,8 @@ class NoticeServer:
     def _azure(self, method, path, query, headers, body):
         js = {"Content-Type": "application/json; charset=utf-8"}
         if headers.get("Metadata") != "true":
-            return 400, js, json.dumps({"error": "Bad request. Required metadata header not specified"}).encode()
+            error = "Bad request. Required metadata header not specified"
+            return 400, js, json.dumps({"error": error}).encode()
         if "api-version" not in query:
             return 400, js, json.dumps({"error": "Bad request. api-version was not specified in the request. "
                                         "For more information refer to aka.ms/azureimds",

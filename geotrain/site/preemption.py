@@ -158,10 +158,11 @@ class AwsWatcher(_Base):
     def _get(self, path: str) -> tuple[int, bytes]:
         if self._token is None or time.monotonic() >= self._token_expires:
             self._fetch_token()
-        status, _, body = _request("GET", f"{self.endpoint}{path}", {"X-aws-ec2-metadata-token": self._token})
+        url = f"{self.endpoint}{path}"
+        status, _, body = _request("GET", url, {"X-aws-ec2-metadata-token": self._token})
         if status == 401:  # expired or revoked: a fresh token, then once more
             self._fetch_token()
-            status, _, body = _request("GET", f"{self.endpoint}{path}", {"X-aws-ec2-metadata-token": self._token})
+            status, _, body = _request("GET", url, {"X-aws-ec2-metadata-token": self._token})
         return status, body
 
     def _check(self) -> Notice | None:
@@ -195,7 +196,8 @@ class GceWatcher(_Base):
         url = f"{self.endpoint}/computeMetadata/v1/instance/preempted"
         timeout = REQUEST_TIMEOUT_S
         if self._etag is not None:  # the first read is plain; after it, wait for a change
-            url += f"?wait_for_change=true&last_etag={self._etag}&timeout_sec={int(self.wait_s)}"
+            wait = max(1, round(self.wait_s))
+            url += f"?wait_for_change=true&last_etag={self._etag}&timeout_sec={wait}"
             timeout += self.wait_s
         status, headers, body = _request("GET", url, {"Metadata-Flavor": "Google"}, timeout=timeout)
         if status != 200:
