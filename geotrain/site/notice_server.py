@@ -31,6 +31,8 @@ import argparse
 import email.utils
 import json
 import secrets
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notice-s", type=float, default=30.0, help="seconds of warning a notice gives")
     a = p.parse_args(argv)
     server = NoticeServer(a.provider, vm_name=a.vm_name, port=a.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly on SIGTERM too
     print(server.start(), flush=True)
     try:
         if a.preempt_after is not None:
