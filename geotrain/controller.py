@@ -31,6 +31,7 @@ from geotrain.store import RunStore, round_key, run_url
 
 POLL_S = 0.5
 FINAL_STATES = ("succeeded", "failed", "stopped")
+DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
 MAX_REPLACEMENTS = 10  # per site and run: past this a site that keeps dying fails the run
 
 
@@ -173,6 +174,7 @@ class Controller(Migrations):
             n: Placement.model_validate_json(rows[n]["placement"]) for n in self.sites
             if self.member[n] != n and (rows.get(n) or {}).get("placement")}
         self.migrating: dict[str, dict] = {}
+        self.draining: dict[str, float] = {}  # preempted sites publishing their last work
         self.started = time.time()
         self._seen_commands: set[str] = set()
 
@@ -285,8 +287,19 @@ class Controller(Migrations):
         if name in self.migrating:
             return  # the migration watches both members until it is done
         if (alive or {}).get("state") == "preempting":
-            reason = "preempted"
-        elif not self._site_alive(name):
+            # Declared lost at once; replaced once it has drained (published its
+            # partial round) and left, so two agents never write as one member.
+            if name not in self.draining:
+                self.draining[name] = now
+                self.lost_at[name] = now
+                self.event("site-lost", f"site {name} lost: preempted (draining)", site=name,
+                           reason="preempted", last_seen=alive.get("at"), since_last_seen_s=0.0)
+            if self._site_alive(name) and now - self.draining[name] < DRAIN_WAIT_S:
+                return
+            del self.draining[name]
+            self.replace(name, "preempted", announce=False)
+            return
+        if not self._site_alive(name):
             time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
             if (self.store.heartbeat(self.member[name]) or {}).get("state") in ("done", "failed"):
                 return
@@ -297,17 +310,23 @@ class Controller(Migrations):
             return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
 
-    def replace(self, name: str, reason: str, last_seen: float | None = None) -> None:
+    def replace(self, name: str, reason: str, last_seen: float | None = None,
+                announce: bool = True) -> None:
         """Terminate what is left of a lost site and launch it again; it catches up
         from the newest committed round and joins the first open one."""
         count = self.replacements[name] = self.replacements.get(name, 0) + 1
         now = time.time()
-        self.lost_at[name] = now
-        self.event("site-lost", f"site {name} lost: {reason}", site=name, reason=reason,
-                   last_seen=last_seen, since_last_seen_s=(now - last_seen) if last_seen else None)
+        if announce:
+            self.lost_at[name] = now
+            self.event("site-lost", f"site {name} lost: {reason}", site=name, reason=reason,
+                       last_seen=last_seen, since_last_seen_s=(now - last_seen) if last_seen else None)
         if count > MAX_REPLACEMENTS:
             raise RunFailed(f"site {name} was lost {count} times; giving up ({reason})")
         member = self.member[name]
+        # Our own record first (a dead agent means no grace period), then whatever
+        # the provider still holds under the member's tags.
+        if self.nodes.get(name):
+            providers.get(self.nodes[name][0].provider).terminate(self.nodes[name])
         for p in self._providers_of(name):
             nodes = providers.get(p).query(self.run_id, member)
             if nodes:

@@ -70,6 +70,7 @@ class Migrations:
                    site=name, member=new, to=to.model_dump(mode="json"))
         nodes, placement = self._launch_spec(name, self._spec(name, member=new, over=to))
         self.migrating[name] = {"new": new, "old": old, "nodes": nodes, "placement": placement,
+                                "old_nodes": list(self.nodes.get(name, [])),
                                 "t0": time.time(), "phase": "joining",
                                 "from_round": self.store.latest_global() or 0}
 
@@ -98,8 +99,10 @@ class Migrations:
             elif m["phase"] == "draining":
                 old_nodes = [n for p in self._providers_of(name)
                              for n in providers.get(p).query(self.run_id, m["old"])]
-                if old_nodes and now - m["drain_at"] < DRAIN_TIMEOUT_S:
-                    continue
+                ours = {n.instance_id for n in m["old_nodes"]}
+                if any(n.instance_id in ours for n in old_nodes) and \
+                        now - m["drain_at"] < DRAIN_TIMEOUT_S:
+                    continue  # the old member is still leaving
                 self._finish_migration(name, m, old_nodes)
 
     def _finish_migration(self, name: str, m: dict, old_nodes: list) -> None:

@@ -74,13 +74,13 @@ def controller_events(store: RunStore) -> list[dict]:
 
 
 def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
-    run = launch_detached(tmp_path, geotrain_home)
+    run = launch_detached(tmp_path, geotrain_home, rounds=80)
     s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=120)
     store = RunStore(s["store"])
     victim = next(site for site in s["sites"] if site["name"] == "a")["pid"]
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
-    store = assert_nothing_lost(geotrain_home, run)
+    store = assert_nothing_lost(geotrain_home, run, rounds=80)
     events = controller_events(store)
     lost = next(e for e in events if e["kind"] == "site-lost" and e["site"] == "a")
     assert lost["at"] - killed_at <= 5.0, "loss detected too late"
@@ -149,3 +149,19 @@ def test_migrate_a_site_between_local_regions(tmp_path: Path, geotrain_home: Pat
     assert next(x for x in s["sites"] if x["name"] == "a")["region"] == "west"
     print(f"\nmigration: joined after {moved['join_s']:.1f} s, done in {moved['seconds']:.1f} s, "
           f"downtime {moved['downtime_s']:.1f} s, overlap {moved['overlap_s']:.1f} s")
+
+
+def test_preempt_a_site_with_a_notice(tmp_path: Path, geotrain_home: Path):
+    from providers import local
+
+    run = launch_detached(tmp_path, geotrain_home, rounds=80)
+    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
+    noticed_at = time.time()
+    local.preempt(run, "a", notice_s=30)  # served on the site's own metadata endpoint
+    store = assert_nothing_lost(geotrain_home, run, rounds=80)
+    site_events = [e for e in store.events(["a"]) if e["at"] >= noticed_at]
+    assert any(e["kind"] == "preempting" and e["notice"] == "preempt" for e in site_events)
+    lost = next(e for e in controller_events(store) if e["kind"] == "site-lost")
+    assert lost["reason"] == "preempted" and lost["at"] - noticed_at <= 5.0
+    assert any(e["kind"] == "site-rejoined" and e["site"] == "a" for e in controller_events(store))
+    print(f"\nnotice -> declared lost {lost['at'] - noticed_at:.2f} s")

@@ -4,7 +4,8 @@ It starts the site's own Ray cluster (bound to the site's private address,
 token authentication on), creates one TrainWorker per worker, forms their
 gloo group inside the site, runs the trainer, and watches the run store for
 commands from the controller. It exits 0 when its share of the run is done
-(or it was told to stop), non-zero when training failed.
+(or it was told to stop, or the cloud announced a preemption: then it marks
+itself `preempting` and leaves at once), non-zero when training failed.
 
     python -m geotrain.site.agent --store file:///.../runs/RUN --site a
 """
@@ -23,9 +24,11 @@ import time
 import traceback
 
 from geotrain.recipe import Recipe
+from geotrain.site.preemption import Notice, watch_from_env
 from geotrain.store import RunStore
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
+DRAIN_S = 20.0  # at most this long to publish a partial round on a preemption notice
 log = logging.getLogger("geotrain.site")
 
 
@@ -66,6 +69,12 @@ class Liveness:
         self._beat()
 
 
+class Preempted(Exception):
+    def __init__(self, notice: Notice):
+        super().__init__(notice)
+        self.notice = notice
+
+
 def _on_sigterm(signum, frame):
     raise Stopped(f"signal {signum}")
 
@@ -99,7 +108,11 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
                 store_settings=store.settings())  # where retry/fault/endpoint settings came from
     signal.signal(signal.SIGTERM, _on_sigterm)
     code, final = 1, "failed"
+    notices, pending = None, []
     try:
+        # GEOTRAIN_PROVIDER / GEOTRAIN_METADATA_ENDPOINT say where to watch; `notices.fired`
+        # is the hook a drain step reads.
+        notices = watch_from_env()
         t0 = time.time()
         start_ray(spec.workers, host, temp_dir)
         store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s", seconds=time.time() - t0)
@@ -116,10 +129,27 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
             # Commands from before this agent started were for an earlier incarnation.
             if any(c["command"] == "stop" and c["at"] >= started for c in store.commands(site)):
                 raise Stopped("stop command")
+            if notices and notices.fired.is_set():
+                raise Preempted(notices.notice)
         summary = next(r for r in results if r["rank"] == 0)
         store.event(site, "done", f"finished at round {summary['round']}", **{
             k: summary[k] for k in ("round", "bytes_sent", "bytes_received")})
         code, final = 0, "done"
+    except Preempted as e:
+        # Publish what we can: the trainer sends this round's progress so far as an
+        # early contribution (bounded by the notice's deadline), then stops.
+        liveness.state = "preempting"
+        n = e.notice
+        store.send_command(site, "drain")
+        budget = DRAIN_S if n.deadline is None else max(0.0, min(DRAIN_S, n.deadline - time.time() - 5))
+        ray.wait(pending, num_returns=len(pending), timeout=budget)
+        ray.shutdown()
+        store.beat(site, {"state": "preempting", "pid": os.getpid(), "notice": n.kind,
+                          "deadline": n.deadline})
+        store.event(site, "preempting", f"{n.provider} {n.kind} notice: {n.detail}",
+                    provider=n.provider, notice=n.kind, deadline=n.deadline)
+        notices.acknowledge()
+        code, final = 0, "preempting"
     except (Stopped, KeyboardInterrupt) as e:
         store.beat(site, {"state": "stopped", "pid": os.getpid()})
         store.event(site, "stopped", f"stopped: {e}")
@@ -131,6 +161,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
                     traceback=traceback.format_exc()[-4000:])
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if notices:
+            notices.stop()
         liveness.stop(final)
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

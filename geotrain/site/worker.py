@@ -47,4 +47,19 @@ class TrainWorker:
 
             return run_entrypoint(SiteContext(recipe, store, self.site, place.site_index,
                                               place.n_sites, self.rank, self.world))
-        return train_site(recipe, store, place)
+        return train_site(recipe, store, place, drain_requested=_commanded(store, self.site, "drain"))
+
+
+def _commanded(store, site: str, command: str, every_s: float = 1.0):
+    """A cheap check, at most once per `every_s`, for a command sent after now."""
+    import time
+
+    since, state = time.time(), {"at": 0.0, "seen": False}
+
+    def check() -> bool:
+        if not state["seen"] and time.monotonic() - state["at"] >= every_s:
+            state["at"] = time.monotonic()
+            state["seen"] = any(c["command"] == command and c["at"] >= since
+                                for c in store.commands(site))
+        return state["seen"]
+    return check

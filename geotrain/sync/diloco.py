@@ -249,10 +249,18 @@ class DiLoCo:
             dist.broadcast(over, 0)  # rank 0's clock decides for the whole site
         return bool(over.item())
 
-    def end_round(self, final: bool = False) -> RoundResult | None:
+    def end_round(self, final: bool = False, publish_only: bool = False) -> RoundResult | None:
         """Publish this round's progress; apply merges that are due (all of them
-        when `final`, or without overlap)."""
+        when `final`, or without overlap). With `publish_only` (a site leaving
+        for good) publish and return at once."""
         result = None
+        if publish_only:
+            if self.rank == 0 and self._steps:
+                local = model_params(self.model)
+                r = self.exchange.first_open_round(self.training_round)
+                delta = {n: self._start[n] - local[n] for n in local}
+                self.bytes_sent += self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
+            return None
         if self.rank == 0:
             local = model_params(self.model)
             r = self.exchange.first_open_round(self.training_round)
