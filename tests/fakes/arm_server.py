@@ -308,6 +308,10 @@ class FakeArm:
         if not size:
             raise ArmError(400, "InvalidParameter", "Required parameter 'hardwareProfile.vmSize' is missing.")
         zone = (res.get("zones") or [""])[0]
+        old = self._res.get(res["id"].lower())
+        if old is not None and (old.get("zones") or [""])[0] != zone:
+            raise ArmError(409, "PropertyChangeNotAllowed",
+                           "Changing property 'zones' is not allowed.")
         failure = self.failures.get(zone)
         error = None
         if failure:
