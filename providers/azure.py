@@ -22,8 +22,11 @@ Layout of a run `R` with a site `S` of N nodes, all in `geotrain-R`
 
 Every resource that takes tags carries `geotrain-run` and `geotrain-site`;
 `query` lists the group's VMs and keeps those tags. The nodes reach the run
-store through their managed identity, granted "Storage Blob Data Contributor"
-on the run's container (infra/azure/README.md); no key is ever sent.
+store through their managed identity: with option store_scope (the ARM id of
+the store's container) launch grants each VM's identity "Storage Blob Data
+Contributor" on that container alone, and terminate revokes it (the scope is
+kept in the VM tag geotrain-store-scope); without it, grant access by hand
+(infra/azure/README.md). No storage key is ever sent.
 
 Settings come from the environment, all shown by `check()`:
     AZURE_SUBSCRIPTION_ID    the subscription (required)
@@ -33,7 +36,8 @@ Settings come from the environment, all shown by `check()`:
     GEOTRAIN_ARM_CA_BUNDLE   PEM to verify that endpoint with (connection_verify)
 
 Options (SitePlan.options): image, max_price, subnet_prefix (default
-10.42.0.0/24), os_disk_gb, public_ip, ssh_public_key (default: a key whose
+10.42.0.0/24), os_disk_gb, public_ip ("true": a Standard public IP per node,
+still behind the NSG), store_scope, ssh_public_key (default: a key whose
 private half is thrown away, so nobody can log in), package.
 
 See providers/__init__.py for the contract.
@@ -44,6 +48,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import uuid
 from dataclasses import dataclass
 
 from geotrain import bootstrap
@@ -58,6 +63,10 @@ DEFAULT_PREFIX = "10.42.0.0/24"
 CAPACITY_CODES = frozenset({"AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest",
                             "OverconstrainedZonalAllocationRequest", "SkuNotAvailable",
                             "OperationNotAllowed", "QuotaExceeded"})
+# Built-in "Storage Blob Data Contributor"; granted to each node's identity on
+# the option store_scope (the ARM id of the run store's container).
+BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+AUTHZ_API = "2022-04-01"
 POLL_INTERVAL_S = 5.0  # between LRO polls; tests set 0
 ADMIN = "geotrain"
 
@@ -130,6 +139,37 @@ def _tags(plan: SitePlan) -> dict[str, str]:
     return {"geotrain-run": plan.run_id, "geotrain-site": plan.site}
 
 
+def _assignment_url(c: _Clients, scope: str, vm_id: str) -> str:
+    # A name derived from (scope, VM): creating it twice is harmless and
+    # terminate can find it again without remembering anything.
+    name = uuid.uuid5(uuid.NAMESPACE_URL, f"{scope.lower()}|{vm_id.lower()}")
+    return (f"{c.settings.endpoint}{scope}/providers/Microsoft.Authorization/roleAssignments/"
+            f"{name}?api-version={AUTHZ_API}")
+
+
+def _grant_store(c: _Clients, scope: str, vm) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
+    body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
+                           "principalType": "ServicePrincipal"}}
+    resp = c.resource.send_request(HttpRequest("PUT", _assignment_url(c, scope, vm.id), json=body))
+    if resp.status_code not in (200, 201):
+        raise HttpResponseError(response=resp)
+
+
+def _revoke_store(c: _Clients, vm) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    scope = (vm.tags or {}).get("geotrain-store-scope")
+    if scope:
+        resp = c.resource.send_request(HttpRequest("DELETE", _assignment_url(c, scope, vm.id)))
+        if resp.status_code not in (200, 204, 404):
+            raise HttpResponseError(response=resp)
+
+
 def _error_code(e: Exception) -> str | None:
     err = getattr(e, "error", None)
     return getattr(err, "code", None) or getattr(e, "error_code", None)
@@ -178,8 +218,11 @@ def _ensure_network(c: _Clients, plan: SitePlan) -> str:
     vnet = c.network.virtual_networks.begin_create_or_update(rg, f"gt-{plan.site}-vnet", {
         "location": plan.region, "tags": _tags(plan),
         "properties": {"addressSpace": {"addressPrefixes": [prefix]}, "subnets": [
-            {"name": "site", "properties": {"addressPrefix": prefix,
-                                            "networkSecurityGroup": {"id": nsg_id}}}]}}).result()
+            {"name": "site", "properties": {
+                "addressPrefix": prefix, "networkSecurityGroup": {"id": nsg_id},
+                # Outbound only (pip, the store); new VNets default to none.
+                "defaultOutboundAccess": True,
+                "serviceEndpoints": [{"service": "Microsoft.Storage"}]}}]}}).result()
     return f"{vnet.id}/subnets/site"
 
 
@@ -222,7 +265,10 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
     if plan.spot:
         props.update(priority="Spot", evictionPolicy="Delete",
                      billingProfile={"maxPrice": float(plan.option("max_price", "-1"))})
-    body = {"location": plan.region, "tags": _tags(plan), "identity": {"type": "SystemAssigned"},
+    tags = _tags(plan)
+    if plan.option("store_scope"):
+        tags["geotrain-store-scope"] = plan.option("store_scope")
+    body = {"location": plan.region, "tags": tags, "identity": {"type": "SystemAssigned"},
             "properties": props}
     if zone:
         body["zones"] = [zone]
@@ -249,6 +295,9 @@ def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str)
         _vm_body(plan, i, zone, nics[i].id, bootstrap.render(plan, i, ray_token), key))
         for i in range(plan.nodes)]
     vms = [p.result() for p in pollers]  # raises on the first failed one
+    if plan.option("store_scope"):
+        for vm in vms:
+            _grant_store(c, plan.option("store_scope"), vm)
     ips = [n.ip_configurations[0].private_ip_address for n in nics]
     return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
             for vm, ip in zip(vms, ips)]
@@ -345,6 +394,8 @@ def _teardown_site(c: _Clients, run_id: str, site: str, keep_network: bool = Fal
         return True
     wanted = {i.lower() for i in vm_ids} if vm_ids is not None else None
     doomed = [vm for vm in vms if wanted is None or vm.id.lower() in wanted]
+    for vm in doomed:
+        _revoke_store(c, vm)
     for poller in [c.compute.virtual_machines.begin_delete(rg, vm.name) for vm in doomed]:
         poller.result()
     if len(doomed) < len(vms):

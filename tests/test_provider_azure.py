@@ -22,6 +22,8 @@ from providers import SitePlan
 from tests.fakes.arm_server import FakeArm
 
 STORE = "az://geotrainruns/runs/my run"  # a space: the boot script must quote it
+SCOPE = ("/subscriptions/00000000-0000-0000-0000-0000000000aa/resourceGroups/data/providers/"
+         "Microsoft.Storage/storageAccounts/geotrainruns/blobServices/default/containers/runs")
 OPEN = {"*", "internet", "0.0.0.0/0", "any", "::/0"}
 
 
@@ -107,6 +109,19 @@ def test_spot_launch_sends_the_right_vm(arm):
     assert all(r["tags"] == {"geotrain-run": "exp-20260101-000000-ab12", "geotrain-site": "east"}
                for r in arm.resources() if r["type"] not in ("resourceGroups", "Microsoft.Compute/disks")
                and not r["type"].endswith("/subnets"))
+
+
+@pytest.mark.timeout(60)
+def test_node_identity_gets_blob_access_on_the_store_container_only(arm):
+    az.launch(plan(nodes=2, store_scope=SCOPE))
+    vms = {v["identity"]["principalId"]: v for v in arm.resources("Microsoft.Compute/virtualMachines")}
+    grants = arm.resources("Microsoft.Authorization/roleAssignments")
+    assert sorted(g["properties"]["principalId"] for g in grants) == sorted(vms)
+    for g in grants:
+        assert g["properties"]["scope"] == SCOPE
+        assert g["properties"]["roleDefinitionId"].endswith(
+            "/roleDefinitions/ba92f5b4-2d11-453d-a403-e96b0029c9fe")  # Storage Blob Data Contributor
+        assert g["properties"]["principalType"] == "ServicePrincipal"
 
 
 @pytest.mark.timeout(60)
@@ -239,9 +254,10 @@ def test_query_finds_nodes_by_tags(arm):
 @pytest.mark.timeout(90)
 def test_terminate_leaves_nothing_and_removes_the_empty_group(arm):
     run = "exp-20260101-000000-ab12"
-    east = az.launch(plan(site="east", public_ip="true"))
+    east = az.launch(plan(site="east", public_ip="true", store_scope=SCOPE))
     west = az.launch(plan(site="west", nodes=1, subnet_prefix="10.9.0.0/24"))
     assert len(arm.resources("Microsoft.Network/publicIPAddresses")) == 2
+    assert len(arm.resources("Microsoft.Authorization/roleAssignments")) == 2
     west_before = kinds(arm, "west")
 
     # One node of a site: that VM (and its NIC and disk) goes, the rest stays.
@@ -250,6 +266,7 @@ def test_terminate_leaves_nothing_and_removes_the_empty_group(arm):
     assert ("Microsoft.Network/virtualNetworks", "gt-east-vnet") in kinds(arm, "east")
     assert ("Microsoft.Compute/disks", "gt-east-0-osdisk") not in kinds(arm, "east")
 
+    assert len(arm.resources("Microsoft.Authorization/roleAssignments")) == 1
     done = az.terminate(east)  # the whole site; east[0] is already gone (idempotent)
     assert [n.state for n in done] == ["terminated", "terminated"]
     assert kinds(arm, "east") == []  # VMs, disks, NICs, public IPs, NSG, VNet, subnet

@@ -5,6 +5,8 @@ real `azure-mgmt-resource`, `azure-mgmt-network` and `azure-mgmt-compute`
 clients on 127.0.0.1:
 
     resourceGroups            PUT / GET / HEAD / DELETE / list, `.../resources` list
+    roleAssignments           PUT / GET / DELETE at any scope (the principal must be a
+                              VM's system-assigned identity held here)
     Microsoft.Network         virtualNetworks (+ subnets), networkSecurityGroups,
                               networkInterfaces, publicIPAddresses
     Microsoft.Compute         virtualMachines, disks
@@ -465,6 +467,8 @@ class _ArmHandler(_Base):
                 status, out = fake.poll(segs[1])
                 hdr = {"Location": f"{fake.base_url}{url.path}", "Retry-After": "0"} if status == 202 else {}
                 return self._send(status, out, hdr)
+            if "microsoft.authorization" in low and "roleassignments" in low:
+                return self._role_assignment(url.path, body)
             if low[:1] != ["subscriptions"] or len(low) < 3 or segs[1] != fake.subscription:
                 raise ArmError(404, "SubscriptionNotFound", f"The subscription '{segs[1:2]}' could not be found.")
             rest, lrest = segs[2:], low[2:]
@@ -499,6 +503,35 @@ class _ArmHandler(_Base):
             self._resource(rid, group, rtype, tail[-1], body)
         except ArmError as e:
             self._send(e.status, {"error": {"code": e.code, "message": e.message}})
+
+    def _role_assignment(self, path: str, body: dict | None) -> None:
+        """Microsoft.Authorization/roleAssignments at any scope (synchronous, like ARM)."""
+        fake, key = self.fake, path.lower()
+        with fake._lock:
+            if self.command == "PUT":
+                principal = body["properties"]["principalId"]
+                known = {(r.get("identity") or {}).get("principalId") for r in fake._res.values()}
+                if principal not in known:
+                    raise ArmError(400, "PrincipalNotFound", f"Principal {principal} does not exist "
+                                   "in the directory.")
+                scope = path.split("/providers/Microsoft.Authorization/")[0]
+                res = {"id": path, "name": path.rsplit("/", 1)[1], "_group": "",
+                       "type": "Microsoft.Authorization/roleAssignments",
+                       "properties": {**body["properties"], "scope": scope}}
+                status = 200 if key in fake._res else 201
+                fake._res[key] = res
+                return self._send(status, fake._render(res))
+            res = fake._res.get(key)
+            if self.command == "GET":
+                if res is None:
+                    raise ArmError(404, "RoleAssignmentNotFound", "The role assignment does not exist.")
+                return self._send(200, fake._render(res))
+            if self.command == "DELETE":
+                if res is None:
+                    return self._send(204)
+                del fake._res[key]
+                return self._send(200, fake._render(res))
+        raise ArmError(405, "MethodNotAllowed", self.command)
 
     def _group(self, group: str, body: dict | None) -> None:
         fake = self.fake
