@@ -177,6 +177,8 @@ def test_nsg_admits_only_the_site_subnet(arm):
     [subnet] = arm.resources("Microsoft.Network/virtualNetworks/subnets")
     assert subnet["properties"]["addressPrefix"] == "10.7.3.0/24"
     assert subnet["properties"]["networkSecurityGroup"]["id"].lower() == nsg["id"].lower()
+    assert subnet["properties"]["defaultOutboundAccess"] is True  # outbound only, for pip
+    assert not arm.resources("Microsoft.Network/publicIPAddresses")
 
 
 @pytest.mark.timeout(60)
