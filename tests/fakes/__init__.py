@@ -1,2 +1,1 @@
-"""Local stand-ins for cloud APIs that have no usable emulator, spoken to by
-the real client libraries in tests."""
+"""Local servers that speak cloud APIs (GCE, EC2 faults, ARM) to the real client libraries in tests."""
