@@ -332,22 +332,22 @@ def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, 
     run_id = controller.create_run(r, str(path), geotrain_home)
     store_url = run_url(r.store_root(), run_id)
     store = RunStore(store_url)
-    with NoticeServer("aws") as s:
-        monkeypatch.delenv("GEOTRAIN_PROVIDER", raising=False)
-        monkeypatch.setenv("GEOTRAIN_METADATA_ENDPOINT", s.url)  # local + endpoint: IMDSv2 format
-        nodes = local.launch(SitePlan(run_id, "a", "local", store_url,
-                                      options=(("log_dir", str(tmp_path / "logs")),)))
-        try:
-            wait_for(lambda: (store.heartbeat("a") or {}).get("state") == "training", 120)
-            t0 = time.time()
-            s.preempt(in_s=30)
-            hb = wait_for(lambda: (b := store.heartbeat("a")) and b["state"] == "preempting" and b, 20)
-            print(f"\nagent: 'preempting' heartbeat {hb['at'] - t0:.2f} s after preempt()")
-            assert hb["notice"] == "preempt" and t0 + 28 <= hb["deadline"] <= t0 + 31
-            proc = local._children[nodes[0].pid]
-            assert proc.wait(timeout=30) == 0
-        finally:
-            local.terminate(nodes)
+    # The local provider serves each site's own metadata endpoint (IMDSv2 format);
+    # local.preempt announces a notice there, and the agent's real watcher sees it.
+    monkeypatch.delenv("GEOTRAIN_PROVIDER", raising=False)
+    nodes = local.launch(SitePlan(run_id, "a", "local", store_url,
+                                  options=(("log_dir", str(tmp_path / "logs")),)))
+    try:
+        wait_for(lambda: (store.heartbeat("a") or {}).get("state") == "training", 120)
+        t0 = time.time()
+        local.preempt(run_id, "a", notice_s=30)
+        hb = wait_for(lambda: (b := store.heartbeat("a")) and b["state"] == "preempting" and b, 30)
+        print(f"\nagent: 'preempting' heartbeat {hb['at'] - t0:.2f} s after preempt()")
+        assert hb["notice"] == "preempt" and t0 + 28 <= hb["deadline"] <= t0 + 31
+        proc = local._children[nodes[0].pid]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        local.terminate(nodes)
     events = [e for e in store.events(["a"]) if e["kind"] == "preempting"]
     assert len(events) == 1 and events[0]["provider"] == "aws" and events[0]["notice"] == "preempt"
     # It published what it could: round 1 so far, fewer than its 400 inner steps.
