@@ -175,6 +175,7 @@ class Controller(Migrations):
             if self.member[n] != n and (rows.get(n) or {}).get("placement")}
         self.migrating: dict[str, dict] = {}
         self.draining: dict[str, float] = {}  # preempted sites publishing their last work
+        self.store_move: dict | None = None
         self.started = time.time()
         self._seen_commands: set[str] = set()
 
@@ -343,6 +344,7 @@ class Controller(Migrations):
         while True:
             self._poll_commands()
             self._advance_migrations()
+            self._advance_store_migration()
             beats = {s.name: self.store.heartbeat(self.member[s.name]) for s in self.recipe.sites}
             for name, hb in beats.items():
                 if hb:

@@ -1,4 +1,5 @@
-"""Moving a live run: a site to another provider or region, make-before-break.
+"""Moving a live run: a site to another provider or region, make-before-break;
+or the whole run store to another backend.
 
 `geotrain migrate RUN --site S --to PROVIDER[:REGION[:INSTANCE]]` asks the
 run's controller (through the run store: `sites/controller/commands/`) to
@@ -14,11 +15,25 @@ move site S. The controller then, without stopping anything:
 The site's shard is never without a trainer, so the migration's downtime is
 the time between the old member stopping and the new one's first step — zero
 when the new one trained first, which is what step 2 guarantees.
+
+`geotrain migrate RUN --store URL` moves the run store while the run goes on:
+
+1. the controller copies the store to URL (`store_copy.copy_run`: checksums
+   verified, markers last, so the copy is valid at every instant; the old
+   store is left intact);
+2. it asks every site, through `_switch.json` in the old store, to publish
+   round A = (newest decided round + 2) and later to the new store;
+3. once round A-1 is committed in the old store it copies again (only what
+   changed), marks the new store ready, and switches itself; each site moves
+   before publishing round A (its trainer) or within a second (its agent).
+Rounds stay strictly increasing with no gap: rounds < A live in both stores,
+A and later only in the new one.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import providers
@@ -49,6 +64,12 @@ class Migrations:
             if key in self._seen_commands or c["at"] < self.started - 60:
                 continue
             self._seen_commands.add(key)
+            if c["command"] == "migrate-store":
+                try:
+                    self._start_store_migration(c["to"])
+                except GeotrainError as e:
+                    self.event("migrate-failed", f"moving the store to {c.get('to')}: {e}",
+                               site=None, store=c.get("to"), error=str(e))
             if c["command"] == "migrate-site":
                 try:
                     self._start_migration(c["target"], parse_target(c["to"]))
@@ -133,6 +154,83 @@ class Migrations:
         self.event("migrate-failed", f"site {name}: migration abandoned ({why}); {m['old']} "
                    "goes on", site=name, error=why)
         del self.migrating[name]
+
+
+    # -- the whole store ----------------------------------------------------------------
+
+    def _start_store_migration(self, to: str) -> None:
+        from geotrain.store import RunStore
+
+        if self.store_move:
+            raise GeotrainError("the run store is already being moved")
+        RunStore(to)  # a bad URL fails here, with the valid schemes
+        self.store_move = {"to": to.rstrip("/"), "phase": "copying", "t0": time.time()}
+        self.event("migrate-store-started", f"copying the run store to {to}", store=to)
+        self._copy_in_background()
+
+    def _copy_in_background(self) -> None:
+        from geotrain.store_copy import copy_run
+
+        move = self.store_move
+
+        def work() -> None:
+            try:
+                move["report"] = copy_run(self.store.url, move["to"])
+            except Exception as e:  # noqa: BLE001 - reported by the watch loop
+                move["error"] = e
+        move["thread"] = threading.Thread(target=work, name="store-copy", daemon=True)
+        move["thread"].start()
+
+    def _advance_store_migration(self) -> None:
+        from geotrain.store import RunStore
+
+        move = self.store_move
+        if not move or move["thread"].is_alive():
+            return
+        if "error" in move:
+            self.event("migrate-failed", f"moving the store to {move['to']} failed: {move['error']}; "
+                       "the run goes on in the old store", store=move["to"], error=str(move["error"]))
+            self.store_move = None
+            return
+        if move["phase"] == "copying":
+            decided = self.store.latest_global() or 0
+            while self.store.members(decided + 1) is not None:
+                decided += 1
+            move["at_round"] = decided + 2
+            if move["at_round"] > self.recipe.train.rounds:
+                self.event("migrate-failed", "too close to the end of the run to move the store",
+                           store=move["to"], error="too late")
+                self.store_move = None
+                return
+            self.store.request_switch(move["to"], move["at_round"])
+            move["phase"] = "waiting"
+        elif move["phase"] == "waiting" and self.store.is_committed(move["at_round"] - 1):
+            move["phase"] = "final"
+            self._copy_in_background()
+        elif move["phase"] == "final":
+            old = self.store.url
+            RunStore(move["to"]).mark_switch_ready(move["at_round"])
+            self.store.switch(move["to"])
+            self.db.update_run(self.run_id, store=move["to"])
+            now = time.time()
+            for name in self.sites:  # their beats move over within a second or two
+                self.launched_at[name] = now
+            report = move["report"]
+            self.event("store-migrated", f"run store moved from {old} to {move['to']} at round "
+                       f"{move['at_round']} in {now - move['t0']:.1f} s", store=move["to"],
+                       previous=old, at_round=move["at_round"], seconds=now - move["t0"],
+                       copied_bytes=report.bytes_copied)
+            self.store_move = None
+
+
+def request_store_migration(store, to: str) -> float:
+    """Ask the run's controller to move the run store to `to`; returns the request time."""
+    from geotrain.store import RunStore
+
+    RunStore(to)  # refuse a malformed URL before asking
+    at = time.time()
+    store.send_command("controller", "migrate-store", to=to)
+    return at
 
 
 def request_site_migration(store, site: str, to: str) -> float:

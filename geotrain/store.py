@@ -409,6 +409,50 @@ class RunStore:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    # -- moving a live run to another backend (geotrain/migrate.py) ----------------------
+
+    def switch(self, url: str) -> None:
+        """Point this object at another copy of the run store, in place, so every
+        component of a process that shares it follows at once."""
+        self.__init__(url, faults=self.faults, retry_policy=self.retry_policy)
+
+    def request_switch(self, to: str, at_round: int) -> None:
+        """Ask every site to publish round `at_round` and later to the store at `to`."""
+        self.put_json("_switch.json", {"to": to, "at_round": at_round, "at": time.time()})
+
+    def switch_request(self) -> dict | None:
+        try:
+            req = self.get_json("_switch.json")
+        except FileNotFoundError:
+            return None
+        return req if req.get("to") != self.url else None
+
+    def mark_switch_ready(self, at_round: int) -> None:
+        """Written in the new store once it holds every round before at_round."""
+        self.put_json("_switch_ready.json", {"at_round": at_round, "at": time.time()})
+
+    def switch_ready(self, at_round: int) -> bool:
+        try:
+            return self.get_json("_switch_ready.json")["at_round"] >= at_round
+        except FileNotFoundError:
+            return False
+
+    def follow_switch(self, before_round: int | None = None, wait: bool = False,
+                      should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Move to the new store if a switch was requested and it is ready: at
+        once (`before_round` None), or before publishing `before_round` >= its
+        at_round, waiting for the new store to be ready when `wait`. True if moved."""
+        req = self.switch_request()
+        if not req or (before_round is not None and before_round < req["at_round"]):
+            return False
+        target = RunStore(req["to"])
+        while not target.switch_ready(req["at_round"]):
+            if not wait or should_stop():
+                return False
+            time.sleep(0.2)
+        self.switch(req["to"])
+        return True
+
     def alive(self, site: str, state: str, **info: Any) -> None:
         """Liveness, written every second or so by a site's agent (and by DiLoCo
         when it runs outside an agent): who is there and in what state."""

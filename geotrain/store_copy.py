@@ -55,8 +55,8 @@ def _is_marker(key: str) -> bool:
     parts = key.split("/")
     if parts[0] == "global" and len(parts) == 3:
         return parts[2] == "COMMITTED"
-    if parts[0] == "rounds" and len(parts) == 3:
-        return parts[2].endswith(".json")
+    if parts[0] == "rounds" and len(parts) == 3:  # a contribution's manifest, not _members.json
+        return parts[2].endswith(".json") and not parts[2].startswith("_")
     return key == "final/summary.json"
 
 
@@ -123,7 +123,8 @@ def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress]
     # 2. Contributions: payload verified against its manifest, manifest held back.
     for key in keys:
         parts = key.split("/")
-        if not (parts[0] == "rounds" and len(parts) == 3 and parts[2].endswith(".json")):
+        if not (parts[0] == "rounds" and len(parts) == 3 and parts[2].endswith(".json")
+                and not parts[2].startswith("_")):  # _members.json is a decision, copied below
             continue
         raw = src.get(key)
         payload_key = key[:-5] + ".bin"

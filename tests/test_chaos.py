@@ -165,3 +165,31 @@ def test_preempt_a_site_with_a_notice(tmp_path: Path, geotrain_home: Path):
     assert lost["reason"] == "preempted" and lost["at"] - noticed_at <= 5.0
     assert any(e["kind"] == "site-rejoined" and e["site"] == "a" for e in controller_events(store))
     print(f"\nnotice -> declared lost {lost['at'] - noticed_at:.2f} s")
+
+
+@pytest.mark.timeout(600)
+def test_move_the_store_across_every_backend_while_the_run_goes_on(tmp_path: Path, geotrain_home: Path,
+                                                                    store_urls):
+    # Endpoints of moto S3, the GCS emulator and Azurite are set in this process's
+    # environment, which the detached controller and its sites inherit.
+    targets = [store_urls("s3"), store_urls("gs"), store_urls("az")]
+    rounds = 150
+    run = launch_detached(tmp_path, geotrain_home, rounds)
+    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
+    first = status(geotrain_home, run)["store"]
+    moves = []
+    for url in targets:
+        out = cli(geotrain_home, "migrate", run, "--store", url, "--json", timeout=200, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        moves.append(json.loads(out.stdout))
+        assert status(geotrain_home, run)["store"] == url
+    store = assert_nothing_lost(geotrain_home, run, rounds)  # checked in the last store, az://
+    assert store.url == targets[-1]
+    ats = [m["at_round"] for m in moves]
+    assert ats == sorted(ats) and all(1 < a <= rounds for a in ats)
+    # Every old store is left intact, with every round it had committed.
+    for old, move in zip([first, *targets[:-1]], moves):
+        kept = RunStore(old).committed_rounds()
+        assert kept == list(range(len(kept))) and len(kept) >= move["at_round"]
+    print("\nstore moves: " + ", ".join(f"{m['previous'].split(':')[0]}->{m['store'].split(':')[0]} "
+                                         f"at round {m['at_round']} in {m['seconds']:.1f} s" for m in moves))

@@ -132,6 +132,7 @@ def populate(store: RunStore) -> None:
             store.put_result(r + 1, site, {"hash": f"h{r + 1}"})
             store.event(site, "round", f"round {r + 1}", round=r + 1)
             store.beat(site, {"state": "training", "round": r + 1})
+        store.decide_members(r + 1, {"accepted": [{"site": "a", "round": r + 1}], "decided_by": "a"})
     store.send_command("a", "stop")
     # a round a crashed leader left half-written: data, no marker
     store.put(f"global/{round_key(3)}/model.safetensors", model_bytes(3))
@@ -149,6 +150,7 @@ def assert_same_run(src: RunStore, dst: RunStore) -> None:
         assert dst.read_global(r) == src.read_global(r)
     assert dst.contributions(2) == ["a", "b"]
     assert dst.read_contribution(2, "b") == src.read_contribution(2, "b")
+    assert [dst.members(r) for r in (1, 2, 3)] == [src.members(r) for r in (1, 2, 3)] != [None] * 3
     assert dst.events(["a", "b"]) == src.events(["a", "b"])
     assert dst.read_final() == src.read_final() and dst.read_run() == src.read_run()
 

@@ -129,6 +129,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
             # Commands from before this agent started were for an earlier incarnation.
             if any(c["command"] == "stop" and c["at"] >= started for c in store.commands(site)):
                 raise Stopped("stop command")
+            store.follow_switch()  # the run store moved (geotrain migrate --store)
             if notices and notices.fired.is_set():
                 raise Preempted(notices.notice)
         summary = next(r for r in results if r["rank"] == 0)

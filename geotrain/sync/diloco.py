@@ -264,6 +264,10 @@ class DiLoCo:
         if self.rank == 0:
             local = model_params(self.model)
             r = self.exchange.first_open_round(self.training_round)
+            # A store migration switches every site at the same round boundary.
+            if self.exchange.store.follow_switch(before_round=r, wait=True,
+                                                 should_stop=self.should_stop):
+                r = self.exchange.first_open_round(self.training_round)
             delta = {n: self._start[n] - local[n] for n in local}
             self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
             self.bytes_sent += self._sent[r]
