@@ -126,6 +126,11 @@ class RunStore:
     def __repr__(self) -> str:
         return f"RunStore({self.url!r})"
 
+    def injected_faults(self) -> int | None:
+        """How many faults a fault plan has injected into this object's calls (None: no plan)."""
+        log = getattr(self.fs, "log", None)
+        return len(log.faults) if self.faults is not None and log is not None else None
+
     def settings(self) -> dict[str, Any]:
         """Where this store's settings came from, for events and `status`:
         names of the environment variables in play, never their secret values."""

@@ -193,3 +193,16 @@ def test_move_the_store_across_every_backend_while_the_run_goes_on(tmp_path: Pat
         assert kept == list(range(len(kept))) and len(kept) >= move["at_round"]
     print("\nstore moves: " + ", ".join(f"{m['previous'].split(':')[0]}->{m['store'].split(':')[0]} "
                                          f"at round {m['at_round']} in {m['seconds']:.1f} s" for m in moves))
+
+
+def test_bursts_of_store_errors(tmp_path: Path, geotrain_home: Path, monkeypatch: pytest.MonkeyPatch):
+    # Every store client of the run — controller, agents, trainers — inherits the plan:
+    # 5 % of calls start a burst of up to 3 failures (errors real backends raise).
+    monkeypatch.setenv("GEOTRAIN_STORE_FAULTS", "rate=0.05,burst=3,seed=11")
+    run = launch_detached(tmp_path, geotrain_home)
+    monkeypatch.delenv("GEOTRAIN_STORE_FAULTS")
+    store = assert_nothing_lost(geotrain_home, run)
+    done = [e for e in store.events(["a", "b"]) if e["kind"] == "done"]
+    assert len(done) == 2 and all(e["store_faults_injected"] > 0 for e in done)
+    starting = [e for e in store.events(["a", "b"]) if e["kind"] == "starting"]
+    assert all(e["store_settings"]["faults"]["source"] == "GEOTRAIN_STORE_FAULTS" for e in starting)

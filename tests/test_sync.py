@@ -509,3 +509,53 @@ def test_params_hash_sees_one_ulp():
     assert params_hash(nudged) != digest
     # names count too: the same bytes under another name are another model
     assert params_hash({"v": tensors["w"], "b": tensors["b"]}) != digest
+
+
+def test_rounds_by_wall_time_let_a_slow_site_count_less_not_stall(tmp_path):
+    """sync.round_seconds: a fast and a slow site end every round together; the
+    slow one trains fewer steps and its contribution weighs its tokens."""
+    url = "file://" + str(tmp_path)
+    start = build(CFG, seed=0)
+    commit_start(RunStore(url), start)
+    out, errors = {}, []
+
+    def site(name: str, step_delay: float) -> None:
+        try:
+            model = build(CFG, seed=0)
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            gen = torch.Generator().manual_seed(len(name))
+            ex = RoundExchange(RunStore(url), name, poll_s=0.01)
+            with DiLoCo(model, opt, ex, inner_steps=None, round_seconds=0.6) as diloco:
+                while diloco.training_round <= 4:
+                    x, y = batch(gen)
+                    train_step(model, opt, x, y)
+                    time.sleep(step_delay)
+                    diloco.step(tokens=x.numel())
+                diloco.finish()
+            out[name] = diloco.history
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    store = RunStore(url)
+    for s in ("fast", "slow"):
+        store.alive(s, "starting")
+    threads = [threading.Thread(target=site, args=("fast", 0.0)),
+               threading.Thread(target=site, args=("slow", 0.1))]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    assert [r.hash for r in out["fast"]] == [r.hash for r in out["slow"]]
+    for r in range(1, 5):
+        tokens = {s: store.contribution_meta(r, s)["tokens"] for s in ("fast", "slow")}
+        assert tokens["fast"] > 1.5 * tokens["slow"] > 0, (r, tokens)
+        assert {e["site"] for e in store.members(r)["accepted"]} == {"fast", "slow"}
+    # Round 1 by hand: weights are the tokens each trained, not one vote per site.
+    parts = [(s, compression.decode(store.read_contribution(1, s)[0]),
+              store.contribution_meta(1, s)["tokens"]) for s in ("fast", "slow")]
+    theta = model_params(start)
+    outer_step(theta, weighted_mean(parts), {}, 0.7, 0.9, True)
+    assert params_hash(theta) == out["fast"][0].hash
+    assert time.monotonic() - t0 < 20  # 4 rounds of 0.6 s: nobody waited for the slow site's steps

@@ -134,7 +134,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
                 raise Preempted(notices.notice)
         summary = next(r for r in results if r["rank"] == 0)
         store.event(site, "done", f"finished at round {summary['round']}", **{
-            k: summary[k] for k in ("round", "bytes_sent", "bytes_received")})
+            k: summary[k] for k in ("round", "bytes_sent", "bytes_received")},
+            store_faults_injected=store.injected_faults())
         code, final = 0, "done"
     except Preempted as e:
         # Publish what we can: the trainer sends this round's progress so far as an

@@ -244,7 +244,7 @@ class DiLoCo:
         if self.round_seconds is None:
             return self._steps >= self.inner_steps
         over = torch.tensor([int(time.monotonic() - self._round_t0 >= self.round_seconds
-                                 or (self.inner_steps and self._steps >= self.inner_steps))])
+                                 or bool(self.inner_steps and self._steps >= self.inner_steps))])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(over, 0)  # rank 0's clock decides for the whole site
         return bool(over.item())
