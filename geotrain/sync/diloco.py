@@ -223,6 +223,7 @@ class DiLoCo:
             merged = self._merge(self.round + 1, decision, decided_by_me=False)
             self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum
         self.training_round = self.round + 1
+        self.exchange.joined_round = self.training_round
         self._queued = self.round
 
     def done(self, rounds: int) -> bool:
