@@ -23,8 +23,10 @@ interrupted copy is resumed by running it again. The source is only read.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from geotrain.errors import StoreError
@@ -61,11 +63,13 @@ def _is_marker(key: str) -> bool:
 
 
 def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress], None] | None = None,
-             src: RunStore | None = None, dst: RunStore | None = None) -> CopyReport:
+             src: RunStore | None = None, dst: RunStore | None = None, workers: int = 16) -> CopyReport:
     """Copy the run store at src_url to dst_url (see the module docstring).
 
     `src` / `dst` may be given as ready RunStores (e.g. with a fault plan);
-    otherwise they are opened from the URLs with the environment's settings."""
+    otherwise they are opened from the URLs with the environment's settings.
+    Objects are read, verified and written by `workers` threads (object stores
+    reward many requests in flight); markers still go only after all data."""
     t0 = time.monotonic()
     src = src or RunStore(src_url)
     dst = dst or RunStore(dst_url)
@@ -75,6 +79,7 @@ def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress]
     if not keys:
         raise StoreError(f"store: nothing to copy at {src.url} (no objects)")
     counts = {"copied": 0, "skipped": 0, "bytes": 0}
+    lock = threading.Lock()
 
     def copy(key: str, data: bytes | None = None) -> None:
         data = src.get(key) if data is None else data
@@ -84,21 +89,14 @@ def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress]
             same = False
         if not same:
             dst.put(key, data)
-            counts["copied"] += 1
-            counts["bytes"] += len(data)
-        else:
-            counts["skipped"] += 1
-        if on_progress:
-            on_progress(CopyProgress(key, len(data), not same))
+        with lock:
+            counts["copied" if not same else "skipped"] += 1
+            counts["bytes"] += len(data) if not same else 0
+            if on_progress:
+                on_progress(CopyProgress(key, len(data), not same))
 
-    markers: list[tuple[str, bytes]] = []
-    rejected: list[str] = []
-    committed: list[int] = []
-    contributions = 0
-    vouched: set[str] = set()  # data objects already copied as part of a verified unit
-
-    # 1. Committed global rounds, oldest first: data verified, marker held back.
-    for r in src.committed_rounds():
+    def global_round(r: int) -> tuple[int, str, bytes | None, set[str]]:
+        """Verify and copy a committed round's data; its marker is held back."""
         base = f"global/{round_key(r)}"
         marker = src.get(f"{base}/COMMITTED")
         manifest_raw = src.get(f"{base}/manifest.json")
@@ -111,44 +109,52 @@ def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress]
             data = src.get(f"{base}/{name}")
             ok = ok and sha256(data) == digest
             copy(f"{base}/{name}", data)
-            vouched.add(f"{base}/{name}")
         copy(f"{base}/manifest.json", manifest_raw)
-        vouched |= {f"{base}/manifest.json", f"{base}/COMMITTED"}
-        if ok:
-            markers.append((f"{base}/COMMITTED", marker))
-            committed.append(r)
-        else:
-            rejected.append(base)
+        vouched = {f"{base}/{name}" for name in files} | {f"{base}/manifest.json", f"{base}/COMMITTED"}
+        return r, base, marker if ok else None, vouched
 
-    # 2. Contributions: payload verified against its manifest, manifest held back.
-    for key in keys:
-        parts = key.split("/")
-        if not (parts[0] == "rounds" and len(parts) == 3 and parts[2].endswith(".json")
-                and not parts[2].startswith("_")):  # _members.json is a decision, copied below
-            continue
+    def contribution(key: str) -> tuple[str, bytes | None]:
+        """Verify and copy a contribution's payload; its manifest is held back."""
         raw = src.get(key)
-        payload_key = key[:-5] + ".bin"
         try:
             digest = json.loads(raw)["sha256"]
-            payload = src.get(payload_key)
+            payload = src.get(key[:-5] + ".bin")
         except (json.JSONDecodeError, KeyError, TypeError, FileNotFoundError):
             digest, payload = None, b""
         if digest is not None and sha256(payload) == digest:
-            copy(payload_key, payload)
-            markers.append((key, raw))
-            contributions += 1
-        else:
-            rejected.append(key[:-5])
-        vouched |= {key, payload_key}
+            copy(key[:-5] + ".bin", payload)
+            return key, raw
+        return key, None
 
-    # 3. Everything else (run.json, heartbeats, events, results, uncommitted
-    #    leftovers, final/ model), then the markers, final/summary.json last.
-    for key in keys:
-        if key not in vouched and not _is_marker(key):
-            copy(key)
-    for key, data in markers:
-        copy(key, data)
-    if "final/summary.json" in keys:  # the final model is vouched for by its summary
+    markers: list[tuple[str, bytes]] = []
+    rejected: list[str] = []
+    committed: list[int] = []
+    vouched: set[str] = set()  # objects handled as part of a verified unit
+    contribution_keys = [k for k in keys if _is_contribution(k)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # 1. Committed global rounds and 2. contributions: data verified and
+        #    copied, markers held back.
+        for r, base, marker, handled in pool.map(global_round, src.committed_rounds()):
+            vouched |= handled
+            if marker is not None:
+                markers.append((f"{base}/COMMITTED", marker))
+                committed.append(r)
+            else:
+                rejected.append(base)
+        for key, raw in pool.map(contribution, contribution_keys):
+            vouched |= {key, key[:-5] + ".bin"}
+            if raw is not None:
+                markers.append((key, raw))
+            else:
+                rejected.append(key[:-5])
+        # 3. Everything else (run.json, heartbeats, events, results, decisions,
+        #    uncommitted leftovers, final/ model), then the markers.
+        list(pool.map(copy, [k for k in keys if k not in vouched and not _is_marker(k)]))
+        # Rounds are marked oldest first (a reader never sees a gap), contributions in parallel.
+        for key, data in sorted(m for m in markers if m[0].startswith("global/")):
+            copy(key, data)
+        list(pool.map(lambda m: copy(*m), [m for m in markers if not m[0].startswith("global/")]))
+    if "final/summary.json" in keys:  # the final model is vouched for by its summary, last
         summary = src.get("final/summary.json")
         try:
             digest = json.loads(summary).get("model_sha256")
@@ -159,8 +165,15 @@ def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress]
             copy("final/summary.json", summary)
         else:
             rejected.append("final")
-    return CopyReport(counts["copied"], counts["skipped"], counts["bytes"], tuple(committed),
-                      contributions, tuple(rejected), time.monotonic() - t0)
+    contributions = sum(1 for k, _ in markers if not k.startswith("global/"))
+    return CopyReport(counts["copied"], counts["skipped"], counts["bytes"], tuple(sorted(committed)),
+                      contributions, tuple(sorted(rejected)), time.monotonic() - t0)
+
+
+def _is_contribution(key: str) -> bool:
+    parts = key.split("/")
+    return (parts[0] == "rounds" and len(parts) == 3 and parts[2].endswith(".json")
+            and not parts[2].startswith("_"))  # _members.json is a decision, copied as data
 
 
 if __name__ == "__main__":

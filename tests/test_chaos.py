@@ -21,7 +21,7 @@ import pytest
 from geotrain.store import RunStore
 from tests.helpers import geotrain_cmd, geotrain_home, tagged_processes, wait_for  # noqa: F401
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 ROUNDS = 10
 RECIPE = f"""\
@@ -43,9 +43,13 @@ def status(home: Path, run: str) -> dict:
     return json.loads(cli(home, "status", run, "--json").stdout)
 
 
-def launch_detached(tmp_path: Path, home: Path, rounds: int = ROUNDS) -> str:
+def launch_detached(tmp_path: Path, home: Path, rounds: int = ROUNDS, inner_steps: int = 10) -> str:
+    """A detached 2-site run. Tests that need a site to start again while the run
+    goes on use longer rounds, so the run outlasts a new Ray cluster's start
+    even on a loaded machine."""
     recipe = tmp_path / "chaos.yaml"
-    recipe.write_text(RECIPE.replace(f"rounds: {ROUNDS},", f"rounds: {rounds},"))
+    recipe.write_text(RECIPE.replace(f"rounds: {ROUNDS},", f"rounds: {rounds},")
+                      .replace("inner_steps: 10,", f"inner_steps: {inner_steps},"))
     return json.loads(cli(home, "launch", str(recipe), "--detach", "--json").stdout)["run"]
 
 
@@ -54,7 +58,7 @@ def committed(run_store: RunStore) -> int:
 
 
 def assert_nothing_lost(home: Path, run: str, rounds: int = ROUNDS) -> RunStore:
-    s = wait_for(lambda: (x := status(home, run))["state"] != "running" and x, timeout=240, every=1)
+    s = wait_for(lambda: (x := status(home, run))["state"] != "running" and x, timeout=420, every=1)
     assert s["state"] == "succeeded", s
     store = RunStore(s["store"])
     assert store.committed_rounds() == list(range(rounds + 1))  # no gap, no duplicate
@@ -74,13 +78,13 @@ def controller_events(store: RunStore) -> list[dict]:
 
 
 def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
-    run = launch_detached(tmp_path, geotrain_home, rounds=80)
+    run = launch_detached(tmp_path, geotrain_home, rounds=40, inner_steps=30)
     s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=120)
     store = RunStore(s["store"])
     victim = next(site for site in s["sites"] if site["name"] == "a")["pid"]
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
-    store = assert_nothing_lost(geotrain_home, run, rounds=80)
+    store = assert_nothing_lost(geotrain_home, run, rounds=40)
     events = controller_events(store)
     lost = next(e for e in events if e["kind"] == "site-lost" and e["site"] == "a")
     assert lost["at"] - killed_at <= 5.0, "loss detected too late"
@@ -132,8 +136,8 @@ def test_resume_refuses_a_finished_or_controlled_run(tmp_path: Path, geotrain_ho
 
 
 def test_migrate_a_site_between_local_regions(tmp_path: Path, geotrain_home: Path):
-    rounds = 60  # long enough for a second Ray cluster to start beside the first
-    run = launch_detached(tmp_path, geotrain_home, rounds)
+    rounds = 40
+    run = launch_detached(tmp_path, geotrain_home, rounds, inner_steps=30)
     wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
     out = cli(geotrain_home, "migrate", run, "--site", "a", "--to", "local:west", "--json",
               timeout=200, check=False)
@@ -154,11 +158,11 @@ def test_migrate_a_site_between_local_regions(tmp_path: Path, geotrain_home: Pat
 def test_preempt_a_site_with_a_notice(tmp_path: Path, geotrain_home: Path):
     from providers import local
 
-    run = launch_detached(tmp_path, geotrain_home, rounds=80)
+    run = launch_detached(tmp_path, geotrain_home, rounds=40, inner_steps=30)
     wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
     noticed_at = time.time()
     local.preempt(run, "a", notice_s=30)  # served on the site's own metadata endpoint
-    store = assert_nothing_lost(geotrain_home, run, rounds=80)
+    store = assert_nothing_lost(geotrain_home, run, rounds=40)
     site_events = [e for e in store.events(["a"]) if e["at"] >= noticed_at]
     assert any(e["kind"] == "preempting" and e["notice"] == "preempt" for e in site_events)
     lost = next(e for e in controller_events(store) if e["kind"] == "site-lost")
@@ -167,14 +171,14 @@ def test_preempt_a_site_with_a_notice(tmp_path: Path, geotrain_home: Path):
     print(f"\nnotice -> declared lost {lost['at'] - noticed_at:.2f} s")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(720)
 def test_move_the_store_across_every_backend_while_the_run_goes_on(tmp_path: Path, geotrain_home: Path,
                                                                     store_urls):
     # Endpoints of moto S3, the GCS emulator and Azurite are set in this process's
     # environment, which the detached controller and its sites inherit.
     targets = [store_urls("s3"), store_urls("gs"), store_urls("az")]
-    rounds = 150
-    run = launch_detached(tmp_path, geotrain_home, rounds)
+    rounds = 100
+    run = launch_detached(tmp_path, geotrain_home, rounds, inner_steps=30)
     wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
     first = status(geotrain_home, run)["store"]
     moves = []
