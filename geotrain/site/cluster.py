@@ -93,7 +93,11 @@ def _secure_env(host: str) -> None:
     if not os.environ.get("RAY_AUTH_TOKEN"):
         raise ClusterError("RAY_AUTH_TOKEN is not set: a multi-node site's Ray cluster needs the "
                            "token from the node's boot script (infra/boot.sh.tmpl)")
-    os.environ["RAY_AUTH_MODE"] = "token"  # explicit: never fall back to an open cluster
+    if os.environ.get("RAY_AUTH_MODE") != "token":  # explicit: never fall back to an open cluster
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray read its config at import; make this process see it too
     if not os.environ.get("GLOO_SOCKET_IFNAME") and (ifname := interface_for(host)):
         os.environ["GLOO_SOCKET_IFNAME"] = ifname  # Ray's workers inherit it
 
