@@ -3,11 +3,12 @@
 The boot script is rendered for each cloud provider (it must render and quote
 every value). Then the *Ray/agent steps* of one rendered script run for node 0
 and node 1 as real processes: the script is run by bash as rendered, except for
-exactly three edits that a cloud node needs and this machine can not do — no
+exactly four edits that a cloud node needs and this machine can not do — no
 tee into /var/log, no venv/pip install (the test's interpreter stands in for
-/opt/geotrain), and PRIVATE_IP=127.0.0.1 instead of `hostname -I`. Each edit
-must match exactly once, so a changed template fails here rather than being
-silently skipped.
+/opt/geotrain/bin/python, also in the exec line), and PRIVATE_IP=127.0.0.1
+instead of `hostname -I`. Each edit must match exactly once, so a changed
+template fails here rather than being silently skipped. The node processes
+carry RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 so that Ray keeps 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def test_boot_script_renders_and_quotes(provider: str):
         assert f"export GEOTRAIN_NODE_INDEX={i}\n" in script and "export GEOTRAIN_NODES=2\n" in script
         assert f"export GEOTRAIN_PROVIDER={provider}\n" in script and "RAY_PORT=7000\n" in script
         assert f"STORE={shlex.quote(evil)}\n" in script  # one shell word, nothing runs
-        assert '--node-index "$GEOTRAIN_NODE_INDEX" --nodes "$GEOTRAIN_NODES" --ray-port "$RAY_PORT"' in script
+        assert ('--node-index "$GEOTRAIN_NODE_INDEX" --nodes "$GEOTRAIN_NODES" '
+                '--ray-port "$RAY_PORT"') in script
         out = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
         assert out.returncode == 0, out.stderr
     with pytest.raises(ValueError):

@@ -228,7 +228,9 @@ def run_member(store: RunStore, site: str, host: str, base_port: int, index: int
                 return "site finished"
             if reachable(address):
                 lost_since = None
-            elif (lost_since := lost_since or time.monotonic()) and time.monotonic() - lost_since > HEAD_LOST_S:
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > HEAD_LOST_S:
                 return "head unreachable"
     finally:
         stop_node(node)
