@@ -13,6 +13,7 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/global/<round>/eval.json     the committer's eval of that global state
     <run>/sites/<site>/heartbeat       last beat: step, round, loss, tokens/s, state
     <run>/sites/<site>/alive           liveness, every ~1 s: state, pid, time
+    <run>/sites/<site>/head.json       a multi-node site's Ray head: private IP:port, state (never the token)
     <run>/sites/<site>/commands/<n>    drain / stop, written by the controller
     <run>/sites/<site>/events.jsonl    what the site did (one writer per file)
     <run>/events.jsonl                 what the controller did
@@ -472,6 +473,17 @@ class RunStore:
             except (FileNotFoundError, json.JSONDecodeError):
                 pass
         return out
+
+    def put_head(self, site: str, record: dict) -> None:
+        """Where a multi-node site's Ray head listens (private `IP:PORT`) and
+        whether it is up, for the site's other nodes; never the cluster token."""
+        self.put_json(f"sites/{site}/head.json", dict(record, site=site, at=time.time()))
+
+    def head(self, site: str) -> dict | None:
+        try:
+            return self.get_json(f"sites/{site}/head.json")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def send_command(self, site: str, command: str, **args: Any) -> None:
         name = f"{time.time_ns()}-{command}"
