@@ -7,7 +7,8 @@ after a crash between the provider call and the db update.
 
 `down_orphans(home)` asks every provider that can list by tag (`query_all`, optional in
 the contract) for every geotrain-tagged node, and terminates those whose run the state
-db does not know, or says is finished, failed or stopped. A provider module that does
+db does not know, or says is finished, failed or stopped, or whose controller process
+is gone while the db still says running (abandoned). A provider module that does
 not exist yet, cannot list, or fails is reported as skipped, never raised.
 """
 
@@ -34,15 +35,35 @@ def _module(name: str):
         raise
 
 
+def recorded_regions(db: StateDB, run_id: str, provider: str,
+                     site: str | None = None) -> list[str] | None:
+    """The regions the state db says the run (or one site) ever asked `provider`
+    for — every attempt is recorded before its call, so no node of the run can be
+    elsewhere. None (search everywhere) when an attempt left the region to the
+    provider, or when nothing is recorded."""
+    rows = [r for r in db.nodes(run_id) if r["provider"] == provider
+            and (site is None or r["site"] == site)]
+    if not rows or any(not r["region"] for r in rows):
+        return None
+    return sorted({r["region"] for r in rows})
+
+
+def query_run(db: StateDB, run_id: str, provider: str, site: str | None = None) -> list[providers.Node]:
+    """`provider.query` for the run (or one site), searching only the recorded regions."""
+    return providers.get(provider).query(run_id, site,
+                                         regions=recorded_regions(db, run_id, provider, site))
+
+
 def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
-    """Terminate every node of a run the state db or the providers' tags know of."""
+    """Terminate every node of a run the state db or the providers' tags know of
+    (the tags searched in the regions the db recorded; see recorded_regions)."""
     rows = db.nodes(run_id)
     gone: list[providers.Node] = []
     for name in sorted({r["provider"] for r in rows}):
         provider = _module(name)
         if provider is None:
             continue
-        live = provider.query(run_id)
+        live = provider.query(run_id, regions=recorded_regions(db, run_id, name))
         known = {n.instance_id for n in live}
         recorded = [providers.Node(run_id, r["site"], name, r["instance_id"], "running",
                                    pid=r["pid"], region=r["region"])
@@ -56,11 +77,20 @@ def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
     return gone
 
 
+def abandoned(run: dict) -> bool:
+    """A run the db says is running whose controller process is gone (killed,
+    crashed, the machine rebooted): nothing watches its nodes any more."""
+    from geotrain.controller import pid_alive
+
+    return run["state"] == "running" and not pid_alive(run["controller_pid"])
+
+
 def down_orphans(home: Path | None = None) -> dict:
-    """Terminate every tagged node whose run is unknown here or over. Returns
+    """Terminate every tagged node whose run is unknown here, over, or abandoned
+    (its controller died; the run is then marked stopped). Returns
     {"terminated": [node...], "skipped": [{"provider", "reason"}]}."""
     db = StateDB(home or default_home())
-    runs = {r["id"]: r["state"] for r in db.runs()}
+    runs = {r["id"]: ("stopped" if abandoned(r) else r["state"]) for r in db.runs()}
     terminated, skipped = [], []
     for name in providers.PROVIDERS:
         try:
@@ -81,4 +111,7 @@ def down_orphans(home: Path | None = None) -> dict:
     for run_id in sorted({n.run_id for n in terminated} & set(runs)):
         for r in db.nodes(run_id, live_only=True):
             db.update_node(r["id"], state="terminated", terminated_at=time.time())
+        if db.run(run_id)["state"] == "running":  # abandoned: its nodes are gone now
+            db.update_run(run_id, state="stopped", finished_at=time.time(),
+                          error="controller died; nodes terminated by down --orphans")
     return {"terminated": [asdict(n) for n in terminated], "skipped": skipped}
