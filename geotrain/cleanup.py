@@ -7,8 +7,9 @@ after a crash between the provider call and the db update.
 
 `down_orphans(home)` asks every provider that can list by tag (`query_all`, optional in
 the contract) for every geotrain-tagged node, and terminates those whose run the state
-db does not know, or says is finished, failed or stopped, or whose controller process
-is gone while the db still says running (abandoned). A provider module that does
+db does not know, or says is finished, failed or stopped — and, of a run whose controller
+died (abandoned), the nodes the db never recorded (created by a call in flight when the
+controller died). A provider module that does
 not exist yet, cannot list, or fails is reported as skipped, never raised.
 """
 
@@ -86,11 +87,21 @@ def abandoned(run: dict) -> bool:
 
 
 def down_orphans(home: Path | None = None) -> dict:
-    """Terminate every tagged node whose run is unknown here, over, or abandoned
-    (its controller died; the run is then marked stopped). Returns
-    {"terminated": [node...], "skipped": [{"provider", "reason"}]}."""
+    """Terminate every tagged node whose run is unknown here or over, and every node
+    of an abandoned run (see `abandoned`) that the db never recorded — one created by
+    a call whose answer the dead controller never wrote down. An abandoned run's
+    recorded nodes are kept: `geotrain resume` adopts them, `geotrain down RUN` ends
+    them. Returns {"terminated": [node...], "skipped": [{"provider", "reason"}]}."""
     db = StateDB(home or default_home())
-    runs = {r["id"]: ("stopped" if abandoned(r) else r["state"]) for r in db.runs()}
+    runs = {r["id"]: r["state"] for r in db.runs()}
+    recorded = {r["id"]: {n["instance_id"] for n in db.nodes(r["id"]) if n["instance_id"]}
+                for r in db.runs() if abandoned(r)}
+
+    def orphaned(n: providers.Node) -> bool:
+        if n.run_id in recorded:
+            return n.instance_id not in recorded[n.run_id]
+        return n.run_id not in runs or runs[n.run_id] in OVER
+
     terminated, skipped = [], []
     for name in providers.PROVIDERS:
         try:
@@ -102,16 +113,15 @@ def down_orphans(home: Path | None = None) -> dict:
                 skipped.append({"provider": name, "reason": "cannot list nodes by tag "
                                 "(no query_all)"})
                 continue
-            orphans = [n for n in provider.query_all()
-                       if n.run_id not in runs or runs[n.run_id] in OVER]
+            orphans = [n for n in provider.query_all() if orphaned(n)]
             if orphans:
                 terminated += provider.terminate(orphans)
         except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
             skipped.append({"provider": name, "reason": f"{type(e).__name__}: {redact(str(e))[:200]}"})
+    gone = {n.instance_id for n in terminated}
     for run_id in sorted({n.run_id for n in terminated} & set(runs)):
         for r in db.nodes(run_id, live_only=True):
-            db.update_node(r["id"], state="terminated", terminated_at=time.time())
-        if db.run(run_id)["state"] == "running":  # abandoned: its nodes are gone now
-            db.update_run(run_id, state="stopped", finished_at=time.time(),
-                          error="controller died; nodes terminated by down --orphans")
+            # An abandoned run keeps its recorded nodes; its in-flight row (no id) is settled.
+            if run_id not in recorded or r["instance_id"] in gone or not r["instance_id"]:
+                db.update_node(r["id"], state="terminated", terminated_at=time.time())
     return {"terminated": [asdict(n) for n in terminated], "skipped": skipped}

@@ -309,7 +309,8 @@ def test_killed_mid_provision_then_down_and_orphans(aws_env, moto_server, tmp_pa
     assert out["state"] == "stopped" and len(out["terminated"]) == 1
     assert tagged(moto_server, first) == {"instances": {}, "groups": {}}
 
-    # down --orphans: a run whose controller died is abandoned; its nodes are orphans.
+    # down --orphans: of a run whose controller died, the node the db never recorded
+    # (its RunInstances answer never reached the dead controller) is an orphan.
     second = _launch_and_kill_mid_provision(env, home, proxy, recipe)
     [inst] = tagged(moto_server, second, ["us-east-1"])["instances"]["us-east-1"]
     out = cli_json(env, "down", "--orphans", timeout=150)
@@ -318,6 +319,9 @@ def test_killed_mid_provision_then_down_and_orphans(aws_env, moto_server, tmp_pa
     skipped = {s["provider"] for s in out["orphans"]["skipped"]}
     assert "aws" not in skipped and "local" not in skipped  # gcp/azure: no credentials here
     assert tagged(moto_server, second) == {"instances": {}, "groups": {}}
+    from geotrain.state import StateDB
+    assert all(r["state"] == "terminated" for r in StateDB(home).nodes(second))
+    cli(env, "down", second)  # the run itself is ended by down RUN; nothing left to find
     assert cli_json(env, "status", second)["state"] == "stopped"
 
 
