@@ -259,24 +259,32 @@ class Controller(Migrations):
         alive = self.store.liveness().get(member)
         fresh = alive and alive.get("state") in ("starting", "running") and \
             time.time() - alive["at"] <= self.recipe.sync.liveness_timeout_s
-        live = [n for p in self._providers_of(name) for n in providers.get(p).query(self.run_id, member)]
+        live = [n for p in self._providers_of(name) for n in self._query(p, member)]
         if fresh and live:
             self.nodes[name] = live
             self.launched_at[name] = time.time()
             self.event("site-adopted", f"site {name} still running; adopted", site=name)
             return True
         for p in self._providers_of(name):
-            leftovers = providers.get(p).query(self.run_id, member)
+            leftovers = self._query(p, member)
             if leftovers:
                 providers.get(p).terminate(leftovers)
         return False
+
+    def _query(self, provider: str, member: str) -> list[providers.Node]:
+        """The provider's nodes of one member, searched only where the db says we
+        launched it (a tick must not sweep every AWS region)."""
+        from geotrain.cleanup import query_run
+
+        return query_run(self.db, self.run_id, provider, member)
 
     def _providers_of(self, name: str) -> list[str]:
         return sorted({pl.provider for pl in self._spec(name).placements()})
 
     def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
-        """Declare a site lost — a preemption notice, its node gone, or its agent
-        silent for longer than sync.liveness_timeout_s — and replace it."""
+        """Declare a site lost — a preemption notice, its node gone, its agent
+        silent for longer than sync.liveness_timeout_s, or no beat at all within
+        sync.boot_timeout_s of its launch — and replace it."""
         state = (hb or {}).get("state")
         if state in ("done", "failed") or (alive or {}).get("state") in ("done", "stopped", "failed"):
             return
@@ -307,6 +315,9 @@ class Controller(Migrations):
             reason = "node gone"
         elif alive and now - alive["at"] > limit and now - self.launched_at.get(name, 0) > limit:
             reason = f"no liveness beat for {now - alive['at']:.1f} s"
+        elif not alive and not hb and now - self.launched_at.get(name, now) > self.recipe.sync.boot_timeout_s:
+            # A site that never beat is not stale, only slow to boot, until boot_timeout_s.
+            reason = f"never booted: no beat {now - self.launched_at[name]:.0f} s after launch"
         else:
             return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
@@ -329,7 +340,7 @@ class Controller(Migrations):
         if self.nodes.get(name):
             providers.get(self.nodes[name][0].provider).terminate(self.nodes[name])
         for p in self._providers_of(name):
-            nodes = providers.get(p).query(self.run_id, member)
+            nodes = self._query(p, member)
             if nodes:
                 providers.get(p).terminate(nodes)
         for row in self.db.nodes(self.run_id):
@@ -391,8 +402,8 @@ class Controller(Migrations):
     def _site_alive(self, name: str) -> bool:
         """Whether the provider still holds the node we launched for the site."""
         nodes = self.nodes.get(name)
-        provider = providers.get(nodes[0].provider if nodes else self._spec(name).provider)
-        live = {n.instance_id for n in provider.query(self.run_id, self.member[name])}
+        provider = nodes[0].provider if nodes else self._spec(name).provider
+        live = {n.instance_id for n in self._query(provider, self.member[name])}
         return any(n.instance_id in live for n in self.nodes.get(name, []))
 
     def finish(self, last_round: int) -> None:

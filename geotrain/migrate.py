@@ -119,7 +119,7 @@ class Migrations:
                                f"draining {m['old']}", site=name, round=joined, join_s=m["join_s"])
             elif m["phase"] == "draining":
                 old_nodes = [n for p in self._providers_of(name)
-                             for n in providers.get(p).query(self.run_id, m["old"])]
+                             for n in self._query(p, m["old"])]
                 ours = {n.instance_id for n in m["old_nodes"]}
                 if any(n.instance_id in ours for n in old_nodes) and \
                         now - m["drain_at"] < DRAIN_TIMEOUT_S:
@@ -148,7 +148,7 @@ class Migrations:
 
     def _abort_migration(self, name: str, m: dict, why: str) -> None:
         nodes = [n for p in {m["placement"].provider}
-                 for n in providers.get(p).query(self.run_id, m["new"])]
+                 for n in self._query(p, m["new"])]
         if nodes:
             providers.get(m["placement"].provider).terminate(nodes)
         self.event("migrate-failed", f"site {name}: migration abandoned ({why}); {m['old']} "

@@ -182,6 +182,10 @@ class SyncSpec(_Spec):
                                "still starting.")
     liveness_timeout_s: float = Field(4, ge=1, description="A site whose agent has not beaten "
                                       "for this long is not waited for, and is declared lost.")
+    boot_timeout_s: float = Field(1800, ge=1, description="A site whose agent has not beaten "
+                                  "once this long after its launch is declared lost and replaced "
+                                  "(a node that never boots: bad image, no route to the store). "
+                                  "Cloud nodes install geotrain at first boot: allow minutes.")
     reject_norm_factor: float = Field(10, gt=1, description="Reject a contribution whose norm is "
                                       "more than this times the round's median (3+ sites).")
 

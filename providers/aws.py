@@ -107,8 +107,8 @@ def check() -> CredentialCheck:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
         return CredentialCheck("aws", False, "boto3 is not installed (pip install boto3)")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    where = f"endpoint {endpoint}" if endpoint else "endpoint AWS"
+    var = next((v for v in ("AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL") if os.environ.get(v)), None)
+    where = f"endpoint {os.environ[var]} ({var})" if var else "endpoint AWS"
     creds = None
     try:
         session = _session()
@@ -323,6 +323,18 @@ def query(run_id: str, site: str | None = None, regions: list[str] | None = None
     with ThreadPoolExecutor(max_workers=min(16, len(where))) as pool:
         found = pool.map(lambda r: _query_region(r, filters), where)
     return sorted((n for nodes in found for n in nodes), key=lambda n: (n.region, n.site, n.instance_id))
+
+
+def query_all() -> list[Node]:
+    """Every live instance carrying a `geotrain-run` tag, of any run, in every
+    enabled region (for `geotrain down --orphans`)."""
+    filters = [{"Name": "tag-key", "Values": [TAG_RUN]},
+               {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    where = enabled_regions()
+    with ThreadPoolExecutor(max_workers=min(16, len(where))) as pool:
+        found = pool.map(lambda r: _query_region(r, filters), where)
+    return sorted((n for nodes in found for n in nodes if n.run_id),
+                  key=lambda n: (n.run_id, n.region, n.site, n.instance_id))
 
 
 def _terminate_ids(ec2, ids: list[str]) -> None:

@@ -359,7 +359,7 @@ def _nodes(c: _Clients, vms, run_id: str, site: str | None) -> list[Node]:
     return out
 
 
-def query(run_id: str, site: str | None = None) -> list[Node]:
+def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
     from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
     c = _Clients()

@@ -195,7 +195,10 @@ def _ignore_404(call, *args, **kwargs):
 
 # -- the contract -----------------------------------------------------------
 def check() -> CredentialCheck:
-    endpoint = os.environ.get(ENDPOINT_ENV) or "compute.googleapis.com"
+    endpoint = (f"{os.environ[ENDPOINT_ENV]} ({ENDPOINT_ENV})" if os.environ.get(ENDPOINT_ENV)
+                else "compute.googleapis.com")
+    if os.environ.get("GCE_METADATA_HOST"):  # where Compute Engine credentials get tokens
+        endpoint += f", metadata server {os.environ['GCE_METADATA_HOST']} (GCE_METADATA_HOST)"
     try:
         creds, project, source = _credentials()
     except Exception as e:  # DefaultCredentialsError, import errors, transport errors
@@ -357,9 +360,25 @@ def launch(plan: SitePlan) -> list[Node]:
                         f"{' (spot)' if plan.spot else ''} for site {plan.site}", tried)
 
 
-def query(run_id: str, site: str | None = None) -> list[Node]:
-    api = _Api()
+def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
+    api = _Api()  # one aggregatedList covers every zone: `regions` is not needed
     return _query(api, run_id, site)
+
+
+def query_all() -> list[Node]:
+    """Every instance of the project carrying geotrain's run metadata, of any
+    run (for `geotrain down --orphans`)."""
+    api = _Api()
+    request = api.v1.AggregatedListInstancesRequest(project=api.project)
+    nodes = []
+    for scope, scoped in api.instances.aggregated_list(request=request):
+        zone = scope.rsplit("/", 1)[-1]
+        for inst in scoped.instances:
+            meta = {i.key: i.value for i in inst.metadata.items}
+            if meta.get("geotrain-run"):
+                nodes.append(_node(api, inst, meta["geotrain-run"],
+                                   meta.get("geotrain-site", ""), zone))
+    return sorted(nodes, key=lambda n: (n.run_id, n.site, n.instance_id))
 
 
 def _query(api: _Api, run_id: str, site: str | None) -> list[Node]:

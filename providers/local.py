@@ -156,7 +156,7 @@ def processes(run_id: str) -> list[int]:
     return sorted(p for p, r, _, _ in _tagged() if r == run_id and _alive(p))
 
 
-def query(run_id: str, site: str | None = None) -> list[Node]:
+def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
     """One node per site with a live process tagged for the run. Its pid is the
     site's agent: the oldest process of the site that is not its metadata
     stand-in (or that stand-in, if nothing else of the site is left)."""

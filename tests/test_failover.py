@@ -52,7 +52,8 @@ class FakeCloud:
         self.live.update({n.instance_id: n for n in nodes})
         return nodes
 
-    def query(self, run_id: str, site: str | None = None) -> list[providers.Node]:
+    def query(self, run_id: str, site: str | None = None,
+              regions: list[str] | None = None) -> list[providers.Node]:
         return [n for n in self.live.values() if n.run_id == run_id and site in (None, n.site)]
 
     def terminate(self, nodes: list[providers.Node]) -> list[providers.Node]:

@@ -10,6 +10,7 @@ actually sent.
 
     proxy = FaultProxy("http://127.0.0.1:5000")   # starts on 127.0.0.1:<free port>
     proxy.fail("RunInstances", "SubnetId", {"subnet-123"}, "InsufficientInstanceCapacity")
+    proxy.delay("RunInstances", 5.0)   # hold each RunInstances 5 s, then forward it
     ... boto3 with AWS_ENDPOINT_URL=proxy.url ...
     proxy.close()
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +51,8 @@ class FaultProxy:
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.rules: list[Rule] = []
+        self.delays: dict[str, float] = {}  # action -> seconds held before forwarding
+        self.forwarded: list[str] = []  # actions of delayed requests once moto answered them
         self.requests: list[dict[str, str]] = []  # EC2 form params, in order
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -64,9 +68,17 @@ class FaultProxy:
         with self.lock:
             self.rules.append(Rule(action, param, frozenset(values), code, status, let_through, times))
 
+    def delay(self, action: str, seconds: float) -> None:
+        """Hold every `action` request this long before forwarding it: a window in
+        which a client can die with its request in flight (the call still lands)."""
+        with self.lock:
+            self.delays[action] = seconds
+
     def reset(self) -> None:
         with self.lock:
             self.rules.clear()
+            self.delays.clear()
+            self.forwarded.clear()
             self.requests.clear()
 
     def calls(self, action: str) -> list[dict[str, str]]:
@@ -103,7 +115,8 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True) \
                     if "x-www-form-urlencoded" in self.headers.get("Content-Type", "") else {}
-                rule = proxy._match({k: v[0] for k, v in form.items()})
+                params = {k: v[0] for k, v in form.items()}
+                rule = proxy._match(params)
                 if rule is not None:
                     payload = error_xml(rule.code, f"injected {rule.code} for {rule.param}")
                     self.send_response(rule.status)
@@ -112,6 +125,9 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                held = proxy.delays.get(params.get("Action", ""), 0.0)
+                if held:
+                    time.sleep(held)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
@@ -120,13 +136,19 @@ class FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in HOP_HEADERS | {"content-length"}:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if held:
+                    with proxy.lock:
+                        proxy.forwarded.append(params["Action"])
+                try:
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in HOP_HEADERS | {"content-length"}:
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client died while its call was held
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _relay
 
