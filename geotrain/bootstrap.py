@@ -34,6 +34,8 @@ def render(plan, node_index: int, ray_token: str) -> str:
         raise ValueError(f"node_index {node_index} out of range for a {plan.nodes}-node site")
     values = {"run_id": plan.run_id, "site": plan.site, "provider": plan.provider,
               "node_index": str(node_index), "nodes": str(plan.nodes), "ray_token": ray_token,
-              "store_url": plan.store_url, "package": package_spec(plan.option("package"))}
+              "store_url": plan.store_url, "data_site": plan.option("data_site") or plan.site,
+              "package": package_spec(plan.option("package")),
+              "ray_port": plan.option("ray_port") or "6379"}  # geotrain/site/cluster.py
     return string.Template(template_text()).substitute(
         {k: shlex.quote(v) for k, v in values.items()})

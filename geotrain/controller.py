@@ -24,12 +24,15 @@ from pathlib import Path
 import providers
 from geotrain import __version__
 from geotrain.errors import GeotrainError
-from geotrain.recipe import Recipe, default_home
+from geotrain.migrate import Migrations
+from geotrain.recipe import Placement, Recipe, SiteSpec, default_home
 from geotrain.state import StateDB, iso
 from geotrain.store import RunStore, round_key, run_url
 
 POLL_S = 0.5
 FINAL_STATES = ("succeeded", "failed", "stopped")
+DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
+MAX_REPLACEMENTS = 10  # per site and run: past this a site that keeps dying fails the run
 
 
 class RunFailed(GeotrainError):
@@ -54,6 +57,18 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
         check = providers.get(name).check()
         if not check.ok:
             raise ProviderError(f"provider {name} is not usable here: {check.detail}")
+    if recipe.train.entrypoint and any(s.provider == "local" for s in recipe.sites):
+        import importlib.util
+
+        module = recipe.train.entrypoint.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise RecipeError(recipe_path, None, "train.entrypoint",
+                              f"module '{module}' is not importable here (install it, or add its "
+                              "folder to PYTHONPATH)")
     if recipe.data.source == "files":
         try:
             glob_files(recipe.data.paths)
@@ -74,9 +89,10 @@ def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> st
     store.write_run({"id": run_id, "name": recipe.name, "created_at": time.time(),
                      "version": __version__, "recipe": recipe.to_dict(), "members": members,
                      "store": url})
-    params = initial_state(recipe)
-    store.commit_global(0, {"model.safetensors": encode(params)},
-                        {"hash": params_hash(params), "members": members})
+    if not recipe.train.entrypoint:  # a user's own model commits its round 0 from the sites
+        params = initial_state(recipe)
+        store.commit_global(0, {"model.safetensors": encode(params)},
+                            {"hash": params_hash(params), "members": members})
     db = StateDB(home)
     db.add_run(run_id, recipe.name, recipe_path, recipe.to_dict(), url, recipe.train.rounds,
                [{"name": s.name, "provider": s.provider, "region": s.region} for s in recipe.sites])
@@ -120,11 +136,13 @@ def _status_of(db: StateDB, run: dict) -> dict:
         "started_at": iso(run["started_at"]), "first_step_at": iso(run["first_step_at"]),
         "finished_at": iso(run["finished_at"]),
         "controller_pid": run["controller_pid"] if alive else None,
-        "error": run["error"],
+        "error": run["error"], "spend_usd": run.get("spend_usd"),
         "sites": [{"name": s["name"], "provider": s["provider"], "region": s["region"],
                    "state": s["state"], "pid": s["pid"], "round": s["round"], "step": s["step"],
                    "loss": s["loss"], "tokens_per_s": s["tokens_per_s"],
-                   "bytes_sent": s["bytes_sent"]} for s in db.sites(run["id"])],
+                   "bytes_sent": s["bytes_sent"], "usd_per_hour": s.get("usd_per_hour"),
+                   "placements_tried": json.loads(s.get("placements_tried") or "[]")}
+                  for s in db.sites(run["id"])],
     }
 
 
@@ -133,7 +151,7 @@ def statuses(home: Path | None = None) -> list[dict]:
     return [_status_of(db, r) for r in db.runs()]
 
 
-class Controller:
+class Controller(Migrations):
     def __init__(self, run_id: str, home: Path | None = None,
                  on_tick: Callable[[dict], None] | None = None):
         self.home = home or default_home()
@@ -146,6 +164,20 @@ class Controller:
         self.on_tick = on_tick or (lambda s: None)
         self.log_dir = log_dir(self.home, self.run_id)
         self.nodes: dict[str, list[providers.Node]] = {}
+        self.launched_at: dict[str, float] = {}
+        self.replacements: dict[str, int] = {}
+        self.lost_at: dict[str, float] = {}  # site -> when it was declared lost, until it trains again
+        # A site's name in the store (its member) and placement change when it is migrated.
+        rows = {r["name"]: r for r in self.db.sites(self.run_id)}
+        self.member = {n: (rows.get(n) or {}).get("member") or n for n in self.sites}
+        self.override: dict[str, Placement] = {
+            n: Placement.model_validate_json(rows[n]["placement"]) for n in self.sites
+            if self.member[n] != n and (rows.get(n) or {}).get("placement")}
+        self.migrating: dict[str, dict] = {}
+        self.draining: dict[str, float] = {}  # preempted sites publishing their last work
+        self.store_move: dict | None = None
+        self.started = time.time()
+        self._seen_commands: set[str] = set()
 
     # -- events --------------------------------------------------------------------
 
@@ -155,12 +187,17 @@ class Controller:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def run(self) -> str:
-        """Drive the run to its end; returns the final state."""
-        self.db.update_run(self.run_id, controller_pid=os.getpid(), state="running")
+    def run(self, resume: bool = False) -> str:
+        """Drive the run to its end; returns the final state. With `resume`, take
+        over the sites still running and relaunch the others."""
+        self.db.update_run(self.run_id, controller_pid=os.getpid(), state="running",
+                           finished_at=None, error=None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.provision()
+            if resume:
+                self.event("resumed", f"controller resumed the run (pid {os.getpid()}) at round "
+                           f"{self.store.latest_global() or 0}")
+            self.provision(adopt=resume)
             state = self.watch()
         except Stop:
             state = "stopped"
@@ -181,26 +218,145 @@ class Controller:
     def _on_signal(self, signum, frame):
         raise Stop()
 
-    def provision(self) -> None:
+    def provision(self, adopt: bool = False) -> None:
         for site in self.recipe.sites:
-            plan = providers.SitePlan(
-                run_id=self.run_id, site=site.name, provider=site.provider,
-                store_url=self.store.url, region=site.region, workers=site.workers,
-                options=(("log_dir", str(self.log_dir)),))
-            provider = providers.get(site.provider)
-            row = self.db.add_node(self.run_id, site.name, site.provider, site.region)
-            nodes = provider.launch(plan)
-            self.nodes[site.name] = nodes
-            self.db.update_node(row, instance_id=nodes[0].instance_id, pid=nodes[0].pid, state="running")
-            self.db.update_site(self.run_id, site.name, state="starting", pid=nodes[0].pid)
-            self.event("site-launched", f"site {site.name} launched on {site.provider}",
-                       site=site.name, instance=nodes[0].instance_id)
+            if not (adopt and self._adopt(site.name)):
+                self._launch(site.name)
+
+    def _spec(self, name: str, member: str | None = None, over: Placement | None = None) -> SiteSpec:
+        """The site as launched now: under its member name, on its override placement."""
+        member, over = member or self.member[name], over or self.override.get(name)
+        update: dict = {"name": member} if member != name else {}
+        if over:
+            update.update(provider=over.provider, region=over.region, zones=list(over.zones),
+                          instance_type=over.instance_type, spot=over.spot, candidates=[])
+        return self.sites[name].model_copy(update=update) if update else self.sites[name]
+
+    def _launch_spec(self, name: str, spec: SiteSpec) -> tuple[list[providers.Node], Placement]:
+        from geotrain.placement import launch_site
+
+        nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
+                                          options=(("log_dir", str(self.log_dir)),
+                                                   ("data_site", name)), home=self.home)
+        return nodes, placement
+
+    def _launch(self, name: str) -> None:
+        nodes, placement = self._launch_spec(name, self._spec(name))
+        self.nodes[name] = nodes
+        self.launched_at[name] = time.time()
+        self.db.update_site(self.run_id, name, state="starting", pid=nodes[0].pid)
+        self.event("site-launched", f"site {name} launched on {placement.where()}",
+                   site=name, instance=nodes[0].instance_id)
+
+    def _adopt(self, name: str) -> bool:
+        """On resume: keep a site whose agent still beats; clear what is left of
+        one that does not (it is relaunched). True if nothing needs launching."""
+        member = self.member[name]
+        hb = self.store.heartbeat(member) or {}
+        if hb.get("state") == "done":
+            self.nodes[name] = []
+            return True
+        alive = self.store.liveness().get(member)
+        fresh = alive and alive.get("state") in ("starting", "running") and \
+            time.time() - alive["at"] <= self.recipe.sync.liveness_timeout_s
+        live = [n for p in self._providers_of(name) for n in self._query(p, member)]
+        if fresh and live:
+            self.nodes[name] = live
+            self.launched_at[name] = time.time()
+            self.event("site-adopted", f"site {name} still running; adopted", site=name)
+            return True
+        for p in self._providers_of(name):
+            leftovers = self._query(p, member)
+            if leftovers:
+                providers.get(p).terminate(leftovers)
+        return False
+
+    def _query(self, provider: str, member: str) -> list[providers.Node]:
+        """The provider's nodes of one member, searched only where the db says we
+        launched it (a tick must not sweep every AWS region)."""
+        from geotrain.cleanup import query_run
+
+        return query_run(self.db, self.run_id, provider, member)
+
+    def _providers_of(self, name: str) -> list[str]:
+        return sorted({pl.provider for pl in self._spec(name).placements()})
+
+    def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
+        """Declare a site lost — a preemption notice, its node gone, its agent
+        silent for longer than sync.liveness_timeout_s, or no beat at all within
+        sync.boot_timeout_s of its launch — and replace it."""
+        state = (hb or {}).get("state")
+        if state in ("done", "failed") or (alive or {}).get("state") in ("done", "stopped", "failed"):
+            return
+        if name in self.lost_at and (hb or {}).get("first_step_at", 0) > self.lost_at[name]:
+            lost = self.lost_at.pop(name)
+            self.event("site-rejoined", f"site {name} trains again, {hb['first_step_at'] - lost:.1f} s "
+                       "after it was lost", site=name, seconds=hb["first_step_at"] - lost)
+        now, limit = time.time(), self.recipe.sync.liveness_timeout_s
+        if name in self.migrating:
+            return  # the migration watches both members until it is done
+        if (alive or {}).get("state") == "preempting":
+            # Declared lost at once; replaced once it has drained (published its
+            # partial round) and left, so two agents never write as one member.
+            if name not in self.draining:
+                self.draining[name] = now
+                self.lost_at[name] = now
+                self.event("site-lost", f"site {name} lost: preempted (draining)", site=name,
+                           reason="preempted", last_seen=alive.get("at"), since_last_seen_s=0.0)
+            if self._site_alive(name) and now - self.draining[name] < DRAIN_WAIT_S:
+                return
+            del self.draining[name]
+            self.replace(name, "preempted", announce=False)
+            return
+        if not self._site_alive(name):
+            time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
+            if (self.store.heartbeat(self.member[name]) or {}).get("state") in ("done", "failed"):
+                return
+            reason = "node gone"
+        elif alive and now - alive["at"] > limit and now - self.launched_at.get(name, 0) > limit:
+            reason = f"no liveness beat for {now - alive['at']:.1f} s"
+        elif not alive and not hb and now - self.launched_at.get(name, now) > self.recipe.sync.boot_timeout_s:
+            # A site that never beat is not stale, only slow to boot, until boot_timeout_s.
+            reason = f"never booted: no beat {now - self.launched_at[name]:.0f} s after launch"
+        else:
+            return
+        self.replace(name, reason, last_seen=(alive or {}).get("at"))
+
+    def replace(self, name: str, reason: str, last_seen: float | None = None,
+                announce: bool = True) -> None:
+        """Terminate what is left of a lost site and launch it again; it catches up
+        from the newest committed round and joins the first open one."""
+        count = self.replacements[name] = self.replacements.get(name, 0) + 1
+        now = time.time()
+        if announce:
+            self.lost_at[name] = now
+            self.event("site-lost", f"site {name} lost: {reason}", site=name, reason=reason,
+                       last_seen=last_seen, since_last_seen_s=(now - last_seen) if last_seen else None)
+        if count > MAX_REPLACEMENTS:
+            raise RunFailed(f"site {name} was lost {count} times; giving up ({reason})")
+        member = self.member[name]
+        # Our own record first (a dead agent means no grace period), then whatever
+        # the provider still holds under the member's tags.
+        if self.nodes.get(name):
+            providers.get(self.nodes[name][0].provider).terminate(self.nodes[name])
+        for p in self._providers_of(name):
+            nodes = self._query(p, member)
+            if nodes:
+                providers.get(p).terminate(nodes)
+        for row in self.db.nodes(self.run_id):
+            if row["site"] == member and row["state"] != "terminated":
+                self.db.update_node(row["id"], state="terminated", terminated_at=now)
+        self._launch(name)
+        self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
 
     def watch(self) -> str:
         rounds_total = self.recipe.train.rounds
         seen_round = -1
         while True:
-            beats = {s.name: self.store.heartbeat(s.name) for s in self.recipe.sites}
+            self._poll_commands()
+            self._advance_migrations()
+            self._advance_store_migration()
+            beats = {s.name: self.store.heartbeat(self.member[s.name]) for s in self.recipe.sites}
             for name, hb in beats.items():
                 if hb:
                     self.db.update_site(self.run_id, name, state=hb["state"], round=hb.get("round"),
@@ -218,6 +374,8 @@ class Controller:
             if all(firsts) and self.db.run(self.run_id)["first_step_at"] is None:
                 self.db.update_run(self.run_id, first_step_at=max(firsts))
             self.on_tick(status(self.run_id, self.home))
+            if self.over_budget():
+                return "stopped"
 
             failed = [n for n, hb in beats.items() if hb and hb["state"] == "failed"]
             if failed:
@@ -226,19 +384,26 @@ class Controller:
             if latest >= rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):
                 self.finish(latest)
                 return "succeeded"
+            alive = self.store.liveness()
             for name in beats:
-                if not self._site_alive(name) and not (beats[name] and beats[name]["state"] == "done"):
-                    # Let a last heartbeat land before judging the exit.
-                    time.sleep(POLL_S)
-                    hb = self.store.heartbeat(name)
-                    if not (hb and hb["state"] in ("done", "failed")):
-                        raise RunFailed(f"site {name} exited unexpectedly; see {self.log_dir / name}.log")
+                self._supervise(name, beats[name], alive.get(self.member[name]))
             time.sleep(POLL_S)
+
+    def over_budget(self) -> bool:
+        """Record the spend so far; past `budget.max_usd`, a `budget` event and True."""
+        from geotrain.budget import record_spend
+
+        spent, over = record_spend(self.db, self.run_id, self.recipe, self.home)
+        if over:
+            self.event("budget", f"estimated spend ${spent:,.2f} crossed the budget "
+                       f"${self.recipe.budget.max_usd:,.2f}; stopping the run", spend_usd=spent)
+        return over
 
     def _site_alive(self, name: str) -> bool:
         """Whether the provider still holds the node we launched for the site."""
-        provider = providers.get(self.sites[name].provider)
-        live = {n.instance_id for n in provider.query(self.run_id, name)}
+        nodes = self.nodes.get(name)
+        provider = nodes[0].provider if nodes else self._spec(name).provider
+        live = {n.instance_id for n in self._query(provider, self.member[name])}
         return any(n.instance_id in live for n in self.nodes.get(name, []))
 
     def finish(self, last_round: int) -> None:
@@ -260,17 +425,19 @@ class Controller:
                    "history": history, "global_round": round_key(last_round)}
         self.store.write_final(files["model.safetensors"], summary)
         self.db.update_run(self.run_id, rounds_done=last_round, eval_loss=eval_loss)
-        self.event("finished", f"run finished: {last_round} rounds, eval loss {eval_loss:.4f}")
+        loss = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
+        self.event("finished", f"run finished: {last_round} rounds{loss}")
 
     def teardown(self) -> None:
         """Stop every site of the run: by our records and by the provider's tags."""
-        for name in self.sites:
-            hb = self.store.heartbeat(name)
+        members = set(self.member.values()) | {m["new"] for m in self.migrating.values()}
+        for member in sorted(members):
+            hb = self.store.heartbeat(member)
             if hb and hb["state"] not in ("done", "failed"):
-                self.store.send_command(name, "stop")
+                self.store.send_command(member, "stop")
         terminated = terminate_run(self.db, self.run_id)
         for site in self.recipe.sites:
-            hb = self.store.heartbeat(site.name)
+            hb = self.store.heartbeat(self.member[site.name])
             self.db.update_site(self.run_id, site.name, state=hb["state"] if hb else "stopped")
         if terminated:
             self.event("teardown", f"terminated {len(terminated)} node(s)")
@@ -278,17 +445,9 @@ class Controller:
 
 def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
     """Terminate every node of a run the state db or the providers know of."""
-    rows = db.nodes(run_id)
-    gone: list[providers.Node] = []
-    for name in sorted({r["provider"] for r in rows}):
-        provider = providers.get(name)
-        live = provider.query(run_id)
-        if live:
-            gone += provider.terminate(live)
-    for r in rows:
-        if r["state"] != "terminated":
-            db.update_node(r["id"], state="terminated", terminated_at=time.time())
-    return gone
+    from geotrain.cleanup import terminate_run as by_db_and_tags
+
+    return by_db_and_tags(db, run_id)
 
 
 def down(run_id: str, home: Path | None = None) -> dict:
@@ -303,20 +462,37 @@ def down(run_id: str, home: Path | None = None) -> dict:
         deadline = time.monotonic() + 30
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    terminate_run(db, run["id"])
+    gone = terminate_run(db, run["id"])
     if db.run(run["id"])["state"] == "running":
         db.update_run(run["id"], state="stopped", finished_at=time.time())
-    return {"run": run["id"], "terminated": [r["instance_id"] for r in live],
-            "state": db.run(run["id"])["state"]}
+    ids = list(dict.fromkeys([r["instance_id"] for r in live if r["instance_id"]]
+                             + [n.instance_id for n in gone]))
+    return {"run": run["id"], "terminated": ids, "state": db.run(run["id"])["state"],
+            "nodes": [{"provider": n.provider, "site": n.site, "instance_id": n.instance_id,
+                       "region": n.region} for n in gone]}
 
 
-def detach(run_id: str, home: Path | None = None) -> int:
+def prepare_resume(run_id: str, home: Path | None = None) -> str:
+    """Check that a run can be resumed here; returns its full id."""
+    db = StateDB(home or default_home())
+    run = db.run(run_id)
+    if run["state"] == "succeeded":
+        raise GeotrainError(f"run {run['id']} already succeeded; nothing to resume")
+    if pid_alive(run["controller_pid"]) and run["controller_pid"] != os.getpid() \
+            and run["state"] == "running":
+        raise GeotrainError(f"run {run['id']} is still controlled by pid {run['controller_pid']}; "
+                            f"follow it with `geotrain status {run['id']}`")
+    return run["id"]
+
+
+def detach(run_id: str, home: Path | None = None, resume: bool = False) -> int:
     """Start the controller for run_id as its own background process."""
     home = home or default_home()
     logs = log_dir(home, run_id)
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "controller.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id],
+        proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id]
+                                + (["--resume"] if resume else []),
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))
     StateDB(home).update_run(run_id, controller_pid=proc.pid)
@@ -324,5 +500,5 @@ def detach(run_id: str, home: Path | None = None) -> int:
 
 
 if __name__ == "__main__":
-    final = Controller(sys.argv[1]).run()
+    final = Controller(sys.argv[1]).run(resume="--resume" in sys.argv[2:])
     sys.exit(0 if final == "succeeded" else 1)

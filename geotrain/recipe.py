@@ -147,6 +147,14 @@ class TrainSpec(_Spec):
     seed: int = Field(0, description="Seed for model init and data order.")
     eval_batches: int = Field(8, ge=1, description="Batches per evaluation.")
     threads: int = Field(1, ge=1, description="torch threads per worker.")
+    hours: float | None = Field(None, gt=0, description="Expected wall-clock hours of the run, "
+                                "for `geotrain plan`'s cost estimate; None derives it from the "
+                                "tokens and the catalog's per-GPU throughput table.")
+    entrypoint: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Your own training function, 'module:function', called on every worker of "
+                    "every site with a geotrain.train.entry.SiteContext instead of the built-in "
+                    "GPT trainer. The module must be importable on the sites.")
 
 
 class SyncSpec(_Spec):
@@ -174,6 +182,10 @@ class SyncSpec(_Spec):
                                "still starting.")
     liveness_timeout_s: float = Field(4, ge=1, description="A site whose agent has not beaten "
                                       "for this long is not waited for, and is declared lost.")
+    boot_timeout_s: float = Field(1800, ge=1, description="A site whose agent has not beaten "
+                                  "once this long after its launch is declared lost and replaced "
+                                  "(a node that never boots: bad image, no route to the store). "
+                                  "Cloud nodes install geotrain at first boot: allow minutes.")
     reject_norm_factor: float = Field(10, gt=1, description="Reject a contribution whose norm is "
                                       "more than this times the round's median (3+ sites).")
 
@@ -202,15 +214,82 @@ class StoreSpec(_Spec):
         return url
 
 
+PROVIDER_NAMES = ("local", "aws", "gcp", "azure")
+Provider = Literal["local", "aws", "gcp", "azure"]
+GPU_REQ = r"^[A-Za-z0-9]+(:[1-9][0-9]*)?$"
+
+
+class Placement(_Spec):
+    """One concrete place a site can be put: a provider, a region (and zones), an instance type.
+
+    A site's own fields are its first placement; `candidates` are the fallbacks."""
+
+    provider: Provider = Field(description="Where the site runs; 'local' is processes on this "
+                               "machine.")
+    region: str | None = Field(None, description="Provider region; None lets the planner pick the "
+                               "cheapest catalog region that offers the instance type.")
+    zones: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], description="Zones to try in order; empty lets the provider choose.")
+    instance_type: str | None = Field(None, min_length=1, description="Provider instance type, "
+                                      "e.g. 'p4d.24xlarge'; required on a cloud unless the site "
+                                      "has `gpu`, then the planner picks the cheapest match.")
+    spot: bool = Field(False, description="Use spot / preemptible capacity. Off by default on "
+                       "every provider: being reclaimed is a choice to make, not a surprise.")
+
+    def where(self) -> str:
+        """Short form for messages: provider/region[zones] type (spot)."""
+        zones = f"[{','.join(self.zones)}]" if self.zones else ""
+        kind = " spot" if self.spot else ""
+        return f"{self.provider}/{self.region or '*'}{zones} {self.instance_type or '-'}{kind}"
+
+
 class SiteSpec(_Spec):
-    """One place that trains: a provider, a region, and its data-parallel workers."""
+    """One place that trains: a provider, a region, N nodes of one instance type, and the
+    fallback placements to try when the first has no capacity."""
 
     name: str = Field(pattern=SLUG, max_length=20, description="Site name, unique in the recipe.")
-    provider: Literal["local", "aws", "gcp", "azure"] = Field(
+    provider: Provider = Field(
         "local", description="Where the site runs; 'local' is processes on this machine.")
     region: str | None = Field(None, description="Provider region; None lets the planner choose.")
     workers: int = Field(1, ge=1, le=64, description="Ray actors in the site's data-parallel "
                          "group (one per GPU on a cloud node).")
+    zones: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], description="Zones to try in order; empty lets the provider choose.")
+    instance_type: str | None = Field(None, min_length=1, description="Provider instance type; "
+                                      "required on a cloud unless `gpu` is given.")
+    gpu: str | None = Field(None, pattern=GPU_REQ, description="GPU requirement 'MODEL:COUNT' "
+                            "per node, e.g. 'A100:8'; the planner picks the cheapest catalog "
+                            "instance type that has it where `instance_type` is not given.")
+    spot: bool = Field(False, description="Use spot / preemptible capacity (off by default).")
+    nodes: int = Field(1, ge=1, le=64, description="Nodes in the site; `workers` is per node.")
+    candidates: list[Placement] = Field(
+        [], description="Fallback placements, tried in order when the ones before have no "
+                        "capacity; `gpu` applies to them too.")
+
+    @model_validator(mode="after")
+    def _cloud_needs_a_type(self) -> SiteSpec:
+        for where, p in [((), self), *((("candidates", i), c) for i, c in enumerate(self.candidates))]:
+            if p.provider != "local" and p.instance_type is None and self.gpu is None:
+                raise _invalid(f"required on provider '{p.provider}' (e.g. "
+                               f"{EXAMPLE_TYPES[p.provider]!r}), or give the site a `gpu` "
+                               "requirement such as 'A100:8'", *where, "instance_type")
+        return self
+
+    def placements(self) -> list[Placement]:
+        """The primary placement followed by the candidates, in the order to try them."""
+        primary = Placement(provider=self.provider, region=self.region, zones=self.zones,
+                            instance_type=self.instance_type, spot=self.spot)
+        return [primary, *self.candidates]
+
+
+EXAMPLE_TYPES = {"aws": "g5.xlarge", "gcp": "g2-standard-4", "azure": "Standard_NC4as_T4_v3"}
+
+
+class BudgetSpec(_Spec):
+    """A spending limit: the controller stops the run when its estimated spend crosses it."""
+
+    max_usd: float = Field(gt=0, description="Stop the run once compute plus egress spend, as "
+                           "estimated from the catalog's list prices, exceeds this many USD.")
 
 
 class Recipe(_Spec):
@@ -223,6 +302,7 @@ class Recipe(_Spec):
     sync: SyncSpec = Field(SyncSpec(), description="How sites merge each round.")
     store: StoreSpec = Field(StoreSpec(), description="Where the run store lives.")
     sites: list[SiteSpec] = Field(min_length=1, description="The sites that train; at least one.")
+    budget: BudgetSpec | None = Field(None, description="Optional spending limit for the run.")
 
     @field_validator("sites")
     @classmethod
@@ -341,12 +421,21 @@ def _type_at(loc: tuple) -> Any:
     """The annotation of the field at loc, walking Recipe's models and lists."""
     t: Any = Recipe
     for part in loc:
+        t = _unwrap_optional(t)
         if isinstance(part, int):
             t = (get_args(t) or (None,))[0]
         elif isinstance(t, type) and issubclass(t, BaseModel) and part in t.model_fields:
             t = t.model_fields[part].annotation
         else:
             return None
+    return _unwrap_optional(t)
+
+
+def _unwrap_optional(t: Any) -> Any:
+    """`Model | None` -> Model; anything else as it is."""
+    args = get_args(t)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
     return t
 
 
@@ -406,6 +495,10 @@ def _message(err: dict, loc: tuple) -> str:
         return "must not be empty"
     if kind == "string_too_long":
         return f"must be at most {ctx['max_length']} characters (got {len(got)})"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == GPU_REQ:
+        return f"expected 'MODEL:COUNT' GPUs per node, e.g. 'A100:8' or 'L4:1' (got {_show(got)})"
+    if kind == "string_pattern_mismatch" and loc and loc[-1] == "entrypoint":
+        return f"must be 'module:function', e.g. 'mypkg.train:main' (got {_show(got)})"
     if kind == "string_pattern_mismatch":
         return f"must be lowercase a-z, 0-9 and '-', not starting with '-' (got {_show(got)})"
     return err["msg"]  # our own PydanticCustomErrors, already phrased for users

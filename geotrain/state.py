@@ -40,6 +40,17 @@ CREATE TABLE IF NOT EXISTS events (
 
 RUN_STATES = ("running", "succeeded", "failed", "stopped")
 
+# Columns added after the first release: added to an existing db when missing, so an old
+# state.db keeps working. (table, column, type)
+ADDED_COLUMNS = (
+    ("sites", "placements_tried", "TEXT"),  # JSON: every placement tried and why it failed
+    ("sites", "placement", "TEXT"),  # JSON: the placement the site runs on
+    ("sites", "usd_per_hour", "REAL"),  # its catalog price, x nodes
+    ("sites", "launched_at", "REAL"),
+    ("runs", "spend_usd", "REAL"),  # estimated spend so far (compute + egress)
+    ("sites", "member", "TEXT"),  # the site's name in the run store (differs after a migration)
+)
+
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
@@ -51,6 +62,14 @@ class StateDB:
         self.path = home / "state.db"
         with self._conn() as c:
             c.executescript(SCHEMA)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    try:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError as e:  # another process added it first
+                        if "duplicate column" not in str(e):
+                            raise
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:

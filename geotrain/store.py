@@ -13,6 +13,7 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/global/<round>/eval.json     the committer's eval of that global state
     <run>/sites/<site>/heartbeat       last beat: step, round, loss, tokens/s, state
     <run>/sites/<site>/alive           liveness, every ~1 s: state, pid, time
+    <run>/sites/<site>/head.json       a multi-node site's Ray head: private IP:port, state (never the token)
     <run>/sites/<site>/commands/<n>    drain / stop, written by the controller
     <run>/sites/<site>/events.jsonl    what the site did (one writer per file)
     <run>/events.jsonl                 what the controller did
@@ -23,6 +24,11 @@ temporary name and is renamed into place; on object stores a single PUT is
 atomic. Multi-object units (a global round, a contribution) are written data
 first and marker last, and every payload is checked against the sha256 in its
 manifest before anyone uses it.
+
+`create` writes an object only if it does not exist (first writer wins).
+Retries live in geotrain/store_retry.py, copying a whole store to another
+backend in geotrain/store_copy.py, fault injection in geotrain/store_faults.py;
+docs/design.md says how each backend gets its endpoint and credentials.
 
 Run with `python -m geotrain.store URL` to print a run store's summary.
 """
@@ -35,11 +41,16 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 
 from geotrain.errors import StoreError
+from geotrain.store_retry import RetryPolicy, is_transient, parse_settings, retry  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from geotrain.store_faults import FaultPlan
 
 T = TypeVar("T")
 
@@ -48,6 +59,16 @@ T = TypeVar("T")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 SCHEMES = ("file", "s3", "gs", "az")
+
+# The environment variables each backend's own library reads for its endpoint
+# and credentials (docs/design.md); only their names are ever reported.
+ENDPOINT_ENV = {
+    "s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_REGION",
+           "AWS_DEFAULT_REGION"),
+    "gs": ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"),
+    "az": ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+           "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ANON", "AZURE_CLIENT_ID", "AZURE_TENANT_ID"),
+}
 
 
 def sha256(data: bytes) -> str:
@@ -63,97 +84,136 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call fn, retrying transient storage failures with exponential backoff.
-
-    A missing object is an answer, not a failure, so FileNotFoundError passes
-    straight through; anything else that looks like I/O is retried.
-    """
-    for i in range(attempts):
-        try:
-            return fn()
-        except (FileNotFoundError, FileExistsError):
-            raise
-        except (OSError, TimeoutError, ConnectionError) as e:
-            if i == attempts - 1:
-                raise StoreError(f"store: {what} failed after {attempts} attempts: {e}") from e
-            time.sleep(base_delay * 2**i)
-    raise AssertionError("unreachable")
-
-
 class RunStore:
-    """One run's folder in object storage. `url` is the run's own root."""
+    """One run's folder in object storage. `url` is the run's own root.
 
-    def __init__(self, url: str, **storage_options: Any):
+    Endpoints and credentials come from each library's own environment chain
+    (docs/design.md, "Where a store's settings come from"), so
+    `RunStore(url)` needs no arguments on a cloud node or against an emulator;
+    `storage_options` are passed to fsspec for callers that want them.
+    `faults` installs a fault plan (geotrain/store_faults.py); without it the
+    plan comes from GEOTRAIN_STORE_FAULTS, if set. `retry_policy` likewise
+    defaults to GEOTRAIN_STORE_RETRY, then to RetryPolicy().
+    """
+
+    def __init__(self, url: str, *, faults: FaultPlan | None = None,
+                 retry_policy: RetryPolicy | None = None, **storage_options: Any):
         scheme = url.split("://", 1)[0] if "://" in url else "file"
         if scheme not in SCHEMES:
             raise StoreError(f"store: unsupported URL scheme {scheme!r} in {url!r}; valid: "
                              + ", ".join(f"{s}://" for s in SCHEMES))
         self.url = url.rstrip("/")
+        self.scheme = scheme
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.local = scheme == "file"
+        self._sources: dict[str, str] = {}
+        if retry_policy is None and os.environ.get("GEOTRAIN_STORE_RETRY"):
+            retry_policy = RetryPolicy.parse(os.environ["GEOTRAIN_STORE_RETRY"])
+            self._sources["retry"] = "GEOTRAIN_STORE_RETRY"
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._sources.setdefault("retry", "argument" if retry_policy else "default")
+        if faults is None and os.environ.get("GEOTRAIN_STORE_FAULTS"):
+            from geotrain.store_faults import FaultPlan
+
+            faults = FaultPlan.parse(os.environ["GEOTRAIN_STORE_FAULTS"])
+            self._sources["faults"] = "GEOTRAIN_STORE_FAULTS"
+        self.faults = faults
+        if faults is not None:
+            from geotrain.store_faults import FaultyFileSystem
+
+            self._sources.setdefault("faults", "argument")
+            self.fs = FaultyFileSystem(self.fs, faults)
 
     def __repr__(self) -> str:
         return f"RunStore({self.url!r})"
+
+    def injected_faults(self) -> int | None:
+        """How many faults a fault plan has injected into this object's calls (None: no plan)."""
+        log = getattr(self.fs, "log", None)
+        return len(log.faults) if self.faults is not None and log is not None else None
+
+    def settings(self) -> dict[str, Any]:
+        """Where this store's settings came from, for events and `status`:
+        names of the environment variables in play, never their secret values."""
+        out: dict[str, Any] = {"url": self.url,
+                               "retry": dict(asdict(self.retry_policy), source=self._sources["retry"])}
+        if self.faults is not None:
+            out["faults"] = dict(asdict(self.faults), source=self._sources["faults"])
+        env = [n for n in ENDPOINT_ENV.get(self.scheme, ()) if os.environ.get(n)]
+        if env:
+            out["environment"] = env
+        return out
 
     # -- primitives -----------------------------------------------------------------
 
     def _path(self, key: str) -> str:
         return join(self.root, key)
 
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return retry(fn, what, policy=self.retry_policy)
+
+    def _local_tmp(self, path: str) -> str:
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+
     def put(self, key: str, data: bytes) -> None:
         """Write one object so that readers see either nothing or all of it."""
         path = self._path(key)
 
         def write() -> None:
-            if self.local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            else:
+            if self.local:  # a whole temporary file, renamed into place
+                tmp = self._local_tmp(path)
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
+            else:  # one PUT is atomic
                 self.fs.pipe_file(path, data)
 
-        retry(write, f"write {key}")
+        self._retry(write, f"write {key}")
 
     def create(self, key: str, data: bytes) -> bool:
-        """Write key only if it does not exist yet; True if this call created it.
+        """Write key only if it does not exist yet: first writer wins.
 
-        First writer wins, atomically: on file:// a complete temporary file is
-        hard-linked into place (link fails if the name exists); on object
-        stores a conditional PUT (If-None-Match: * / ifGenerationMatch=0).
+        Returns True if the object now holds `data` because this call wrote it,
+        False if another writer's object was there first (it is left as is).
+        Readers never see a partial object. If a retried attempt finds an
+        object equal to `data`, it is taken as this call's own earlier attempt
+        whose reply was lost; writers that must tell each other apart should
+        put their identity in `data`.
+
+        file://: a complete temporary file is hard-linked to the name (link()
+        fails if the name exists), then the temporary name is removed.
+        s3://: PutObject with If-None-Match: *; gs://: ifGenerationMatch=0;
+        az://: If-None-Match: * (each through its fsspec `pipe_file(mode="create")`).
         """
         path = self._path(key)
 
-        def write() -> bool:
-            if self.local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                try:
-                    os.link(tmp, path)
-                    return True
-                except FileExistsError:
-                    return False
-                finally:
-                    os.unlink(tmp)
+        def attempt() -> bool:
             try:
-                self.fs.pipe_file(path, data, mode="create")
+                if self.local:
+                    tmp = self._local_tmp(path)
+                    self.fs.pipe_file(tmp, data)
+                    try:
+                        self.fs.link(tmp, path)
+                    finally:
+                        self.fs.rm_file(tmp)
+                else:
+                    self.fs.pipe_file(path, data, mode="create")
                 return True
             except FileExistsError:
-                return False
+                try:
+                    return self.fs.cat_file(path) == data
+                except FileNotFoundError:  # removed since; never happens in a run store
+                    return False
 
-        return retry(write, f"create {key}")
+        return self._retry(attempt, f"create {key}")
 
     def get(self, key: str) -> bytes:
-        return retry(lambda: self.fs.cat_file(self._path(key)), f"read {key}")
+        return self._retry(lambda: self.fs.cat_file(self._path(key)), f"read {key}")
 
     def exists(self, key: str) -> bool:
         if not self.local:
             self.fs.invalidate_cache()
-        return retry(lambda: self.fs.exists(self._path(key)), f"stat {key}")
+        return self._retry(lambda: self.fs.exists(self._path(key)), f"stat {key}")
 
     def listdir(self, key: str) -> list[str]:
         """Names (not paths) directly under key; empty if it does not exist."""
@@ -161,11 +221,28 @@ class RunStore:
         if not self.local:
             self.fs.invalidate_cache()
         try:
-            entries = retry(lambda: self.fs.ls(path, detail=False), f"list {key}")
+            entries = self._retry(lambda: self.fs.ls(path, detail=False), f"list {key}")
         except FileNotFoundError:
             return []
         names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
         return sorted(n for n in names if ".tmp-" not in n and n)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key under prefix (recursively), sorted; temporaries hidden."""
+        base = self._path(prefix) if prefix else self.root
+        if not self.local:
+            self.fs.invalidate_cache()
+        try:
+            paths = self._retry(lambda: self.fs.find(base), f"list {prefix or '/'} recursively")
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        out = []
+        for p in paths:
+            p = p.rstrip("/")
+            if p.startswith(root) and ".tmp-" not in p.rsplit("/", 1)[-1]:
+                out.append(p[len(root):])
+        return sorted(out)
 
     def put_json(self, key: str, obj: Any) -> None:
         self.put(key, json.dumps(obj, sort_keys=True).encode())
@@ -338,6 +415,50 @@ class RunStore:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    # -- moving a live run to another backend (geotrain/migrate.py) ----------------------
+
+    def switch(self, url: str) -> None:
+        """Point this object at another copy of the run store, in place, so every
+        component of a process that shares it follows at once."""
+        self.__init__(url, faults=self.faults, retry_policy=self.retry_policy)
+
+    def request_switch(self, to: str, at_round: int) -> None:
+        """Ask every site to publish round `at_round` and later to the store at `to`."""
+        self.put_json("_switch.json", {"to": to, "at_round": at_round, "at": time.time()})
+
+    def switch_request(self) -> dict | None:
+        try:
+            req = self.get_json("_switch.json")
+        except FileNotFoundError:
+            return None
+        return req if req.get("to") != self.url else None
+
+    def mark_switch_ready(self, at_round: int) -> None:
+        """Written in the new store once it holds every round before at_round."""
+        self.put_json("_switch_ready.json", {"at_round": at_round, "at": time.time()})
+
+    def switch_ready(self, at_round: int) -> bool:
+        try:
+            return self.get_json("_switch_ready.json")["at_round"] >= at_round
+        except FileNotFoundError:
+            return False
+
+    def follow_switch(self, before_round: int | None = None, wait: bool = False,
+                      should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Move to the new store if a switch was requested and it is ready: at
+        once (`before_round` None), or before publishing `before_round` >= its
+        at_round, waiting for the new store to be ready when `wait`. True if moved."""
+        req = self.switch_request()
+        if not req or (before_round is not None and before_round < req["at_round"]):
+            return False
+        target = RunStore(req["to"])
+        while not target.switch_ready(req["at_round"]):
+            if not wait or should_stop():
+                return False
+            time.sleep(0.2)
+        self.switch(req["to"])
+        return True
+
     def alive(self, site: str, state: str, **info: Any) -> None:
         """Liveness, written every second or so by a site's agent (and by DiLoCo
         when it runs outside an agent): who is there and in what state."""
@@ -352,6 +473,17 @@ class RunStore:
             except (FileNotFoundError, json.JSONDecodeError):
                 pass
         return out
+
+    def put_head(self, site: str, record: dict) -> None:
+        """Where a multi-node site's Ray head listens (private `IP:PORT`) and
+        whether it is up, for the site's other nodes; never the cluster token."""
+        self.put_json(f"sites/{site}/head.json", dict(record, site=site, at=time.time()))
+
+    def head(self, site: str) -> dict | None:
+        try:
+            return self.get_json(f"sites/{site}/head.json")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def send_command(self, site: str, command: str, **args: Any) -> None:
         name = f"{time.time_ns()}-{command}"

@@ -35,6 +35,14 @@ The contract:
     open_ports(plan: SitePlan) -> None
         Allow traffic between the site's own nodes and nothing else (Ray and its
         agents are never reachable from outside the site).
+
+Optional (callers test with hasattr):
+
+    query_all() -> list[Node]
+        Every node the provider holds that carries a geotrain run tag, of any run
+        (in the account / project / subscription the credentials reach; locally:
+        started from this GEOTRAIN_HOME). `geotrain down --orphans` terminates the
+        ones whose run the state db does not know or says is over.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared fixtures: a local S3 emulator (moto server) for the whole session.
+"""Shared fixtures: a local S3 emulator (moto server) for the whole session;
+GCS and Azure Blob emulators and the per-backend store URLs live in tests/emulators.py.
 
 The server is started once, on a free port bound to 127.0.0.1, with dummy
 credentials in the environment, and stopped through its own process handle.
@@ -13,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.emulators import azurite, backend_url, gcs_emulator, store_urls  # noqa: F401 - fixtures
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 
@@ -67,3 +70,29 @@ def moto_s3():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+AWS_AMIS = Path(__file__).resolve().parent / "fakes" / "aws_amis.json"
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """Endpoint URL of a moto server for EC2/IAM/STS tests, its images loaded
+    from tests/fakes/aws_amis.json (Deep Learning AMIs as AWS names them).
+    Tests reset it with `POST <url>/moto-api/reset`."""
+    if not MOTO_SERVER.exists():
+        pytest.skip(f"moto_server not found at {MOTO_SERVER}")
+    port = free_port()
+    env = dict(os.environ, MOTO_AMIS_PATH=str(AWS_AMIS), NO_PROXY="127.0.0.1,localhost")
+    proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -44,6 +44,7 @@ sites:
   - name: b
     provider: aws
     region: us-east-1
+    instance_type: g5.12xlarge
     workers: 4
 """
 
@@ -73,14 +74,18 @@ def test_defaults_are_as_documented():
     assert r.train.model_dump() == dict(
         rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), seed=0,
-        eval_batches=8, threads=1)
+        eval_batches=8, threads=1, hours=None, entrypoint=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, overlap=False, round_seconds=None,
                                        round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
+                                       boot_timeout_s=1800,
                                        reject_norm_factor=10)
     assert r.store.url is None
-    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1)
+    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1,
+                                           zones=[], instance_type=None, gpu=None, spot=False,
+                                           nodes=1, candidates=[])
+    assert r.budget is None and r.train.hours is None
 
 
 def test_recipe_is_frozen():
@@ -135,19 +140,20 @@ MISTAKES = {
     "unknown top-level key": (
         TOP + "trian:\n  rounds: 3\n" + SITES, 2, "trian",
         "unknown field 'trian'; did you mean 'train'? "
-        "valid fields: name, model, data, train, sync, store, sites"),
+        "valid fields: name, model, data, train, sync, store, sites, budget"),
     "unknown nested key": (
         TOP + "train:\n  rounds: 3\n  inner_stepz: 5\n" + SITES, 4, "train.inner_stepz",
         "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
         "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
-        "grad_clip, betas, seed, eval_batches, threads"),
+        "grad_clip, betas, seed, eval_batches, threads, hours, entrypoint"),
     "unknown key, nothing close": (
-        TOP + SITES + "    zone: eu\n", 4, "sites[0].zone",
-        "unknown field 'zone'; valid fields: name, provider, region, workers"),
+        TOP + SITES + "    colour: eu\n", 4, "sites[0].colour",
+        "unknown field 'colour'; valid fields: name, provider, region, workers, zones, "
+        "instance_type, gpu, spot, nodes, candidates"),
     "misspelt required key": (
         "nmae: x\n" + SITES, 1, "nmae",
         "unknown field 'nmae'; did you mean 'name'? "
-        "valid fields: name, model, data, train, sync, store, sites"),
+        "valid fields: name, model, data, train, sync, store, sites, budget"),
     "wrong literal": (
         TOP + "model:\n  preset: huge\n" + SITES, 3, "model.preset",
         "expected one of 'tiny', 'small', 'medium', 'large', 'xl' (got 'huge')"),
@@ -289,3 +295,90 @@ def test_errors_are_geotrain_errors_and_pickle():
     assert str(c) == "no g5 capacity (tried: aws/us-east-1, aws/us-west-2)"
     assert str(pickle.loads(pickle.dumps(c))) == str(c)
     assert CapacityError("none").tried == []
+
+
+# -- placement: zones, instance types, spot, nodes, candidates; budget ---------------------
+
+PLACED = """\
+name: x
+budget: {max_usd: 100}
+sites:
+  - name: a
+    provider: aws
+    region: us-east-1
+    zones: [us-east-1a, us-east-1b]
+    instance_type: g5.xlarge
+    spot: true
+    nodes: 2
+    candidates:
+      - {provider: gcp, region: us-central1, instance_type: g2-standard-4}
+      - {provider: aws, region: us-west-2, instance_type: g5.xlarge, spot: true}
+  - {name: b}
+"""
+
+
+def test_placements_are_the_primary_then_the_candidates():
+    r = loads(PLACED)
+    a, b = r.sites
+    assert [(p.provider, p.region, p.zones, p.instance_type, p.spot) for p in a.placements()] == [
+        ("aws", "us-east-1", ["us-east-1a", "us-east-1b"], "g5.xlarge", True),
+        ("gcp", "us-central1", [], "g2-standard-4", False),
+        ("aws", "us-west-2", [], "g5.xlarge", True)]
+    assert a.nodes == 2 and r.budget.max_usd == 100
+    assert a.placements()[0].where() == "aws/us-east-1[us-east-1a,us-east-1b] g5.xlarge spot"
+    assert [p.provider for p in b.placements()] == ["local"] and not b.placements()[0].spot
+    assert Recipe.model_validate(r.to_dict()) == r
+    assert loads("name: x\nsites: [{name: a, provider: azure, gpu: 'H100:8'}]\n").sites[0].gpu == "H100:8"
+
+
+PLACEMENT_MISTAKES = {
+    "cloud site without instance type": (
+        "name: x\nsites:\n  - name: a\n    provider: gcp\n", 3, "sites[0].instance_type",
+        "required on provider 'gcp' (e.g. 'g2-standard-4'), or give the site a `gpu` requirement "
+        "such as 'A100:8'"),
+    "cloud candidate without instance type": (
+        "name: x\nsites:\n  - name: a\n    candidates:\n      - {provider: aws, region: us-east-1}\n",
+        5, "sites[0].candidates[0].instance_type",
+        "required on provider 'aws' (e.g. 'g5.xlarge'), or give the site a `gpu` requirement "
+        "such as 'A100:8'"),
+    "candidate without provider": (
+        "name: x\nsites:\n  - name: a\n    candidates:\n      - {region: us-east-1}\n", 5,
+        "sites[0].candidates[0].provider", "required field is missing"),
+    "unknown candidate key": (
+        "name: x\nsites:\n  - name: a\n    candidates:\n      - {provider: local, zone: a}\n", 5,
+        "sites[0].candidates[0].zone", "unknown field 'zone'; did you mean 'zones'? valid fields: "
+        "provider, region, zones, instance_type, spot"),
+    "bad gpu requirement": (
+        "name: x\nsites:\n  - name: a\n    provider: aws\n    gpu: 'A100:x8'\n", 5, "sites[0].gpu",
+        "expected 'MODEL:COUNT' GPUs per node, e.g. 'A100:8' or 'L4:1' (got 'A100:x8')"),
+    "zero nodes": (
+        "name: x\nsites:\n  - name: a\n    nodes: 0\n", 4, "sites[0].nodes", "must be >= 1 (got 0)"),
+    "budget without max": (
+        "name: x\nbudget: {}\nsites: [{name: a}]\n", 2, "budget.max_usd", "required field is missing"),
+    "negative budget": (
+        "name: x\nbudget: {max_usd: -5}\nsites: [{name: a}]\n", 2, "budget.max_usd", "must be > 0 (got -5)"),
+    "unknown budget key": (
+        "name: x\nbudget: {max_usd: 5, max_eur: 4}\nsites: [{name: a}]\n", 2, "budget.max_eur",
+        "unknown field 'max_eur'; did you mean 'max_usd'? valid fields: max_usd"),
+}
+
+
+@pytest.mark.parametrize("text, line, field, message", PLACEMENT_MISTAKES.values(), ids=PLACEMENT_MISTAKES.keys())
+def test_placement_mistakes(text, line, field, message):
+    e = error(text)
+    assert (e.line, e.field, e.message) == (line, field, message)
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "aws.yaml", "multicloud.yaml"])
+def test_shipped_recipes_are_valid(name):
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    text = (root / name).read_text()
+    r = load(root / name)
+    if name == "aws.yaml":
+        assert {s.provider for s in r.sites} == {"aws"} and len({s.region for s in r.sites}) == 2
+        assert all(s.spot and s.candidates for s in r.sites)
+    if name == "multicloud.yaml":
+        assert [s.provider for s in r.sites] == ["aws", "gcp", "azure"]
+        assert all(s.candidates for s in r.sites)
+    if name != "local.yaml":
+        assert "geotrain plan" in text.split("name:")[0] and "geotrain launch" in text.split("name:")[0]

@@ -1,6 +1,9 @@
-"""Tests of the run store (geotrain/store.py) on file:// and on S3 (a moto server).
+"""Tests of the run store (geotrain/store.py) on every backend: file://, S3 (a
+moto server), GCS (gcp-storage-emulator) and Azure Blob (Azurite).
 
-The core tests run once per backend; crash and corruption tests write the
+The core tests run once per backend, each store built with `RunStore(url)`
+alone (the emulators are reached through the libraries' own environment
+variables, see tests/emulators.py); crash and corruption tests write the
 leftovers a crashed or faulty writer would leave and check that no reader
 ever takes them for committed state.
 
@@ -9,7 +12,6 @@ ever takes them for committed state.
 
 import json
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,9 @@ from geotrain.store import RunStore, round_key, sha256
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return RunStore("file://" + str(tmp_path / "run"))
-    url, bucket = request.getfixturevalue("moto_s3")
-    return RunStore(f"s3://{bucket}/run-{uuid.uuid4().hex[:8]}", client_kwargs={"endpoint_url": url})
+@pytest.fixture
+def store(backend_url):
+    return RunStore(backend_url)
 
 
 @pytest.fixture

@@ -9,8 +9,10 @@ and without overlap; overlap with nothing to wait for is plain DiLoCo.
 """
 
 import copy
+import struct
 import threading
 import time
+import zlib
 
 import pytest
 import torch
@@ -427,14 +429,23 @@ def test_a_late_contribution_lands_in_the_next_round(tmp_path):
     assert any(e["kind"] == "carried" for e in store.events(["a"]))
 
 
+def nan_payload() -> bytes:
+    """A well-formed 'none' payload (valid checksum) whose last value is NaN."""
+    good = compression.make_codec("none").encode({"w": torch.zeros(4)})
+    magic, version, header_len, _ = struct.unpack_from("<3sBII", good)
+    body = bytearray(good[12:])
+    body[-4:] = struct.pack("<f", float("nan"))
+    return struct.pack("<3sBII", magic, version, header_len, zlib.crc32(bytes(body))) + bytes(body)
+
+
 def test_corrupt_nan_and_outlier_contributions_are_rejected(tmp_path):
     store = RunStore("file://" + str(tmp_path))
     for s in ("a", "b", "c"):
         publish(store, 1, s, {"w": torch.full((4,), 1.0 + ord(s) % 3)})
     publish(store, 1, "d", {"w": torch.full((4,), 1e4)})  # norm far outside the others'
     # e: a NaN tensor published by a broken sender that bypassed its codec's check
-    nan = encode({"w": torch.tensor([1.0, float("nan"), 0.0, 0.0])})
-    store.put_contribution(1, "e", nan, {"tokens": 16, "codec": "none", "published_at": time.time()})
+    store.put_contribution(1, "e", nan_payload(), {"tokens": 16, "codec": "none",
+                                                   "published_at": time.time()})
     # f: bits flipped in the store after the manifest was written
     publish(store, 1, "f", {"w": torch.ones(4)})
     path = tmp_path / "rounds" / "000001" / "f.bin"
@@ -498,3 +509,53 @@ def test_params_hash_sees_one_ulp():
     assert params_hash(nudged) != digest
     # names count too: the same bytes under another name are another model
     assert params_hash({"v": tensors["w"], "b": tensors["b"]}) != digest
+
+
+def test_rounds_by_wall_time_let_a_slow_site_count_less_not_stall(tmp_path):
+    """sync.round_seconds: a fast and a slow site end every round together; the
+    slow one trains fewer steps and its contribution weighs its tokens."""
+    url = "file://" + str(tmp_path)
+    start = build(CFG, seed=0)
+    commit_start(RunStore(url), start)
+    out, errors = {}, []
+
+    def site(name: str, step_delay: float) -> None:
+        try:
+            model = build(CFG, seed=0)
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            gen = torch.Generator().manual_seed(len(name))
+            ex = RoundExchange(RunStore(url), name, poll_s=0.01)
+            with DiLoCo(model, opt, ex, inner_steps=None, round_seconds=0.6) as diloco:
+                while diloco.training_round <= 4:
+                    x, y = batch(gen)
+                    train_step(model, opt, x, y)
+                    time.sleep(step_delay)
+                    diloco.step(tokens=x.numel())
+                diloco.finish()
+            out[name] = diloco.history
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    store = RunStore(url)
+    for s in ("fast", "slow"):
+        store.alive(s, "starting")
+    threads = [threading.Thread(target=site, args=("fast", 0.0)),
+               threading.Thread(target=site, args=("slow", 0.1))]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    assert [r.hash for r in out["fast"]] == [r.hash for r in out["slow"]]
+    for r in range(1, 5):
+        tokens = {s: store.contribution_meta(r, s)["tokens"] for s in ("fast", "slow")}
+        assert tokens["fast"] > 1.5 * tokens["slow"] > 0, (r, tokens)
+        assert {e["site"] for e in store.members(r)["accepted"]} == {"fast", "slow"}
+    # Round 1 by hand: weights are the tokens each trained, not one vote per site.
+    parts = [(s, compression.decode(store.read_contribution(1, s)[0]),
+              store.contribution_meta(1, s)["tokens"]) for s in ("fast", "slow")]
+    theta = model_params(start)
+    outer_step(theta, weighted_mean(parts), {}, 0.7, 0.9, True)
+    assert params_hash(theta) == out["fast"][0].hash
+    assert time.monotonic() - t0 < 20  # 4 rounds of 0.6 s: nobody waited for the slow site's steps

@@ -7,17 +7,23 @@ so that `geotrain --help` stays fast.
 
 import typer
 
-from geotrain.cli import down, launch, logs, providers, schema, status, validate
+from geotrain.cli import (catalog, check, down, launch, logs, migrate, plan, providers, resume, schema,
+                          status, validate)
 
 app = typer.Typer(name="geotrain", no_args_is_help=True, add_completion=False,
                   help="Train one model across clouds; sites meet rarely, through object storage.")
 app.command("launch")(launch.launch)
+app.command("resume")(resume.resume)
+app.command("migrate")(migrate.migrate)
 app.command("validate")(validate.validate)
 app.command("status")(status.status)
 app.command("logs")(logs.logs)
 app.command("down")(down.down)
 app.command("providers")(providers.providers)
 app.command("schema")(schema.schema)
+app.command("plan")(plan.plan)
+app.command("check")(check.check)
+app.add_typer(catalog.app, name="catalog")
 
 
 def main() -> None:

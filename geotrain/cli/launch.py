@@ -21,36 +21,46 @@ def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
 
     In the foreground a live view shows each site; Ctrl-C stops the run cleanly.
     """
-    from rich.live import Live
-
-    from geotrain.cli.view import run_view
-    from geotrain.controller import Controller, create_run, detach as start_detached, preflight, status
+    from geotrain.controller import create_run, preflight
     from geotrain.recipe import load
-    from geotrain.store import RunStore
 
     r = load(recipe)
     preflight(r, str(recipe))
     run_id = create_run(r, str(recipe.resolve()))
+    drive(run_id, detach, as_json)
+
+
+def drive(run_id: str, detach: bool, as_json: bool, resume: bool = False) -> None:
+    """Run the controller for run_id — in the background, or here with a live
+    view (or JSON at the end) — and exit with the run's outcome."""
+    from rich.live import Live
+
+    from geotrain.cli.view import run_view
+    from geotrain.controller import Controller, detach as start_detached, status
+    from geotrain.store import RunStore
+
     if detach:
-        pid = start_detached(run_id)
+        pid = start_detached(run_id, resume=resume)
         if as_json:
             print_json({"run": run_id})
         else:
-            out.print(f"run [bold]{run_id}[/] started in the background (controller pid {pid})\n"
+            out.print(f"run [bold]{run_id}[/] {'resumed' if resume else 'started'} in the "
+                      f"background (controller pid {pid})\n"
                       f"  geotrain status {run_id}\n  geotrain logs {run_id} --follow\n"
                       f"  geotrain down {run_id}", highlight=False)
         return
     if as_json:
-        state = Controller(run_id).run()
+        state = Controller(run_id).run(resume=resume)
         print_json(status(run_id))
     else:
         err.print(f"run [bold]{run_id}[/] — Ctrl-C stops it cleanly", highlight=False)
         with Live(console=out, refresh_per_second=4, transient=False) as live:
-            state = Controller(run_id, on_tick=lambda s: live.update(run_view(s))).run()
+            state = Controller(run_id, on_tick=lambda s: live.update(run_view(s))).run(resume=resume)
         final = status(run_id)
         if state == "succeeded":
-            out.print(f"[green]✓[/] finished: eval loss {final['eval_loss']:.4f}; "
-                      f"model at {RunStore(final['store']).final_model_url()}", highlight=False)
+            loss = f"eval loss {final['eval_loss']:.4f}; " if final["eval_loss"] is not None else ""
+            out.print(f"[green]✓[/] finished: {loss}model at "
+                      f"{RunStore(final['store']).final_model_url()}", highlight=False)
         elif final.get("error"):
             err.print(f"[bold red]error:[/] {final['error']}", highlight=False)
     raise typer.Exit(EXIT[state])

@@ -32,10 +32,12 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
     db = StateDB(default_home())
     row = db.run(run)
     store = RunStore(row["store"])
-    sites = [s["name"] for s in db.sites(row["id"])]
     seen: set[tuple] = set()
     while True:
-        events = [e for e in store.events(sites) if site is None or e["source"] == site]
+        # Every member that ever wrote: a migrated site's new member is `site~k`.
+        members = [m for m in store.listdir("sites") if m != "controller"]
+        events = [e for e in store.events(members)
+                  if site is None or e["source"].split("~")[0] == site]
         fresh = [e for e in events if (e["at"], e["source"], e["kind"]) not in seen]
         for e in fresh:
             seen.add((e["at"], e["source"], e["kind"]))

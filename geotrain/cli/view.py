@@ -27,7 +27,8 @@ def run_view(s: dict) -> Group:
     head = Text.assemble(
         (s["id"], "bold"), "  ", (s["state"], style),
         f"  round {s['rounds_done']}/{s['rounds_total']}",
-        f"  eval loss {fmt(s['eval_loss'])}", f"  {_elapsed(s)}")
+        f"  eval loss {fmt(s['eval_loss'])}", f"  {_elapsed(s)}",
+        f"  spent ${s['spend_usd']:,.2f}" if s.get("spend_usd") else "")
     table = Table("site", "provider", "state", "round", "step", "loss", "tokens/s", "bytes sent",
                   box=None, padding=(0, 2))
     for site in s["sites"]:
@@ -36,6 +37,12 @@ def run_view(s: dict) -> Group:
                       fmt(site["round"], "d"), fmt(site["step"], "d"), fmt(site["loss"]),
                       fmt(site["tokens_per_s"], ",.0f"), human_bytes(site["bytes_sent"]))
     parts = [head, table]
+    for site in s["sites"]:
+        for t in site.get("placements_tried") or []:
+            zones = f"[{','.join(t['zones'])}]" if t.get("zones") else ""
+            parts.append(Text(f"{site['name']}: tried {t['provider']}/{t['region'] or '*'}{zones} "
+                              f"{t['instance_type'] or '-'}{' spot' if t['spot'] else ''}: "
+                              f"{t['error']}", "yellow"))
     if s.get("error"):
         parts.append(Text(f"error: {s['error']}", "red"))
     return Group(*parts)

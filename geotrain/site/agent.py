@@ -4,7 +4,12 @@ It starts the site's own Ray cluster (bound to the site's private address,
 token authentication on), creates one TrainWorker per worker, forms their
 gloo group inside the site, runs the trainer, and watches the run store for
 commands from the controller. It exits 0 when its share of the run is done
-(or it was told to stop), non-zero when training failed.
+(or it was told to stop, or the cloud announced a preemption: then it marks
+itself `preempting` and leaves at once), non-zero when training failed.
+
+A site of several nodes (`--nodes N`) runs one agent per node: node 0 is
+the head and does all of the above across every node's workers; the others
+only join its Ray cluster (geotrain/site/cluster.py).
 
     python -m geotrain.site.agent --store file:///.../runs/RUN --site a
 """
@@ -23,9 +28,12 @@ import time
 import traceback
 
 from geotrain.recipe import Recipe
+from geotrain.site import cluster
+from geotrain.site.preemption import Notice, watch_from_env
 from geotrain.store import RunStore
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
+DRAIN_S = 20.0  # at most this long to publish a partial round on a preemption notice
 log = logging.getLogger("geotrain.site")
 
 
@@ -66,6 +74,12 @@ class Liveness:
         self._beat()
 
 
+class Preempted(Exception):
+    def __init__(self, notice: Notice):
+        super().__init__(notice)
+        self.notice = notice
+
+
 def _on_sigterm(signum, frame):
     raise Stopped(f"signal {signum}")
 
@@ -78,40 +92,86 @@ def start_ray(workers: int, host: str, temp_dir: str | None) -> None:
              _temp_dir=temp_dir, log_to_driver=True, configure_logging=False)
 
 
-def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None) -> int:
+def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None,
+              data_site: str | None = None, node_index: int = 0, nodes: int = 1,
+              ray_port: int = cluster.DEFAULT_BASE_PORT) -> int:
+    """Run one site. `site` is this member's name in the store; `data_site` the
+    recipe site whose data shard it trains (they differ for a migrated site's
+    replacement, which runs beside the old member until that one drains).
+    With `nodes` > 1 this is node `node_index` of the site; node 0 leads."""
     import ray
 
     from geotrain.site.worker import TrainWorker
 
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="gt-site-")
+    if node_index > 0:
+        return run_node(store_url, site, host, temp_dir, data_site, node_index, ray_port)
     store = RunStore(store_url)
     recipe = Recipe.model_validate(store.read_run()["recipe"])
-    spec = next(s for s in recipe.sites if s.name == site)
+    data_site = data_site or site
+    spec = next(s for s in recipe.sites if s.name == data_site)
+    started = time.time()
     store.beat(site, {"state": "starting", "pid": os.getpid()})
     liveness = Liveness(store, site).start()
-    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid())
+    store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid(),
+                store_settings=store.settings())  # where retry/fault/endpoint settings came from
     signal.signal(signal.SIGTERM, _on_sigterm)
     code, final = 1, "failed"
+    notices, pending, head = None, [], None
     try:
+        # GEOTRAIN_PROVIDER / GEOTRAIN_METADATA_ENDPOINT say where to watch; `notices.fired`
+        # is the hook a drain step reads.
+        notices = watch_from_env()
         t0 = time.time()
-        start_ray(spec.workers, host, temp_dir)
-        store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s", seconds=time.time() - t0)
-        world = spec.workers
-        workers = [TrainWorker.remote(store_url, site, rank, world) for rank in range(world)]
-        rendezvous = os.path.join(temp_dir, "gloo-rendezvous")
-        ray.get([w.join.remote(rendezvous) for w in workers])
+        if nodes > 1:
+            head = cluster.start_head(host, ray_port, spec.workers, temp_dir)
+            cluster.lead(store, site, host, ray_port, nodes)
+        else:
+            start_ray(spec.workers, host, temp_dir)
+        store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s ({nodes} node(s))",
+                    seconds=time.time() - t0, nodes=nodes)
+        if nodes > 1:
+            workers = cluster.form_group(store_url, site, data_site, spec.workers, nodes)
+            places = ray.get([w.where.remote() for w in workers])
+            store.event(site, "group", f"gloo group of {len(workers)} ranks on {nodes} nodes",
+                        world=len(workers), nodes=nodes, ranks=places)
+        else:
+            world = spec.workers
+            workers = [TrainWorker.remote(store_url, site, rank, world, data_site) for rank in range(world)]
+            rendezvous = os.path.join(temp_dir, "gloo-rendezvous")
+            ray.get([w.join.remote(rendezvous) for w in workers])
         pending = [w.train.remote() for w in workers]
         liveness.state = "running"
         results = []
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             results += ray.get(done)
-            if any(c["command"] == "stop" for c in store.commands(site)):
+            # Commands from before this agent started were for an earlier incarnation.
+            if any(c["command"] == "stop" and c["at"] >= started for c in store.commands(site)):
                 raise Stopped("stop command")
+            store.follow_switch()  # the run store moved (geotrain migrate --store)
+            if notices and notices.fired.is_set():
+                raise Preempted(notices.notice)
         summary = next(r for r in results if r["rank"] == 0)
-        store.event(site, "done", f"finished at round {summary['round']}", **{
-            k: summary[k] for k in ("round", "bytes_sent", "bytes_received")})
+        store.event(site, "done", f"finished at round {summary['round']}", ranks_done=len(results), **{
+            k: summary[k] for k in ("round", "bytes_sent", "bytes_received")},
+            store_faults_injected=store.injected_faults())
         code, final = 0, "done"
+    except Preempted as e:
+        # Publish what we can: the trainer sends this round's progress so far as an
+        # early contribution (bounded by the notice's deadline), then stops.
+        liveness.state = "preempting"
+        n = e.notice
+        store.send_command(site, "drain")
+        budget = DRAIN_S if n.deadline is None else max(0.0, min(DRAIN_S, n.deadline - time.time() - 5))
+        ray.wait(pending, num_returns=len(pending), timeout=budget)
+        ray.shutdown()
+        store.beat(site, {"state": "preempting", "pid": os.getpid(), "notice": n.kind,
+                          "deadline": n.deadline})
+        store.event(site, "preempting", f"{n.provider} {n.kind} notice: {n.detail}",
+                    provider=n.provider, notice=n.kind, deadline=n.deadline)
+        notices.acknowledge()
+        code, final = 0, "preempting"
     except (Stopped, KeyboardInterrupt) as e:
         store.beat(site, {"state": "stopped", "pid": os.getpid()})
         store.event(site, "stopped", f"stopped: {e}")
@@ -123,10 +183,42 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
                     traceback=traceback.format_exc()[-4000:])
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if notices:
+            notices.stop()
         liveness.stop(final)
         ray.shutdown()
+        if head is not None:
+            cluster.head_down(store, site)
+            cluster.stop_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
     return code
+
+
+def run_node(store_url: str, site: str, host: str, temp_dir: str, data_site: str | None,
+             node_index: int, ray_port: int) -> int:
+    """Node `node_index` > 0 of a multi-node site: join the head's Ray cluster
+    and stay until the head goes away, the site is done, or a stop (command or
+    SIGTERM). Its workers are placed and driven by node 0."""
+    store = RunStore(store_url)
+    recipe = Recipe.model_validate(store.read_run()["recipe"])
+    spec = next(s for s in recipe.sites if s.name == (data_site or site))
+    started = time.time()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stop = lambda: any(c["command"] == "stop" and c["at"] >= started  # noqa: E731
+                       for c in store.commands(site))
+    try:
+        why = cluster.run_member(store, site, host, ray_port, node_index, spec.workers, temp_dir, stop)
+        log.info("node %d left: %s", node_index, why)
+        return 0
+    except (Stopped, KeyboardInterrupt) as e:
+        log.info("node %d stopped: %s", node_index, e)
+        return 0
+    except Exception as e:  # noqa: BLE001 - say why in the node's log, exit non-zero
+        log.error("node %d failed: %s", node_index, e)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,9 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", required=True, help="this site's name in the recipe")
     p.add_argument("--host", default="127.0.0.1", help="the site's private address Ray binds to")
     p.add_argument("--temp-dir", default=None, help="Ray's session directory for this site")
+    p.add_argument("--data-site", default=None, help="the recipe site whose data this member "
+                   "trains (default: --site)")
+    p.add_argument("--node-index", type=int, default=0, help="this node's index in the site")
+    p.add_argument("--nodes", type=int, default=1, help="nodes in the site")
+    p.add_argument("--ray-port", type=int, default=cluster.DEFAULT_BASE_PORT,
+                   help="a multi-node site's base Ray port (geotrain/site/cluster.py)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run_agent(a.store, a.site, a.host, a.temp_dir)
+    return run_agent(a.store, a.site, a.host, a.temp_dir, a.data_site, a.node_index, a.nodes,
+                     a.ray_port)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The site agent creates `workers` of these in its site's Ray cluster and forms
 their gloo group. The group's rendezvous is a FileStore in the site's own temp
 dir when all workers share one node, so it opens no port at all; gloo itself
 binds the interface the provider names (GLOO_SOCKET_IFNAME), the site's private
-one, so the group never leaves the site.
+one, so the group never leaves the site. A multi-node site's group
+(geotrain/site/cluster.py) meets through a TCPStore that rank 0 opens on its
+node's private address (never all interfaces).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import ray
 
 @ray.remote(num_cpus=1)
 class TrainWorker:
-    def __init__(self, store_url: str, site: str, rank: int, world: int):
+    def __init__(self, store_url: str, site: str, rank: int, world: int, data_site: str | None = None):
         self.store_url, self.site, self.rank, self.world = store_url, site, rank, world
+        self.data_site = data_site or site
         self._tcp_store = None
 
     def join(self, rendezvous_file: str) -> None:
@@ -27,6 +30,47 @@ class TrainWorker:
             return
         store = dist.FileStore(rendezvous_file, self.world)
         dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world)
+
+    def open_rendezvous(self) -> tuple[str, int]:
+        """Rank 0 of a multi-node group: open the group's TCPStore on this
+        node's private address, on a free port, and say where it is."""
+        import socket
+
+        import ray
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        # A TCPStore given only a port listens on every interface; handing it a
+        # socket bound to the private address keeps it inside the site.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        self._tcp_store = dist.TCPStore(host, port, self.world, True, master_listen_fd=sock.fileno(),
+                                        use_libuv=False, wait_for_workers=False)
+        self._listen_socket = sock
+        return host, port
+
+    def join_tcp(self, host: str, port: int) -> int:
+        """Join the group through rank 0's TCPStore; returns the group's size as
+        counted by an all-reduce over it."""
+        import torch
+        import torch.distributed as dist
+
+        store = self._tcp_store or dist.TCPStore(host, port, self.world, False)
+        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world)
+        ones = torch.ones(1)
+        dist.all_reduce(ones)
+        return int(ones.item())
+
+    def where(self) -> dict:
+        """This worker's rank, node and process, for the site's events."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"rank": self.rank, "world": self.world, "node_id": ctx.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def pid(self) -> int:
         return os.getpid()
@@ -40,5 +84,25 @@ class TrainWorker:
         run = store.read_run()
         recipe = Recipe.model_validate(run["recipe"])
         names = [s.name for s in recipe.sites]
-        place = WorkerPlace(self.site, names.index(self.site), len(names), self.rank, self.world)
-        return train_site(recipe, store, place)
+        place = WorkerPlace(self.site, names.index(self.data_site), len(names), self.rank, self.world)
+        if recipe.train.entrypoint:
+            from geotrain.train.entry import SiteContext, run_entrypoint
+
+            return run_entrypoint(SiteContext(recipe, store, self.site, place.site_index,
+                                              place.n_sites, self.rank, self.world))
+        return train_site(recipe, store, place, drain_requested=_commanded(store, self.site, "drain"))
+
+
+def _commanded(store, site: str, command: str, every_s: float = 1.0):
+    """A cheap check, at most once per `every_s`, for a command sent after now."""
+    import time
+
+    since, state = time.time(), {"at": 0.0, "seen": False}
+
+    def check() -> bool:
+        if not state["seen"] and time.monotonic() - state["at"] >= every_s:
+            state["at"] = time.monotonic()
+            state["seen"] = any(c["command"] == command and c["at"] >= since
+                                for c in store.commands(site))
+        return state["seen"]
+    return check

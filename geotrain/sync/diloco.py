@@ -223,6 +223,7 @@ class DiLoCo:
             merged = self._merge(self.round + 1, decision, decided_by_me=False)
             self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum
         self.training_round = self.round + 1
+        self.exchange.joined_round = self.training_round
         self._queued = self.round
 
     def done(self, rounds: int) -> bool:
@@ -244,18 +245,30 @@ class DiLoCo:
         if self.round_seconds is None:
             return self._steps >= self.inner_steps
         over = torch.tensor([int(time.monotonic() - self._round_t0 >= self.round_seconds
-                                 or (self.inner_steps and self._steps >= self.inner_steps))])
+                                 or bool(self.inner_steps and self._steps >= self.inner_steps))])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(over, 0)  # rank 0's clock decides for the whole site
         return bool(over.item())
 
-    def end_round(self, final: bool = False) -> RoundResult | None:
+    def end_round(self, final: bool = False, publish_only: bool = False) -> RoundResult | None:
         """Publish this round's progress; apply merges that are due (all of them
-        when `final`, or without overlap)."""
+        when `final`, or without overlap). With `publish_only` (a site leaving
+        for good) publish and return at once."""
         result = None
+        if publish_only:
+            if self.rank == 0 and self._steps:
+                local = model_params(self.model)
+                r = self.exchange.first_open_round(self.training_round)
+                delta = {n: self._start[n] - local[n] for n in local}
+                self.bytes_sent += self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
+            return None
         if self.rank == 0:
             local = model_params(self.model)
             r = self.exchange.first_open_round(self.training_round)
+            # A store migration switches every site at the same round boundary.
+            if self.exchange.store.follow_switch(before_round=r, wait=True,
+                                                 should_stop=self.should_stop):
+                r = self.exchange.first_open_round(self.training_round)
             delta = {n: self._start[n] - local[n] for n in local}
             self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
             self.bytes_sent += self._sent[r]

@@ -19,8 +19,9 @@ A round r is a transaction in the store:
    same bytes later (`ensure_committed`), so committed rounds have no gaps.
 
 Who is waited for: sites whose agent beat within `liveness_s` (see
-`RunStore.alive`) and whose trainer is on round <= r; a site still starting
-is waited for at most `join_wait_s`, a training one at most `window_s`.
+`RunStore.alive`) and whose trainer is on round <= r, at most `window_s`;
+and, only in the first round this site trains (a launch or a resume: sites
+start together), sites still starting, at most `join_wait_s`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class RoundExchange:
         self.takeover_s = takeover_s
         self._decoded: dict[tuple[int, str], Tensors] = {}  # what the decider already read
         self._read_for: dict[int, int] = {}  # bytes the decider downloaded deciding round r
+        # The first round this site trains: only then does it wait for sites still
+        # starting (a launch or a resume); later, a starting site (a replacement)
+        # joins the first open round and nobody waits for it.
+        self.joined_round = 1
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -119,7 +124,7 @@ class RoundExchange:
             if training_round is not None:
                 if training_round <= r and waited < self.window_s:
                     out.append(site)
-            elif waited < self.join_wait_s:  # still starting: bounded wait
+            elif r <= self.joined_round and waited < self.join_wait_s:  # starting together
                 out.append(site)
         return sorted(out)
 

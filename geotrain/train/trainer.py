@@ -86,8 +86,13 @@ def make_exchange(recipe: Recipe, store: RunStore, site: str) -> RoundExchange:
 
 
 def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
-               should_stop: Callable[[], bool] = lambda: False, beat_every_s: float = 1.0) -> dict:
-    """Train until the recipe's last round is merged and committed; return a summary."""
+               should_stop: Callable[[], bool] = lambda: False, beat_every_s: float = 1.0,
+               drain_requested: Callable[[], bool] = lambda: False) -> dict:
+    """Train until the recipe's last round is merged and committed; return a summary.
+
+    `drain_requested` (checked on rank 0 once per step) means the site is about
+    to go away (a preemption notice): publish the round's progress so far as an
+    early contribution and leave, instead of losing it."""
     t, sync = recipe.train, recipe.sync
     torch.set_num_threads(t.threads)
     torch.set_flush_denormal(True)
@@ -176,6 +181,12 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
                     beat("training")
                     last_beat = time.monotonic()
                 diloco.step(tokens_per_step)
+                if diloco.training_round == r and _agree(place, drain_requested):
+                    diloco.end_round(publish_only=True)  # what we can: this round so far
+                    beat("drained")
+                    return {"site": place.site, "rank": place.rank, "round": diloco.round,
+                            "bytes_sent": diloco.bytes_sent, "bytes_received": diloco.bytes_received,
+                            "drained": True, "first_step_at": first_step_at}
         beat("syncing")
         if not should_stop():
             diloco.finish()
@@ -184,6 +195,14 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
             "bytes_sent": diloco.bytes_sent, "bytes_received": diloco.bytes_received,
             "wait_s": diloco.wait_s, "hashes": {h.round: h.hash for h in diloco.history},
             "first_step_at": first_step_at, "eval_loss": state["eval_loss"]}
+
+
+def _agree(place: WorkerPlace, ask: Callable[[], bool]) -> bool:
+    """Rank 0's answer, the same on every rank of the site."""
+    flag = torch.tensor([int(ask()) if place.rank == 0 else 0])
+    if place.world > 1:
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def hash_seed(*parts: int) -> int:

@@ -1,0 +1,80 @@
+"""Whether this machine can use each provider: `geotrain check` and the launch preflight.
+
+`check_providers()` imports each provider module lazily and calls its `check()`. It never
+raises: a provider module that does not exist yet is "not implemented", and a `check()`
+that raises is reported with the exception's type and a message from which anything that
+looks like a key or token has been cut (a provider's `check()` must never include a
+secret; this is the second fence) — all but the provider's own non-secret endpoint
+settings (`SETTINGS`), which each result also lists in `settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import providers
+
+# Long runs of key-like characters (access keys, SAS tokens, bearer tokens, client secrets).
+SECRETISH = re.compile(r"[A-Za-z0-9+/=_\-]{20,}")
+# The environment settings (none of them a secret) that say where each provider's calls
+# go; `geotrain check` shows the ones that are set, so a test or a proxy is never a surprise.
+SETTINGS = {
+    "aws": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2", "AWS_PROFILE", "AWS_DEFAULT_REGION",
+            "AWS_REGION"),
+    "gcp": ("GEOTRAIN_GCE_ENDPOINT", "GCE_METADATA_HOST", "GOOGLE_CLOUD_PROJECT"),
+    "azure": ("GEOTRAIN_ARM_ENDPOINT", "GEOTRAIN_ARM_CA_BUNDLE", "AZURE_SUBSCRIPTION_ID"),
+}
+
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    provider: str
+    implemented: bool
+    ok: bool
+    detail: str
+    settings: dict[str, str] = field(default_factory=dict)  # SETTINGS in effect: name -> value
+
+
+def settings_of(name: str) -> dict[str, str]:
+    """The non-secret environment settings of provider `name` that are set here."""
+    return {k: os.environ[k] for k in SETTINGS.get(name, ()) if os.environ.get(k)}
+
+
+def redact(text: str, keep: tuple[str, ...] = ()) -> str:
+    """Cut key-like runs out of `text`, except the known non-secret strings in `keep`
+    (setting names and values: endpoints, paths, a subscription id)."""
+    kept = sorted({k for k in keep if k}, key=len, reverse=True)
+    for i, k in enumerate(kept):
+        text = text.replace(k, f"\x00{i}\x00")
+    text = SECRETISH.sub("[redacted]", text)
+    for i, k in enumerate(kept):
+        text = text.replace(f"\x00{i}\x00", k)
+    return text
+
+
+def check_one(name: str) -> ProviderCheck:
+    try:
+        module = providers.get(name)
+    except ModuleNotFoundError as e:
+        if e.name == f"providers.{name}":
+            return ProviderCheck(name, False, False, "not implemented")
+        return ProviderCheck(name, True, False, f"cannot import: missing module {e.name}")
+    except Exception as e:  # noqa: BLE001 - an import that fails is a result, not a crash
+        return ProviderCheck(name, True, False, f"cannot import: {type(e).__name__}: "
+                             f"{redact(str(e))[:200]}")
+    try:
+        result = module.check()
+    except Exception as e:  # noqa: BLE001 - check() must not raise; report it if it does
+        return ProviderCheck(name, True, False, f"check() raised {type(e).__name__}: "
+                             f"{redact(str(e))[:200]}")
+    settings = settings_of(name)
+    keep = tuple(settings) + tuple(settings.values())
+    return ProviderCheck(name, True, bool(result.ok), redact(str(result.detail), keep)[:500],
+                         settings)
+
+
+def check_providers(names: tuple[str, ...] | None = None) -> list[ProviderCheck]:
+    """One ProviderCheck per provider (all of them by default), in order."""
+    return [check_one(n) for n in (names or providers.PROVIDERS)]

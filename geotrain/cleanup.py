@@ -1,0 +1,127 @@
+"""Leave nothing running: terminate a run's nodes, and find orphans across providers.
+
+`terminate_run(db, run)` terminates what the state db recorded for the run (every node
+row not yet terminated that has an instance id) *and* what each provider finds by the
+run's tags — the db catches nodes whose tags never landed, the tags catch nodes created
+after a crash between the provider call and the db update.
+
+`down_orphans(home)` asks every provider that can list by tag (`query_all`, optional in
+the contract) for every geotrain-tagged node, and terminates those whose run the state
+db does not know, or says is finished, failed or stopped — and, of a run whose controller
+died (abandoned), the nodes the db never recorded (created by a call in flight when the
+controller died). A provider module that does
+not exist yet, cannot list, or fails is reported as skipped, never raised.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import providers
+from geotrain.checks import redact
+from geotrain.recipe import default_home
+from geotrain.state import StateDB
+
+OVER = ("succeeded", "failed", "stopped")
+
+
+def _module(name: str):
+    try:
+        return providers.get(name)
+    except ModuleNotFoundError as e:
+        if e.name == f"providers.{name}":
+            return None
+        raise
+
+
+def recorded_regions(db: StateDB, run_id: str, provider: str,
+                     site: str | None = None) -> list[str] | None:
+    """The regions the state db says the run (or one site) ever asked `provider`
+    for — every attempt is recorded before its call, so no node of the run can be
+    elsewhere. None (search everywhere) when an attempt left the region to the
+    provider, or when nothing is recorded."""
+    rows = [r for r in db.nodes(run_id) if r["provider"] == provider
+            and (site is None or r["site"] == site)]
+    if not rows or any(not r["region"] for r in rows):
+        return None
+    return sorted({r["region"] for r in rows})
+
+
+def query_run(db: StateDB, run_id: str, provider: str, site: str | None = None) -> list[providers.Node]:
+    """`provider.query` for the run (or one site), searching only the recorded regions."""
+    return providers.get(provider).query(run_id, site,
+                                         regions=recorded_regions(db, run_id, provider, site))
+
+
+def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
+    """Terminate every node of a run the state db or the providers' tags know of
+    (the tags searched in the regions the db recorded; see recorded_regions)."""
+    rows = db.nodes(run_id)
+    gone: list[providers.Node] = []
+    for name in sorted({r["provider"] for r in rows}):
+        provider = _module(name)
+        if provider is None:
+            continue
+        live = provider.query(run_id, regions=recorded_regions(db, run_id, name))
+        known = {n.instance_id for n in live}
+        recorded = [providers.Node(run_id, r["site"], name, r["instance_id"], "running",
+                                   pid=r["pid"], region=r["region"])
+                    for r in rows if r["provider"] == name and r["instance_id"]
+                    and r["state"] != "terminated" and r["instance_id"] not in known]
+        if live or recorded:
+            gone += provider.terminate(live + recorded)
+    for r in rows:
+        if r["state"] != "terminated":
+            db.update_node(r["id"], state="terminated", terminated_at=time.time())
+    return gone
+
+
+def abandoned(run: dict) -> bool:
+    """A run the db says is running whose controller process is gone (killed,
+    crashed, the machine rebooted): nothing watches its nodes any more."""
+    from geotrain.controller import pid_alive
+
+    return run["state"] == "running" and not pid_alive(run["controller_pid"])
+
+
+def down_orphans(home: Path | None = None) -> dict:
+    """Terminate every tagged node whose run is unknown here or over, and every node
+    of an abandoned run (see `abandoned`) that the db never recorded — one created by
+    a call whose answer the dead controller never wrote down. An abandoned run's
+    recorded nodes are kept: `geotrain resume` adopts them, `geotrain down RUN` ends
+    them. Returns {"terminated": [node...], "skipped": [{"provider", "reason"}]}."""
+    db = StateDB(home or default_home())
+    runs = {r["id"]: r["state"] for r in db.runs()}
+    recorded = {r["id"]: {n["instance_id"] for n in db.nodes(r["id"]) if n["instance_id"]}
+                for r in db.runs() if abandoned(r)}
+
+    def orphaned(n: providers.Node) -> bool:
+        if n.run_id in recorded:
+            return n.instance_id not in recorded[n.run_id]
+        return n.run_id not in runs or runs[n.run_id] in OVER
+
+    terminated, skipped = [], []
+    for name in providers.PROVIDERS:
+        try:
+            provider = _module(name)
+            if provider is None:
+                skipped.append({"provider": name, "reason": "not implemented"})
+                continue
+            if not hasattr(provider, "query_all"):
+                skipped.append({"provider": name, "reason": "cannot list nodes by tag "
+                                "(no query_all)"})
+                continue
+            orphans = [n for n in provider.query_all() if orphaned(n)]
+            if orphans:
+                terminated += provider.terminate(orphans)
+        except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
+            skipped.append({"provider": name, "reason": f"{type(e).__name__}: {redact(str(e))[:200]}"})
+    gone = {n.instance_id for n in terminated}
+    for run_id in sorted({n.run_id for n in terminated} & set(runs)):
+        for r in db.nodes(run_id, live_only=True):
+            # An abandoned run keeps its recorded nodes; its in-flight row (no id) is settled.
+            if run_id not in recorded or r["instance_id"] in gone or not r["instance_id"]:
+                db.update_node(r["id"], state="terminated", terminated_at=time.time())
+    return {"terminated": [asdict(n) for n in terminated], "skipped": skipped}

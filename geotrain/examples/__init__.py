@@ -1,0 +1,1 @@
+"""Examples of user training code for `train.entrypoint` (see recipes/custom.yaml)."""

@@ -1,0 +1,127 @@
+"""Your own training code on geotrain's sites: `train.entrypoint: "module:function"`.
+
+Every worker of every site calls `function(ctx)` with a `SiteContext`. The
+function builds its model and inner optimizer, wraps them with
+`ctx.diloco(model, optimizer)` and trains in its own loop; geotrain handles
+the rounds through the run store, liveness, stop commands and the final model:
+
+    def train(ctx: SiteContext) -> dict:
+        torch.manual_seed(ctx.recipe.train.seed)          # same init everywhere
+        model = MyModel(); opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with ctx.diloco(model, opt, evaluate=lambda m: my_eval(m)) as diloco:
+            while not ctx.done(diloco):
+                loss = model(*next(batches)); loss.backward(); opt.step(); opt.zero_grad()
+                diloco.step(tokens=batch_tokens)
+                ctx.beat(diloco, loss=loss.item())
+            diloco.finish()
+        return {"round": diloco.round}
+
+Round 0 is your model's initial state, committed by whichever site gets there
+first (a conditional create decides); the others start from it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from geotrain.recipe import Recipe
+from geotrain.store import RunStore
+from geotrain.sync.diloco import DiLoCo, encode, load_params, model_params, params_hash
+
+
+@dataclass
+class SiteContext:
+    recipe: Recipe
+    store: RunStore
+    site: str
+    site_index: int  # this site's place among the recipe's sites (for sharding data)
+    n_sites: int
+    rank: int        # this worker inside the site (torch.distributed is set up when world > 1)
+    world: int
+    should_stop: Callable[[], bool] = lambda: False
+    _first_step_at: float | None = field(default=None, repr=False)
+
+    def diloco(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               evaluate: Callable[[torch.nn.Module], float] | None = None, **overrides) -> DiLoCo:
+        """A DiLoCo configured from the recipe's train/sync sections around your model.
+        `evaluate(model) -> loss` is run on the committed global state each round."""
+        from geotrain.train.trainer import make_exchange
+
+        exchange = make_exchange(self.recipe, self.store, self.site) if self.rank == 0 else None
+        if self.rank == 0:
+            self._commit_round_zero(model)
+        eval_model = None
+
+        def on_commit(r: int, params: dict) -> dict:
+            nonlocal eval_model
+            if evaluate is None:
+                return {}
+            if eval_model is None:
+                import copy
+                eval_model = copy.deepcopy(model)
+            load_params(eval_model, params)
+            loss = float(evaluate(eval_model))
+            self.store.event(self.site, "round", f"round {r} committed, eval loss {loss:.4f}",
+                             round=r, eval_loss=loss)
+            return {"eval_loss": loss}
+
+        s, t = self.recipe.sync, self.recipe.train
+        kwargs = dict(round_seconds=s.round_seconds, outer_lr=s.outer_lr,
+                      outer_momentum=s.outer_momentum, nesterov=s.nesterov, overlap=s.overlap,
+                      on_commit=on_commit, should_stop=self.should_stop, liveness=False)
+        kwargs.update(overrides)
+        return DiLoCo(model, optimizer, exchange, None if s.round_seconds else t.inner_steps, **kwargs)
+
+    def _commit_round_zero(self, model: torch.nn.Module) -> None:
+        if self.store.is_committed(0):
+            return
+        if self.store.create("global/000000/_claim", self.site.encode()):
+            params = model_params(model)
+            self.store.commit_global(0, {"model.safetensors": encode(params)},
+                                     {"hash": params_hash(params), "members": []})
+            return
+        deadline = time.monotonic() + 120
+        while not self.store.is_committed(0):
+            if time.monotonic() > deadline:
+                raise TimeoutError("round 0 was claimed by another site but never committed")
+            time.sleep(0.1)
+
+    def done(self, diloco: DiLoCo) -> bool:
+        """True once every round of the recipe has been trained (or a stop came)."""
+        return diloco.training_round > self.recipe.train.rounds or self.should_stop()
+
+    def beat(self, diloco: DiLoCo, loss: float | None = None, **extra) -> None:
+        """Report progress (rank 0 only; cheap to call every step, written at most once a second)."""
+        if self.rank != 0:
+            return
+        now = time.time()
+        if self._first_step_at is None:
+            self._first_step_at = now
+        elif now - getattr(self, "_last_beat", 0) < 1.0:
+            return
+        self._last_beat = now
+        self.store.beat(self.site, {"state": "training", "round": diloco.round,
+                                    "training_round": diloco.training_round, "loss": loss,
+                                    "bytes_sent": diloco.bytes_sent,
+                                    "bytes_received": diloco.bytes_received,
+                                    "first_step_at": self._first_step_at, **extra})
+
+
+def load_entrypoint(spec: str) -> Callable[[SiteContext], dict]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_entrypoint(ctx: SiteContext) -> dict:
+    torch.manual_seed(ctx.recipe.train.seed)
+    result = load_entrypoint(ctx.recipe.train.entrypoint)(ctx) or {}
+    if ctx.rank == 0:
+        ctx.store.beat(ctx.site, {"state": "done", "first_step_at": ctx._first_step_at})
+    return {"site": ctx.site, "rank": ctx.rank, "round": result.get("round"),
+            "bytes_sent": result.get("bytes_sent", 0), "bytes_received": result.get("bytes_received", 0),
+            **result}

@@ -1,0 +1,393 @@
+"""The AWS provider: a site is N EC2 instances in one availability zone.
+
+`launch` puts every node of a site in one zone of the plan's region (the
+default VPC's default subnet for that zone, or the `subnet` option), tries
+`plan.zones` in order and moves to the next zone when EC2 says it has no room
+(the codes in CAPACITY_CODES), and raises CapacityError naming every zone it
+tried when none had room. Each site gets its own security group,
+`geotrain-<run>-<site>`, whose only ingress rule admits all traffic from that
+same group: Ray is reachable from the site's own nodes and from nothing else
+(no 0.0.0.0/0, no SSH). Egress stays open (nodes reach the run store and pip).
+
+Every instance, its volumes, its network interface and the security group
+carry the tags `geotrain-run`, `geotrain-site` (and `geotrain-node` on
+instance-level resources); `query` and `terminate` find resources by those
+tags, never by memory. Instances require IMDSv2 (the preemption watcher reads
+the spot `instance-action` notice through it). Each node boots the script from
+`geotrain.bootstrap.render` as its user data; the site's Ray token exists only
+there.
+
+Plan options (non-secret; `SitePlan.options`):
+    image            AMI id; skips the lookup below
+    image_name       AMI name pattern for the lookup (default DEFAULT_IMAGE_NAME)
+    image_owner      owner of that AMI (default "amazon")
+    subnet           subnet id(s), comma-separated, instead of the default VPC
+    instance_profile IAM instance profile name for the nodes (store access only;
+                     see infra/aws/README.md)
+
+The image lookup is the documented one for the AWS Deep Learning AMIs:
+`DescribeImages` with owner amazon and a name filter, newest CreationDate wins.
+
+Credentials, region and endpoint come from boto3's normal chain (environment,
+shared files, SSO, instance role). Tests point boto3 at a local moto server
+with `AWS_ENDPOINT_URL`, which botocore honours for every service; `check()`
+shows the endpoint when it is set. boto3 is imported only inside functions,
+so `import providers.aws` works without it.
+
+See providers/__init__.py for the contract.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from geotrain import bootstrap
+from geotrain.errors import CapacityError, ProviderError
+from providers import Capabilities, CredentialCheck, Node, SitePlan
+
+TAG_RUN, TAG_SITE, TAG_NODE = "geotrain-run", "geotrain-site", "geotrain-node"
+# EC2 error codes that mean "no room here": the controller fails over on them.
+CAPACITY_CODES = frozenset({
+    "InsufficientInstanceCapacity", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow", "Unsupported", "InsufficientCapacity", "VcpuLimitExceeded"})
+DEFAULT_IMAGE_NAME = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *"
+DEFAULT_INSTANCE_TYPE = "g5.xlarge"  # one NVIDIA A10G
+LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+WAIT_DELAY_S = 5.0        # terminate waiter poll interval (tests lower it)
+WAIT_MAX_ATTEMPTS = 120
+GROUP_DELETE_TIMEOUT_S = 120.0
+
+
+def capabilities() -> Capabilities:
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True)
+
+
+# ---------------------------------------------------------------- clients
+
+def _session():
+    import boto3
+    return boto3.session.Session()
+
+
+def _client(service: str, region: str | None, session=None, attempts: int = 5):
+    """A boto3 client; `attempts=1` for RunInstances, whose capacity errors
+    (HTTP 5xx) botocore would otherwise retry in the same zone."""
+    from botocore.config import Config
+    cfg = Config(retries={"mode": "standard", "total_max_attempts": attempts},
+                 connect_timeout=10, read_timeout=60)
+    return (session or _session()).client(service, region_name=region, config=cfg)
+
+
+def _error(e: Exception) -> tuple[str, str]:
+    """(code, message) of a botocore ClientError."""
+    err = getattr(e, "response", {}).get("Error", {})
+    return err.get("Code", type(e).__name__), err.get("Message", str(e))
+
+
+def _tags(plan: SitePlan, node: int | None = None) -> list[dict]:
+    tags = [{"Key": TAG_RUN, "Value": plan.run_id}, {"Key": TAG_SITE, "Value": plan.site}]
+    if node is not None:
+        tags += [{"Key": TAG_NODE, "Value": str(node)},
+                 {"Key": "Name", "Value": f"geotrain-{plan.run_id}-{plan.site}-{node}"}]
+    return tags
+
+
+def group_name(run_id: str, site: str) -> str:
+    return f"geotrain-{run_id}-{site}"
+
+
+# ---------------------------------------------------------------- check
+
+def check() -> CredentialCheck:
+    try:
+        import boto3  # noqa: F401
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return CredentialCheck("aws", False, "boto3 is not installed (pip install boto3)")
+    var = next((v for v in ("AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL") if os.environ.get(v)), None)
+    where = f"endpoint {os.environ[var]} ({var})" if var else "endpoint AWS"
+    creds = None
+    try:
+        session = _session()
+        creds = session.get_credentials()
+        if creds is None:
+            return CredentialCheck("aws", False, (
+                "no AWS credentials found: set AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"~/.aws/credentials, SSO or an instance role ({where})"))
+        region = session.region_name
+        ident = _client("sts", region or "us-east-1", session, attempts=2).get_caller_identity()
+        region_text = region or "not set (each site names its own)"
+        detail = (f"account {ident['Account']} ({ident['Arn']}), region {region_text}, "
+                  f"credentials from {creds.method}, {where}")
+        return CredentialCheck("aws", True, _scrub(detail, creds))
+    except ClientError as e:
+        code, message = _error(e)
+        return CredentialCheck("aws", False, _scrub(f"sts:GetCallerIdentity refused: {code}: {message} ({where})", creds))
+    except (BotoCoreError, OSError, ValueError) as e:
+        return CredentialCheck("aws", False, _scrub(f"cannot use AWS: {e} ({where})", creds))
+    except Exception as e:  # noqa: BLE001 - check() never raises
+        return CredentialCheck("aws", False, _scrub(f"AWS check failed: {type(e).__name__}: {e} ({where})", creds))
+
+
+def _scrub(text: str, creds) -> str:
+    """Belt and braces: no key material in anything check() returns."""
+    if creds is not None:
+        for secret in (creds.access_key, creds.secret_key, creds.token):
+            if secret and len(secret) >= 8:  # real keys are 20+ characters
+                text = text.replace(secret, "***")
+    return text
+
+
+# ---------------------------------------------------------------- launch
+
+def find_image(ec2, name_pattern: str = DEFAULT_IMAGE_NAME, owner: str = "amazon") -> str:
+    """The newest available x86_64 AMI named like `name_pattern` owned by `owner`."""
+    images = ec2.describe_images(Owners=[owner], Filters=[
+        {"Name": "name", "Values": [name_pattern]},
+        {"Name": "state", "Values": ["available"]},
+        {"Name": "architecture", "Values": ["x86_64"]}])["Images"]
+    if not images:
+        raise ProviderError(
+            f"no AMI named like {name_pattern!r} owned by {owner!r} in {ec2.meta.region_name}; "
+            "set the site's `image` option to an AMI id, or `image_name`/`image_owner` to a pattern that exists")
+    return max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
+
+
+def _subnets(ec2, plan: SitePlan) -> list[tuple[str, str, str]]:
+    """(zone, subnet id, vpc id) candidates in the order to try them."""
+    wanted = plan.option("subnet")
+    if wanted:
+        ids = [s.strip() for s in wanted.split(",") if s.strip()]
+        subnets = ec2.describe_subnets(SubnetIds=ids)["Subnets"]
+    else:
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise ProviderError(f"no default VPC in {plan.region}; set the site's `subnet` option")
+        subnets = ec2.describe_subnets(Filters=[
+            {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
+            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    by_zone = {}
+    for s in sorted(subnets, key=lambda s: (s["AvailabilityZone"], s["SubnetId"])):
+        by_zone.setdefault(s["AvailabilityZone"], (s["AvailabilityZone"], s["SubnetId"], s["VpcId"]))
+    if len({v for _, _, v in by_zone.values()}) > 1:
+        raise ProviderError(f"subnets {wanted} are in different VPCs; a site's nodes share one VPC")
+    if not plan.zones:
+        return list(by_zone.values())
+    missing = [z for z in plan.zones if z not in by_zone]
+    if len(missing) == len(plan.zones):
+        raise ProviderError(f"no subnet in zone(s) {', '.join(missing)} of {plan.region}; "
+                            f"valid: {', '.join(by_zone) or 'none'}")
+    return [by_zone[z] for z in plan.zones if z in by_zone]
+
+
+def _ensure_group(ec2, plan: SitePlan, vpc_id: str) -> tuple[str, bool]:
+    """(group id, created now) of the site's security group, with its one rule."""
+    from botocore.exceptions import ClientError
+    name = group_name(plan.run_id, plan.site)
+    try:
+        gid = ec2.create_security_group(
+            GroupName=name, VpcId=vpc_id,
+            Description=f"geotrain site {plan.site} of run {plan.run_id}: intra-site traffic only",
+            TagSpecifications=[{"ResourceType": "security-group", "Tags": _tags(plan)}])["GroupId"]
+        created = True
+    except ClientError as e:
+        if _error(e)[0] != "InvalidGroup.Duplicate":
+            raise
+        gid = ec2.describe_security_groups(Filters=[
+            {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]}],
+        )["SecurityGroups"][0]["GroupId"]
+        created = False
+    try:
+        ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]}])
+    except ClientError as e:
+        if _error(e)[0] != "InvalidPermission.Duplicate":
+            raise
+    return gid, created
+
+
+def open_ports(plan: SitePlan) -> None:
+    """Create the site's security group (intra-site traffic only) if missing."""
+    ec2 = _client("ec2", _region(plan))
+    _ensure_group(ec2, plan, _subnets(ec2, plan)[0][2])
+
+
+def _region(plan: SitePlan) -> str:
+    region = plan.region or _session().region_name
+    if not region:
+        raise ProviderError(f"site {plan.site}: no AWS region (set `region` in the recipe or AWS_DEFAULT_REGION)")
+    return region
+
+
+def _run_args(plan: SitePlan, node: int, image: str, subnet: str, group: str, token: str) -> dict:
+    tags = _tags(plan, node)
+    args = dict(
+        ImageId=image, InstanceType=plan.instance_type or DEFAULT_INSTANCE_TYPE,
+        MinCount=1, MaxCount=1, SubnetId=subnet, SecurityGroupIds=[group],
+        UserData=bootstrap.render(plan, node, token),
+        MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        InstanceInitiatedShutdownBehavior="terminate",
+        TagSpecifications=[{"ResourceType": t, "Tags": tags}
+                           for t in ("instance", "volume", "network-interface")])
+    if plan.spot:
+        args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
+            "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+    if plan.option("instance_profile"):
+        args["IamInstanceProfile"] = {"Name": plan.option("instance_profile")}
+    return args
+
+
+def launch(plan: SitePlan) -> list[Node]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    if plan.nodes < 1:
+        raise ProviderError(f"site {plan.site}: nodes must be at least 1, got {plan.nodes}")
+    region = _region(plan)
+    session = _session()
+    ec2 = _client("ec2", region, session)
+    run = _client("ec2", region, session, attempts=1)
+    group, created, launched, tried = None, False, [], []
+    try:
+        image = plan.option("image") or find_image(
+            ec2, plan.option("image_name") or DEFAULT_IMAGE_NAME, plan.option("image_owner") or "amazon")
+        candidates = _subnets(ec2, plan)
+        tried += [f"aws:{region}/{z} (no subnet)" for z in plan.zones
+                  if z not in {c[0] for c in candidates}]
+        group, created = _ensure_group(ec2, plan, candidates[0][2])
+        token = secrets.token_hex(32)  # only ever in the nodes' user data
+        for zone, subnet, _ in candidates:
+            try:
+                for i in range(plan.nodes):
+                    launched += run.run_instances(**_run_args(plan, i, image, subnet, group, token))["Instances"]
+            except ClientError as e:
+                code, _ = _error(e)
+                if code not in CAPACITY_CODES:
+                    raise
+                tried.append(f"aws:{region}/{zone} ({code})")
+                _terminate_ids(ec2, [i["InstanceId"] for i in launched])
+                launched = []
+                continue
+            return [_node(i, region) for i in launched]
+        raise CapacityError(f"site {plan.site}: no AWS zone had room for {plan.nodes} x "
+                            f"{plan.instance_type or DEFAULT_INSTANCE_TYPE}", tried)
+    except BaseException as e:
+        _cleanup(ec2, [i["InstanceId"] for i in launched], group if created else None)
+        if isinstance(e, ClientError):
+            code, message = _error(e)
+            raise ProviderError(f"site {plan.site}: AWS refused a request in {region}: {code}: {message}") from e
+        if isinstance(e, BotoCoreError):
+            raise ProviderError(f"site {plan.site}: cannot reach AWS in {region}: {e}") from e
+        raise
+
+
+def _cleanup(ec2, instance_ids: list[str], group: str | None) -> None:
+    """Best effort after a failed launch: the original error is what the caller sees."""
+    try:
+        _terminate_ids(ec2, instance_ids)
+        if group:
+            _delete_group(ec2, group)
+    except Exception:  # noqa: BLE001 - never mask the launch error
+        pass
+
+
+# ---------------------------------------------------------------- query / terminate
+
+def _node(inst: dict, region: str) -> Node:
+    tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+    return Node(tags.get(TAG_RUN, ""), tags.get(TAG_SITE, ""), "aws", inst["InstanceId"],
+                inst["State"]["Name"], private_ip=inst.get("PrivateIpAddress"), region=region)
+
+
+def enabled_regions() -> list[str]:
+    """Every region enabled for this account."""
+    session = _session()
+    ec2 = _client("ec2", session.region_name or "us-east-1", session)
+    return sorted(r["RegionName"] for r in ec2.describe_regions()["Regions"])
+
+
+def _query_region(region: str, filters: list[dict]) -> list[Node]:
+    pages = _client("ec2", region).get_paginator("describe_instances").paginate(Filters=filters)
+    return [_node(i, region) for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
+    """Live instances tagged for the run (and site), in `regions` or every
+    enabled region (searched in parallel)."""
+    filters = [{"Name": f"tag:{TAG_RUN}", "Values": [run_id]},
+               {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    if site is not None:
+        filters.append({"Name": f"tag:{TAG_SITE}", "Values": [site]})
+    where = regions or enabled_regions()
+    with ThreadPoolExecutor(max_workers=min(16, len(where))) as pool:
+        found = pool.map(lambda r: _query_region(r, filters), where)
+    return sorted((n for nodes in found for n in nodes), key=lambda n: (n.region, n.site, n.instance_id))
+
+
+def query_all() -> list[Node]:
+    """Every live instance carrying a `geotrain-run` tag, of any run, in every
+    enabled region (for `geotrain down --orphans`)."""
+    filters = [{"Name": "tag-key", "Values": [TAG_RUN]},
+               {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    where = enabled_regions()
+    with ThreadPoolExecutor(max_workers=min(16, len(where))) as pool:
+        found = pool.map(lambda r: _query_region(r, filters), where)
+    return sorted((n for nodes in found for n in nodes if n.run_id),
+                  key=lambda n: (n.run_id, n.region, n.site, n.instance_id))
+
+
+def _terminate_ids(ec2, ids: list[str]) -> None:
+    """Terminate the instances that still exist and wait until they are gone."""
+    if not ids:
+        return
+    found = ec2.describe_instances(Filters=[{"Name": "instance-id", "Values": ids}])
+    live = [i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] != "terminated"]
+    if not live:
+        return
+    ec2.terminate_instances(InstanceIds=live)
+    ec2.get_waiter("instance_terminated").wait(
+        InstanceIds=live, WaiterConfig={"Delay": WAIT_DELAY_S, "MaxAttempts": WAIT_MAX_ATTEMPTS})
+
+
+def _delete_group(ec2, group_id: str) -> None:
+    """Delete a security group; a just-terminated instance's network interface
+    can hold it for a little while (DependencyViolation), so retry briefly."""
+    from botocore.exceptions import ClientError
+    deadline = time.monotonic() + GROUP_DELETE_TIMEOUT_S
+    while True:
+        try:
+            ec2.delete_security_group(GroupId=group_id)
+            return
+        except ClientError as e:
+            code = _error(e)[0]
+            if code == "InvalidGroup.NotFound":
+                return
+            if code != "DependencyViolation" or time.monotonic() > deadline:
+                raise
+        time.sleep(min(WAIT_DELAY_S, 5.0))
+
+
+def terminate(nodes: list[Node]) -> list[Node]:
+    """Terminate the nodes, wait until EC2 says terminated, then delete each
+    of their sites' security groups (found by tag)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    by_region: dict[str, list[Node]] = {}
+    for n in nodes:
+        by_region.setdefault(n.region or _session().region_name or "us-east-1", []).append(n)
+    try:
+        for region, group in by_region.items():
+            ec2 = _client("ec2", region)
+            _terminate_ids(ec2, [n.instance_id for n in group])
+            for run_id, site in sorted({(n.run_id, n.site) for n in group}):
+                sgs = ec2.describe_security_groups(Filters=[
+                    {"Name": f"tag:{TAG_RUN}", "Values": [run_id]},
+                    {"Name": f"tag:{TAG_SITE}", "Values": [site]}])["SecurityGroups"]
+                for sg in sgs:
+                    _delete_group(ec2, sg["GroupId"])
+    except (ClientError, BotoCoreError) as e:
+        code, message = _error(e)
+        raise ProviderError(f"could not terminate AWS nodes: {code}: {message}") from e
+    return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
+                 n.region) for n in nodes]

@@ -1,0 +1,436 @@
+"""The Azure provider: a site is a set of (spot) VMs in one resource group per run.
+
+Layout of a run `R` with a site `S` of N nodes, all in `geotrain-R`
+(created in the first site's location, tagged `geotrain-run`):
+
+    gt-S-nsg             NSG: inbound allowed only from S's own subnet prefix,
+                         every other inbound explicitly denied (priority 4096,
+                         above Azure's AllowVnetInBound / AzureLoadBalancer defaults)
+    gt-S-vnet / site     a VNet per site with one subnet, the NSG attached to it.
+                         Per site rather than per run: a VNet is regional and the
+                         sites of a run are usually in different regions; a site's
+                         network sharing nothing with another site's is also the
+                         simplest isolation argument
+    gt-S-<i>-nic         a NIC per node, no public IP unless option public_ip=true
+    gt-S-<i>             a VM per node: size = instance_type, Spot/Delete/max
+                         price -1 (or option max_price) when spot, marketplace
+                         image (option image = "publisher:offer:sku:version"),
+                         custom data = the boot script, system-assigned identity,
+                         OS disk and NIC with deleteOption Delete
+    gt-S-<i>-osdisk      its OS disk (named so that teardown finds it: ARM does not
+                         copy VM tags onto an implicit OS disk)
+
+Every resource that takes tags carries `geotrain-run` and `geotrain-site`;
+`query` lists the group's VMs and keeps those tags. The nodes reach the run
+store through their managed identity: with option store_scope (the ARM id of
+the store's container) launch grants each VM's identity "Storage Blob Data
+Contributor" on that container alone, and terminate revokes it (the scope is
+kept in the VM tag geotrain-store-scope); without it, grant access by hand
+(infra/azure/README.md). No storage key is ever sent.
+
+Settings come from the environment, all shown by `check()`:
+    AZURE_SUBSCRIPTION_ID    the subscription (required)
+    credentials              whatever DefaultAzureCredential finds (env, workload or
+                             managed identity, az CLI, ...)
+    GEOTRAIN_ARM_ENDPOINT    ARM base URL override (tests: a local TLS server)
+    GEOTRAIN_ARM_CA_BUNDLE   PEM to verify that endpoint with (connection_verify)
+
+Options (SitePlan.options): image, max_price, subnet_prefix (default
+10.42.0.0/24), os_disk_gb, public_ip ("true": a Standard public IP per node,
+still behind the NSG), store_scope, ssh_public_key (default: a key whose
+private half is thrown away, so nobody can log in), package.
+
+See providers/__init__.py for the contract.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from geotrain import bootstrap
+from geotrain.errors import CapacityError, ProviderError
+from providers import Capabilities, CredentialCheck, Node, SitePlan
+
+DEFAULT_ENDPOINT = "https://management.azure.com"
+SCOPE = "https://management.azure.com/.default"
+# Ubuntu 22.04 with NVIDIA drivers, CUDA and InfiniBand (Azure HPC image).
+DEFAULT_IMAGE = "microsoft-dsvm:ubuntu-hpc:2204:latest"
+DEFAULT_PREFIX = "10.42.0.0/24"
+CAPACITY_CODES = frozenset({"AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest",
+                            "OverconstrainedZonalAllocationRequest", "SkuNotAvailable",
+                            "OperationNotAllowed", "QuotaExceeded"})
+# Built-in "Storage Blob Data Contributor"; granted to each node's identity on
+# the option store_scope (the ARM id of the run store's container).
+BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+AUTHZ_API = "2022-04-01"
+POLL_INTERVAL_S = 5.0  # between LRO polls; tests set 0
+ADMIN = "geotrain"
+
+
+def capabilities() -> Capabilities:
+    # Azure announces spot eviction >= 30 s ahead through Scheduled Events.
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    subscription: str | None
+    endpoint: str
+    ca_bundle: str | None
+
+    @classmethod
+    def from_env(cls) -> "_Settings":
+        return cls(os.environ.get("AZURE_SUBSCRIPTION_ID") or None,
+                   os.environ.get("GEOTRAIN_ARM_ENDPOINT") or DEFAULT_ENDPOINT,
+                   os.environ.get("GEOTRAIN_ARM_CA_BUNDLE") or None)
+
+    def describe(self) -> str:
+        ca = f", CA bundle {self.ca_bundle} (GEOTRAIN_ARM_CA_BUNDLE)" if self.ca_bundle else ""
+        src = " (GEOTRAIN_ARM_ENDPOINT)" if self.endpoint != DEFAULT_ENDPOINT else ""
+        return f"subscription {self.subscription or '-'}, endpoint {self.endpoint}{src}{ca}"
+
+
+class _Clients:
+    """The three management clients, built lazily (the SDKs load only here)."""
+
+    def __init__(self, settings: _Settings | None = None, credential=None):
+        from azure.identity import DefaultAzureCredential
+        from azure.mgmt.compute import ComputeManagementClient
+        from azure.mgmt.network import NetworkManagementClient
+        from azure.mgmt.resource.resources import ResourceManagementClient
+
+        self.settings = s = settings or _Settings.from_env()
+        if not s.subscription:
+            raise ProviderError("AZURE_SUBSCRIPTION_ID is not set: export the id of the "
+                                "subscription geotrain may create VMs in")
+        self.credential = credential or DefaultAzureCredential()
+        kw = {"base_url": s.endpoint, "polling_interval": POLL_INTERVAL_S}
+        if s.ca_bundle:
+            kw["connection_verify"] = s.ca_bundle
+        self.resource = ResourceManagementClient(self.credential, s.subscription, **kw)
+        self.network = NetworkManagementClient(self.credential, s.subscription, **kw)
+        self.compute = ComputeManagementClient(self.credential, s.subscription, **kw)
+
+
+def check() -> CredentialCheck:
+    settings = _Settings.from_env()
+    if not settings.subscription:
+        return CredentialCheck("azure", False, "AZURE_SUBSCRIPTION_ID is not set "
+                               f"({settings.describe()})")
+    try:
+        clients = _Clients(settings)
+        clients.credential.get_token(SCOPE)  # the token itself is never shown
+        groups = sum(1 for _ in clients.resource.resource_groups.list())
+    except Exception as e:  # check() never raises
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return CredentialCheck("azure", False, f"{type(e).__name__}: {first} ({settings.describe()})")
+    return CredentialCheck("azure", True, f"{settings.describe()}; {groups} resource group(s) visible")
+
+
+def _group(run_id: str) -> str:
+    return f"geotrain-{run_id}"
+
+
+def _tags(plan: SitePlan) -> dict[str, str]:
+    return {"geotrain-run": plan.run_id, "geotrain-site": plan.site}
+
+
+def _assignment_url(c: _Clients, scope: str, vm_id: str) -> str:
+    # A name derived from (scope, VM): creating it twice is harmless and
+    # terminate can find it again without remembering anything.
+    name = uuid.uuid5(uuid.NAMESPACE_URL, f"{scope.lower()}|{vm_id.lower()}")
+    return (f"{c.settings.endpoint}{scope}/providers/Microsoft.Authorization/roleAssignments/"
+            f"{name}?api-version={AUTHZ_API}")
+
+
+def _grant_store(c: _Clients, scope: str, vm) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
+    body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
+                           "principalType": "ServicePrincipal"}}
+    resp = c.resource.send_request(HttpRequest("PUT", _assignment_url(c, scope, vm.id), json=body))
+    if resp.status_code not in (200, 201):
+        raise HttpResponseError(response=resp)
+
+
+def _revoke_store(c: _Clients, vm) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    scope = (vm.tags or {}).get("geotrain-store-scope")
+    if scope:
+        resp = c.resource.send_request(HttpRequest("DELETE", _assignment_url(c, scope, vm.id)))
+        if resp.status_code not in (200, 204, 404):
+            raise HttpResponseError(response=resp)
+
+
+def _error_code(e: Exception) -> str | None:
+    err = getattr(e, "error", None)
+    return getattr(err, "code", None) or getattr(e, "error_code", None)
+
+
+def _provider_error(what: str, e: Exception) -> ProviderError:
+    code = _error_code(e)
+    message = getattr(e, "message", None) or str(e)
+    return ProviderError(f"azure: {what} failed: {code or type(e).__name__}: "
+                         f"{str(message).splitlines()[0][:300]}")
+
+
+def open_ports(plan: SitePlan) -> None:
+    """Create or update the site's NSG: its own subnet prefix in, nothing else."""
+    _ensure_nsg(_Clients(), plan)
+
+
+def _ensure_nsg(c: _Clients, plan: SitePlan) -> str:
+    prefix = plan.option("subnet_prefix", DEFAULT_PREFIX)
+    rule = {"protocol": "*", "sourcePortRange": "*", "destinationPortRange": "*",
+            "destinationAddressPrefix": prefix, "direction": "Inbound"}
+    body = {"location": plan.region, "tags": _tags(plan), "properties": {"securityRules": [
+        {"name": "geotrain-intra-site", "properties": {
+            **rule, "sourceAddressPrefix": prefix, "access": "Allow", "priority": 100,
+            "description": "the site's own nodes (Ray, its agents, gloo) and nothing else"}},
+        {"name": "geotrain-deny-inbound", "properties": {
+            **rule, "destinationAddressPrefix": "*", "sourceAddressPrefix": "*",
+            "access": "Deny", "priority": 4096,
+            "description": "everything else, before Azure's AllowVnetInBound/AzureLoadBalancer"}},
+    ]}}
+    return c.network.network_security_groups.begin_create_or_update(
+        _group(plan.run_id), f"gt-{plan.site}-nsg", body).result().id
+
+
+def _ensure_network(c: _Clients, plan: SitePlan) -> str:
+    """Resource group, NSG, VNet + subnet of the site; returns the subnet id."""
+    rg = _group(plan.run_id)
+    from azure.core.exceptions import ResourceNotFoundError
+    try:
+        c.resource.resource_groups.get(rg)
+    except ResourceNotFoundError:
+        c.resource.resource_groups.create_or_update(
+            rg, {"location": plan.region, "tags": {"geotrain-run": plan.run_id}})
+    nsg_id = _ensure_nsg(c, plan)
+    prefix = plan.option("subnet_prefix", DEFAULT_PREFIX)
+    vnet = c.network.virtual_networks.begin_create_or_update(rg, f"gt-{plan.site}-vnet", {
+        "location": plan.region, "tags": _tags(plan),
+        "properties": {"addressSpace": {"addressPrefixes": [prefix]}, "subnets": [
+            {"name": "site", "properties": {
+                "addressPrefix": prefix, "networkSecurityGroup": {"id": nsg_id},
+                # Outbound only (pip, the store); new VNets default to none.
+                "defaultOutboundAccess": True,
+                "serviceEndpoints": [{"service": "Microsoft.Storage"}]}}]}}).result()
+    return f"{vnet.id}/subnets/site"
+
+
+def _image(plan: SitePlan) -> dict:
+    urn = plan.option("image", DEFAULT_IMAGE)
+    parts = urn.split(":")
+    if len(parts) != 4 or not all(parts):
+        raise ProviderError(f"azure: option image {urn!r} is not publisher:offer:sku:version "
+                            f"(e.g. {DEFAULT_IMAGE})")
+    return dict(zip(("publisher", "offer", "sku", "version"), parts))
+
+
+def _ssh_key(plan: SitePlan) -> str:
+    given = plan.option("ssh_public_key")
+    if given:
+        return given
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode()
+
+
+def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: str, key: str) -> dict:
+    name = f"gt-{plan.site}-{index}"
+    props = {
+        "hardwareProfile": {"vmSize": plan.instance_type},
+        "storageProfile": {"imageReference": _image(plan), "osDisk": {
+            "name": f"{name}-osdisk", "createOption": "FromImage", "deleteOption": "Delete",
+            "diskSizeGB": int(plan.option("os_disk_gb", "128")),
+            "managedDisk": {"storageAccountType": "Premium_LRS"}}},
+        "osProfile": {"computerName": name, "adminUsername": ADMIN,
+                      "customData": base64.b64encode(boot.encode()).decode(),
+                      "linuxConfiguration": {"disablePasswordAuthentication": True, "ssh": {
+                          "publicKeys": [{"path": f"/home/{ADMIN}/.ssh/authorized_keys", "keyData": key}]}}},
+        "networkProfile": {"networkInterfaces": [
+            {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}]},
+    }
+    if plan.spot:
+        props.update(priority="Spot", evictionPolicy="Delete",
+                     billingProfile={"maxPrice": float(plan.option("max_price", "-1"))})
+    tags = _tags(plan)
+    if plan.option("store_scope"):
+        tags["geotrain-store-scope"] = plan.option("store_scope")
+    body = {"location": plan.region, "tags": tags, "identity": {"type": "SystemAssigned"},
+            "properties": props}
+    if zone:
+        body["zones"] = [zone]
+    return body
+
+
+def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str) -> list[Node]:
+    rg, ray_token, key = _group(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
+    nics = []
+    for i in range(plan.nodes):
+        ipcfg = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
+        if plan.option("public_ip") == "true":
+            pip = c.network.public_ip_addresses.begin_create_or_update(rg, f"gt-{plan.site}-{i}-ip", {
+                "location": plan.region, "tags": _tags(plan), "sku": {"name": "Standard"},
+                **({"zones": [zone]} if zone else {}),
+                "properties": {"publicIPAllocationMethod": "Static"}}).result()
+            ipcfg["publicIPAddress"] = {"id": pip.id}
+        nics.append(c.network.network_interfaces.begin_create_or_update(rg, f"gt-{plan.site}-{i}-nic", {
+            "location": plan.region, "tags": _tags(plan),
+            "properties": {"ipConfigurations": [{"name": "ipconfig1", "properties": ipcfg}]}}))
+    nics = [p.result() for p in nics]
+    pollers = [c.compute.virtual_machines.begin_create_or_update(
+        rg, f"gt-{plan.site}-{i}",
+        _vm_body(plan, i, zone, nics[i].id, bootstrap.render(plan, i, ray_token), key))
+        for i in range(plan.nodes)]
+    vms = [p.result() for p in pollers]  # raises on the first failed one
+    if plan.option("store_scope"):
+        for vm in vms:
+            _grant_store(c, plan.option("store_scope"), vm)
+    ips = [n.ip_configurations[0].private_ip_address for n in nics]
+    return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
+            for vm, ip in zip(vms, ips)]
+
+
+def launch(plan: SitePlan) -> list[Node]:
+    from azure.core.exceptions import HttpResponseError
+
+    if not plan.region or not plan.instance_type:
+        raise ProviderError(f"azure: site {plan.site} needs a region (an Azure location such as "
+                            f"eastus) and an instance_type (a VM size such as Standard_NC24ads_A100_v4)")
+    _image(plan)
+    c = _Clients()
+    tried: list[str] = []
+    try:
+        subnet_id = _ensure_network(c, plan)
+        for zone in plan.zones or (None,):
+            tried.append(f"azure:{plan.region}/{zone or '-'}")
+            try:
+                return _create_nodes(c, plan, zone, subnet_id)
+            except HttpResponseError as e:
+                if _error_code(e) not in CAPACITY_CODES:
+                    raise
+                _teardown_site(c, plan.run_id, plan.site, keep_network=True)
+                last = e
+        raise CapacityError(f"azure: no capacity for {plan.nodes} x {plan.instance_type} "
+                            f"({'spot' if plan.spot else 'on-demand'}) for site {plan.site}: "
+                            f"{_error_code(last)}", tried)
+    except BaseException as e:
+        try:
+            _teardown_site(c, plan.run_id, plan.site)
+        except Exception:
+            pass  # the original error says more; `geotrain down` retries the teardown
+        if isinstance(e, HttpResponseError):
+            raise _provider_error(f"launching site {plan.site}", e) from None
+        raise
+
+
+def _state(vm) -> str:
+    ps = (vm.provisioning_state or "").lower()
+    return {"succeeded": "running", "creating": "pending", "updating": "pending"}.get(ps, "terminated")
+
+
+def _nodes(c: _Clients, vms, run_id: str, site: str | None) -> list[Node]:
+    out = []
+    for vm in vms:
+        tags = vm.tags or {}
+        if tags.get("geotrain-run") != run_id or (site and tags.get("geotrain-site") != site):
+            continue
+        ip = None
+        for ref in vm.network_profile.network_interfaces if vm.network_profile else []:
+            rg, name = ref.id.split("/")[4], ref.id.split("/")[-1]
+            try:
+                ip = c.network.network_interfaces.get(rg, name).ip_configurations[0].private_ip_address
+            except Exception:
+                pass
+        out.append(Node(run_id, tags["geotrain-site"], "azure", vm.id, _state(vm),
+                        private_ip=ip, region=vm.location))
+    return out
+
+
+def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    c = _Clients()
+    try:
+        return _nodes(c, list(c.compute.virtual_machines.list(_group(run_id))), run_id, site)
+    except ResourceNotFoundError:
+        return []
+    except HttpResponseError as e:
+        raise _provider_error(f"listing the VMs of run {run_id}", e) from None
+
+
+def query_all() -> list[Node]:
+    """Every VM in the subscription tagged with a geotrain run, of any run."""
+    c = _Clients()
+    vms = [vm for vm in c.compute.virtual_machines.list_all() if (vm.tags or {}).get("geotrain-run")]
+    return [n for run in sorted({vm.tags["geotrain-run"] for vm in vms})
+            for n in _nodes(c, vms, run, None)]
+
+
+def _teardown_site(c: _Clients, run_id: str, site: str, keep_network: bool = False,
+                   vm_ids: list[str] | None = None) -> bool:
+    """Delete the site's VMs (all, or `vm_ids`), then, once the site has none left,
+    its NICs, disks, public IPs, VNet and NSG; then the group if it is empty.
+    Returns whether the site is gone."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    rg = _group(run_id)
+    mine = lambda r: (r.tags or {}).get("geotrain-site") == site  # noqa: E731
+    try:
+        vms = [vm for vm in c.compute.virtual_machines.list(rg) if mine(vm)]
+    except ResourceNotFoundError:
+        return True
+    wanted = {i.lower() for i in vm_ids} if vm_ids is not None else None
+    doomed = [vm for vm in vms if wanted is None or vm.id.lower() in wanted]
+    for vm in doomed:
+        _revoke_store(c, vm)
+    for poller in [c.compute.virtual_machines.begin_delete(rg, vm.name) for vm in doomed]:
+        poller.result()
+    if len(doomed) < len(vms):
+        return False
+    ops = c.network
+    for nic in [n for n in ops.network_interfaces.list(rg) if mine(n)]:
+        ops.network_interfaces.begin_delete(rg, nic.name).result()
+    for disk in c.compute.disks.list_by_resource_group(rg):
+        if disk.name.startswith(f"gt-{site}-") and disk.name.endswith("-osdisk"):
+            c.compute.disks.begin_delete(rg, disk.name).result()
+    for pip in [p for p in ops.public_ip_addresses.list(rg) if mine(p)]:
+        ops.public_ip_addresses.begin_delete(rg, pip.name).result()
+    if keep_network:
+        return True
+    # The VNet goes before the NSG: an NSG attached to a subnet cannot be deleted.
+    ops.virtual_networks.begin_delete(rg, f"gt-{site}-vnet").result()
+    ops.network_security_groups.begin_delete(rg, f"gt-{site}-nsg").result()
+    if not any(True for _ in c.resource.resources.list_by_resource_group(rg)):
+        c.resource.resource_groups.begin_delete(rg).result()
+    return True
+
+
+def terminate(nodes: list[Node]) -> list[Node]:
+    from azure.core.exceptions import HttpResponseError
+
+    if not nodes:
+        return []
+    c = _Clients()
+    by_site: dict[tuple[str, str], list[str]] = {}
+    for n in nodes:
+        by_site.setdefault((n.run_id, n.site), []).append(n.instance_id)
+    for (run_id, site), ids in by_site.items():
+        try:
+            _teardown_site(c, run_id, site, vm_ids=ids)
+        except HttpResponseError as e:
+            raise _provider_error(f"terminating site {site} of run {run_id}", e) from None
+    return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", private_ip=n.private_ip,
+                 region=n.region) for n in nodes]

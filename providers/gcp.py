@@ -1,0 +1,422 @@
+"""The GCP provider: a site is N Compute Engine instances in one zone.
+
+See providers/__init__.py for the contract. Talks to Compute Engine through
+`google.cloud.compute_v1` (REST transport), imported only when used.
+
+A site's instances carry the labels `geotrain-run` / `geotrain-site`
+(sanitised to GCP's label rules), the exact run and site names as metadata
+items, and one network tag `geotrain-<run>-<site>`. `open_ports` creates the
+firewall rule `<tag>-intra`: ingress, all protocols, from that tag to that tag
+— no source range at all, so Ray is reachable only from the site's own nodes.
+Instances get no external IP (they reach the store through Cloud NAT or
+Private Google Access) unless the option `external_ip=true` asks for one,
+which opens no port. Spot instances are `provisioningModel: SPOT` with
+`instanceTerminationAction: DELETE`, so a preempted node simply disappears
+from `query`.
+
+The node's service account (option `service_account`, default the project's
+default compute SA) gets one OAuth scope, `devstorage.read_write`: a node only
+reads and writes the run store in Cloud Storage, so even a compromised node's
+token cannot call Compute Engine or any other API, whatever roles the account
+holds (infra/gcp/ grants it object access on the run bucket only).
+
+The project is $GOOGLE_CLOUD_PROJECT, else the Application Default
+Credentials' project — one source per process, so that `launch`, `query` and
+`terminate` always look in the same project; `check()` says which.
+
+Configuration (all non-secret; SitePlan.options unless said otherwise):
+    network           default `global/networks/default` (prefer a dedicated
+                      VPC: the default one ships allow-internal rules)
+    subnetwork        e.g. `regions/us-central1/subnetworks/geotrain`
+    image             default the Deep Learning VM family below
+    accelerator       `nvidia-tesla-t4:2` (TYPE[:COUNT], COUNT defaulting to the
+                      plan's workers) for N1-style machine types; A2/A3/A4/G2
+                      machine types carry their GPUs implicitly
+    disk_gb           boot disk size, default 100
+    service_account   email, default "default"
+    external_ip       "true" for an ephemeral external IP (no port opened)
+    $GEOTRAIN_GCE_ENDPOINT  e.g. http://127.0.0.1:PORT: send every Compute
+                      Engine call there (tests); `check()` shows it.
+
+Credentials are Application Default Credentials (`google.auth.default()`);
+in tests the real Compute Engine credentials fetch their token from a local
+metadata server (`GCE_METADATA_HOST`). No credential is ever logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+
+from geotrain import bootstrap
+from geotrain.errors import CapacityError, ProviderError
+from providers import Capabilities, CredentialCheck, Node, SitePlan
+
+ENDPOINT_ENV = "GEOTRAIN_GCE_ENDPOINT"
+DEFAULT_IMAGE = "projects/deeplearning-platform-release/global/images/family/pytorch-latest-gpu"
+DEFAULT_NETWORK = "global/networks/default"
+NODE_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
+OPERATION_TIMEOUT_S = 900.0
+# Error codes (operation errors) / reasons (HTTP errors) that mean "no room
+# here, try elsewhere"; compared upper-case without underscores so that
+# `quotaExceeded` and `QUOTA_EXCEEDED` are one (and as prefixes, so that
+# ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS counts).
+CAPACITY_CODES = ("ZONERESOURCEPOOLEXHAUSTED", "QUOTAEXCEEDED", "UNSUPPORTEDOPERATION",
+                  "RESOURCEPOOLEXHAUSTED", "STOCKOUT")
+CAPACITY_PHRASES = ("does not exist in zone", "does not have enough resources",
+                    "is not available in zone", "currently unavailable in the")
+GPU_FAMILIES = ("a2", "a3", "a4", "g2")  # accelerator-optimized: GPUs come with the type
+LIVE, PENDING = {"RUNNING"}, {"PROVISIONING", "STAGING", "REPAIRING"}
+
+
+def capabilities() -> Capabilities:
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True)
+
+
+# -- names and labels -------------------------------------------------------
+def label_value(text: str) -> str:
+    """A GCP label value: lowercase [a-z0-9_-], at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
+
+
+def _rfc1035(text: str, limit: int) -> str:
+    """A resource name ([a-z]([-a-z0-9]*[a-z0-9])?, at most `limit` chars);
+    when it must be shortened, a hash of the full text keeps it unique."""
+    name = re.sub(r"[^a-z0-9-]", "-", text.lower())
+    if not name[:1].isalpha():
+        name = "g" + name
+    if len(name) > limit:
+        name = name[:limit - 9].rstrip("-") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return name.rstrip("-")
+
+
+def network_tag(run_id: str, site: str) -> str:
+    return _rfc1035(f"geotrain-{run_id}-{site}", 57)  # room for "-intra"
+
+
+def firewall_name(run_id: str, site: str) -> str:
+    return f"{network_tag(run_id, site)}-intra"
+
+
+def instance_name(run_id: str, site: str, index: int) -> str:
+    return f"{_rfc1035(f'gt-{run_id}-{site}', 58)}-{index}"
+
+
+def labels(run_id: str, site: str) -> dict[str, str]:
+    return {"geotrain-run": label_value(run_id), "geotrain-site": label_value(site)}
+
+
+# -- clients ----------------------------------------------------------------
+def _credentials():
+    import google.auth
+
+    creds, adc_project = google.auth.default()
+    env_project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+    return creds, env_project or adc_project, ("GOOGLE_CLOUD_PROJECT" if env_project else "ADC")
+
+
+class _Api:
+    """The Compute Engine clients one call needs, all on the same endpoint."""
+
+    def __init__(self):
+        from google.api_core.client_options import ClientOptions
+        from google.cloud import compute_v1
+
+        creds, self.project, _ = _credentials()
+        if not self.project:
+            raise ProviderError("no GCP project: set $GOOGLE_CLOUD_PROJECT or the ADC project "
+                                "(`gcloud config set project ...`)")
+        endpoint = os.environ.get(ENDPOINT_ENV)
+        kw = {"credentials": creds, "transport": "rest",
+              "client_options": ClientOptions(api_endpoint=endpoint) if endpoint else None}
+        self.v1 = compute_v1
+        self.instances = compute_v1.InstancesClient(**kw)
+        self.zone_ops = compute_v1.ZoneOperationsClient(**kw)
+        self.firewalls = compute_v1.FirewallsClient(**kw)
+        self.global_ops = compute_v1.GlobalOperationsClient(**kw)
+        self.zones = compute_v1.ZonesClient(**kw)
+
+    def wait(self, operation: str, zone: str | None = None) -> None:
+        """Poll an operation to DONE (insert().result() would build its own
+        operations client on the default endpoint); raise _OperationFailed
+        with its errors."""
+        deadline = time.monotonic() + OPERATION_TIMEOUT_S
+        while True:
+            if zone:
+                op = self.zone_ops.wait(project=self.project, zone=zone, operation=operation)
+            else:
+                op = self.global_ops.wait(project=self.project, operation=operation)
+            if op.status == self.v1.Operation.Status.DONE:
+                break
+            if time.monotonic() > deadline:
+                raise ProviderError(f"GCE operation {operation} not done after "
+                                    f"{OPERATION_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+        if op.error and op.error.errors:
+            raise _OperationFailed([(e.code, e.message) for e in op.error.errors])
+
+
+class _OperationFailed(Exception):
+    def __init__(self, errors: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{c}: {m}" for c, m in errors))
+        self.errors = errors
+
+
+def _capacity_code(exc: Exception) -> str | None:
+    """The capacity code/reason in an HTTP error or a failed operation, else None."""
+    from google.api_core import exceptions as gexc
+
+    if isinstance(exc, _OperationFailed):
+        pairs = exc.errors
+    elif isinstance(exc, gexc.GoogleAPICallError):
+        pairs = [(e.get("reason", ""), e.get("message", "")) for e in exc.errors or []
+                 if isinstance(e, dict)] + [(exc.reason or "", exc.message or "")]
+    else:
+        return None
+    for code, message in pairs:
+        if code and code.upper().replace("_", "").startswith(CAPACITY_CODES):
+            return code
+        if any(p in (message or "").lower() for p in CAPACITY_PHRASES):
+            return code or "UNAVAILABLE_IN_ZONE"
+    return None
+
+
+def _ignore_404(call, *args, **kwargs):
+    from google.api_core import exceptions as gexc
+
+    try:
+        return call(*args, **kwargs)
+    except gexc.NotFound:
+        return None
+
+
+# -- the contract -----------------------------------------------------------
+def check() -> CredentialCheck:
+    endpoint = (f"{os.environ[ENDPOINT_ENV]} ({ENDPOINT_ENV})" if os.environ.get(ENDPOINT_ENV)
+                else "compute.googleapis.com")
+    if os.environ.get("GCE_METADATA_HOST"):  # where Compute Engine credentials get tokens
+        endpoint += f", metadata server {os.environ['GCE_METADATA_HOST']} (GCE_METADATA_HOST)"
+    try:
+        creds, project, source = _credentials()
+    except Exception as e:  # DefaultCredentialsError, import errors, transport errors
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return CredentialCheck("gcp", False, f"no Application Default Credentials ({first}); "
+                               f"run `gcloud auth application-default login` or attach a "
+                               f"service account; endpoint {endpoint}")
+    kind = f"{type(creds).__module__}.{type(creds).__qualname__}"
+    if not project:
+        return CredentialCheck("gcp", False, f"credentials found ({kind}) but no project: set "
+                               f"$GOOGLE_CLOUD_PROJECT or `gcloud config set project`; "
+                               f"endpoint {endpoint}")
+    return CredentialCheck("gcp", True, f"project {project} (from {source}), credentials "
+                           f"{kind}, endpoint {endpoint}")
+
+
+def open_ports(plan: SitePlan, api: _Api | None = None) -> None:
+    """Firewall rule `<tag>-intra`: the site's tag may reach the site's tag on
+    every protocol; no source range, so nothing outside the site gets in."""
+    from google.api_core import exceptions as gexc
+
+    api = api or _Api()
+    v1 = api.v1
+    tag = network_tag(plan.run_id, plan.site)
+    rule = v1.Firewall(
+        name=firewall_name(plan.run_id, plan.site), network=plan.option("network",
+                                                                        DEFAULT_NETWORK),
+        direction="INGRESS", priority=1000, source_tags=[tag], target_tags=[tag],
+        allowed=[v1.Allowed(I_p_protocol="all")],
+        description=f"geotrain run {plan.run_id} site {plan.site}: intra-site traffic only")
+    try:
+        op = api.firewalls.insert(project=api.project, firewall_resource=rule)
+    except gexc.Conflict:
+        return  # already there (a retried launch): same name, same rule
+    api.wait(op.name)
+
+
+def _accelerators(plan: SitePlan, api: _Api, zone: str) -> list:
+    spec = plan.option("accelerator")
+    if not spec:
+        return []  # none, or implied by an accelerator-optimized machine type (a2/a3/g2)
+    kind, _, count = spec.partition(":")
+    if not re.fullmatch(r"[a-z0-9-]+", kind) or not (count or "1").isdigit():
+        raise ProviderError(f"gcp option accelerator={spec!r}: expected TYPE[:COUNT], "
+                            "e.g. nvidia-l4:1 or nvidia-tesla-t4:2")
+    return [api.v1.AcceleratorConfig(
+        accelerator_type=f"projects/{api.project}/zones/{zone}/acceleratorTypes/{kind}",
+        accelerator_count=int(count or plan.workers))]  # default: one GPU per worker
+
+
+def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
+    v1 = api.v1
+    if not plan.instance_type:
+        raise ProviderError(f"site {plan.site}: gcp needs an instance_type (machine type), "
+                            "e.g. g2-standard-8")
+    accelerators = _accelerators(plan, api, zone)
+    gpu = bool(accelerators) or plan.instance_type.split("-")[0] in GPU_FAMILIES
+    if plan.spot:
+        scheduling = v1.Scheduling(provisioning_model="SPOT", instance_termination_action="DELETE",
+                                   on_host_maintenance="TERMINATE", automatic_restart=False)
+    else:
+        # GPUs cannot live-migrate; plain CPU machines can.
+        scheduling = v1.Scheduling(provisioning_model="STANDARD", automatic_restart=True,
+                                   on_host_maintenance="TERMINATE" if gpu else "MIGRATE")
+    nic = v1.NetworkInterface(network=plan.option("network", DEFAULT_NETWORK))
+    if plan.option("subnetwork"):
+        nic.subnetwork = plan.option("subnetwork")
+    if plan.option("external_ip", "false").lower() == "true":
+        nic.access_configs = [v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
+    metadata = [("startup-script", script), ("geotrain-run", plan.run_id),
+                ("geotrain-site", plan.site)]
+    if gpu:  # Deep Learning VM images install the driver at first boot when asked
+        metadata.append(("install-nvidia-driver", "True"))
+    return v1.Instance(
+        name=instance_name(plan.run_id, plan.site, index),
+        machine_type=f"zones/{zone}/machineTypes/{plan.instance_type}",
+        labels=labels(plan.run_id, plan.site),
+        tags=v1.Tags(items=[network_tag(plan.run_id, plan.site)]),
+        scheduling=scheduling, guest_accelerators=accelerators,
+        metadata=v1.Metadata(items=[v1.Items(key=k, value=v) for k, v in metadata]),
+        network_interfaces=[nic],
+        disks=[v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=(
+            v1.AttachedDiskInitializeParams(source_image=plan.option("image", DEFAULT_IMAGE),
+                                            disk_size_gb=int(plan.option("disk_gb", "100")))))],
+        service_accounts=[v1.ServiceAccount(email=plan.option("service_account", "default"),
+                                            scopes=list(NODE_SCOPES))])
+
+
+def _zones(plan: SitePlan, api: _Api) -> list[str]:
+    if plan.zones:
+        return list(plan.zones)
+    if not plan.region:
+        raise ProviderError(f"site {plan.site}: gcp needs a region or zones, e.g. us-central1")
+    return sorted(z.name for z in api.zones.list(project=api.project)
+                  if z.name.startswith(plan.region + "-") and z.status == "UP")
+
+
+def _delete_instances(api: _Api, where: list[tuple[str, str]]) -> None:
+    ops = [(zone, _ignore_404(api.instances.delete, project=api.project, zone=zone,
+                              instance=name)) for zone, name in where]
+    for zone, op in ops:
+        if op is not None:
+            try:
+                api.wait(op.name, zone)
+            except _OperationFailed as e:
+                raise ProviderError(f"GCE could not delete an instance in {zone}: {e}") from e
+
+
+def _delete_firewall(api: _Api, run_id: str, site: str) -> None:
+    op = _ignore_404(api.firewalls.delete, project=api.project,
+                     firewall=firewall_name(run_id, site))
+    if op is not None:
+        api.wait(op.name)
+
+
+def _node(api: _Api, inst, run_id: str, site: str, zone: str) -> Node:
+    state = ("running" if inst.status in LIVE else "pending" if inst.status in PENDING
+             else "terminated")
+    ip = inst.network_interfaces[0].network_i_p if inst.network_interfaces else None
+    return Node(run_id, site, "gcp", inst.name, state, private_ip=ip or None, region=zone)
+
+
+def launch(plan: SitePlan) -> list[Node]:
+    from google.api_core import exceptions as gexc
+
+    api = _Api()
+    ray_token = secrets.token_hex(32)
+    scripts = [bootstrap.render(plan, i, ray_token) for i in range(plan.nodes)]
+    zones = _zones(plan, api)
+    open_ports(plan, api)
+    tried: list[str] = []
+    for zone in zones:
+        created: list[tuple[str, str]] = []
+        try:
+            ops = []
+            for i in range(plan.nodes):
+                resource = _instance(plan, api, zone, i, scripts[i])
+                ops.append(api.instances.insert(project=api.project, zone=zone,
+                                                instance_resource=resource))
+                created.append((zone, resource.name))
+            for op in ops:
+                api.wait(op.name, zone)
+            insts = [api.instances.get(project=api.project, zone=zone, instance=name)
+                     for _, name in created]
+            return [_node(api, inst, plan.run_id, plan.site, zone) for inst in insts]
+        except (gexc.GoogleAPICallError, _OperationFailed) as e:
+            _delete_instances(api, created)
+            code = _capacity_code(e)
+            if code is None:
+                _delete_firewall(api, plan.run_id, plan.site)
+                raise ProviderError(f"GCE refused site {plan.site} in {zone}: {e}") from e
+            tried.append(f"gcp:{zone} ({code})")
+        except BaseException:
+            _delete_instances(api, created)
+            _delete_firewall(api, plan.run_id, plan.site)
+            raise
+    _delete_firewall(api, plan.run_id, plan.site)
+    raise CapacityError(f"no GCE zone had room for {plan.nodes} x {plan.instance_type}"
+                        f"{' (spot)' if plan.spot else ''} for site {plan.site}", tried)
+
+
+def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
+    api = _Api()  # one aggregatedList covers every zone: `regions` is not needed
+    return _query(api, run_id, site)
+
+
+def query_all() -> list[Node]:
+    """Every instance of the project carrying geotrain's run metadata, of any
+    run (for `geotrain down --orphans`)."""
+    api = _Api()
+    request = api.v1.AggregatedListInstancesRequest(project=api.project)
+    nodes = []
+    for scope, scoped in api.instances.aggregated_list(request=request):
+        zone = scope.rsplit("/", 1)[-1]
+        for inst in scoped.instances:
+            meta = {i.key: i.value for i in inst.metadata.items}
+            if meta.get("geotrain-run"):
+                nodes.append(_node(api, inst, meta["geotrain-run"],
+                                   meta.get("geotrain-site", ""), zone))
+    return sorted(nodes, key=lambda n: (n.run_id, n.site, n.instance_id))
+
+
+def _query(api: _Api, run_id: str, site: str | None) -> list[Node]:
+    want = labels(run_id, site or "")
+    filt = f'labels.geotrain-run = "{want["geotrain-run"]}"'
+    if site is not None:
+        filt += f' AND labels.geotrain-site = "{want["geotrain-site"]}"'
+    request = api.v1.AggregatedListInstancesRequest(project=api.project, filter=filt)
+    nodes = []
+    for scope, scoped in api.instances.aggregated_list(request=request):
+        zone = scope.rsplit("/", 1)[-1]
+        for inst in scoped.instances:
+            meta = {i.key: i.value for i in inst.metadata.items}
+            # Labels are sanitised; the metadata keeps the exact names.
+            if meta.get("geotrain-run", run_id) != run_id:
+                continue
+            name = meta.get("geotrain-site", inst.labels.get("geotrain-site", ""))
+            if site is None or name == site:
+                nodes.append(_node(api, inst, run_id, name, zone))
+    return sorted(nodes, key=lambda n: (n.site, n.instance_id))
+
+
+def terminate(nodes: list[Node]) -> list[Node]:
+    """Delete each instance (its boot disk goes with it, autoDelete), wait for
+    the operations, then delete a site's firewall rule once none of its
+    instances is left. Unknown instances (404) count as already gone."""
+    if not nodes:
+        return []
+    api = _Api()
+    where = []
+    for n in nodes:
+        zone = n.region or next((m.region for m in _query(api, n.run_id, n.site)
+                                 if m.instance_id == n.instance_id), None)
+        if zone:
+            where.append((zone, n.instance_id))
+    _delete_instances(api, where)
+    for run_id, site in sorted({(n.run_id, n.site) for n in nodes}):
+        if not _query(api, run_id, site):
+            _delete_firewall(api, run_id, site)
+    return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
+                 n.region) for n in nodes]

@@ -1,0 +1,155 @@
+"""A fault-injecting HTTP proxy in front of moto server, for EC2 errors moto
+cannot produce by itself (capacity, spot limits).
+
+Every request is forwarded unchanged to moto, except EC2 Query-API calls that
+match a rule: those are answered with EC2's real error document
+(`<Response><Errors><Error><Code>…`) and the rule's HTTP status, so botocore
+parses a genuine error response off the wire. Every EC2 request's form
+parameters are recorded in `requests`, so a test can check what the client
+actually sent.
+
+    proxy = FaultProxy("http://127.0.0.1:5000")   # starts on 127.0.0.1:<free port>
+    proxy.fail("RunInstances", "SubnetId", {"subnet-123"}, "InsufficientInstanceCapacity")
+    proxy.delay("RunInstances", 5.0)   # hold each RunInstances 5 s, then forward it
+    ... boto3 with AWS_ENDPOINT_URL=proxy.url ...
+    proxy.close()
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+
+@dataclass
+class Rule:
+    action: str
+    param: str
+    values: frozenset[str]
+    code: str
+    status: int
+    let_through: int  # matching requests forwarded before the rule starts failing
+    times: int | None  # how many it fails before forwarding again (None: for ever)
+    seen: int = 0
+
+
+def error_xml(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+            f"<Message>{message}</Message></Error></Errors>"
+            f"<RequestID>{uuid.uuid4()}</RequestID></Response>").encode()
+
+
+class FaultProxy:
+    def __init__(self, upstream: str):
+        up = urlsplit(upstream)
+        self.upstream = (up.hostname, up.port)
+        self.rules: list[Rule] = []
+        self.delays: dict[str, float] = {}  # action -> seconds held before forwarding
+        self.forwarded: list[str] = []  # actions of delayed requests once moto answered them
+        self.requests: list[dict[str, str]] = []  # EC2 form params, in order
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, action: str, param: str, values, code: str, status: int = 500,
+             let_through: int = 0, times: int | None = None) -> None:
+        """Answer `action` with error `code` whenever form parameter `param` is
+        one of `values`: after `let_through` such calls, for `times` calls."""
+        with self.lock:
+            self.rules.append(Rule(action, param, frozenset(values), code, status, let_through, times))
+
+    def delay(self, action: str, seconds: float) -> None:
+        """Hold every `action` request this long before forwarding it: a window in
+        which a client can die with its request in flight (the call still lands)."""
+        with self.lock:
+            self.delays[action] = seconds
+
+    def reset(self) -> None:
+        with self.lock:
+            self.rules.clear()
+            self.delays.clear()
+            self.forwarded.clear()
+            self.requests.clear()
+
+    def calls(self, action: str) -> list[dict[str, str]]:
+        with self.lock:
+            return [r for r in self.requests if r.get("Action") == action]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def _match(self, params: dict[str, str]) -> Rule | None:
+        with self.lock:
+            if "Action" in params and "Version" in params:
+                self.requests.append(params)
+            for rule in self.rules:
+                if params.get("Action") == rule.action and params.get(rule.param) in rule.values:
+                    rule.seen += 1
+                    failed = rule.seen - rule.let_through
+                    if failed > 0 and (rule.times is None or failed <= rule.times):
+                        return rule
+        return None
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True) \
+                    if "x-www-form-urlencoded" in self.headers.get("Content-Type", "") else {}
+                params = {k: v[0] for k, v in form.items()}
+                rule = proxy._match(params)
+                if rule is not None:
+                    payload = error_xml(rule.code, f"injected {rule.code} for {rule.param}")
+                    self.send_response(rule.status)
+                    self.send_header("Content-Type", "text/xml;charset=UTF-8")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                held = proxy.delays.get(params.get("Action", ""), 0.0)
+                if held:
+                    time.sleep(held)
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                if held:
+                    with proxy.lock:
+                        proxy.forwarded.append(params["Action"])
+                try:
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in HOP_HEADERS | {"content-length"}:
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client died while its call was held
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _relay
+
+        return Handler

@@ -1,0 +1,212 @@
+"""Chaos with real local sites: kill -9 a site, the controller, or everything,
+and check that nothing committed is lost.
+
+Every test asserts the same invariants at the end: all configured rounds
+complete; committed rounds are 0..R with no gap and no duplicate; at every
+round every site that reported a hash reported the committed one; no process
+of the run is left on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from geotrain.store import RunStore
+from tests.helpers import geotrain_cmd, geotrain_home, tagged_processes, wait_for  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+
+ROUNDS = 10
+RECIPE = f"""\
+name: chaos
+model: {{preset: tiny, n_layer: 2, d_model: 64, n_head: 4}}
+train: {{rounds: {ROUNDS}, inner_steps: 10, batch_size: 4, seq_len: 64, lr: 3.0e-3, warmup_steps: 5}}
+sites:
+  - {{name: a, provider: local}}
+  - {{name: b, provider: local}}
+"""
+
+
+def cli(home: Path, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(geotrain_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, GEOTRAIN_HOME=str(home)), check=check)
+
+
+def status(home: Path, run: str) -> dict:
+    return json.loads(cli(home, "status", run, "--json").stdout)
+
+
+def launch_detached(tmp_path: Path, home: Path, rounds: int = ROUNDS, inner_steps: int = 10) -> str:
+    """A detached 2-site run. Tests that need a site to start again while the run
+    goes on use longer rounds, so the run outlasts a new Ray cluster's start
+    even on a loaded machine."""
+    recipe = tmp_path / "chaos.yaml"
+    recipe.write_text(RECIPE.replace(f"rounds: {ROUNDS},", f"rounds: {rounds},")
+                      .replace("inner_steps: 10,", f"inner_steps: {inner_steps},"))
+    return json.loads(cli(home, "launch", str(recipe), "--detach", "--json").stdout)["run"]
+
+
+def committed(run_store: RunStore) -> int:
+    return len(run_store.committed_rounds()) - 1
+
+
+def assert_nothing_lost(home: Path, run: str, rounds: int = ROUNDS) -> RunStore:
+    s = wait_for(lambda: (x := status(home, run))["state"] != "running" and x, timeout=420, every=1)
+    assert s["state"] == "succeeded", s
+    store = RunStore(s["store"])
+    assert store.committed_rounds() == list(range(rounds + 1))  # no gap, no duplicate
+    for r in range(1, rounds + 1):
+        manifest = store.global_manifest(r)
+        results = store.results(r)
+        assert results and {v["hash"] for v in results.values()} == {manifest["hash"]}, r
+        assert store.members(r)["round"] == r
+    final = store.read_final()
+    assert final["rounds"] == rounds and final["hash"] == store.global_manifest(rounds)["hash"]
+    wait_for(lambda: tagged_processes(run) == [], timeout=30)
+    return store
+
+
+def controller_events(store: RunStore) -> list[dict]:
+    return [e for e in store.events([]) if e["source"] == "controller"]
+
+
+def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
+    run = launch_detached(tmp_path, geotrain_home, rounds=40, inner_steps=30)
+    s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=120)
+    store = RunStore(s["store"])
+    victim = next(site for site in s["sites"] if site["name"] == "a")["pid"]
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    store = assert_nothing_lost(geotrain_home, run, rounds=40)
+    events = controller_events(store)
+    lost = next(e for e in events if e["kind"] == "site-lost" and e["site"] == "a")
+    assert lost["at"] - killed_at <= 5.0, "loss detected too late"
+    assert any(e["kind"] == "site-replaced" and e["site"] == "a" for e in events)
+    rejoined = next(e for e in events if e["kind"] == "site-rejoined" and e["site"] == "a")
+    assert rejoined["seconds"] > 0
+    # The other site never stopped: it trained through the loss, no round was repeated.
+    print(f"\ndetection {lost['at'] - killed_at:.2f} s; loss -> replacement's first step "
+          f"{rejoined['seconds']:.1f} s")
+
+
+def test_kill_9_controller_then_resume(tmp_path: Path, geotrain_home: Path):
+    run = launch_detached(tmp_path, geotrain_home)
+    s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=120)
+    os.kill(s["controller_pid"], signal.SIGKILL)
+    # The sites do not need the controller: they go on meeting through the store.
+    store = RunStore(s["store"])
+    before = committed(store)
+    wait_for(lambda: committed(store) > before, timeout=60)
+    out = cli(geotrain_home, "resume", run, "--json", timeout=240, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    store = assert_nothing_lost(geotrain_home, run)
+    kinds = [e["kind"] for e in controller_events(store)]
+    assert "resumed" in kinds and kinds.count("site-adopted") + kinds.count("site-launched") >= 2
+
+
+def test_kill_9_everything_then_resume(tmp_path: Path, geotrain_home: Path):
+    run = launch_detached(tmp_path, geotrain_home)
+    s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 3 and x, timeout=120)
+    os.kill(s["controller_pid"], signal.SIGKILL)
+    for pid in tagged_processes(run):  # every site's agent, Ray and workers: the machine is gone
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: tagged_processes(run) == [], timeout=20)
+    store = RunStore(s["store"])
+    at_death = committed(store)
+    out = cli(geotrain_home, "resume", run, "--json", timeout=240, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    store = assert_nothing_lost(geotrain_home, run)
+    assert at_death >= 3
+    assert "resumed" in [e["kind"] for e in controller_events(store)]
+
+
+def test_resume_refuses_a_finished_or_controlled_run(tmp_path: Path, geotrain_home: Path):
+    out = cli(geotrain_home, "resume", "no-such-run", check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+def test_migrate_a_site_between_local_regions(tmp_path: Path, geotrain_home: Path):
+    rounds = 40
+    run = launch_detached(tmp_path, geotrain_home, rounds, inner_steps=30)
+    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
+    out = cli(geotrain_home, "migrate", run, "--site", "a", "--to", "local:west", "--json",
+              timeout=200, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    moved = json.loads(out.stdout)
+    assert moved["kind"] == "site-migrated" and moved["member"] == "a~1"
+    assert moved["downtime_s"] == 0.0 and moved["overlap_s"] > 0  # make-before-break
+    store = assert_nothing_lost(geotrain_home, run, rounds)
+    joined = [r for r in range(1, rounds + 1)
+              if any(e["site"] == "a~1" for e in store.members(r)["accepted"])]
+    assert joined and joined[-1] == rounds  # the new member trained to the end
+    s = status(geotrain_home, run)
+    assert next(x for x in s["sites"] if x["name"] == "a")["region"] == "west"
+    print(f"\nmigration: joined after {moved['join_s']:.1f} s, done in {moved['seconds']:.1f} s, "
+          f"downtime {moved['downtime_s']:.1f} s, overlap {moved['overlap_s']:.1f} s")
+
+
+def test_preempt_a_site_with_a_notice(tmp_path: Path, geotrain_home: Path):
+    from providers import local
+
+    run = launch_detached(tmp_path, geotrain_home, rounds=40, inner_steps=30)
+    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
+    noticed_at = time.time()
+    local.preempt(run, "a", notice_s=30)  # served on the site's own metadata endpoint
+    store = assert_nothing_lost(geotrain_home, run, rounds=40)
+    site_events = [e for e in store.events(["a"]) if e["at"] >= noticed_at]
+    assert any(e["kind"] == "preempting" and e["notice"] == "preempt" for e in site_events)
+    lost = next(e for e in controller_events(store) if e["kind"] == "site-lost")
+    assert lost["reason"] == "preempted" and lost["at"] - noticed_at <= 5.0
+    assert any(e["kind"] == "site-rejoined" and e["site"] == "a" for e in controller_events(store))
+    print(f"\nnotice -> declared lost {lost['at'] - noticed_at:.2f} s")
+
+
+@pytest.mark.timeout(720)
+def test_move_the_store_across_every_backend_while_the_run_goes_on(tmp_path: Path, geotrain_home: Path,
+                                                                    store_urls):
+    # Endpoints of moto S3, the GCS emulator and Azurite are set in this process's
+    # environment, which the detached controller and its sites inherit.
+    targets = [store_urls("s3"), store_urls("gs"), store_urls("az")]
+    rounds = 100
+    run = launch_detached(tmp_path, geotrain_home, rounds, inner_steps=30)
+    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=120)
+    first = status(geotrain_home, run)["store"]
+    moves = []
+    for url in targets:
+        out = cli(geotrain_home, "migrate", run, "--store", url, "--json", timeout=200, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        moves.append(json.loads(out.stdout))
+        assert status(geotrain_home, run)["store"] == url
+    store = assert_nothing_lost(geotrain_home, run, rounds)  # checked in the last store, az://
+    assert store.url == targets[-1]
+    ats = [m["at_round"] for m in moves]
+    assert ats == sorted(ats) and all(1 < a <= rounds for a in ats)
+    # Every old store is left intact, with every round it had committed.
+    for old, move in zip([first, *targets[:-1]], moves):
+        kept = RunStore(old).committed_rounds()
+        assert kept == list(range(len(kept))) and len(kept) >= move["at_round"]
+    print("\nstore moves: " + ", ".join(f"{m['previous'].split(':')[0]}->{m['store'].split(':')[0]} "
+                                         f"at round {m['at_round']} in {m['seconds']:.1f} s" for m in moves))
+
+
+def test_bursts_of_store_errors(tmp_path: Path, geotrain_home: Path, monkeypatch: pytest.MonkeyPatch):
+    # Every store client of the run — controller, agents, trainers — inherits the plan:
+    # 5 % of calls start a burst of up to 3 failures (errors real backends raise).
+    monkeypatch.setenv("GEOTRAIN_STORE_FAULTS", "rate=0.05,burst=3,seed=11")
+    run = launch_detached(tmp_path, geotrain_home)
+    monkeypatch.delenv("GEOTRAIN_STORE_FAULTS")
+    store = assert_nothing_lost(geotrain_home, run)
+    done = [e for e in store.events(["a", "b"]) if e["kind"] == "done"]
+    assert len(done) == 2 and all(e["store_faults_injected"] > 0 for e in done)
+    starting = [e for e in store.events(["a", "b"]) if e["kind"] == "starting"]
+    assert all(e["store_settings"]["faults"]["source"] == "GEOTRAIN_STORE_FAULTS" for e in starting)
