@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.emulators import azurite, backend_url, gcs_emulator, store_urls  # noqa: F401 - fixtures
+from tests.emulators import azurite, backend_url, gcs_emulator, stop, store_urls  # noqa: F401 - fixtures
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 
@@ -64,12 +64,7 @@ def moto_s3():
             boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=bucket)
             yield url, bucket
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 AWS_AMIS = Path(__file__).resolve().parent / "fakes" / "aws_amis.json"
@@ -90,9 +85,4 @@ def moto_server():
         wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
