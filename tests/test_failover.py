@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import types
-from pathlib import Path
 
 import pytest
 

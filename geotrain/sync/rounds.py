@@ -134,14 +134,16 @@ class RoundExchange:
         get there first). Returns (decision, whether we made it). `tick` is
         called about once a second while waiting."""
         last_tick = time.monotonic()
+        published_at: dict[str, float] = {}  # a manifest never changes once written: read it once
         while True:
             decision = self.store.members(r)
             if decision is not None:
                 return decision, False
             present = set(self.store.contributions(r))
             if present:
-                metas = {s: self.store.contribution_meta(r, s) for s in present}
-                first_at = min(m.get("published_at", time.time()) for m in metas.values())
+                for s in present - published_at.keys():
+                    published_at[s] = self.store.contribution_meta(r, s).get("published_at", time.time())
+                first_at = min(published_at.values())
                 waiting = self._waiting_for(r, present, first_at)
                 if not waiting:
                     return self._make_decision(r, present)
