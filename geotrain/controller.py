@@ -285,13 +285,10 @@ class Controller(Migrations):
         """Declare a site lost — a preemption notice, its node gone, its agent
         silent for longer than sync.liveness_timeout_s, or no beat at all within
         sync.boot_timeout_s of its launch — and replace it."""
+        self._note_rejoined(name, hb)
         state = (hb or {}).get("state")
         if state in ("done", "failed") or (alive or {}).get("state") in ("done", "stopped", "failed"):
             return
-        if name in self.lost_at and (hb or {}).get("first_step_at", 0) > self.lost_at[name]:
-            lost = self.lost_at.pop(name)
-            self.event("site-rejoined", f"site {name} trains again, {hb['first_step_at'] - lost:.1f} s "
-                       "after it was lost", site=name, seconds=hb["first_step_at"] - lost)
         now, limit = time.time(), self.recipe.sync.liveness_timeout_s
         if name in self.migrating:
             return  # the migration watches both members until it is done
@@ -308,19 +305,33 @@ class Controller(Migrations):
             del self.draining[name]
             self.replace(name, "preempted", announce=False)
             return
+        # No beat yet from the agent now launched: none at all, or only the mark
+        # `replace` left over the previous incarnation's record.
+        booting = (not alive and not hb) or (alive or {}).get("state") == "replaced"
         if not self._site_alive(name):
             time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
             if (self.store.heartbeat(self.member[name]) or {}).get("state") in ("done", "failed"):
                 return
             reason = "node gone"
+        elif booting:
+            # A site that never beat is not stale, only slow to boot, until boot_timeout_s
+            # (a cloud replacement takes minutes).
+            if now - self.launched_at.get(name, now) <= self.recipe.sync.boot_timeout_s:
+                return
+            reason = f"never booted: no beat {now - self.launched_at[name]:.0f} s after launch"
         elif alive and now - alive["at"] > limit and now - self.launched_at.get(name, 0) > limit:
             reason = f"no liveness beat for {now - alive['at']:.1f} s"
-        elif not alive and not hb and now - self.launched_at.get(name, now) > self.recipe.sync.boot_timeout_s:
-            # A site that never beat is not stale, only slow to boot, until boot_timeout_s.
-            reason = f"never booted: no beat {now - self.launched_at[name]:.0f} s after launch"
         else:
             return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
+
+    def _note_rejoined(self, name: str, hb: dict | None) -> None:
+        """A lost site whose (new) agent has trained since the loss is back."""
+        if name in self.lost_at and ((hb or {}).get("first_step_at") or 0) > self.lost_at[name]:
+            lost = self.lost_at.pop(name)
+            self.draining.pop(name, None)
+            self.event("site-rejoined", f"site {name} trains again, {hb['first_step_at'] - lost:.1f} s "
+                       "after it was lost", site=name, seconds=hb["first_step_at"] - lost)
 
     def replace(self, name: str, reason: str, last_seen: float | None = None,
                 announce: bool = True) -> None:
@@ -346,6 +357,9 @@ class Controller(Migrations):
         for row in self.db.nodes(self.run_id):
             if row["site"] == member and row["state"] != "terminated":
                 self.db.update_node(row["id"], state="terminated", terminated_at=now)
+        # What the old agent last wrote (running, preempting) must not be read as
+        # the replacement's: mark the member replaced until the new agent beats.
+        self.store.alive(member, "replaced", replacement=count)
         self._launch(name)
         self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
 
@@ -381,6 +395,8 @@ class Controller(Migrations):
             if failed:
                 errors = "; ".join(f"{n}: {beats[n].get('error', '?')}" for n in failed)
                 raise RunFailed(f"site {', '.join(failed)} failed ({errors})")
+            for name, hb in beats.items():  # before finishing: one may rejoin in the last round
+                self._note_rejoined(name, hb)
             if latest >= rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):
                 self.finish(latest)
                 return "succeeded"

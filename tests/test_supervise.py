@@ -1,0 +1,95 @@
+"""The controller's judgement of a site, without starting one: what it writes
+in the store (liveness, heartbeats) decides lost, booting or fine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from geotrain.controller import Controller, create_run
+from geotrain.recipe import Recipe
+from tests.helpers import geotrain_home  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Supervised(Controller):
+    """A controller whose provider calls are recorded, not made."""
+
+    def __init__(self, run_id: str, home: Path):
+        super().__init__(run_id, home)
+        self.node_up = {n: True for n in self.sites}
+        self.launches: list[str] = []
+
+    def _site_alive(self, name: str) -> bool:
+        return self.node_up[name]
+
+    def _providers_of(self, name: str) -> list[str]:
+        return []
+
+    def _launch(self, name: str) -> None:
+        self.launches.append(name)
+        self.nodes[name] = []
+        self.launched_at[name] = time.time()
+
+    def tick(self, name: str = "a") -> None:
+        member = self.member[name]
+        self._supervise(name, self.store.heartbeat(member), self.store.liveness().get(member))
+
+
+@pytest.fixture
+def ctl(geotrain_home: Path, tmp_path: Path) -> Supervised:
+    recipe = Recipe.model_validate({
+        "name": "sup", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
+        "train": {"rounds": 3, "inner_steps": 2, "batch_size": 2, "seq_len": 16},
+        "sync": {"liveness_timeout_s": 1, "boot_timeout_s": 30},
+        "sites": [{"name": "a", "provider": "local"}, {"name": "b", "provider": "local"}]})
+    c = Supervised(create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home), geotrain_home)
+    c.launched_at = {"a": time.time() - 10, "b": time.time() - 10}
+    return c
+
+
+def test_a_silent_site_is_lost_and_replaced_once(ctl: Supervised):
+    ctl.store.alive("a", "running", pid=1)
+    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})
+    ctl.tick()
+    assert ctl.launches == []  # fresh beat: fine
+    time.sleep(1.3)
+    ctl.tick()
+    assert ctl.launches == ["a"]
+    # The old agent's last record is now marked as replaced: the replacement is
+    # booting, not silent, until boot_timeout_s — however long it takes to beat.
+    assert ctl.store.liveness()["a"]["state"] == "replaced"
+    time.sleep(1.3)
+    ctl.tick()
+    ctl.tick()
+    assert ctl.launches == ["a"]
+    ctl.launched_at["a"] = time.time() - 31  # past boot_timeout_s
+    ctl.tick()
+    assert ctl.launches == ["a", "a"]
+    lost = [e for e in ctl.store.events([]) if e["kind"] == "site-lost"]
+    assert "never booted" in lost[-1]["message"]
+
+
+def test_a_preempted_sites_record_is_not_read_as_its_replacements(ctl: Supervised):
+    ctl.store.alive("a", "preempting", pid=1)
+    ctl.store.beat("a", {"state": "preempting", "first_step_at": time.time() - 5})
+    ctl.tick()  # declared lost, draining while its node is up
+    assert ctl.launches == [] and "a" in ctl.draining
+    ctl.node_up["a"] = False  # it drained and left
+    ctl.tick()
+    assert ctl.launches == ["a"] and "a" not in ctl.draining
+    ctl.node_up["a"] = True  # the replacement's node, its agent not beating yet
+    for _ in range(3):
+        ctl.tick()
+    assert ctl.launches == ["a"]
+    assert [e["kind"] for e in ctl.store.events([])].count("site-lost") == 1
+    # The replacement trains: rejoined, once.
+    ctl.store.alive("a", "running", pid=2)
+    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})
+    ctl.tick()
+    ctl.tick()
+    kinds = [e["kind"] for e in ctl.store.events([])]
+    assert kinds.count("site-rejoined") == 1 and kinds.count("site-replaced") == 1
