@@ -118,16 +118,36 @@ def train_setup(setup: dict) -> dict:
                            if k not in ("H", "util_rounds", "util_ddp_steps")})
 
 
+# Per-arm settings after the codec: "int8:olr=0.9:om=0.8", "topk@0.03:om=0:ed=0.95".
+ARM_KNOBS = {"olr": ("outer_lr", float), "om": ("outer_momentum", float), "ilr": ("lr", float),
+             "ed": ("error_decay", float), "bits": ("value_bits", int), "se": ("state_every", int)}
+
+
+def parse_arm(text: str) -> tuple[str, str, dict]:
+    """'topk@0.03:om=0:ed=0.95' -> ('topk', '0.03:om=0:ed=0.95', {settings})."""
+    head, *knobs = text.split(":")
+    codec, _, frac = head.partition("@")
+    extra = {"topk_fraction": float(frac)} if frac else {}
+    for k in knobs:
+        key, _, value = k.partition("=")
+        if key not in ARM_KNOBS or not value:
+            raise SystemExit(f"arm {text!r}: setting {k!r}; valid: "
+                             + ", ".join(f"{n}=<{t.__name__}> ({f})" for n, (f, t) in ARM_KNOBS.items()))
+        field, kind = ARM_KNOBS[key]
+        extra[field] = kind(value)
+    return codec, text[len(codec):].lstrip("@"), extra
+
+
 def arm_specs(setup: dict, sites: int, codecs: list[str], hs: list[int]) -> list[dict]:
     base = dict(train_setup(setup), sites=sites)
     specs = [dict(base, name="ddp", kind="ddp")]
     for h in hs:
         if setup["steps"] % h:
             raise SystemExit(f"--H {h} does not divide the {setup['steps']} steps")
-        for c in codecs:  # "topk@0.1": top-k keeping 10 %
-            name, _, frac = c.partition("@")
-            extra = {"topk_fraction": float(frac)} if frac else {}
-            specs.append(dict(base, name=f"diloco-{name}{frac}-H{h}", kind="diloco", codec=name,
+        for c in codecs:  # "topk@0.1": top-k keeping 10 %; ":olr=…" etc. per-arm settings
+            codec, tag, extra = parse_arm(c)
+            tag = tag.replace(":", ",")  # names become file names and store URLs
+            specs.append(dict(base, name=f"diloco-{codec}{tag}-H{h}", kind="diloco", codec=codec,
                               H=h, **extra))
     return specs
 
@@ -248,7 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", choices=sorted(PRESETS), help="training setup (default full, or quick)")
     ap.add_argument("--sites", type=int, default=4)
     ap.add_argument("--codecs", default="none,int8,topk",
-                    help="DiLoCo codecs, comma-separated; topk@F keeps the fraction F")
+                    help="DiLoCo arms, comma-separated: a codec, topk@F keeps the fraction F, "
+                         "then optional :olr=, :om= (outer lr, momentum), :ilr= (inner lr), "
+                         ":ed= (error-feedback decay), :bits= (top-k value bits), "
+                         ":se= (commit the global state every se rounds)")
     ap.add_argument("--H", default=None, help="inner steps per round, comma-separated")
     ap.add_argument("--steps", type=int, help="override the preset's steps")
     ap.add_argument("--mbit", default="10,100,1000", help="link rates for utilisation ('' skips)")

@@ -119,7 +119,8 @@ def run(spec: dict, index: int) -> dict:
         site = f"site{index}"
         exchange = RoundExchange(store, site, codec=make_codec(
             spec["codec"], topk_fraction=spec.get("topk_fraction", 0.01),
-            value_bits=spec.get("value_bits", 4)), liveness_s=30.0)
+            value_bits=spec.get("value_bits", 4), error_decay=spec.get("error_decay", 1.0)),
+            liveness_s=30.0, state_every=spec.get("state_every", 1), final_round=steps // spec["H"])
         diloco = DiLoCo(model, opt, exchange, inner_steps=spec["H"], outer_lr=spec["outer_lr"],
                         outer_momentum=spec["outer_momentum"], overlap=spec.get("overlap", False))
         wait_for_all(store, site, n)

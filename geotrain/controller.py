@@ -424,6 +424,8 @@ class Controller(Migrations):
 
     def finish(self, last_round: int) -> None:
         files, manifest = self.store.read_global(last_round)
+        if "model.safetensors" not in files:  # the sites commit the state of the last round
+            raise RunFailed(f"round {last_round} was committed without its global state")
         history = []
         for r in self.store.committed_rounds():
             m = self.store.global_manifest(r)

@@ -188,6 +188,11 @@ class SyncSpec(_Spec):
                                   "Cloud nodes install geotrain at first boot: allow minutes.")
     reject_norm_factor: float = Field(10, gt=1, description="Reject a contribution whose norm is "
                                       "more than this times the round's median (3+ sites).")
+    state_every: int = Field(1, ge=1, description="Commit the full global state (model and outer "
+                             "momentum, 8 bytes per parameter) every this many rounds and at the "
+                             "last round; the rounds between commit only their decision and hash, "
+                             "and a site that joins replays them from the contributions. Cuts "
+                             "store traffic when payloads are small (int4, topk).")
 
 
 class StoreSpec(_Spec):

@@ -4,8 +4,9 @@ Every path inside a run store is built here and nowhere else. The layout
 (see shared/DESIGN.md):
 
     <run>/run.json                     recipe as resolved, run id, created, version
-    <run>/global/<round>/              model.safetensors, outer.safetensors,
-                                       manifest.json, then COMMITTED (last)
+    <run>/global/<round>/              model.safetensors, outer.safetensors (every
+                                       sync.state_every rounds and the last; between,
+                                       only the hash), manifest.json, then COMMITTED (last)
     <run>/rounds/<round>/<site>.bin    a site's encoded pseudo-gradient
     <run>/rounds/<round>/<site>.json   its manifest (sha256, tokens, steps, codec), written after the payload
     <run>/rounds/<round>/results/<site>.json   the global hash the site ended the round with
@@ -318,6 +319,15 @@ class RunStore:
         # Newest first: stop at the first committed one instead of probing all.
         for name in reversed(self.listdir("global")):
             if name.isdigit() and self.exists(f"global/{name}/COMMITTED"):
+                return int(name)
+        return None
+
+    def latest_state(self) -> int | None:
+        """The newest committed round that holds the global state itself (with
+        `sync.state_every` > 1 the rounds between hold only their hash)."""
+        for name in reversed(self.listdir("global")):
+            if name.isdigit() and self.exists(f"global/{name}/COMMITTED") and \
+                    "model.safetensors" in self.global_manifest(int(name)).get("files", {}):
                 return int(name)
         return None
 

@@ -48,13 +48,15 @@ def status(home: Path, run: str) -> dict:
     return json.loads(cli(home, "status", run, "--json").stdout)
 
 
-def launch_detached(tmp_path: Path, home: Path, rounds: int = ROUNDS, inner_steps: int = 10) -> str:
+def launch_detached(tmp_path: Path, home: Path, rounds: int = ROUNDS, inner_steps: int = 10,
+                    sync: str = "") -> str:
     """A detached 2-site run. Tests that need a site to start again while the run
     goes on use longer rounds, so the run outlasts a new Ray cluster's start
     even on a loaded machine."""
     recipe = tmp_path / "chaos.yaml"
     recipe.write_text(RECIPE.replace(f"rounds: {ROUNDS},", f"rounds: {rounds},")
-                      .replace("inner_steps: 10,", f"inner_steps: {inner_steps},"))
+                      .replace("inner_steps: 10,", f"inner_steps: {inner_steps},")
+                      + (f"sync: {{{sync}}}\n" if sync else ""))
     return json.loads(cli(home, "launch", str(recipe), "--detach", "--json").stdout)["run"]
 
 
@@ -91,7 +93,9 @@ def timeline(store: RunStore, sites: list[str]) -> str:
 
 
 def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
-    run = launch_detached(tmp_path, geotrain_home, rounds=LONG, inner_steps=30)
+    # The global state is committed every 4th round only: the replacement starts
+    # from the newest one and replays the rounds since from their contributions.
+    run = launch_detached(tmp_path, geotrain_home, rounds=LONG, inner_steps=30, sync="state_every: 4")
     s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=120)
     store = RunStore(s["store"])
     victim = next(site for site in s["sites"] if site["name"] == "a")["pid"]
@@ -104,6 +108,8 @@ def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
     assert any(e["kind"] == "site-replaced" and e["site"] == "a" for e in events)
     rejoined = next((e for e in events if e["kind"] == "site-rejoined" and e["site"] == "a"), None)
     assert rejoined, timeline(store, ["a", "b"])
+    with_state = [r for r in store.committed_rounds() if "model.safetensors" in store.read_global(r)[0]]
+    assert with_state == [r for r in range(LONG + 1) if r % 4 == 0]
     assert rejoined["seconds"] > 0
     # The other site never stopped: it trained through the loss, no round was repeated.
     print(f"\ndetection {lost['at'] - killed_at:.2f} s; loss -> replacement's first step "

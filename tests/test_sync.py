@@ -559,3 +559,28 @@ def test_rounds_by_wall_time_let_a_slow_site_count_less_not_stall(tmp_path):
     outer_step(theta, weighted_mean(parts), {}, 0.7, 0.9, True)
     assert params_hash(theta) == out["fast"][0].hash
     assert time.monotonic() - t0 < 20  # 4 rounds of 0.6 s: nobody waited for the slow site's steps
+
+
+def test_state_every_k_rounds_and_a_joiner_replays_the_rounds_between(tmp_path):
+    """With state_every=3 the rounds between commit only their hash; a site that
+    joins replays them from the contributions and lands on the same bits."""
+    url = "file://" + str(tmp_path)
+    commit_start(RunStore(url), build(CFG, seed=0))
+    out = run_sites(url, {"a": (1, 4), "b": (2, 4)}, rounds=4, h=2, state_every=3, final_round=8)
+    hashes = {r.round: r.hash for r in out["a"]["history"]}
+    store = RunStore(url)
+    assert store.committed_rounds() == [0, 1, 2, 3, 4]
+    holds_state = {r: "model.safetensors" in store.read_global(r)[0] for r in range(5)}
+    assert holds_state == {0: True, 1: False, 2: False, 3: True, 4: False}
+    assert all(store.global_manifest(r)["hash"] == hashes[r] for r in range(1, 5))
+    assert store.latest_global() == 4 and store.latest_state() == 3
+
+    exchange = RoundExchange(store, "c", poll_s=0.01, state_every=3, final_round=8)
+    joiner = DiLoCo(build(CFG, seed=5), torch.optim.AdamW(build(CFG, seed=5).parameters()),
+                    exchange, inner_steps=2, liveness=False)
+    joiner._catch_up()
+    assert joiner.round == 4 and params_hash(joiner.global_params) == hashes[4]
+    assert joiner.training_round == 5
+
+    # The last round always holds the state (the run's final model is read from it).
+    assert exchange.commits_state(8) and exchange.commits_state(9) and not exchange.commits_state(7)

@@ -211,9 +211,10 @@ class DiLoCo:
 
     def _catch_up(self) -> None:
         """Start from the newest committed global state, then apply every round
-        decided since (committed or not) so we join at the first open round."""
+        decided since (committed with only its hash, or not yet committed) so we
+        join at the first open round."""
         store = self.exchange.store
-        r = store.latest_global()
+        r = store.latest_state()
         if r is None:
             raise SyncError("no committed global state in the store to start from")
         files, _ = store.read_global(r)

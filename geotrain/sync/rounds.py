@@ -74,8 +74,11 @@ class RoundExchange:
     def __init__(self, store: RunStore, site: str, *, codec: compression.Codec | None = None,
                  window_s: float = 600.0, join_wait_s: float = 60.0, liveness_s: float = 4.0,
                  reject_norm_factor: float = 10.0, lookback: int = 3, poll_s: float = 0.05,
-                 takeover_s: float = 10.0):
+                 takeover_s: float = 10.0, state_every: int = 1, final_round: int | None = None):
         self.store, self.site = store, site
+        # Which rounds commit the full global state; the same on every site, so a
+        # takeover commits the same bytes as the decider would have.
+        self.state_every, self.final_round = state_every, final_round
         self.codec = codec or compression.make_codec("none")
         self.window_s, self.join_wait_s, self.liveness_s = window_s, join_wait_s, liveness_s
         self.reject_norm_factor, self.lookback, self.poll_s = reject_norm_factor, lookback, poll_s
@@ -235,12 +238,19 @@ class RoundExchange:
         round write identical objects, so a takeover can never corrupt a round."""
         from geotrain.sync.diloco import encode
 
-        files = {"model.safetensors": encode(params)}
-        if momentum:
-            files["outer.safetensors"] = encode(momentum)
+        files = {}
+        if self.commits_state(r):
+            files["model.safetensors"] = encode(params)
+            if momentum:
+                files["outer.safetensors"] = encode(momentum)
         members = [e["site"] if e["round"] == r else f"{e['site']}@{e['round']}"
                    for e in decision["accepted"]]
         self.store.commit_global(r, files, {"hash": hash_, "members": members})
+
+    def commits_state(self, r: int) -> bool:
+        """Whether round r's commit holds the global state, or only its hash and
+        decision (a reader replays it from the newest round that does)."""
+        return r % self.state_every == 0 or (self.final_round is not None and r >= self.final_round)
 
     def ensure_committed(self, r: int, params: Tensors, momentum: Tensors, hash_: str,
                          decision: dict, decided_by_me: bool) -> bool:

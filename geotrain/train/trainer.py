@@ -82,7 +82,8 @@ def make_exchange(recipe: Recipe, store: RunStore, site: str) -> RoundExchange:
                                    value_bits=s.value_bits)
     return RoundExchange(store, site, codec=codec, window_s=s.round_timeout_s,
                          join_wait_s=s.join_wait_s, liveness_s=s.liveness_timeout_s,
-                         reject_norm_factor=s.reject_norm_factor)
+                         reject_norm_factor=s.reject_norm_factor, state_every=s.state_every,
+                         final_round=recipe.train.rounds)
 
 
 def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
