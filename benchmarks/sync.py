@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--util-codec", default="int8")
     ap.add_argument("--topk-fraction", type=float, default=COMMON["topk_fraction"])
     ap.add_argument("--value-bits", type=int, default=COMMON["value_bits"], help="top-k value bits")
+    ap.add_argument("--ddp-from", type=Path, help="take the ddp arm from an earlier run's JSON "
+                    "(same preset and steps) instead of running it again: for sweeps")
     ap.add_argument("--torchft-python", help="a Python with torchft==0.2.0 installed")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/sync.json")
     ap.add_argument("--no-plots", action="store_true")
@@ -295,6 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         arms = []
         for spec in arm_specs(setup, a.sites, codecs, hs):
+            if a.ddp_from and spec["kind"] == "ddp":  # a sweep against an earlier run's DDP
+                arms.append(next(x for x in json.loads(a.ddp_from.read_text())["arms"]
+                                 if x["name"] == "ddp"))
+                continue
             arms.append(run_arm(spec, work))
             print(f"  {arms[-1]['name']}: loss {arms[-1]['eval_loss']:.4f}, "
                   f"{arms[-1]['bytes_per_site']:,.0f} B/site, {arms[-1]['wall_s']:.0f} s", flush=True)

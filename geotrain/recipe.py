@@ -169,6 +169,9 @@ class SyncSpec(_Spec):
         "scaled), 'topk' (chunked top-k with error feedback and quantised values).")
     topk_fraction: float = Field(0.01, gt=0, le=1, description="Share of values 'topk' sends.")
     value_bits: Literal[4, 8] = Field(4, description="Bits per value 'topk' sends.")
+    error_decay: float = Field(1.0, ge=0, le=1, description="How much of what 'topk' left unsent "
+                               "is carried into the next round (error feedback, β in SparseLoCo). "
+                               "With outer_momentum 0 the carried residual acts as the momentum.")
     overlap: bool = Field(False, description="Train the next round while this round's exchange "
                           "runs; its merge is applied one round late, keeping local progress. "
                           "Hides slow links; at small scale it costs some loss (see docs/benchmarks.md).")

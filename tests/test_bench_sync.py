@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 def test_tiny_run_writes_the_documented_json(tmp_path):
     out = tmp_path / "sync.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/sync.py"), "--preset", "tiny",
-                        "--sites", "2", "--codecs", "none,int8", "--H", "5", "--mbit", "",
+                        "--sites", "2", "--codecs", "none,int8:olr=1:om=0:se=2", "--H", "5", "--mbit", "",
                         "--no-plots", "--out", str(out)],
                        capture_output=True, text=True, timeout=220)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -33,13 +33,13 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
     assert set(results) >= {"arms", "utilization"}
     assert results["utilization"] == [] and results["utilization_skipped"]
     arms = {a["name"]: a for a in results["arms"]}
-    assert set(arms) == {"ddp", "diloco-none-H5", "diloco-int8-H5"}
+    assert set(arms) == {"ddp", "diloco-none-H5", "diloco-int8,olr=1,om=0,se=2-H5"}
     for a in arms.values():
         assert {"name", "sites", "bytes_per_site", "eval_loss", "tokens", "wall_s"} <= set(a)
         assert a["sites"] == 2 and a["tokens"] == 20 * 4 * 32 * 2
         assert math.isfinite(a["eval_loss"]) and 1.0 < a["eval_loss"] < math.log(256)
         assert a["wall_s"] > 0
-    ddp, none, int8 = arms["ddp"], arms["diloco-none-H5"], arms["diloco-int8-H5"]
+    ddp, none, int8 = arms["ddp"], arms["diloco-none-H5"], arms["diloco-int8,olr=1,om=0,se=2-H5"]
     params = ddp["params"]
     # ring all-reduce, 2 ranks: each sends and receives 2(N-1)/N * 4 B * params per step
     assert ddp["bytes_per_site"] == 20 * 2 * int(2 * 1 / 2 * 4 * params)
@@ -49,4 +49,21 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
     assert none["bytes_ratio_vs_ddp"] == pytest.approx(ddp["bytes_per_site"] / none["bytes_per_site"])
     assert none["bit_identical_sites"] and int8["bit_identical_sites"]
     assert ddp["loss_gap_vs_ddp"] == 0
+    # Global commits: `none` (momentum 0.9) writes model + momentum every round (4 x 8 B/param);
+    # the int8 arm (momentum 0, state every 2nd round) the model alone in rounds 2 and 4.
+    assert 32 * params / 2 < none["commit_bytes_per_site"] < 32 * params / 2 * 1.05
+    assert 8 * params / 2 < int8["commit_bytes_per_site"] < 8 * params / 2 * 1.05
     assert results["torchft"]["status"] == "skipped"
+
+
+def test_arm_settings_parse_and_bad_ones_say_what_is_valid():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.sync import parse_arm
+
+    assert parse_arm("topk@0.03:olr=2:om=0:ed=0.95:se=10") == (
+        "topk", "0.03:olr=2:om=0:ed=0.95:se=10",
+        {"topk_fraction": 0.03, "outer_lr": 2.0, "outer_momentum": 0.0, "error_decay": 0.95,
+         "state_every": 10})
+    assert parse_arm("int8") == ("int8", "", {})
+    with pytest.raises(SystemExit, match="valid: olr="):
+        parse_arm("int8:lr=1")

@@ -77,7 +77,7 @@ def test_defaults_are_as_documented():
         eval_batches=8, threads=1, hours=None, entrypoint=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
-                                       value_bits=4, overlap=False, round_seconds=None,
+                                       value_bits=4, error_decay=1.0, overlap=False, round_seconds=None,
                                        round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
                                        boot_timeout_s=1800,
                                        reject_norm_factor=10, state_every=1)

@@ -79,7 +79,7 @@ def make_exchange(recipe: Recipe, store: RunStore, site: str) -> RoundExchange:
     """The site's side of the rounds, configured from the recipe's sync section."""
     s = recipe.sync
     codec = compression.make_codec(s.compression, topk_fraction=s.topk_fraction,
-                                   value_bits=s.value_bits)
+                                   value_bits=s.value_bits, error_decay=s.error_decay)
     return RoundExchange(store, site, codec=codec, window_s=s.round_timeout_s,
                          join_wait_s=s.join_wait_s, liveness_s=s.liveness_timeout_s,
                          reject_norm_factor=s.reject_norm_factor, state_every=s.state_every,
