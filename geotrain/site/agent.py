@@ -190,6 +190,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         if head is not None:
             cluster.head_down(store, site)
             cluster.stop_node(head)
+            cluster.reap_leftovers()
         shutil.rmtree(temp_dir, ignore_errors=True)
     return code
 
@@ -218,6 +219,7 @@ def run_node(store_url: str, site: str, host: str, temp_dir: str, data_site: str
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.reap_leftovers()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
