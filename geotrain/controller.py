@@ -284,8 +284,8 @@ class Controller(Migrations):
     def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
         """Declare a site lost — a preemption notice, its node gone, its agent
         silent for longer than sync.liveness_timeout_s, or no beat at all within
-        sync.boot_timeout_s of its launch — and replace it."""
-        self._note_rejoined(name, hb)
+        sync.boot_timeout_s of its launch — and replace it. (`watch` notes a
+        rejoined site first, every tick.)"""
         state = (hb or {}).get("state")
         if state in ("done", "failed") or (alive or {}).get("state") in ("done", "stopped", "failed"):
             return

@@ -35,8 +35,10 @@ class Supervised(Controller):
         self.launched_at[name] = time.time()
 
     def tick(self, name: str = "a") -> None:
-        member = self.member[name]
-        self._supervise(name, self.store.heartbeat(member), self.store.liveness().get(member))
+        member = self.member[name]  # as one tick of `watch` does
+        hb = self.store.heartbeat(member)
+        self._note_rejoined(name, hb)
+        self._supervise(name, hb, self.store.liveness().get(member))
 
 
 @pytest.fixture
