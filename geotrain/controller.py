@@ -160,6 +160,8 @@ class Controller(Migrations):
         row = self.db.run(self.run_id)
         self.store = RunStore(row["store"])
         self.recipe = Recipe.model_validate(json.loads(row["recipe_json"]))
+        # The run's last round: the recipe's, or earlier after `geotrain finish`.
+        self.rounds_total = row["rounds_total"] or self.recipe.train.rounds
         self.sites = {s.name: s for s in self.recipe.sites}
         self.on_tick = on_tick or (lambda s: None)
         self.log_dir = log_dir(self.home, self.run_id)
@@ -363,8 +365,28 @@ class Controller(Migrations):
         self._launch(name)
         self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
 
+    def newest_decided(self) -> int:
+        """The newest round whose members are decided (it may not be committed yet)."""
+        decided = self.store.latest_global() or 0
+        while self.store.members(decided + 1) is not None:
+            decided += 1
+        return decided
+
+    def start_finish(self) -> None:
+        """End the run early: the round after the one being trained now becomes
+        the last, for every site (they read it from the store at each round's
+        start); the run then finishes as usual, with its final model."""
+        if self.rounds_total < self.recipe.train.rounds:
+            self.event("finishing", f"already finishing at round {self.rounds_total}",
+                       at_round=self.rounds_total)
+            return
+        at = min(self.newest_decided() + 2, self.rounds_total)
+        self.store.request_finish(at)
+        self.rounds_total = at
+        self.db.update_run(self.run_id, rounds_total=at)
+        self.event("finishing", f"asked to finish: round {at} is the run's last", at_round=at)
+
     def watch(self) -> str:
-        rounds_total = self.recipe.train.rounds
         seen_round = -1
         while True:
             self._poll_commands()
@@ -397,7 +419,7 @@ class Controller(Migrations):
                 raise RunFailed(f"site {', '.join(failed)} failed ({errors})")
             for name, hb in beats.items():  # before finishing: one may rejoin in the last round
                 self._note_rejoined(name, hb)
-            if latest >= rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):
+            if latest >= self.rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):
                 self.finish(latest)
                 return "succeeded"
             alive = self.store.liveness()
@@ -434,7 +456,7 @@ class Controller(Migrations):
                             "results": {s: v["hash"] for s, v in self.store.results(r).items()}})
         run = self.db.run(self.run_id)
         t = self.recipe.train
-        tokens = t.rounds * t.inner_steps * t.batch_size * t.seq_len * sum(s.workers for s in self.recipe.sites)
+        tokens = last_round * t.inner_steps * t.batch_size * t.seq_len * sum(s.workers for s in self.recipe.sites)
         eval_loss = (self.store.read_eval(last_round) or {}).get("eval_loss")
         summary = {"run": self.run_id, "rounds": last_round, "eval_loss": eval_loss,
                    "hash": manifest["hash"], "tokens": tokens,

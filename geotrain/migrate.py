@@ -70,6 +70,8 @@ class Migrations:
                 except GeotrainError as e:
                     self.event("migrate-failed", f"moving the store to {c.get('to')}: {e}",
                                site=None, store=c.get("to"), error=str(e))
+            if c["command"] == "finish":
+                self.start_finish()
             if c["command"] == "migrate-site":
                 try:
                     self._start_migration(c["target"], parse_target(c["to"]))
@@ -151,6 +153,9 @@ class Migrations:
                  for n in self._query(p, m["new"])]
         if nodes:
             providers.get(m["placement"].provider).terminate(nodes)
+        for row in self.db.nodes(self.run_id):  # as _finish_migration does for the old member
+            if row["site"] == m["new"] and row["state"] != "terminated":
+                self.db.update_node(row["id"], state="terminated", terminated_at=time.time())
         self.event("migrate-failed", f"site {name}: migration abandoned ({why}); {m['old']} "
                    "goes on", site=name, error=why)
         del self.migrating[name]
@@ -193,11 +198,8 @@ class Migrations:
             self.store_move = None
             return
         if move["phase"] == "copying":
-            decided = self.store.latest_global() or 0
-            while self.store.members(decided + 1) is not None:
-                decided += 1
-            move["at_round"] = decided + 2
-            if move["at_round"] > self.recipe.train.rounds:
+            move["at_round"] = self.newest_decided() + 2
+            if move["at_round"] > self.rounds_total:
                 self.event("migrate-failed", "too close to the end of the run to move the store",
                            store=move["to"], error="too late")
                 self.store_move = None

@@ -425,6 +425,21 @@ class RunStore:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    # -- ending a run early (geotrain finish) ---------------------------------------------
+
+    def request_finish(self, at_round: int) -> None:
+        """Ask every site to make `at_round` the run's last round (written by the controller)."""
+        self.put_json("_finish.json", {"at_round": at_round, "at": time.time()})
+
+    def finish_round(self) -> int | None:
+        """The round the controller asked the run to end at, or None. A record
+        that does not parse, or names no round >= 1, is no request."""
+        try:
+            value = self.get_json("_finish.json").get("at_round")
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            return None
+        return value if type(value) is int and value >= 1 else None
+
     # -- moving a live run to another backend (geotrain/migrate.py) ----------------------
 
     def switch(self, url: str) -> None:

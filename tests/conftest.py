@@ -15,9 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.emulators import azurite, backend_url, gcs_emulator, stop, store_urls  # noqa: F401 - fixtures
+from tests.emulators import azurite, backend_url, gcs_emulator, missing, stop, store_urls  # noqa: F401 - fixtures
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+
+
+def require_moto() -> None:
+    """Skip (locally) or fail (in CI) when moto's server is not installed, as for
+    every other emulator (tests/emulators.missing)."""
+    if not MOTO_SERVER.exists():
+        missing(f"moto_server (expected at {MOTO_SERVER})", "pip install -e '.[test]'")
 
 
 def free_port() -> int:
@@ -42,8 +49,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 20.0) ->
 @pytest.fixture(scope="session")
 def moto_s3():
     """(endpoint_url, bucket) of a running moto server with one empty bucket."""
-    if not MOTO_SERVER.exists():
-        pytest.skip(f"moto_server not found at {MOTO_SERVER}")
+    require_moto()
     import boto3
 
     port = free_port()
@@ -75,8 +81,7 @@ def moto_server():
     """Endpoint URL of a moto server for EC2/IAM/STS tests, its images loaded
     from tests/fakes/aws_amis.json (Deep Learning AMIs as AWS names them).
     Tests reset it with `POST <url>/moto-api/reset`."""
-    if not MOTO_SERVER.exists():
-        pytest.skip(f"moto_server not found at {MOTO_SERVER}")
+    require_moto()
     port = free_port()
     env = dict(os.environ, MOTO_AMIS_PATH=str(AWS_AMIS), NO_PROXY="127.0.0.1,localhost")
     proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],

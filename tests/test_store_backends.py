@@ -247,3 +247,16 @@ def test_missing_emulator_skips_locally_and_fails_in_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
         emulators.missing("gcp-storage-emulator", "pip install -e '.[test]'")
+
+
+def test_missing_moto_goes_through_the_same_guard(monkeypatch, tmp_path):
+    from tests import conftest
+
+    monkeypatch.setattr(conftest, "MOTO_SERVER", tmp_path / "no-moto_server")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("GEOTRAIN_REQUIRE_EMULATORS", "0")
+    with pytest.raises(pytest.skip.Exception, match="moto_server .* is not installed"):
+        conftest.require_moto()
+    monkeypatch.setenv("GEOTRAIN_REQUIRE_EMULATORS", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI requires every emulator"):
+        conftest.require_moto()

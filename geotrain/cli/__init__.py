@@ -7,14 +7,15 @@ so that `geotrain --help` stays fast.
 
 import typer
 
-from geotrain.cli import (catalog, check, down, launch, logs, migrate, plan, providers, resume, schema,
-                          status, validate)
+from geotrain.cli import (catalog, check, down, finish, launch, logs, migrate, plan, providers, resume,
+                          schema, status, validate)
 
 app = typer.Typer(name="geotrain", no_args_is_help=True, add_completion=False,
                   help="Train one model across clouds; sites meet rarely, through object storage.")
 app.command("launch")(launch.launch)
 app.command("resume")(resume.resume)
 app.command("migrate")(migrate.migrate)
+app.command("finish")(finish.finish)
 app.command("validate")(validate.validate)
 app.command("status")(status.status)
 app.command("logs")(logs.logs)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from geotrain.errors import GeotrainError, StoreError
-from geotrain.store import RunStore
+from geotrain.store import RunStore, round_key, sha256
 from geotrain.sync import compression
 
 Tensors = dict[str, torch.Tensor]
@@ -47,6 +47,11 @@ ACTIVE = ("starting", "running", "training")
 
 class SyncError(GeotrainError):
     """A round could not complete (nobody decided it in time, or we were stopped)."""
+
+
+class ContributionChanged(SyncError):
+    """The store no longer holds the bytes a round's decision accepted (the
+    payload was rewritten, corrupted or removed after the decision)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ class RoundExchange:
         self.window_s, self.join_wait_s, self.liveness_s = window_s, join_wait_s, liveness_s
         self.reject_norm_factor, self.lookback, self.poll_s = reject_norm_factor, lookback, poll_s
         self.takeover_s = takeover_s
-        self._decoded: dict[tuple[int, str], Tensors] = {}  # what the decider already read
+        # What this site read while deciding: (sha256, decoded) by (round, site).
+        self._decoded: dict[tuple[int, str], tuple[str, Tensors]] = {}
         self._read_for: dict[int, int] = {}  # bytes the decider downloaded deciding round r
         # The first round this site trains: only then does it wait for sites still
         # starting (a launch or a resume); later, a starting site (a replacement)
@@ -185,7 +191,7 @@ class RoundExchange:
                 rejected.append({"site": site, "round": q, "reason": "non-finite values"})
                 continue
             norms[(q, site)] = tensor_norm(delta)
-            self._decoded[(q, site)] = delta
+            self._decoded[(q, site)] = (meta["sha256"], delta)
             accepted.append({"site": site, "round": q, "sha256": meta["sha256"],
                              "tokens": float(meta["tokens"]), "norm": norms[(q, site)]})
         if len(accepted) >= 3:
@@ -217,15 +223,22 @@ class RoundExchange:
 
     def gather(self, decision: dict) -> tuple[list[tuple[Entry, Tensors]], int]:
         """The accepted contributions of a decision, decoded, in canonical order,
-        with the bytes downloaded for them."""
+        with the bytes downloaded for them. Only the bytes the decision accepted
+        (its sha256) are merged, whatever the manifest says now (tokens come from
+        the decision); ContributionChanged if the store no longer holds them."""
         parts, received = [], self._read_for.pop(decision["round"], 0)
         for e in sorted((Entry.of(d) for d in decision["accepted"]), key=lambda e: (e.round, e.site)):
-            delta = self._decoded.pop((e.round, e.site), None)
-            if delta is None:
-                payload, meta = self.store.read_contribution(e.round, e.site)
-                if meta["sha256"] != e.sha256:
-                    raise SyncError(f"round {decision['round']}: the contribution of {e.site} "
-                                    f"changed after it was accepted")
+            # What we read while deciding counts only if it is what was accepted (a
+            # site that lost the race to decide may have read other bytes).
+            sha, delta = self._decoded.pop((e.round, e.site), (None, None))
+            if sha != e.sha256:
+                try:
+                    payload = self.store.get(f"rounds/{round_key(e.round)}/{e.site}.bin")
+                except FileNotFoundError:
+                    payload = b""
+                if sha256(payload) != e.sha256:
+                    raise ContributionChanged(f"round {decision['round']}: the contribution of {e.site} "
+                                              f"(round {e.round}) changed after it was accepted")
                 received += len(payload) if e.site != self.site else 0
                 delta = compression.decode(payload)
             parts.append((e, delta))
@@ -250,7 +263,16 @@ class RoundExchange:
     def commits_state(self, r: int) -> bool:
         """Whether round r's commit holds the global state, or only its hash and
         decision (a reader replays it from the newest round that does)."""
-        return r % self.state_every == 0 or (self.final_round is not None and r >= self.final_round)
+        last = self.last_round()
+        return r % self.state_every == 0 or (last is not None and r >= last)
+
+    def last_round(self) -> int | None:
+        """The run's last round: the recipe's (`final_round`), or an earlier one
+        the controller asked for (`geotrain finish`), the same for every site."""
+        asked = self.store.finish_round()
+        if asked is None:
+            return self.final_round
+        return asked if self.final_round is None else min(asked, self.final_round)
 
     def ensure_committed(self, r: int, params: Tensors, momentum: Tensors, hash_: str,
                          decision: dict, decided_by_me: bool) -> bool:

@@ -45,6 +45,7 @@ class SiteContext:
     world: int
     should_stop: Callable[[], bool] = lambda: False
     _first_step_at: float | None = field(default=None, repr=False)
+    _last_round: tuple[int, int] = field(default=(-1, 0), repr=False)  # (read at round, last round)
 
     def diloco(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                evaluate: Callable[[torch.nn.Module], float] | None = None, **overrides) -> DiLoCo:
@@ -92,8 +93,16 @@ class SiteContext:
             time.sleep(0.1)
 
     def done(self, diloco: DiLoCo) -> bool:
-        """True once every round of the recipe has been trained (or a stop came)."""
-        return diloco.training_round > self.recipe.train.rounds or self.should_stop()
+        """True once every round of the run has been trained (or a stop came). The
+        last round is the recipe's, or earlier once the run is asked to finish; it
+        is read from the store once per round, by rank 0, and shared."""
+        if diloco.training_round != self._last_round[0]:
+            last = torch.tensor([diloco.exchange.last_round() if diloco.exchange is not None
+                                 else self.recipe.train.rounds])
+            if self.world > 1 and torch.distributed.is_initialized():
+                torch.distributed.broadcast(last, 0)
+            self._last_round = (diloco.training_round, int(last.item()))
+        return diloco.training_round > self._last_round[1] or self.should_stop()
 
     def beat(self, diloco: DiLoCo, loss: float | None = None, **extra) -> None:
         """Report progress (rank 0 only; cheap to call every step, written at most once a second)."""

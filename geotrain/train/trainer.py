@@ -142,7 +142,9 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
 
     with diloco:
         beat("training")
-        while diloco.training_round <= t.rounds and not should_stop():
+        # The last round is the recipe's, or earlier if the run was asked to finish.
+        while diloco.training_round <= (last := _last_round(place, exchange, t.rounds)) \
+                and not should_stop():
             r = diloco.training_round
             # Reseeded per round, so a site that resumes at round r reads the
             # same stream it would have read without the interruption.
@@ -191,11 +193,19 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
         beat("syncing")
         if not should_stop():
             diloco.finish()
-    beat("done" if diloco.round >= t.rounds else "stopped")
+    beat("done" if diloco.round >= last else "stopped")
     return {"site": place.site, "rank": place.rank, "round": diloco.round,
             "bytes_sent": diloco.bytes_sent, "bytes_received": diloco.bytes_received,
             "wait_s": diloco.wait_s, "hashes": {h.round: h.hash for h in diloco.history},
             "first_step_at": first_step_at, "eval_loss": state["eval_loss"]}
+
+
+def _last_round(place: WorkerPlace, exchange: RoundExchange | None, rounds: int) -> int:
+    """The run's last round as rank 0 reads it from the store, the same on every rank."""
+    value = torch.tensor([exchange.last_round() if exchange is not None else rounds])
+    if place.world > 1:
+        dist.broadcast(value, 0)
+    return int(value.item())
 
 
 def _agree(place: WorkerPlace, ask: Callable[[], bool]) -> bool:
