@@ -34,6 +34,9 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
     store = RunStore(row["store"])
     seen: set[tuple] = set()
     while True:
+        # The state first: the controller writes its last events before it ends the
+        # run, so a run seen ended here has every event in the read below.
+        over = not follow or db.run(row["id"])["state"] in FINAL_STATES
         # Every member that ever wrote: a migrated site's new member is `site~k`.
         members = [m for m in store.listdir("sites") if m != "controller"]
         events = [e for e in store.events(members)
@@ -45,6 +48,6 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
                 typer.echo(json.dumps(e, default=str))
             else:
                 out.print(_line(e), highlight=False, markup=False)
-        if not follow or db.run(row["id"])["state"] in FINAL_STATES:
+        if over:
             break
         time.sleep(1.0)
