@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from geotrain.errors import ProviderError
+from geotrain.site import preemption
 from geotrain.site.notice_server import NoticeServer
 from geotrain.site.preemption import (AwsWatcher, AzureWatcher, GceWatcher, Notice, NoticeThread,
                                       watch_from_env, watcher_for)
@@ -24,11 +25,12 @@ PROVIDERS = ["aws", "gcp", "azure"]
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http(method: str, url: str, headers: dict | None = None, data: bytes | None = None):
+def http(method: str, url: str, headers: dict | None = None, data: bytes | None = None,
+         timeout: float = 10):
     """(status, headers, body) of a raw request, error statuses included."""
     req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
-        with _direct.open(req, timeout=10) as r:
+        with _direct.open(req, timeout=timeout) as r:
             return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
         with e:
@@ -62,13 +64,16 @@ def watcher(s: NoticeServer):
 def test_no_notice_then_preempt(server: NoticeServer):
     w = watcher(server)
     assert w.poll() is None
+    before = time.time()
     server.preempt(in_s=30)
-    t0 = time.time()
     n = w.poll()
+    after = time.time()
     assert isinstance(n, Notice) and n.provider == server.provider
     assert n.kind == "preempt" and n.urgent
-    # AWS and Azure state the time to the second; GCE documents ~30 s of notice.
-    assert t0 + 28 <= n.deadline <= t0 + 31
+    # 30 s from the preempt() call, bracketed by clock readings taken around it: AWS
+    # and Azure state the time to the second (rounded down); GCE documents ~30 s of
+    # notice, counted from when the watcher saw it.
+    assert before + 29 <= n.deadline <= after + 30
     server.clear()
     assert w.poll() is None
 
@@ -102,8 +107,26 @@ def test_aws_token_handshake_is_enforced(server: NoticeServer):
     assert status == 200 and json.loads(body)["action"] == "terminate"
 
 
+class WatcherClock:
+    """time for geotrain.site.preemption: monotonic() stands still (at the real
+    reading when it was made) and moves only when told to; everything else is the
+    real clock."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 @pytest.mark.parametrize("server", ["aws"], indirect=True)
-def test_aws_token_refetched_on_401_and_refreshed_before_ttl(server: NoticeServer):
+def test_aws_token_refetched_on_401_and_refreshed_before_ttl(server: NoticeServer, monkeypatch):
     w = watcher(server)
     assert w.poll() is None and server.requests["PUT /latest/api/token"] == 1
     server.expire_tokens()                      # the server forgets: next GET answers 401
@@ -111,14 +134,20 @@ def test_aws_token_refetched_on_401_and_refreshed_before_ttl(server: NoticeServe
     assert w.poll().kind == "preempt" and w.healthy
     assert server.requests["PUT /latest/api/token"] == 2
 
-    with NoticeServer("aws") as s2:             # a short TTL: refreshed before it runs out
-        w2 = AwsWatcher(s2.url, token_ttl_s=1)
-        assert w2.poll() is None
-        time.sleep(1.1)
+    with NoticeServer("aws") as s2:             # refreshed before the TTL runs out
+        clock = WatcherClock()
+        monkeypatch.setattr(preemption, "time", clock)
+        # A 600 s TTL: the server never expires it during the test; the watcher's
+        # own clock is moved past its refresh point (a tenth of the TTL before the end).
+        w2 = AwsWatcher(s2.url, token_ttl_s=600)
+        assert w2.poll() is None and s2.requests["PUT /latest/api/token"] == 1
+        clock.advance(539)                       # still 1 s before the refresh point
+        assert w2.poll() is None and s2.requests["PUT /latest/api/token"] == 1
+        clock.advance(2)                         # past it, the server's token still valid
         assert w2.poll() is None
         assert s2.requests["PUT /latest/api/token"] == 2
-        # No GET was spent on a 401: two polls, one instance-action GET each.
-        assert s2.requests["GET /latest/meta-data/spot/instance-action"] == 2
+        # No GET was spent on a 401: three polls, one instance-action GET each.
+        assert s2.requests["GET /latest/meta-data/spot/instance-action"] == 3
 
 
 @pytest.mark.parametrize("server", ["gcp"], indirect=True)
@@ -129,31 +158,39 @@ def test_gce_needs_the_header_and_serves_etags(server: NoticeServer):
     status, headers, body = http("GET", url, {"Metadata-Flavor": "Google"})
     assert status == 200 and body == b"FALSE" and headers["Metadata-Flavor"] == "Google"
     etag = headers["ETag"]
-    # A stale etag returns at once; the current one hangs until timeout_sec.
-    t0 = time.monotonic()
-    assert http("GET", f"{url}?wait_for_change=true&last_etag=stale&timeout_sec=5",
-                {"Metadata-Flavor": "Google"})[2] == b"FALSE"
-    assert time.monotonic() - t0 < 1.0
+    # A stale etag returns at once: asked to wait up to an hour, it answers within
+    # the request's 60 s timeout (a hang would time out and fail the test).
+    assert http("GET", f"{url}?wait_for_change=true&last_etag=stale&timeout_sec=3600",
+                {"Metadata-Flavor": "Google"}, timeout=60)[2] == b"FALSE"
+    # The current one hangs until timeout_sec (never less), then answers with no
+    # change — not at the server's own limit of an hour (the 60 s request timeout).
     t0 = time.monotonic()
     status, headers, body = http("GET", f"{url}?wait_for_change=true&last_etag={etag}&timeout_sec=1",
-                                 {"Metadata-Flavor": "Google"})
-    assert 0.9 <= time.monotonic() - t0 < 3.0 and body == b"FALSE" and headers["ETag"] == etag
+                                 {"Metadata-Flavor": "Google"}, timeout=60)
+    assert time.monotonic() - t0 >= 0.9 and body == b"FALSE" and headers["ETag"] == etag
 
 
 @pytest.mark.parametrize("server", ["gcp"], indirect=True)
 def test_gce_hanging_get_returns_promptly_on_change(server: NoticeServer):
-    w = GceWatcher(server.url, wait_s=20)
+    w = GceWatcher(server.url, wait_s=60)
     assert w.poll() is None                     # the plain first read: FALSE, and its etag
+    key = "GET /computeMetadata/v1/instance/preempted"
     fired_at = []
-    timer = threading.Timer(0.5, lambda: (fired_at.append(time.monotonic()), server.preempt()))
-    timer.start()
-    t0 = time.monotonic()
+
+    def preempt_once_the_get_hangs():
+        wait_for(lambda: server.requests.get(key, 0) >= 2, 60, every=0.01)
+        fired_at.append(time.monotonic())
+        server.preempt()
+
+    preempter = threading.Thread(target=preempt_once_the_get_hangs)
+    preempter.start()
     n = w.poll()                                 # hangs until the change
     seen = time.monotonic()
-    timer.join()
+    preempter.join(60)
     assert n is not None and n.kind == "preempt"
-    assert seen - fired_at[0] <= 1.0 and seen - t0 < 5.0
-    assert server.requests["GET /computeMetadata/v1/instance/preempted"] == 2  # not a busy poll
+    # It returned on the change, not at the end of its 60 s wait.
+    assert seen - fired_at[0] < 30
+    assert server.requests[key] == 2  # not a busy poll
 
 
 @pytest.mark.parametrize("server", ["azure"], indirect=True)
@@ -213,11 +250,11 @@ def test_notice_thread_retries_until_the_service_comes_up():
     got: list[Notice] = []
     t = NoticeThread(AwsWatcher(f"http://127.0.0.1:{port}"), got.append).start()
     try:
-        time.sleep(1.5)                          # a few failed polls, backing off
+        wait_for(lambda: t.watcher.failures >= 3, 60)  # a few failed polls, backing off
         assert not got and t._thread.is_alive()
         with NoticeServer("aws", port=port) as s:
             s.preempt(in_s=30)
-            assert t.fired.wait(10)
+            assert t.fired.wait(60)
     finally:
         t.stop()
     assert [n.kind for n in got] == ["preempt"]
@@ -226,6 +263,10 @@ def test_notice_thread_retries_until_the_service_comes_up():
 # -- NoticeThread: exactly once, and how fast --------------------------------------------
 
 LATENCY: dict[str, float] = {}
+# The request each provider's watcher makes once per poll (GCE: a hanging GET).
+POLLED = {"aws": "GET /latest/meta-data/spot/instance-action",
+          "gcp": "GET /computeMetadata/v1/instance/preempted",
+          "azure": "GET /metadata/scheduledevents"}
 
 
 @pytest.mark.parametrize("server", PROVIDERS, indirect=True)
@@ -233,31 +274,37 @@ def test_notice_thread_calls_back_exactly_once(server: NoticeServer):
     calls: list[tuple[float, Notice]] = []
     t = NoticeThread(watcher(server), lambda n: calls.append((time.monotonic(), n))).start()
     try:
-        time.sleep(0.7)                          # a few empty polls (or a hanging GET)
+        # A few empty polls (or, on GCE, the plain read and a hanging GET).
+        wait_for(lambda: server.requests.get(POLLED[server.provider], 0) >= 2, 60, every=0.05)
         assert not calls
         t0 = time.monotonic()
         server.preempt(in_s=30)
-        assert t.fired.wait(5)
-        time.sleep(1.5)                          # the notice stays up; no second call
+        assert t.fired.wait(60)
+        t._thread.join(60)                       # the notice stays up; the thread is done with it
     finally:
         t.stop()
     assert len(calls) == 1 and calls[0][1].kind == "preempt" and t.notice == calls[0][1]
     assert not t._thread.is_alive()
     LATENCY[server.provider] = calls[0][0] - t0
+    # How fast is benchmarks/preemption_latency.py's question; here: seen while most
+    # of the 30 s notice is left to drain in.
     print(f"\n{server.provider}: notice seen {LATENCY[server.provider] * 1000:.0f} ms after preempt()")
-    assert LATENCY[server.provider] <= 1.0
+    assert LATENCY[server.provider] < 15
 
 
 @pytest.mark.parametrize("server", ["aws"], indirect=True)
 def test_notice_thread_passes_a_warning_once_and_keeps_watching(server: NoticeServer):
     calls: list[Notice] = []
     t = NoticeThread(watcher(server), calls.append).start()
+    key = "GET /latest/meta-data/events/recommendations/rebalance"
     try:
         server.rebalance()
-        time.sleep(1.5)
+        wait_for(lambda: calls, 60, every=0.05)
+        seen_at = server.requests[key]
+        wait_for(lambda: server.requests[key] >= seen_at + 2, 60, every=0.05)  # seen twice more
         assert [n.kind for n in calls] == ["rebalance"] and not t.fired.is_set()
         server.preempt(in_s=30)
-        assert t.fired.wait(5)
+        assert t.fired.wait(60)
     finally:
         t.stop()
     assert [n.kind for n in calls] == ["rebalance", "preempt"]
@@ -268,7 +315,7 @@ def test_notice_thread_acknowledges_on_request(server: NoticeServer):
     t = NoticeThread(watcher(server)).start()
     try:
         server.preempt(in_s=30)
-        assert t.fired.wait(5)
+        assert t.fired.wait(60)
     finally:
         t.stop()
     assert t.acknowledge() and server.acknowledged == [t.notice.event_id]
@@ -292,7 +339,7 @@ def test_watcher_for_and_the_environment():
         try:
             assert isinstance(t.watcher, GceWatcher) and t.watcher.endpoint == s.url
             s.preempt()
-            assert t.fired.wait(5)
+            assert t.fired.wait(60)
         finally:
             t.watcher.wait_s = 1
             t.stop()
@@ -313,14 +360,14 @@ def test_notice_server_rejects_unknown_provider_and_serves_control_endpoints():
 AGENT_RECIPE = """\
 name: preempt
 model: {preset: tiny, n_layer: 2, d_model: 64, n_head: 4}
-train: {rounds: 500, inner_steps: 400, batch_size: 4, seq_len: 64, lr: 4.0e-3, warmup_steps: 5}
+train: {rounds: 2, inner_steps: 1000000, batch_size: 4, seq_len: 64, lr: 4.0e-3, warmup_steps: 5}
 sites:
   - {name: a, provider: local}
 """
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, monkeypatch):
     from geotrain import controller, recipe
     from providers import SitePlan, local
@@ -341,17 +388,20 @@ def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, 
         wait_for(lambda: (store.heartbeat("a") or {}).get("state") == "training", 120)
         t0 = time.time()
         local.preempt(run_id, "a", notice_s=30)
-        hb = wait_for(lambda: (b := store.heartbeat("a")) and b["state"] == "preempting" and b, 30)
+        t1 = time.time()
+        hb = wait_for(lambda: (b := store.heartbeat("a")) and b["state"] == "preempting" and b, 60)
         print(f"\nagent: 'preempting' heartbeat {hb['at'] - t0:.2f} s after preempt()")
-        assert hb["notice"] == "preempt" and t0 + 28 <= hb["deadline"] <= t0 + 31
+        # 30 s after the notice was posted, to the second (the IMDS format rounds down).
+        assert hb["notice"] == "preempt" and t0 + 29 <= hb["deadline"] <= t1 + 30
         proc = local._children[nodes[0].pid]
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=90) == 0
     finally:
         local.terminate(nodes)
     events = [e for e in store.events(["a"]) if e["kind"] == "preempting"]
     assert len(events) == 1 and events[0]["provider"] == "aws" and events[0]["notice"] == "preempt"
-    # It published what it could: round 1 so far, fewer than its 400 inner steps.
+    # It published what it could: round 1 so far, fewer than its inner steps (a
+    # million: no machine ends that round while this test runs).
     assert store.contributions(1) == ["a"]
     partial = store.contribution_meta(1, "a")
-    assert 0 < partial["inner_steps"] < 400 and partial["tokens"] == partial["inner_steps"] * 4 * 64
+    assert 0 < partial["inner_steps"] < 1000000 and partial["tokens"] == partial["inner_steps"] * 4 * 64
     assert local.processes(run_id) == []

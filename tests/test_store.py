@@ -18,6 +18,7 @@ import pytest
 
 from geotrain.errors import StoreError
 from geotrain.store import RunStore, round_key, sha256
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -201,6 +202,11 @@ def test_concurrent_reader_never_sees_uncommitted_round(local):
     try:
         for r in range(1, 21):
             commit(local, r)
+            # The reader reads again before the next commit, so its reads overlap the
+            # commits on any machine (a fast writer could otherwise finish before a
+            # starved reader looked twice, and no race would be exercised).
+            n = len(seen)
+            wait_for(lambda: len(seen) > n or errors, 20, every=0.001)
     except BaseException:
         abort.set()
         raise

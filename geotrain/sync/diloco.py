@@ -41,7 +41,7 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from geotrain.sync.rounds import RoundExchange, SyncError
+from geotrain.sync.rounds import ContributionChanged, RoundExchange, SyncError
 
 Tensors = dict[str, torch.Tensor]
 
@@ -178,6 +178,10 @@ class DiLoCo:
 
     def __enter__(self) -> DiLoCo:
         if self.rank == 0:
+            # Contributions must decode to exactly this model's tensors (names,
+            # shapes; fp32 as every codec decodes), checked before any merge.
+            self.exchange.expect({n: (tuple(p.shape), torch.float32)
+                                  for n, p in self.model.named_parameters()})
             self._catch_up()
             self._thread = threading.Thread(target=self._merger, name="diloco-merger", daemon=True)
             self._thread.start()
@@ -366,7 +370,10 @@ class DiLoCo:
         """Apply round r's decision to (params, momentum): a new global state."""
         params = {n: t.clone() for n, t in (params if params is not None else self.global_params).items()}
         momentum = {n: t.clone() for n, t in (momentum if momentum is not None else self.momentum).items()}
-        parts, received = self.exchange.gather(decision)
+        try:
+            parts, received = self.exchange.gather(decision)
+        except ContributionChanged as e:
+            return self._take_committed(r, decision, e)
         if parts:
             grad = weighted_mean([(f"{e.round:09d}/{e.site}", d, e.tokens) for e, d in parts])
             outer_step(params, grad, momentum, self.outer_lr, self.outer_momentum, self.nesterov)
@@ -379,6 +386,30 @@ class DiLoCo:
         members = [f"{e.site}@{e.round}" if e.round != r else e.site for e, _ in parts]
         rejected = [f"{e['site']}@{e['round']}" for e in decision.get("rejected", [])]
         return _Merged(r, params, momentum, digest, members, rejected, received)
+
+    def _take_committed(self, r: int, decision: dict, why: ContributionChanged) -> _Merged:
+        """Round r's accepted bytes are gone from the store (changed after its
+        decision), so this site cannot merge the round itself: it takes the global
+        state from the round's commit, made by a site that merged what it had read
+        and checked, so every site still ends the round on the same bits."""
+        store, site = self.exchange.store, self.exchange.site
+        store.event(site, "contribution-changed", f"{why}; taking round {r} from its commit", round=r)
+        deadline = time.monotonic() + self.exchange.window_s
+        while not store.is_committed(r):
+            if self.should_stop() or time.monotonic() > deadline:
+                raise SyncError(f"{why}, and no site that merged round {r} committed it")
+            time.sleep(0.2)
+        files, _ = store.read_global(r)
+        if "model.safetensors" not in files:
+            raise SyncError(f"{why}, and round {r}'s commit holds no state to take")
+        params = decode(files["model.safetensors"])
+        momentum = decode(files["outer.safetensors"]) if "outer.safetensors" in files else {}
+        digest = params_hash(params)
+        store.put_result(r, site, {"hash": digest})
+        accepted = sorted(decision["accepted"], key=lambda e: (e["round"], e["site"]))
+        members = [e["site"] if e["round"] == r else f"{e['site']}@{e['round']}" for e in accepted]
+        rejected = [f"{e['site']}@{e['round']}" for e in decision.get("rejected", [])]
+        return _Merged(r, params, momentum, digest, members, rejected, sum(map(len, files.values())))
 
     def settle_commits(self, wait: bool = False) -> None:
         """Commit the rounds we merged whose decider has not committed them (after

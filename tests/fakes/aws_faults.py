@@ -11,6 +11,7 @@ actually sent.
     proxy = FaultProxy("http://127.0.0.1:5000")   # starts on 127.0.0.1:<free port>
     proxy.fail("RunInstances", "SubnetId", {"subnet-123"}, "InsufficientInstanceCapacity")
     proxy.delay("RunInstances", 5.0)   # hold each RunInstances 5 s, then forward it
+    proxy.hold("RunInstances")         # hold each RunInstances until release("RunInstances")
     ... boto3 with AWS_ENDPOINT_URL=proxy.url ...
     proxy.close()
 """
@@ -52,6 +53,7 @@ class FaultProxy:
         self.upstream = (up.hostname, up.port)
         self.rules: list[Rule] = []
         self.delays: dict[str, float] = {}  # action -> seconds held before forwarding
+        self.holds: dict[str, threading.Event] = {}  # action -> set when released
         self.forwarded: list[str] = []  # actions of delayed requests once moto answered them
         self.requests: list[dict[str, str]] = []  # EC2 form params, in order
         self.lock = threading.Lock()
@@ -74,7 +76,22 @@ class FaultProxy:
         with self.lock:
             self.delays[action] = seconds
 
+    def hold(self, action: str) -> None:
+        """Hold every `action` request until `release(action)`: a window, as long as
+        the test needs, in which a client can die with its request in flight."""
+        with self.lock:
+            self.holds[action] = threading.Event()
+
+    def release(self, action: str) -> None:
+        """Forward the held `action` requests (and any later ones at once)."""
+        with self.lock:
+            gate = self.holds.pop(action, None)
+        if gate is not None:
+            gate.set()
+
     def reset(self) -> None:
+        for action in list(self.holds):
+            self.release(action)
         with self.lock:
             self.rules.clear()
             self.delays.clear()
@@ -86,6 +103,8 @@ class FaultProxy:
             return [r for r in self.requests if r.get("Action") == action]
 
     def close(self) -> None:
+        for action in list(self.holds):
+            self.release(action)
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
@@ -126,8 +145,11 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 held = proxy.delays.get(params.get("Action", ""), 0.0)
+                gate = proxy.holds.get(params.get("Action", ""))
                 if held:
                     time.sleep(held)
+                if gate is not None:
+                    gate.wait(600)
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
@@ -136,7 +158,7 @@ class FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
-                if held:
+                if held or gate is not None:
                     with proxy.lock:
                         proxy.forwarded.append(params["Action"])
                 try:
