@@ -6,23 +6,29 @@ run's tags — the db catches nodes whose tags never landed, the tags catch node
 after a crash between the provider call and the db update.
 
 `down_orphans(home)` asks every provider that can list by tag (`query_all`, optional in
-the contract) for every geotrain-tagged node, and terminates those whose run the state
-db does not know, or says is finished, failed or stopped — and, of a run whose controller
-died (abandoned), the nodes the db never recorded (created by a call in flight when the
-controller died). A provider module that does
-not exist yet, cannot list, or fails is reported as skipped, never raised.
+the contract) for every geotrain-tagged node that carries this operator's owner id (the
+`geotrain-owner` tag every launch from this GEOTRAIN_HOME writes; geotrain/state.py
+`owner_id`), and terminates those whose run the state db does not know, or says is
+finished, failed or stopped — and, of a run whose controller died (abandoned), the nodes
+the db never recorded (created by a call in flight when the controller died). A node
+with another owner id, or none (a teammate's, CI's, or launched before owner ids), is
+never touched: this db cannot know whether its run is over. `dry_run` lists what would
+be terminated and terminates nothing; `confirm` is asked, with the list, before anything
+is terminated. A provider module that does not exist yet, cannot list, or fails is
+reported as skipped, never raised.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import providers
 from geotrain.checks import redact
 from geotrain.recipe import default_home
-from geotrain.state import StateDB
+from geotrain.state import StateDB, owner_id
 
 OVER = ("succeeded", "failed", "stopped")
 
@@ -86,13 +92,11 @@ def abandoned(run: dict) -> bool:
     return run["state"] == "running" and not pid_alive(run["controller_pid"])
 
 
-def down_orphans(home: Path | None = None) -> dict:
-    """Terminate every tagged node whose run is unknown here or over, and every node
-    of an abandoned run (see `abandoned`) that the db never recorded — one created by
-    a call whose answer the dead controller never wrote down. An abandoned run's
-    recorded nodes are kept: `geotrain resume` adopts them, `geotrain down RUN` ends
-    them. Returns {"terminated": [node...], "skipped": [{"provider", "reason"}]}."""
-    db = StateDB(home or default_home())
+def find_orphans(db: StateDB) -> tuple[list[providers.Node], list[dict], int]:
+    """(this operator's orphaned nodes, skipped providers, how many tagged nodes of
+    runs unknown here or over were left alone because another owner id, or none, is
+    on them). See `down_orphans`."""
+    me = owner_id(db.path.parent)
     runs = {r["id"]: r["state"] for r in db.runs()}
     recorded = {r["id"]: {n["instance_id"] for n in db.nodes(r["id"]) if n["instance_id"]}
                 for r in db.runs() if abandoned(r)}
@@ -102,7 +106,7 @@ def down_orphans(home: Path | None = None) -> dict:
             return n.instance_id not in recorded[n.run_id]
         return n.run_id not in runs or runs[n.run_id] in OVER
 
-    terminated, skipped = [], []
+    found, skipped, others = [], [], 0
     for name in providers.PROVIDERS:
         try:
             provider = _module(name)
@@ -113,9 +117,39 @@ def down_orphans(home: Path | None = None) -> dict:
                 skipped.append({"provider": name, "reason": "cannot list nodes by tag "
                                 "(no query_all)"})
                 continue
-            orphans = [n for n in provider.query_all() if orphaned(n)]
-            if orphans:
-                terminated += provider.terminate(orphans)
+            candidates = [n for n in provider.query_all() if orphaned(n)]
+            found += [n for n in candidates if n.owner == me]
+            others += sum(1 for n in candidates if n.owner != me)
+        except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
+            skipped.append({"provider": name, "reason": f"{type(e).__name__}: {redact(str(e))[:200]}"})
+    return found, skipped, others
+
+
+def down_orphans(home: Path | None = None, *, dry_run: bool = False,
+                 confirm: Callable[[list[providers.Node]], bool] | None = None) -> dict:
+    """Terminate every node carrying this operator's owner id whose run is unknown
+    here or over, and every such node of an abandoned run (see `abandoned`) that the
+    db never recorded — one created by a call whose answer the dead controller never
+    wrote down. An abandoned run's recorded nodes are kept: `geotrain resume` adopts
+    them, `geotrain down RUN` ends them. With `dry_run`, or when `confirm(nodes)`
+    says no, nothing is terminated. Returns {"terminated": [node...], "found":
+    [node...] (found), "others": n (another owner's, left alone), "dry_run": bool,
+    "declined": bool, "skipped": [{"provider", "reason"}]}."""
+    db = StateDB(home or default_home())
+    runs = {r["id"]: r["state"] for r in db.runs()}
+    recorded = {r["id"] for r in db.runs() if abandoned(r)}
+    found, skipped, others = find_orphans(db)
+    result = {"terminated": [], "found": [asdict(n) for n in found], "others": others,
+              "dry_run": dry_run, "declined": False, "skipped": skipped}
+    if dry_run or not found:
+        return result
+    if confirm is not None and not confirm(found):
+        result["declined"] = True
+        return result
+    terminated = []
+    for name in sorted({n.provider for n in found}):
+        try:
+            terminated += providers.get(name).terminate([n for n in found if n.provider == name])
         except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
             skipped.append({"provider": name, "reason": f"{type(e).__name__}: {redact(str(e))[:200]}"})
     gone = {n.instance_id for n in terminated}
@@ -124,4 +158,5 @@ def down_orphans(home: Path | None = None) -> dict:
             # An abandoned run keeps its recorded nodes; its in-flight row (no id) is settled.
             if run_id not in recorded or r["instance_id"] in gone or not r["instance_id"]:
                 db.update_node(r["id"], state="terminated", terminated_at=time.time())
-    return {"terminated": [asdict(n) for n in terminated], "skipped": skipped}
+    result["terminated"] = [asdict(n) for n in terminated]
+    return result

@@ -32,7 +32,6 @@ from geotrain.store import RunStore, round_key, run_url
 POLL_S = 0.5
 FINAL_STATES = ("succeeded", "failed", "stopped")
 DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
-MAX_REPLACEMENTS = 10  # per site and run: past this a site that keeps dying fails the run
 
 
 class RunFailed(GeotrainError):
@@ -177,6 +176,7 @@ class Controller(Migrations):
             if self.member[n] != n and (rows.get(n) or {}).get("placement")}
         self.migrating: dict[str, dict] = {}
         self.draining: dict[str, float] = {}  # preempted sites publishing their last work
+        self.failing: dict[str, tuple[float, str]] = {}  # failed sites whose agent is leaving: (since, error)
         self.store_move: dict | None = None
         self.started = time.time()
         self._seen_commands: set[str] = set()
@@ -284,16 +284,36 @@ class Controller(Migrations):
         return sorted({pl.provider for pl in self._spec(name).placements()})
 
     def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
-        """Declare a site lost — a preemption notice, its node gone, its agent
-        silent for longer than sync.liveness_timeout_s, or no beat at all within
-        sync.boot_timeout_s of its launch — and replace it. (`watch` notes a
-        rejoined site first, every tick.)"""
+        """Declare a site lost — its own failure (its agent reported `failed`), a
+        preemption notice, its node gone, its agent silent for longer than
+        sync.liveness_timeout_s, or no beat at all within sync.boot_timeout_s of
+        its launch — and replace it. (`watch` notes a rejoined site first, every tick.)"""
         state = (hb or {}).get("state")
-        if state in ("done", "failed") or (alive or {}).get("state") in ("done", "stopped", "failed"):
+        if state == "done" or (alive or {}).get("state") in ("done", "stopped"):
             return
         now, limit = time.time(), self.recipe.sync.liveness_timeout_s
         if name in self.migrating:
             return  # the migration watches both members until it is done
+        if state == "failed" or (alive or {}).get("state") == "failed":
+            # One bad site never ends the run: it is lost like any other. Declared
+            # lost at once; replaced once its agent has left (its last liveness
+            # write is `failed`, or its node is gone), so nothing the old agent
+            # still writes lands over the marks `replace` leaves for the new one.
+            if name not in self.failing:
+                error = self._failure(name, hb)
+                self.failing[name] = (now, error)
+                self.lost_at[name] = now
+                last = (alive or {}).get("at")
+                self.event("site-lost", f"site {name} lost: failed: {error}", site=name,
+                           reason=f"failed: {error}", last_seen=last,
+                           since_last_seen_s=(now - last) if last else None)
+            since, error = self.failing[name]
+            if (alive or {}).get("state") != "failed" and now - since < DRAIN_WAIT_S \
+                    and self._site_alive(name):
+                return
+            del self.failing[name]
+            self.replace(name, f"failed: {error}", last_seen=(alive or {}).get("at"), announce=False)
+            return
         if (alive or {}).get("state") == "preempting":
             # Declared lost at once; replaced once it has drained (published its
             # partial round) and left, so two agents never write as one member.
@@ -327,6 +347,17 @@ class Controller(Migrations):
             return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
 
+    def _failure(self, name: str, hb: dict | None) -> str:
+        """Why a site failed: its heartbeat's error, else its last `failed` event."""
+        if (hb or {}).get("state") == "failed" and hb.get("error"):
+            return str(hb["error"])
+        try:
+            failed = [e for e in self.store.events([self.member[name]])
+                      if e.get("source") == self.member[name] and e.get("kind") == "failed"]
+        except Exception:  # noqa: BLE001 - the reason is best effort; the replacement is not
+            failed = []
+        return str(failed[-1].get("message") or "?") if failed else "its agent reported failed"
+
     def _note_rejoined(self, name: str, hb: dict | None) -> None:
         """A lost site whose (new) agent has trained since the loss is back."""
         if name in self.lost_at and ((hb or {}).get("first_step_at") or 0) > self.lost_at[name]:
@@ -345,7 +376,7 @@ class Controller(Migrations):
             self.lost_at[name] = now
             self.event("site-lost", f"site {name} lost: {reason}", site=name, reason=reason,
                        last_seen=last_seen, since_last_seen_s=(now - last_seen) if last_seen else None)
-        if count > MAX_REPLACEMENTS:
+        if count > self.recipe.sync.max_replacements:
             raise RunFailed(f"site {name} was lost {count} times; giving up ({reason})")
         member = self.member[name]
         # Our own record first (a dead agent means no grace period), then whatever
@@ -359,9 +390,10 @@ class Controller(Migrations):
         for row in self.db.nodes(self.run_id):
             if row["site"] == member and row["state"] != "terminated":
                 self.db.update_node(row["id"], state="terminated", terminated_at=now)
-        # What the old agent last wrote (running, preempting) must not be read as
-        # the replacement's: mark the member replaced until the new agent beats.
+        # What the old agent last wrote (running, preempting, failed) must not be read
+        # as the replacement's: mark the member replaced until the new agent beats.
         self.store.alive(member, "replaced", replacement=count)
+        self.store.beat(member, {"state": "replaced", "replacement": count})
         self._launch(name)
         self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
 
@@ -413,10 +445,8 @@ class Controller(Migrations):
             if self.over_budget():
                 return "stopped"
 
-            failed = [n for n, hb in beats.items() if hb and hb["state"] == "failed"]
-            if failed:
-                errors = "; ".join(f"{n}: {beats[n].get('error', '?')}" for n in failed)
-                raise RunFailed(f"site {', '.join(failed)} failed ({errors})")
+            # A failed site is not the run's end: `_supervise` replaces it like a lost
+            # one, and the run fails only once a site has used up its replacements.
             for name, hb in beats.items():  # before finishing: one may rejoin in the last round
                 self._note_rejoined(name, hb)
             if latest >= self.rounds_total and all(hb and hb["state"] == "done" for hb in beats.values()):

@@ -24,7 +24,7 @@ import providers
 from geotrain.errors import CapacityError, GeotrainError
 from geotrain.plan import Catalogs, resolve
 from geotrain.recipe import Placement, SiteSpec
-from geotrain.state import StateDB
+from geotrain.state import StateDB, owner_id
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
                 home: Path | None = None) -> tuple[list[providers.Node], Placement, list[Attempt]]:
     """Launch `site` on its first placement with capacity: (nodes, placement, failed attempts)."""
     cats = Catalogs(home)
+    owner = owner_id(db.path.parent)  # tagged on every node: down --orphans sweeps only ours
     tried: list[Attempt] = []
     for wanted in site.placements():
         p, usd_per_hour = concrete(wanted, site, cats)
@@ -69,7 +70,7 @@ def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
         plan = providers.SitePlan(
             run_id=run_id, site=site.name, provider=p.provider, store_url=store_url,
             region=p.region, zones=tuple(p.zones), nodes=site.nodes, workers=site.workers,
-            instance_type=p.instance_type, spot=p.spot, options=options)
+            instance_type=p.instance_type, spot=p.spot, options=options, owner=owner)
         row = db.add_node(run_id, site.name, p.provider, p.region)  # before the provider call
         try:
             nodes = providers.get(p.provider).launch(plan)

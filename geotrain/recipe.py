@@ -189,6 +189,9 @@ class SyncSpec(_Spec):
                                   "once this long after its launch is declared lost and replaced "
                                   "(a node that never boots: bad image, no route to the store). "
                                   "Cloud nodes install geotrain at first boot: allow minutes.")
+    max_replacements: int = Field(10, ge=0, description="How many times a site may be lost "
+                                  "(preempted, killed, silent, failed) and replaced; one more and "
+                                  "the run fails, saying why.")
     reject_norm_factor: float = Field(10, gt=1, description="Reject a contribution whose norm is "
                                       "more than this times the round's median (3+ sites).")
     state_every: int = Field(1, ge=1, description="Commit the full global state (model and outer "

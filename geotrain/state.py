@@ -9,6 +9,9 @@ connection: the CLI, a detached controller and tests may share the file.
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from geotrain.errors import RunNotFound
+from geotrain.errors import GeotrainError, RunNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -50,6 +53,37 @@ ADDED_COLUMNS = (
     ("runs", "spend_usd", "REAL"),  # estimated spend so far (compute + egress)
     ("sites", "member", "TEXT"),  # the site's name in the run store (differs after a migration)
 )
+
+
+OWNER_FILE = "owner"  # this GEOTRAIN_HOME's owner id, created once (owner_id)
+OWNER_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def owner_id(home: Path) -> str:
+    """The owner id of this GEOTRAIN_HOME: 16 random lowercase hex digits, created
+    once in `<home>/owner` (mode 0600) and the same ever after. Written as a tag on
+    every node launched from this home (`geotrain-owner`; fits GCP's label rules),
+    so `geotrain down --orphans` sweeps only this operator's nodes."""
+    path = home / OWNER_FILE
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f".{OWNER_FILE}.tmp-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(8) + "\n")
+            try:
+                os.link(tmp, path)  # first writer wins: two processes agree on one id
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    value = path.read_text().strip()
+    if not OWNER_RE.fullmatch(value):
+        raise GeotrainError(f"{path} does not hold an owner id (16 lowercase hex digits); "
+                            "restore it, or remove it to start a new one (down --orphans then no "
+                            "longer sweeps nodes launched under the old one)")
+    return value
 
 
 def iso(ts: float | None) -> str | None:

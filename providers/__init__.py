@@ -41,8 +41,15 @@ Optional (callers test with hasattr):
     query_all() -> list[Node]
         Every node the provider holds that carries a geotrain run tag, of any run
         (in the account / project / subscription the credentials reach; locally:
-        started from this GEOTRAIN_HOME). `geotrain down --orphans` terminates the
-        ones whose run the state db does not know or says is over.
+        started from this GEOTRAIN_HOME), each with its `owner` tag (None when it
+        has none). `geotrain down --orphans` terminates the ones carrying this
+        operator's owner id whose run the state db does not know or says is over.
+
+Owner: `launch` writes `plan.owner` (the launching GEOTRAIN_HOME's owner id,
+geotrain/state.py `owner_id`) as the tag/label `geotrain-owner` on every
+resource it tags (locally: the GEOTRAIN_OWNER environment variable of the
+site's processes), so a teammate's or CI's nodes in the same account are never
+another operator's orphans.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class SitePlan:
     spot: bool = False
     # Provider-specific settings that are not secrets (e.g. the local log dir).
     options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    owner: str | None = None  # the launching operator's owner id, tagged on every node
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)
@@ -100,6 +108,7 @@ class Node:
     private_ip: str | None = None
     pid: int | None = None
     region: str | None = None
+    owner: str | None = None  # the `geotrain-owner` tag it carries (None: none)
 
 
 def get(name: str) -> ModuleType:

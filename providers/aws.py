@@ -10,7 +10,8 @@ same group: Ray is reachable from the site's own nodes and from nothing else
 (no 0.0.0.0/0, no SSH). Egress stays open (nodes reach the run store and pip).
 
 Every instance, its volumes, its network interface and the security group
-carry the tags `geotrain-run`, `geotrain-site` (and `geotrain-node` on
+carry the tags `geotrain-run`, `geotrain-site`, `geotrain-owner` (the
+operator's owner id, when the plan has one) (and `geotrain-node` on
 instance-level resources); `query` and `terminate` find resources by those
 tags, never by memory. Instances require IMDSv2 (the preemption watcher reads
 the spot `instance-action` notice through it). Each node boots the script from
@@ -49,6 +50,7 @@ from geotrain.errors import CapacityError, ProviderError
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 TAG_RUN, TAG_SITE, TAG_NODE = "geotrain-run", "geotrain-site", "geotrain-node"
+TAG_OWNER = "geotrain-owner"  # the launching GEOTRAIN_HOME's owner id (down --orphans)
 # EC2 error codes that mean "no room here": the controller fails over on them.
 CAPACITY_CODES = frozenset({
     "InsufficientInstanceCapacity", "InstanceLimitExceeded", "MaxSpotInstanceCountExceeded",
@@ -89,6 +91,8 @@ def _error(e: Exception) -> tuple[str, str]:
 
 def _tags(plan: SitePlan, node: int | None = None) -> list[dict]:
     tags = [{"Key": TAG_RUN, "Value": plan.run_id}, {"Key": TAG_SITE, "Value": plan.site}]
+    if plan.owner:
+        tags.append({"Key": TAG_OWNER, "Value": plan.owner})
     if node is not None:
         tags += [{"Key": TAG_NODE, "Value": str(node)},
                  {"Key": "Name", "Value": f"geotrain-{plan.run_id}-{plan.site}-{node}"}]
@@ -297,7 +301,8 @@ def _cleanup(ec2, instance_ids: list[str], group: str | None) -> None:
 def _node(inst: dict, region: str) -> Node:
     tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
     return Node(tags.get(TAG_RUN, ""), tags.get(TAG_SITE, ""), "aws", inst["InstanceId"],
-                inst["State"]["Name"], private_ip=inst.get("PrivateIpAddress"), region=region)
+                inst["State"]["Name"], private_ip=inst.get("PrivateIpAddress"), region=region,
+                owner=tags.get(TAG_OWNER))
 
 
 def enabled_regions() -> list[str]:

@@ -20,7 +20,8 @@ Layout of a run `R` with a site `S` of N nodes, all in `geotrain-R`
     gt-S-<i>-osdisk      its OS disk (named so that teardown finds it: ARM does not
                          copy VM tags onto an implicit OS disk)
 
-Every resource that takes tags carries `geotrain-run` and `geotrain-site`;
+Every resource that takes tags carries `geotrain-run`, `geotrain-site` and
+(when launched with one) `geotrain-owner`, the operator's owner id;
 `query` lists the group's VMs and keeps those tags. The nodes reach the run
 store through their managed identity: with option store_scope (the ARM id of
 the store's container) launch grants each VM's identity "Storage Blob Data
@@ -136,7 +137,10 @@ def _group(run_id: str) -> str:
 
 
 def _tags(plan: SitePlan) -> dict[str, str]:
-    return {"geotrain-run": plan.run_id, "geotrain-site": plan.site}
+    tags = {"geotrain-run": plan.run_id, "geotrain-site": plan.site}
+    if plan.owner:  # the launching GEOTRAIN_HOME's owner id (down --orphans)
+        tags["geotrain-owner"] = plan.owner
+    return tags
 
 
 def _assignment_url(c: _Clients, scope: str, vm_id: str) -> str:
@@ -212,7 +216,8 @@ def _ensure_network(c: _Clients, plan: SitePlan) -> str:
         c.resource.resource_groups.get(rg)
     except ResourceNotFoundError:
         c.resource.resource_groups.create_or_update(
-            rg, {"location": plan.region, "tags": {"geotrain-run": plan.run_id}})
+            rg, {"location": plan.region, "tags": {"geotrain-run": plan.run_id, **(
+                {"geotrain-owner": plan.owner} if plan.owner else {})}})
     nsg_id = _ensure_nsg(c, plan)
     prefix = plan.option("subnet_prefix", DEFAULT_PREFIX)
     vnet = c.network.virtual_networks.begin_create_or_update(rg, f"gt-{plan.site}-vnet", {
@@ -355,7 +360,7 @@ def _nodes(c: _Clients, vms, run_id: str, site: str | None) -> list[Node]:
             except Exception:
                 pass
         out.append(Node(run_id, tags["geotrain-site"], "azure", vm.id, _state(vm),
-                        private_ip=ip, region=vm.location))
+                        private_ip=ip, region=vm.location, owner=tags.get("geotrain-owner")))
     return out
 
 

@@ -3,9 +3,9 @@
 See providers/__init__.py for the contract. Talks to Compute Engine through
 `google.cloud.compute_v1` (REST transport), imported only when used.
 
-A site's instances carry the labels `geotrain-run` / `geotrain-site`
-(sanitised to GCP's label rules), the exact run and site names as metadata
-items, and one network tag `geotrain-<run>-<site>`. `open_ports` creates the
+A site's instances carry the labels `geotrain-run` / `geotrain-site` /
+`geotrain-owner` (sanitised to GCP's label rules: lowercase; the owner id
+already is), the exact run and site names as metadata items, and one network tag `geotrain-<run>-<site>`. `open_ports` creates the
 firewall rule `<tag>-intra`: ingress, all protocols, from that tag to that tag
 — no source range at all, so Ray is reachable only from the site's own nodes.
 Instances get no external IP (they reach the store through Cloud NAT or
@@ -105,8 +105,11 @@ def instance_name(run_id: str, site: str, index: int) -> str:
     return f"{_rfc1035(f'gt-{run_id}-{site}', 58)}-{index}"
 
 
-def labels(run_id: str, site: str) -> dict[str, str]:
-    return {"geotrain-run": label_value(run_id), "geotrain-site": label_value(site)}
+def labels(run_id: str, site: str, owner: str | None = None) -> dict[str, str]:
+    out = {"geotrain-run": label_value(run_id), "geotrain-site": label_value(site)}
+    if owner:
+        out["geotrain-owner"] = label_value(owner)
+    return out
 
 
 # -- clients ----------------------------------------------------------------
@@ -275,7 +278,7 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
     return v1.Instance(
         name=instance_name(plan.run_id, plan.site, index),
         machine_type=f"zones/{zone}/machineTypes/{plan.instance_type}",
-        labels=labels(plan.run_id, plan.site),
+        labels=labels(plan.run_id, plan.site, plan.owner),
         tags=v1.Tags(items=[network_tag(plan.run_id, plan.site)]),
         scheduling=scheduling, guest_accelerators=accelerators,
         metadata=v1.Metadata(items=[v1.Items(key=k, value=v) for k, v in metadata]),
@@ -318,7 +321,8 @@ def _node(api: _Api, inst, run_id: str, site: str, zone: str) -> Node:
     state = ("running" if inst.status in LIVE else "pending" if inst.status in PENDING
              else "terminated")
     ip = inst.network_interfaces[0].network_i_p if inst.network_interfaces else None
-    return Node(run_id, site, "gcp", inst.name, state, private_ip=ip or None, region=zone)
+    return Node(run_id, site, "gcp", inst.name, state, private_ip=ip or None, region=zone,
+                owner=inst.labels.get("geotrain-owner") or None)
 
 
 def launch(plan: SitePlan) -> list[Node]:

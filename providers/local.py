@@ -5,6 +5,7 @@ plus the Ray cluster the agent starts, bound to 127.0.0.1 with its own temp
 dir and its own auth token. Every process of a site carries GEOTRAIN_RUN and
 GEOTRAIN_SITE in its environment — Ray's workers inherit it — which is what
 `query` and `terminate` look for in /proc: the local equivalent of cloud tags.
+GEOTRAIN_OWNER carries the launching home's owner id (the `geotrain-owner` tag).
 Nothing is ever killed by name.
 
 See providers/__init__.py for the contract.
@@ -63,6 +64,9 @@ def launch(plan: SitePlan) -> list[Node]:
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
     env.pop("RAY_ADDRESS", None)
     env.pop("GEOTRAIN_PROVIDER", None)
+    env.pop("GEOTRAIN_OWNER", None)
+    if plan.owner:
+        env["GEOTRAIN_OWNER"] = plan.owner
     with open(log_dir / f"{plan.site}.log", "ab") as log:
         # The site's own instance-metadata stand-in: `preempt()` announces a notice
         # there and the agent's AWS-format watcher sees it, as on a spot node.
@@ -193,9 +197,12 @@ def query_all() -> list[Node]:
     """Every site of every run started from this machine's GEOTRAIN_HOME. Locally the
     GEOTRAIN_HOME plays the part of a cloud account: runs of other homes on the same
     machine (other users, other tests) are never listed, so never terminated as orphans."""
+    from dataclasses import replace
+
     home = _home()
     runs = sorted({r for p, r, _, _ in _tagged() if _alive(p) and _home_of(p) == home})
-    return [n for r in runs for n in query(r) if _home_of(n.pid) == home]
+    return [replace(n, owner=_environ(n.pid).get(b"GEOTRAIN_OWNER", b"").decode() or None)
+            for r in runs for n in query(r) if _home_of(n.pid) == home]
 
 
 def terminate(nodes: list[Node]) -> list[Node]:

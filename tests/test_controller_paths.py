@@ -177,8 +177,14 @@ def copied(ctl: Faked) -> None:
 # -- supervision ----------------------------------------------------------------------
 
 
-def test_a_site_lost_past_the_replacement_limit_fails_the_run(ctl: Faked, monkeypatch):
-    monkeypatch.setattr(controller_mod, "MAX_REPLACEMENTS", 2)
+def limit_replacements(ctl: Faked, n: int) -> None:
+    """As `sync: {max_replacements: n}` in the recipe would."""
+    ctl.recipe = ctl.recipe.model_copy(update={"sync": ctl.recipe.sync.model_copy(
+        update={"max_replacements": n})})
+
+
+def test_a_site_lost_past_the_replacement_limit_fails_the_run(ctl: Faked):
+    limit_replacements(ctl, 2)
     ctl.dead_on_launch.add("a")  # every incarnation of a is gone at once; b boots slowly
     assert ctl.run() == "failed"
     assert [x[0] for x in ctl.launches] == ["a", "b", "a", "a"]  # launch + 2 replacements
@@ -190,6 +196,66 @@ def test_a_site_lost_past_the_replacement_limit_fails_the_run(ctl: Faked, monkey
     failed = ctl.events("failed")
     assert len(failed) == 1 and failed[0]["message"] == f"run failed: {why}"
     assert ctl.cloud.holds("b") == [] and ctl.node_rows("b") == ["terminated"]  # torn down
+
+
+class Failing(Faked):
+    """Each of the first `fails[site]` agents of a site fails at once, as its agent
+    reports it: a failed heartbeat with the error, then its last liveness write."""
+
+    def __init__(self, run_id: str, home: Path, cloud: Cloud, fails: dict[str, int]):
+        super().__init__(run_id, home, cloud)
+        self.fails = fails
+
+    def _launch_spec(self, name, spec):
+        out = super()._launch_spec(name, spec)
+        if self.fails.get(name, 0) > 0:
+            self.fails[name] -= 1
+            self.store.beat(spec.name, {"state": "failed", "error": "SyncError: CUDA out of memory"})
+            self.store.alive(spec.name, "failed", pid=1)
+        return out
+
+
+def test_a_failed_site_is_replaced_and_the_run_goes_on(run_id, geotrain_home, cloud: Cloud):
+    ctl = Failing(run_id, geotrain_home, cloud, {"a": 1})
+
+    def sites_train_to_the_end(status: dict) -> None:  # once a is replaced, both finish
+        if len(ctl.launches) == 3 and not ctl.store.is_committed(3):
+            files, manifest = ctl.store.read_global(0)
+            ctl.store.commit_global(3, files, manifest)
+            for member in ("a", "b"):
+                ctl.store.beat(member, {"state": "done", "round": 3, "first_step_at": time.time()})
+    ctl.on_tick = sites_train_to_the_end
+    assert ctl.run() == "succeeded"
+    assert [x[0] for x in ctl.launches] == ["a", "b", "a"]
+    assert [(e["site"], e["reason"]) for e in ctl.events("site-lost")] == \
+        [("a", "failed: SyncError: CUDA out of memory")]
+    assert [e["site"] for e in ctl.events("site-replaced")] == ["a"]
+    assert [e["site"] for e in ctl.events("site-rejoined")] == ["a"]
+    assert ctl.events("failed") == [] and ctl.db.run(ctl.run_id)["error"] is None
+
+
+def test_a_site_that_keeps_failing_fails_the_run_once_its_replacements_are_used(
+        run_id, geotrain_home, cloud: Cloud):
+    ctl = Failing(run_id, geotrain_home, cloud, {"a": 99})
+    limit_replacements(ctl, 2)
+    assert ctl.run() == "failed"
+    assert [x[0] for x in ctl.launches] == ["a", "b", "a", "a"]  # launch + 2 replacements
+    why = "site a was lost 3 times; giving up (failed: SyncError: CUDA out of memory)"
+    run = ctl.db.run(ctl.run_id)
+    assert run["state"] == "failed" and run["error"] == why
+    assert [e["reason"] for e in ctl.events("site-lost")] == ["failed: SyncError: CUDA out of memory"] * 3
+    assert len(ctl.events("site-replaced")) == 2
+    assert [e["message"] for e in ctl.events("failed")] == [f"run failed: {why}"]
+    assert ctl.cloud.held == []  # torn down
+
+
+def test_no_replacements_allowed_fails_the_run_at_the_first_loss(run_id, geotrain_home, cloud: Cloud):
+    ctl = Failing(run_id, geotrain_home, cloud, {"a": 99})
+    limit_replacements(ctl, 0)
+    assert ctl.run() == "failed"
+    assert [x[0] for x in ctl.launches] == ["a", "b"]
+    assert ctl.db.run(ctl.run_id)["error"] == \
+        "site a was lost 1 times; giving up (failed: SyncError: CUDA out of memory)"
 
 
 def test_a_preempted_site_that_does_not_drain_is_replaced_once_the_wait_is_over(launched: Faked):

@@ -259,6 +259,39 @@ def test_query_finds_nodes_by_tags_only(proxy, moto_server):
     assert aws.query("run-aws1", regions=[REGION, "us-west-2"]) == []
 
 
+def test_nodes_carry_the_owner_tag_and_down_orphans_sweeps_only_this_owners(proxy, moto_server,
+                                                                            tmp_path, monkeypatch):
+    import providers
+    from geotrain.cleanup import down_orphans
+    from geotrain.state import owner_id
+
+    home = tmp_path / "home"
+    me = owner_id(home)
+    monkeypatch.setattr(aws, "enabled_regions", lambda: [REGION])  # not a sweep of ~30 regions
+    monkeypatch.setattr(providers, "PROVIDERS", ("aws",))
+    [mine] = aws.launch(plan(run_id="run-gone", nodes=1, owner=me))
+    [teammate] = aws.launch(plan(run_id="run-team", nodes=1, owner="0123456789abcdef"))
+    [untagged] = aws.launch(plan(run_id="run-old", nodes=1))
+    ec2 = client(moto_server)
+    [inst] = instances(ec2, **{"instance-id": [mine.instance_id]})
+    assert {t["Key"]: t["Value"] for t in inst["Tags"]}["geotrain-owner"] == me
+    [group] = [g for g in geotrain_groups(ec2) if g["GroupName"] == aws.group_name("run-gone", "east")]
+    assert {t["Key"]: t["Value"] for t in group["Tags"]}["geotrain-owner"] == me
+    assert {n.instance_id: n.owner for n in aws.query_all()} == {
+        mine.instance_id: me, teammate.instance_id: "0123456789abcdef", untagged.instance_id: None}
+
+    dry = down_orphans(home, dry_run=True)
+    assert [n["instance_id"] for n in dry["found"]] == [mine.instance_id] and dry["others"] == 2
+    assert dry["terminated"] == [] and not proxy.calls("TerminateInstances") and len(live(ec2)) == 3
+    asked: list[list[str]] = []
+    declined = down_orphans(home, confirm=lambda nodes: asked.append([n.instance_id for n in nodes]))
+    assert declined["declined"] and asked == [[mine.instance_id]] and len(live(ec2)) == 3
+    done = down_orphans(home)
+    assert [n["instance_id"] for n in done["terminated"]] == [mine.instance_id]
+    assert {i["InstanceId"] for i in live(ec2)} == {teammate.instance_id, untagged.instance_id}
+    aws.terminate([teammate, untagged])
+
+
 def test_terminate_leaves_nothing_and_is_idempotent(proxy, moto_server):
     nodes = aws.launch(plan())
     ec2 = client(moto_server)

@@ -79,7 +79,7 @@ def test_defaults_are_as_documented():
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, error_decay=1.0, overlap=False, round_seconds=None,
                                        round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
-                                       boot_timeout_s=1800,
+                                       boot_timeout_s=1800, max_replacements=10,
                                        reject_norm_factor=10, state_every=1)
     assert r.store.url is None
     assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1,

@@ -233,6 +233,77 @@ def test_copy_refuses_nothing_and_itself(tmp_path):
         copy_run("file://" + str(tmp_path / "x"), "file://" + str(tmp_path / "x"))
 
 
+def _files_under(path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def test_copy_never_writes_outside_the_destination_for_a_manifests_file_name(tmp_path):
+    """A committed round whose manifest names `../escape`: the round is refused
+    whole (reported), nothing is read or written outside either run folder."""
+    src = RunStore(f"file://{tmp_path / 'src' / 'run'}")
+    populate(src)
+    base = f"global/{round_key(1)}"
+    bad = {"../escape": sha256(b"planted"), "../../../escape": sha256(b"planted"),
+           "model.safetensors": sha256(src.get(f"{base}/model.safetensors"))}
+    manifest = dict(src.global_manifest(1), files=bad)
+    src.put_json(f"{base}/manifest.json", manifest)  # marker re-signed: only the names are wrong
+    src.put_json(f"{base}/COMMITTED", {"round": 1, "manifest_sha256":
+                                       sha256(json.dumps(manifest, sort_keys=True).encode())})
+    (tmp_path / "src" / "escape").write_bytes(b"planted")  # what an unchecked copy reads, writes outside
+    dst_root = tmp_path / "dst" / "run"
+    report = copy_run(src.url, f"file://{dst_root}")
+    assert _files_under(tmp_path / "dst") == {f"run/{k}" for k in RunStore(f"file://{dst_root}").keys()}
+    assert not (tmp_path / "dst" / "escape").exists()
+    assert report.committed_rounds == (0, 2)
+    assert f"global/{round_key(1)}" in report.rejected
+    assert f"unsafe key 'global/{round_key(1)}/../escape'" in report.rejected
+    assert f"unsafe key 'global/{round_key(1)}/../../../escape'" in report.rejected
+    dst = RunStore(f"file://{dst_root}")
+    assert dst.committed_rounds() == [0, 2] and not dst.exists(f"{base}/manifest.json")
+    assert not dst.exists(f"{base}/model.safetensors")  # an unverified unit: none of it
+
+
+def test_copy_refuses_unsafe_listed_keys_and_reports_them(tmp_path):
+    unsafe_keys = ["../outside", "sites//a/heartbeat", "sites/./a", "/etc/passwd", "sites\\..\\x",
+                   "sites/a/..", "."]
+    read: list[str] = []
+
+    class Hostile(RunStore):
+        """A backend whose listing holds keys no run store writes (as S3 allows)."""
+
+        def keys(self, prefix: str = "") -> list[str]:
+            return sorted(super().keys(prefix) + unsafe_keys)
+
+        def get(self, key: str) -> bytes:
+            read.append(key)
+            return super().get(key)
+
+    src_url = f"file://{tmp_path / 'src' / 'run'}"
+    populate(RunStore(src_url))
+    dst_root = tmp_path / "dst" / "run"
+    report = copy_run(src_url, f"file://{dst_root}", src=Hostile(src_url))
+    assert sorted(x for x in report.rejected if x.startswith("unsafe key")) == \
+        sorted(f"unsafe key {k!r}" for k in unsafe_keys)
+    assert not set(read) & set(unsafe_keys)  # never even read
+    assert report.committed_rounds == (0, 1, 2) and report.contributions == 6
+    assert _files_under(tmp_path / "dst") == {f"run/{k}" for k in RunStore(f"file://{dst_root}").keys()}
+    assert not (tmp_path / "dst" / "outside").exists()
+
+
+def test_copy_leaves_out_every_part_of_an_unverified_unit(tmp_path):
+    src = RunStore(f"file://{tmp_path / 'src'}")
+    populate(src)
+    src.put(f"global/{round_key(1)}/model.safetensors", b"bit rot")  # outer.safetensors still fine
+    src.put("final/model.safetensors", b"bit rot")
+    dst = RunStore(f"file://{tmp_path / 'dst'}")
+    report = copy_run(src.url, dst.url)
+    assert set(report.rejected) == {f"global/{round_key(1)}", "final"}
+    assert not [k for k in dst.keys() if k.startswith(f"global/{round_key(1)}/")
+                and k != f"global/{round_key(1)}/eval.json"]
+    assert not dst.exists("final/model.safetensors") and not dst.exists("final/summary.json")
+    assert dst.committed_rounds() == [0, 2]
+
+
 def test_missing_emulator_skips_locally_and_fails_in_ci(monkeypatch):
     from tests import emulators
 

@@ -95,3 +95,81 @@ def test_a_preempted_sites_record_is_not_read_as_its_replacements(ctl: Supervise
     ctl.tick()
     kinds = [e["kind"] for e in ctl.store.events([])]
     assert kinds.count("site-rejoined") == 1 and kinds.count("site-replaced") == 1
+
+
+def test_a_failed_site_is_lost_and_replaced_not_the_run_failed(ctl: Supervised):
+    """Its own failure (a SyncError, a crash in its trainer) makes a site lost,
+    like a silent one: replaced once its agent has left, the others go on."""
+    ctl.store.alive("a", "running", pid=1)
+    ctl.store.beat("a", {"state": "failed", "error": "SyncError: round 2: no decision"})
+    ctl.tick()  # declared lost at once; its agent is still writing its last records
+    [lost] = [e for e in ctl.store.events([]) if e["kind"] == "site-lost"]
+    assert lost["site"] == "a" and lost["reason"] == "failed: SyncError: round 2: no decision"
+    assert ctl.launches == [] and "a" in ctl.failing
+    ctl.store.alive("a", "failed", pid=1)  # the agent's last write: it has left
+    ctl.tick()
+    assert ctl.launches == ["a"] and "a" not in ctl.failing
+    assert ctl.store.liveness()["a"]["state"] == "replaced"
+    assert ctl.store.heartbeat("a")["state"] == "replaced"
+    ctl.tick("b")  # the other site is not touched
+    assert ctl.launches == ["a"]
+
+
+def test_a_failed_site_whose_node_is_gone_is_replaced_at_once(ctl: Supervised):
+    ctl.store.alive("a", "running", pid=1)
+    ctl.store.beat("a", {"state": "failed", "error": "boom"})
+    ctl.node_up["a"] = False
+    ctl.tick()
+    assert ctl.launches == ["a"]
+    kinds = [e["kind"] for e in ctl.store.events([])]
+    assert kinds.count("site-lost") == 1 and kinds.count("site-replaced") == 1
+
+
+def test_the_replacement_is_not_judged_by_the_old_failed_heartbeat(ctl: Supervised):
+    ctl.store.alive("a", "failed", pid=1)
+    ctl.store.beat("a", {"state": "failed", "error": "merger thread crashed", "first_step_at": time.time() - 5})
+    ctl.tick()
+    assert ctl.launches == ["a"]
+    for _ in range(3):  # the replacement boots: nothing of the old agent is read as its own
+        ctl.tick()
+    assert ctl.launches == ["a"]
+    ctl.store.beat("a", {"state": "starting", "pid": 2})
+    ctl.store.alive("a", "starting", pid=2)
+    ctl.tick()
+    ctl.store.alive("a", "running", pid=2)
+    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})
+    ctl.tick()
+    ctl.tick()
+    kinds = [e["kind"] for e in ctl.store.events([])]
+    assert ctl.launches == ["a"]
+    assert (kinds.count("site-lost"), kinds.count("site-replaced"), kinds.count("site-rejoined")) == (1, 1, 1)
+    # The new agent fails in its turn: lost again, with its own error.
+    ctl.store.beat("a", {"state": "failed", "error": "second error"})
+    ctl.store.alive("a", "failed", pid=2)
+    ctl.tick()
+    assert ctl.launches == ["a", "a"]
+    lost = [e["reason"] for e in ctl.store.events([]) if e["kind"] == "site-lost"]
+    assert lost == ["failed: merger thread crashed", "failed: second error"]
+
+
+def test_a_failed_agent_that_does_not_leave_is_replaced_after_the_wait(ctl: Supervised):
+    from geotrain.controller import DRAIN_WAIT_S
+
+    ctl.store.alive("a", "running", pid=1)
+    ctl.store.beat("a", {"state": "failed", "error": "stuck"})
+    ctl.tick()
+    ctl.tick()
+    assert ctl.launches == []
+    ctl.failing["a"] = (time.time() - DRAIN_WAIT_S - 1, ctl.failing["a"][1])
+    ctl.tick()
+    assert ctl.launches == ["a"]
+
+
+def test_a_failure_reported_only_in_liveness_takes_its_reason_from_the_sites_events(ctl: Supervised):
+    ctl.store.event("a", "failed", "RuntimeError: size mismatch")
+    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})  # a worker's late beat
+    ctl.store.alive("a", "failed", pid=1)
+    ctl.tick()
+    assert ctl.launches == ["a"]
+    [lost] = [e for e in ctl.store.events([]) if e["kind"] == "site-lost"]
+    assert lost["reason"] == "failed: RuntimeError: size mismatch"

@@ -31,7 +31,10 @@ modes and their sections: f32 (values f4) · b8 (scales bf16, codes i1) ·
 b4 (scales bf16, codes packed u1) · k8 (scales bf16, indices u2, codes i1) ·
 k4 (scales bf16, indices u2, codes packed u1). Names are sorted, so the same
 tensors give the same bytes. A truncated, corrupted or inconsistent payload
-raises CodecError; so does a non-finite value on either side.
+raises CodecError; so does a non-finite value on either side. Decoding is
+bounded before it allocates: the header inflates to at most a limit (derived
+from the expected tensors, or MAX_HEADER_BYTES), and its declared tensors must
+be the expected names and shapes (or hold at most MAX_NUMEL values).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import math
 import struct
 import sys
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +54,12 @@ from geotrain.errors import GeotrainError
 from geotrain.sync import quant
 
 Tensors = dict[str, torch.Tensor]
+Expected = Mapping[str, Sequence[int]]   # the model's tensors: name -> shape
+# Without an expected spec, the most a payload may declare: values in all (8 GiB
+# as fp32; a top-k payload of a few MB could otherwise declare 1e11) and bytes
+# of decompressed header (a 100k-tensor model with long names is ~15 MB).
+MAX_NUMEL = 1 << 31
+MAX_HEADER_BYTES = 16 << 20
 CODECS = ("none", "int8", "int4", "topk")
 VERSION = 1
 _PREFIX = struct.Struct("<3sBII")       # magic, version, header length, crc32
@@ -111,8 +121,20 @@ def _bad(msg: str) -> CodecError:
     return CodecError(f"bad pseudo-gradient payload: {msg}")
 
 
-def _read_header(data: bytes) -> tuple[dict, int]:
-    """Check prefix and checksum, parse the header; return it and the body offset."""
+def _header_limit(expect: Expected | None) -> int:
+    """Most bytes a header may decompress to: twice what the expected tensors'
+    entries take in JSON (any mode) plus 4 KiB for the rest, or MAX_HEADER_BYTES
+    without a spec. Decompression stops there: a small zlib stream that would
+    inflate to gigabytes (a bomb) is rejected, never allocated."""
+    if expect is None:
+        return MAX_HEADER_BYTES
+    entries = [[n, list(s), "k8"] for n, s in expect.items()]
+    return 2 * len(json.dumps(entries, separators=(",", ":"))) + 4096
+
+
+def _read_header(data: bytes, max_header: int = 0) -> tuple[dict, int]:
+    """Check prefix and checksum, parse the header (decompressing at most
+    `max_header` bytes, MAX_HEADER_BYTES if 0); return it and the body offset."""
     if len(data) < _PREFIX.size:
         raise _bad(f"{len(data)} bytes is shorter than the {_PREFIX.size}-byte prefix (truncated)")
     magic, version, hlen, crc = _PREFIX.unpack_from(data)
@@ -126,9 +148,15 @@ def _read_header(data: bytes) -> tuple[dict, int]:
     view = memoryview(data)
     if zlib.crc32(view[start:], zlib.crc32(view[_PREFIX.size:start])) != crc:
         raise _bad(f"checksum mismatch over {len(data)} bytes (truncated or corrupted)")
+    limit = max_header or MAX_HEADER_BYTES
     try:
-        header = json.loads(zlib.decompress(view[_PREFIX.size:start]))
-    except (zlib.error, ValueError) as e:
+        z = zlib.decompressobj()
+        raw = z.decompress(view[_PREFIX.size:start], limit)
+        if z.unconsumed_tail or not z.eof:
+            raise _bad(f"header does not end within {limit} decompressed bytes "
+                       f"(truncated, or a decompression bomb)")
+        header = json.loads(raw)
+    except (zlib.error, ValueError, RecursionError) as e:
         raise _bad(f"unreadable header ({e})") from None
     return header, start
 
@@ -140,9 +168,17 @@ def _check_int(header: dict, key: str, lo: int, hi: int) -> int:
     return v
 
 
-def payload_info(data: bytes) -> PayloadInfo:
-    """Validate a payload's prefix, checksum, header and size; return its header."""
-    header, start = _read_header(data)
+def payload_info(data: bytes, expect: Expected | None = None,
+                 max_numel: int | None = None) -> PayloadInfo:
+    """Validate a payload's prefix, checksum, header and size; return its header.
+
+    With `expect` ({name: shape}, the model's tensors) the header must list
+    exactly those names with exactly those shapes; without it the tensors may
+    hold at most `max_numel` values in all (MAX_NUMEL by default). Both are
+    checked on the header alone, before anything is allocated, so no payload
+    can make decode() expand beyond the model (top-k: chunk/k values per kept
+    one)."""
+    header, start = _read_header(data, _header_limit(expect))
     if not isinstance(header, dict) or header.get("codec") not in CODECS:
         raise _bad(f"header names codec {header.get('codec') if isinstance(header, dict) else header!r}; "
                    f"valid: {', '.join(CODECS)}")
@@ -152,7 +188,11 @@ def payload_info(data: bytes) -> PayloadInfo:
     k = _check_int(header, "k", 1, chunk)
     if not isinstance(header.get("t"), list):
         raise _bad("header has no tensor list 't'")
-    entries, seen, expected = [], set(), start
+    entries, seen, expected, numel = [], set(), start, 0
+    if expect is not None:
+        limit = sum(math.prod(s) for s in expect.values())
+    else:
+        limit = MAX_NUMEL if max_numel is None else max_numel
     for e in header["t"]:
         ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
               and isinstance(e[2], str) and isinstance(e[1], list) and all(isinstance(d, int) and not isinstance(d, bool)
@@ -166,17 +206,33 @@ def payload_info(data: bytes) -> PayloadInfo:
         if name in seen:
             raise _bad(f"tensor {name!r} appears twice")
         seen.add(name)
+        if expect is not None:
+            if name not in expect:
+                raise _bad(f"tensor {name!r} is not one of the model's")
+            if shape != tuple(expect[name]):
+                raise _bad(f"tensor {name!r} has shape {list(shape)}; the model's is "
+                           f"{list(expect[name])}")
+        numel += math.prod(shape)
+        if numel > limit:
+            raise _bad(f"header declares more than {limit} values in all (the most this "
+                       f"decode accepts)")
         entries.append(TensorEntry(name, shape, mode))
         expected += _section_bytes(mode, math.prod(shape), block, chunk, k)
+    if expect is not None and seen != set(expect):
+        missing = sorted(set(expect) - seen)
+        raise _bad(f"{len(missing)} of the model's tensors missing: "
+                   f"{', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''}")
     if expected != len(data):
         raise _bad(f"header describes {expected} bytes but the payload has {len(data)}")
     return PayloadInfo(codec, block, chunk, k, tuple(entries), start, len(data))
 
 
-def decode(data: bytes) -> Tensors:
+def decode(data: bytes, expect: Expected | None = None, max_numel: int | None = None) -> Tensors:
     """Any codec's payload -> {name: fp32 CPU tensor}; raises CodecError if it is
-    truncated, corrupted, inconsistent or holds a non-finite value."""
-    info = payload_info(data)
+    truncated, corrupted, inconsistent or holds a non-finite value — or, with
+    `expect` ({name: shape}), names other tensors or other shapes; sizes are
+    checked on the header before anything is allocated (see payload_info)."""
+    info = payload_info(data, expect, max_numel)
     out: Tensors = {}
     off = info.header_bytes
     for e in info.tensors:
@@ -301,8 +357,8 @@ class Codec:
         return [scale.view(torch.int16).numpy(), idx.to(torch.int32).numpy().astype("<u2"),
                 codes.numpy()], rows[:n]
 
-    def decode(self, data: bytes) -> Tensors:
-        return decode(data)
+    def decode(self, data: bytes, expect: Expected | None = None) -> Tensors:
+        return decode(data, expect)
 
     def state_dict(self) -> Tensors:
         """The error-feedback residuals (empty without error feedback)."""

@@ -7,7 +7,11 @@ A round r is a transaction in the store:
    pseudo-gradient to `rounds/r/<site>.bin` (+ its manifest, written last).
 2. Whoever first sees that every live site has published (or that the wait
    for the missing ones is over) validates every contribution it can read —
-   checksum, decodable, finite, norm not far outside the others' — and
+   from a member of the run (the recipe's sites and their migrated members
+   `name~k`), a sane manifest (tokens finite, > 0, at most what the site can
+   train in a round), checksum, decodable within the model's size, exactly
+   the model's tensor names, shapes and dtypes, finite, norm not far above
+   the site's own recent norms nor the round's median (3+) — and
    creates `rounds/r/members.json` with a conditional create. First writer
    wins; every site then uses exactly that decision, so they merge the same
    inputs in the same order and end with bit-identical global parameters.
@@ -28,9 +32,10 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +48,46 @@ Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("geotrain.sync")
 
 ACTIVE = ("starting", "running", "training")
+
+# Tokens a contribution may claim, whatever else is known: 1e15 is ~70x the
+# largest published pre-training corpus (~1.5e13 tokens), so no honest site
+# trains that much in one round, while every real count is far below it; with
+# the sites' float64 weights w/W it keeps a forged count from turning into
+# inf/NaN. When a site's steps per round are known (RoundExchange's
+# `max_tokens`, from the recipe) the bound is much tighter.
+MAX_TOKENS = 1e15
+# Slack on "what a site could have trained in a round": steps x tokens per step
+# is exact for the built-in trainer; x2 leaves room for a caller that counts a
+# round's last partial step or a few extra tokens, and still keeps one member
+# from outweighing the others by more than 2x its real share.
+TOKEN_SLACK = 2.0
+# The per-site norm check (works with two sites): a site's norm may be at most
+# max(reject_norm_factor, NORM_HISTORY_MIN_FACTOR) x the median of the last
+# NORM_HISTORY norms accepted from it (its member names share one history).
+NORM_HISTORY = 5
+NORM_HISTORY_MIN_FACTOR = 4.0
+_MEMBER = re.compile(r"(?P<base>[^~/]+)(?:~(?P<gen>[1-9][0-9]{0,8}))?")
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
+class Rejected(Exception):
+    """A contribution fails a check; its message is the reason recorded."""
+
+
+def member_base(name: str) -> str:
+    """The site a member name stands for: 'a' for 'a' and for 'a~2' (a migrated site)."""
+    m = _MEMBER.fullmatch(name)
+    return m["base"] if m else name
+
+
+def _number(meta: dict, key: str) -> float:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise Rejected(f"manifest {key!r} is {v!r:.40}, not a number")
+    try:
+        return float(v)
+    except OverflowError:  # an int too large for a float
+        raise Rejected(f"manifest {key!r} is out of range") from None
 
 
 class SyncError(GeotrainError):
@@ -79,8 +124,17 @@ class RoundExchange:
     def __init__(self, store: RunStore, site: str, *, codec: compression.Codec | None = None,
                  window_s: float = 600.0, join_wait_s: float = 60.0, liveness_s: float = 4.0,
                  reject_norm_factor: float = 10.0, lookback: int = 3, poll_s: float = 0.05,
-                 takeover_s: float = 10.0, state_every: int = 1, final_round: int | None = None):
+                 takeover_s: float = 10.0, state_every: int = 1, final_round: int | None = None,
+                 roster: Iterable[str] | None = None, max_tokens: Mapping[str, float] | None = None):
         self.store, self.site = store, site
+        # The run's sites (the recipe's names): only they and their migrated
+        # members `name~k` (k >= 1) may contribute; None: anyone (a user's script).
+        self.roster = None if roster is None else frozenset(roster)
+        # Per site (base name): the most tokens it could train in one round.
+        self.max_tokens = dict(max_tokens or {})
+        # The model's tensors, name -> (shape, dtype), set by DiLoCo (`expect`):
+        # a contribution must decode to exactly these.
+        self.spec: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         # Which rounds commit the full global state; the same on every site, so a
         # takeover commits the same bytes as the decider would have.
         self.state_every, self.final_round = state_every, final_round
@@ -95,6 +149,70 @@ class RoundExchange:
         # starting (a launch or a resume); later, a starting site (a replacement)
         # joins the first open round and nobody waits for it.
         self.joined_round = 1
+
+    # -- checking contributions ----------------------------------------------------------
+
+    def expect(self, spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """The model's tensors (name -> (shape, dtype) of the decoded
+        pseudo-gradient): contributions with other names, shapes or dtypes are
+        rejected, and decoding is bounded by them."""
+        self.spec = {n: (tuple(int(d) for d in s), dt) for n, (s, dt) in spec.items()}
+
+    def is_member(self, name: str) -> bool:
+        """Whether `name` may contribute: a site of the run or a migrated member of one."""
+        if self.roster is None:
+            return True
+        m = _MEMBER.fullmatch(name)
+        return m is not None and m["base"] in self.roster
+
+    def _check_meta(self, site: str, meta) -> tuple[float, str]:
+        """(tokens, sha256) of a manifest, or Rejected: tokens must be finite,
+        > 0 and at most what the site could have trained in a round."""
+        if not isinstance(meta, dict):
+            raise Rejected("manifest is not a JSON object")
+        sha = meta.get("sha256")
+        if not isinstance(sha, str) or not _SHA.fullmatch(sha):
+            raise Rejected("manifest has no valid sha256")
+        tokens = _number(meta, "tokens")
+        cap = min(MAX_TOKENS, self.max_tokens.get(member_base(site), MAX_TOKENS))
+        if not math.isfinite(tokens) or tokens <= 0:
+            raise Rejected(f"tokens {tokens!r} is not a finite number > 0")
+        if tokens > cap:
+            raise Rejected(f"tokens {tokens:.4g} > {cap:.4g}, the most {member_base(site)} "
+                           f"can train in a round")
+        return tokens, sha
+
+    def _check_tensors(self, delta: Tensors) -> None:
+        """The decoded tensors are exactly the model's (names, shapes, dtypes)."""
+        if self.spec is None:
+            return
+        missing, extra = sorted(self.spec.keys() - delta.keys()), sorted(delta.keys() - self.spec.keys())
+        if missing or extra:
+            raise Rejected(f"tensors differ from the model's: missing {missing[:3]}, "
+                           f"unknown {extra[:3]}")
+        for n in sorted(delta):
+            shape, dtype = self.spec[n]
+            if tuple(delta[n].shape) != shape or delta[n].dtype != dtype:
+                raise Rejected(f"tensor {n!r} is {list(delta[n].shape)} {delta[n].dtype}; the "
+                               f"model's is {list(shape)} {dtype}")
+
+    def _decode(self, payload: bytes) -> Tensors:
+        """Decode bounded by the model's spec; CodecError or Rejected if it does not fit."""
+        shapes = None if self.spec is None else {n: s for n, (s, _) in self.spec.items()}
+        delta = compression.decode(payload, shapes)
+        self._check_tensors(delta)
+        return delta
+
+    def _norm_history(self, r: int) -> dict[str, list[float]]:
+        """Each site's last accepted norms, as the newest decision before r recorded them."""
+        for q in range(r - 1, max(0, r - 1 - self.lookback), -1):
+            m = self.store.members(q)
+            if m is None or not isinstance(m.get("norms"), dict):
+                continue
+            return {s: [float(v) for v in h if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) and v >= 0][-NORM_HISTORY:]
+                    for s, h in m["norms"].items() if isinstance(h, list)}
+        return {}
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -149,9 +267,12 @@ class RoundExchange:
             if decision is not None:
                 return decision, False
             present = set(self.store.contributions(r))
-            if present:
-                for s in present - published_at.keys():
-                    published_at[s] = self.store.contribution_meta(r, s).get("published_at", time.time())
+            # Only the run's members start the round's clock (anyone else's files
+            # are rejected in the decision, once members have published).
+            members = {s for s in present if self.is_member(s)}
+            if members:
+                for s in members - published_at.keys():
+                    published_at[s] = self._published_at(r, s)
                 first_at = min(published_at.values())
                 waiting = self._waiting_for(r, present, first_at)
                 if not waiting:
@@ -163,6 +284,18 @@ class RoundExchange:
                 last_tick = time.monotonic()
             time.sleep(self.poll_s)
 
+    def _published_at(self, r: int, site: str) -> float:
+        """When a contribution says it was published: a finite number, not in the
+        future (else now, when we first saw it)."""
+        now = time.time()
+        try:
+            v = self.store.contribution_meta(r, site).get("published_at")
+        except (OSError, ValueError, AttributeError, StoreError):
+            return now
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return now
+        return min(float(v), now)
+
     def _carried(self, r: int) -> list[tuple[int, str]]:
         """Contributions to earlier rounds that no decision has included yet."""
         out, decided = [], set()
@@ -171,6 +304,8 @@ class RoundExchange:
             m = self.store.members(q) or {}
             for e in m.get("accepted", []) + m.get("rejected", []):
                 decided.add((int(e["round"]), e["site"]))
+        # (A contribution to an earlier round that is not in the decisions looked
+        # at is carried; its checks are the same as for this round's.)
         for q in range(lo, r):
             out += [(q, s) for s in self.store.contributions(q) if (q, s) not in decided]
         return out
@@ -178,22 +313,43 @@ class RoundExchange:
     def _make_decision(self, r: int, present: set[str]) -> tuple[dict, bool]:
         candidates = self._carried(r) + [(r, s) for s in sorted(present)]
         accepted, rejected, norms = [], [], {}
+        history = self._norm_history(r)
+        # A sudden jump of a site's own update size is an outlier even with two
+        # sites. Conservative: only upward jumps are rejected (norms fall as
+        # training goes on and lr decays, a drained site sends a short round);
+        # a site's first contribution has no history and is never rejected; and
+        # the factor is at least NORM_HISTORY_MIN_FACTOR because lr warmup makes
+        # norms grow: with linear warmup a round's mean lr is < 3x the previous
+        # round's (rounds 1, 2: (H+1)/2 vs (3H+1)/2 steps of lr/W), and vs the
+        # median of up to 5 earlier rounds < 3x too; AdamW's first steps (|update|
+        # = lr per value) only make early norms larger, not smaller.
+        h_factor = max(self.reject_norm_factor, NORM_HISTORY_MIN_FACTOR)
         self._read_for[r] = 0
         for q, site in candidates:
             try:
-                payload, meta = self.store.read_contribution(q, site)
+                if not self.is_member(site):
+                    raise Rejected(f"{site!r} is not a site of this run")
+                tokens, sha = self._check_meta(site, self.store.contribution_meta(q, site))
+                payload = self.store.get(f"rounds/{round_key(q)}/{site}.bin")
                 self._read_for[r] += len(payload) if site != self.site else 0
-                delta = compression.decode(payload)
-            except (StoreError, compression.CodecError) as e:
+                if sha256(payload) != sha:
+                    raise Rejected(f"checksum mismatch: the payload is not the one its manifest names")
+                delta = self._decode(payload)
+                if not all(torch.isfinite(t).all() for t in delta.values()):
+                    raise Rejected("non-finite values")
+                norm = tensor_norm(delta)
+                past = history.get(member_base(site), [])
+                median = statistics.median(past) if past else 0.0
+                if not math.isfinite(norm) or (median > 0 and norm > h_factor * median):
+                    raise Rejected(f"norm {norm:.3g} > {h_factor:g} x median {median:.3g} of the "
+                                   f"last {len(past)} accepted from {member_base(site)}")
+            except (Rejected, StoreError, compression.CodecError, OSError, ValueError) as e:
                 rejected.append({"site": site, "round": q, "reason": str(e)[:300]})
                 continue
-            if not all(torch.isfinite(t).all() for t in delta.values()):
-                rejected.append({"site": site, "round": q, "reason": "non-finite values"})
-                continue
-            norms[(q, site)] = tensor_norm(delta)
-            self._decoded[(q, site)] = (meta["sha256"], delta)
-            accepted.append({"site": site, "round": q, "sha256": meta["sha256"],
-                             "tokens": float(meta["tokens"]), "norm": norms[(q, site)]})
+            norms[(q, site)] = norm
+            self._decoded[(q, site)] = (sha, delta)
+            accepted.append({"site": site, "round": q, "sha256": sha,
+                             "tokens": tokens, "norm": norm})
         if len(accepted) >= 3:
             median = statistics.median(norms.values())
             keep = []
@@ -205,8 +361,11 @@ class RoundExchange:
                 else:
                     keep.append(e)
             accepted = keep
+        for e in sorted(accepted, key=lambda e: (e["round"], e["site"])):
+            base = member_base(e["site"])
+            history[base] = (history.get(base, []) + [e["norm"]])[-NORM_HISTORY:]
         decision = {"accepted": accepted, "rejected": rejected, "decided_by": self.site,
-                    "decided_at": time.time()}
+                    "decided_at": time.time(), "norms": history}
         decision, won = self.store.decide_members(r, decision)
         if won:
             for e in rejected:
@@ -231,16 +390,32 @@ class RoundExchange:
             # What we read while deciding counts only if it is what was accepted (a
             # site that lost the race to decide may have read other bytes).
             sha, delta = self._decoded.pop((e.round, e.site), (None, None))
-            if sha != e.sha256:
-                try:
-                    payload = self.store.get(f"rounds/{round_key(e.round)}/{e.site}.bin")
-                except FileNotFoundError:
-                    payload = b""
-                if sha256(payload) != e.sha256:
-                    raise ContributionChanged(f"round {decision['round']}: the contribution of {e.site} "
-                                              f"(round {e.round}) changed after it was accepted")
-                received += len(payload) if e.site != self.site else 0
-                delta = compression.decode(payload)
+            try:
+                # The decider checked these already; checked again (the same
+                # deterministic checks on the same bytes, so every site skips the
+                # same entries) so that no decision can feed the outer step a
+                # contribution that fails them.
+                if not self.is_member(e.site):
+                    raise Rejected(f"{e.site!r} is not a site of this run")
+                self._check_meta(e.site, {"sha256": e.sha256, "tokens": e.tokens})
+                if sha != e.sha256:
+                    try:
+                        payload = self.store.get(f"rounds/{round_key(e.round)}/{e.site}.bin")
+                    except FileNotFoundError:
+                        payload = b""
+                    if sha256(payload) != e.sha256:
+                        raise ContributionChanged(f"round {decision['round']}: the contribution of "
+                                                  f"{e.site} (round {e.round}) changed after it was "
+                                                  f"accepted")
+                    received += len(payload) if e.site != self.site else 0
+                    delta = self._decode(payload)
+                    if not all(torch.isfinite(t).all() for t in delta.values()):
+                        raise Rejected("non-finite values")
+            except (Rejected, compression.CodecError) as err:
+                self.store.event(self.site, "rejected", f"round {decision['round']}: skipped the "
+                                 f"accepted contribution of {e.site} (round {e.round}): {err}",
+                                 site=e.site, round=e.round, reason=str(err)[:300], at_merge=True)
+                continue
             parts.append((e, delta))
         return parts, received
 

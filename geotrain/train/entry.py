@@ -53,7 +53,10 @@ class SiteContext:
         `evaluate(model) -> loss` is run on the committed global state each round."""
         from geotrain.train.trainer import make_exchange
 
-        exchange = make_exchange(self.recipe, self.store, self.site) if self.rank == 0 else None
+        # Your loop counts its own tokens (diloco.step(tokens=...)), so only the
+        # roster and the absolute token bound apply, not batch_size x seq_len.
+        exchange = (make_exchange(self.recipe, self.store, self.site, tokens_per_step_known=False)
+                    if self.rank == 0 else None)
         if self.rank == 0:
             self._commit_round_zero(model)
         eval_model = None

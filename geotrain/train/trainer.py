@@ -22,6 +22,7 @@ from geotrain.recipe import Recipe
 from geotrain.store import RunStore
 from geotrain.sync import compression
 from geotrain.sync.diloco import DiLoCo, RoundExchange, load_params, model_params
+from geotrain.sync.rounds import TOKEN_SLACK
 from geotrain.train import data as D
 from geotrain.train.model import GPT, build, config_for, configure_optimizer, lr_at
 
@@ -75,15 +76,28 @@ def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
         offset += g.numel()
 
 
-def make_exchange(recipe: Recipe, store: RunStore, site: str) -> RoundExchange:
-    """The site's side of the rounds, configured from the recipe's sync section."""
-    s = recipe.sync
+def make_exchange(recipe: Recipe, store: RunStore, site: str,
+                  tokens_per_step_known: bool = True) -> RoundExchange:
+    """The site's side of the rounds, configured from the recipe's sync section.
+
+    Only the recipe's sites (and their migrated members `name~k`) may
+    contribute. With `tokens_per_step_known` (the built-in trainer: a step is
+    batch_size x seq_len tokens per worker) and rounds of `inner_steps` steps, a
+    contribution may claim at most TOKEN_SLACK x what its site trains in a round;
+    otherwise (`sync.round_seconds`, or a user's entrypoint counting its own
+    tokens) only the absolute MAX_TOKENS bound applies."""
+    s, t = recipe.sync, recipe.train
     codec = compression.make_codec(s.compression, topk_fraction=s.topk_fraction,
                                    value_bits=s.value_bits, error_decay=s.error_decay)
+    max_tokens = None
+    if tokens_per_step_known and not s.round_seconds:
+        max_tokens = {x.name: TOKEN_SLACK * t.inner_steps * t.batch_size * t.seq_len
+                      * x.workers * x.nodes for x in recipe.sites}
     return RoundExchange(store, site, codec=codec, window_s=s.round_timeout_s,
                          join_wait_s=s.join_wait_s, liveness_s=s.liveness_timeout_s,
                          reject_norm_factor=s.reject_norm_factor, state_every=s.state_every,
-                         final_round=recipe.train.rounds)
+                         final_round=recipe.train.rounds,
+                         roster=[x.name for x in recipe.sites], max_tokens=max_tokens)
 
 
 def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
