@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -59,28 +58,38 @@ def test_racing_threads_exactly_one_wins(backend_url):
 
 
 RACER = """
-import sys, time
+import sys
 from geotrain.store import RunStore
 store = RunStore(sys.argv[1])
-i, start = int(sys.argv[2]), float(sys.argv[3])
+i = int(sys.argv[2])
 store.exists("warm-up")  # connect before the start line
-time.sleep(max(0.0, start - time.time()))
+print("ready", flush=True)
+sys.stdin.readline()  # the start line: every racer is connected and waiting
 print("won" if store.create("race/processes", f"process-{i}".encode()) else "lost", flush=True)
 """
 
 
 def test_racing_processes_exactly_one_wins(backend_url):
     n = 4
-    start = time.time() + 6.0  # every process is connected and waiting by then
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, backend_url, str(i), str(start)],
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, backend_url, str(i)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
              for i in range(n)]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-        outs.append(out.strip())
-    assert time.time() > start, "the racers did not wait for the start line"
+    try:
+        for p in procs:  # wait until every racer is connected, however long that takes
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            outs.append(out.strip())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert sorted(outs) == ["lost"] * (n - 1) + ["won"], outs
     winner = outs.index("won")
     assert RunStore(backend_url).get("race/processes") == f"process-{winner}".encode()
