@@ -203,16 +203,44 @@ class RoundExchange:
         self._check_tensors(delta)
         return delta
 
-    def _norm_history(self, r: int) -> dict[str, list[float]]:
-        """Each site's last accepted norms, as the newest decision before r recorded them."""
+    def _norm_history(self, r: int) -> dict[str, list[list[float]]]:
+        """Each site's last accepted [norm, tokens] pairs, as the newest decision
+        before r recorded them (malformed entries are dropped)."""
+        def ok(v) -> bool:
+            return (isinstance(v, list) and len(v) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in v) and v[0] >= 0 and v[1] > 0)
         for q in range(r - 1, max(0, r - 1 - self.lookback), -1):
             m = self.store.members(q)
             if m is None or not isinstance(m.get("norms"), dict):
                 continue
-            return {s: [float(v) for v in h if isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and math.isfinite(v) and v >= 0][-NORM_HISTORY:]
+            return {s: [[float(x) for x in v] for v in h if ok(v)][-NORM_HISTORY:]
                     for s, h in m["norms"].items() if isinstance(h, list)}
         return {}
+
+    def _norm_outlier(self, norm: float, tokens: float, past: list[list[float]]) -> str | None:
+        """Why `norm` is a sudden jump for a site with this history, or None.
+
+        Conservative, so that honest work is never rejected: only an upward
+        jump counts (norms fall as training goes on and lr decays; a drained
+        site sends a short round); a site's first contribution has no history
+        and passes; the factor is at least NORM_HISTORY_MIN_FACTOR because lr
+        warmup makes norms grow: with linear warmup a round's mean lr is < 3x
+        the previous round's (rounds 1, 2: (H+1)/2 vs (3H+1)/2 steps of lr/W)
+        and < 3x the median of the rounds before; AdamW's first steps (|update|
+        = lr per value) only make early norms larger. And the norm must be out
+        of line both in total and per token: a round that trained more (a
+        first `round_seconds` round cut short by start-up, then full ones)
+        has a larger norm but not a larger norm per token."""
+        if not past:
+            return None
+        f = max(self.reject_norm_factor, NORM_HISTORY_MIN_FACTOR)
+        median = statistics.median(n for n, _ in past)
+        per_token = statistics.median(n / t for n, t in past)
+        if median > 0 and norm > f * median and norm / tokens > f * per_token:
+            return (f"norm {norm:.3g} > {f:g} x median {median:.3g} of the last {len(past)} "
+                    f"accepted (and {f:g} x their median per token)")
+        return None
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -313,17 +341,9 @@ class RoundExchange:
     def _make_decision(self, r: int, present: set[str]) -> tuple[dict, bool]:
         candidates = self._carried(r) + [(r, s) for s in sorted(present)]
         accepted, rejected, norms = [], [], {}
+        # Each site's own recent norms: a sudden jump is an outlier even with two
+        # sites (the round's median below needs 3+). See _norm_outlier.
         history = self._norm_history(r)
-        # A sudden jump of a site's own update size is an outlier even with two
-        # sites. Conservative: only upward jumps are rejected (norms fall as
-        # training goes on and lr decays, a drained site sends a short round);
-        # a site's first contribution has no history and is never rejected; and
-        # the factor is at least NORM_HISTORY_MIN_FACTOR because lr warmup makes
-        # norms grow: with linear warmup a round's mean lr is < 3x the previous
-        # round's (rounds 1, 2: (H+1)/2 vs (3H+1)/2 steps of lr/W), and vs the
-        # median of up to 5 earlier rounds < 3x too; AdamW's first steps (|update|
-        # = lr per value) only make early norms larger, not smaller.
-        h_factor = max(self.reject_norm_factor, NORM_HISTORY_MIN_FACTOR)
         self._read_for[r] = 0
         for q, site in candidates:
             try:
@@ -338,11 +358,11 @@ class RoundExchange:
                 if not all(torch.isfinite(t).all() for t in delta.values()):
                     raise Rejected("non-finite values")
                 norm = tensor_norm(delta)
-                past = history.get(member_base(site), [])
-                median = statistics.median(past) if past else 0.0
-                if not math.isfinite(norm) or (median > 0 and norm > h_factor * median):
-                    raise Rejected(f"norm {norm:.3g} > {h_factor:g} x median {median:.3g} of the "
-                                   f"last {len(past)} accepted from {member_base(site)}")
+                if not math.isfinite(norm):
+                    raise Rejected("non-finite norm")
+                why = self._norm_outlier(norm, tokens, history.get(member_base(site), []))
+                if why:
+                    raise Rejected(f"{why} from {member_base(site)}")
             except (Rejected, StoreError, compression.CodecError, OSError, ValueError) as e:
                 rejected.append({"site": site, "round": q, "reason": str(e)[:300]})
                 continue
@@ -363,7 +383,7 @@ class RoundExchange:
             accepted = keep
         for e in sorted(accepted, key=lambda e: (e["round"], e["site"])):
             base = member_base(e["site"])
-            history[base] = (history.get(base, []) + [e["norm"]])[-NORM_HISTORY:]
+            history[base] = (history.get(base, []) + [[e["norm"], e["tokens"]]])[-NORM_HISTORY:]
         decision = {"accepted": accepted, "rejected": rejected, "decided_by": self.site,
                     "decided_at": time.time(), "norms": history}
         decision, won = self.store.decide_members(r, decision)
