@@ -22,11 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import providers
-from geotrain import __version__
+from geotrain import __version__, procs
 from geotrain.errors import GeotrainError
 from geotrain.migrate import Migrations
 from geotrain.recipe import Placement, Recipe, SiteSpec, default_home
-from geotrain.state import StateDB, iso
+from geotrain.state import StateDB, iso, open_private, private_dir
 from geotrain.store import RunStore, round_key, run_url
 
 POLL_S = 0.5
@@ -48,7 +48,8 @@ def new_run_id(name: str) -> str:
 
 def preflight(recipe: Recipe, recipe_path: str) -> None:
     """What must hold before anything is created: every provider usable, the
-    data there. Raises a GeotrainError that says what to fix."""
+    data there, the run store's root writable. Raises a GeotrainError that says
+    what to fix."""
     from geotrain.errors import ProviderError, RecipeError
     from geotrain.train.data import glob_files
 
@@ -73,6 +74,9 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
             glob_files(recipe.data.paths)
         except ValueError as e:
             raise RecipeError(recipe_path, None, "data.paths", str(e)) from None
+    from geotrain.store import check_writable
+
+    check_writable(recipe.store_root())  # the store's bucket/folder exists and takes writes
 
 
 def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> str:
@@ -105,18 +109,23 @@ def log_dir(home: Path, run_id: str) -> Path:
 
 
 def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    """Some process has this pid and is not a zombie. Whether it is the run's controller
+    is `controller_alive`'s question."""
+    return procs.alive(pid)
+
+
+def controller_alive(run: dict) -> bool:
+    """The run's recorded controller (state db `controller_pid`) still runs: that pid is
+    alive *and* started when recorded (`controller_started`), so a recycled pid is never
+    taken for it. A pid recorded without a start time (a row from before it was
+    recorded) is checked by pid alone."""
+    pid, started = run.get("controller_pid"), run.get("controller_started")
+    return procs.alive(pid) and (started is None or procs.start_time(pid) == started)
+
+
+def record_controller(db: StateDB, run_id: str, pid: int, **values) -> None:
+    """Record `pid` as the run's controller, with its start time."""
+    db.update_run(run_id, controller_pid=pid, controller_started=procs.start_time(pid), **values)
 
 
 def status(run_id: str, home: Path | None = None) -> dict:
@@ -127,7 +136,7 @@ def status(run_id: str, home: Path | None = None) -> dict:
 
 
 def _status_of(db: StateDB, run: dict) -> dict:
-    alive = run["state"] == "running" and pid_alive(run["controller_pid"])
+    alive = run["state"] == "running" and controller_alive(run)
     return {
         "id": run["id"], "name": run["name"], "state": run["state"],
         "rounds_done": run["rounds_done"], "rounds_total": run["rounds_total"],
@@ -192,8 +201,8 @@ class Controller(Migrations):
     def run(self, resume: bool = False) -> str:
         """Drive the run to its end; returns the final state. With `resume`, take
         over the sites still running and relaunch the others."""
-        self.db.update_run(self.run_id, controller_pid=os.getpid(), state="running",
-                           finished_at=None, error=None)
+        record_controller(self.db, self.run_id, os.getpid(), state="running",
+                          finished_at=None, error=None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if resume:
@@ -527,10 +536,16 @@ def down(run_id: str, home: Path | None = None) -> dict:
     run = db.run(run_id)
     live = [r for r in db.nodes(run["id"]) if r["state"] != "terminated"]
     pid = run["controller_pid"]
-    if run["state"] == "running" and pid_alive(pid) and pid != os.getpid():
-        os.kill(pid, signal.SIGTERM)
+    if run["state"] == "running" and controller_alive(run) and pid != os.getpid():
+        # Only the recorded process: with its start time (through a pidfd, so a pid
+        # recycled meanwhile is never signalled); a row without one, by pid.
+        started = run.get("controller_started")
+        if started is None:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            procs.signal_if_same(pid, started, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while pid_alive(pid) and time.monotonic() < deadline:
+        while controller_alive(run) and time.monotonic() < deadline:
             time.sleep(0.2)
     gone = terminate_run(db, run["id"])
     if db.run(run["id"])["state"] == "running":
@@ -548,7 +563,7 @@ def prepare_resume(run_id: str, home: Path | None = None) -> str:
     run = db.run(run_id)
     if run["state"] == "succeeded":
         raise GeotrainError(f"run {run['id']} already succeeded; nothing to resume")
-    if pid_alive(run["controller_pid"]) and run["controller_pid"] != os.getpid() \
+    if controller_alive(run) and run["controller_pid"] != os.getpid() \
             and run["state"] == "running":
         raise GeotrainError(f"run {run['id']} is still controlled by pid {run['controller_pid']}; "
                             f"follow it with `geotrain status {run['id']}`")
@@ -558,14 +573,13 @@ def prepare_resume(run_id: str, home: Path | None = None) -> str:
 def detach(run_id: str, home: Path | None = None, resume: bool = False) -> int:
     """Start the controller for run_id as its own background process."""
     home = home or default_home()
-    logs = log_dir(home, run_id)
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "controller.log", "ab") as log:
+    logs = private_dir(log_dir(home, run_id))
+    with open_private(logs / "controller.log") as log:
         proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id]
                                 + (["--resume"] if resume else []),
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))
-    StateDB(home).update_run(run_id, controller_pid=proc.pid)
+    record_controller(StateDB(home), run_id, proc.pid)
     return proc.pid
 
 

@@ -52,7 +52,38 @@ ADDED_COLUMNS = (
     ("sites", "launched_at", "REAL"),
     ("runs", "spend_usd", "REAL"),  # estimated spend so far (compute + egress)
     ("sites", "member", "TEXT"),  # the site's name in the run store (differs after a migration)
+    # The controller's start time (procs.start_time) next to controller_pid: a pid is trusted
+    # (status), refused (resume) or signalled (down) only while both match. NULL in rows
+    # written before it was recorded: those are checked by pid alone.
+    ("runs", "controller_started", "INTEGER"),
 )
+
+
+def private_dir(path: Path) -> Path:
+    """`mkdir -p path`, owner-only: the directory itself is made (or tightened to) 0700.
+    GEOTRAIN_HOME and log directories; other users of the machine read nothing there."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _tighten(path, 0o700)
+    return path
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """Open `path` for appending, created (or tightened to) 0600: logs."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except PermissionError:  # not ours: left as it is
+        pass
+    return os.fdopen(fd, mode)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, mode)
+    except PermissionError:  # not ours: left as it is
+        pass
 
 
 OWNER_FILE = "owner"  # this GEOTRAIN_HOME's owner id, created once (owner_id)
@@ -66,7 +97,7 @@ def owner_id(home: Path) -> str:
     so `geotrain down --orphans` sweeps only this operator's nodes."""
     path = home / OWNER_FILE
     if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(home)
         tmp = home / f".{OWNER_FILE}.tmp-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -92,8 +123,14 @@ def iso(ts: float | None) -> str | None:
 
 class StateDB:
     def __init__(self, home: Path):
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(home)
         self.path = home / "state.db"
+        # Owner-only before SQLite first opens it: its -wal and -shm files take the db's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            extra = self.path.with_name(self.path.name + suffix)
+            if extra.exists():
+                _tighten(extra, 0o600)
         with self._conn() as c:
             c.executescript(SCHEMA)
             for table, column, kind in ADDED_COLUMNS:

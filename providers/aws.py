@@ -154,9 +154,12 @@ def find_image(ec2, name_pattern: str = DEFAULT_IMAGE_NAME, owner: str = "amazon
         {"Name": "state", "Values": ["available"]},
         {"Name": "architecture", "Values": ["x86_64"]}])["Images"]
     if not images:
+        region = ec2.meta.region_name
+        what = ("no Deep Learning AMI for PyTorch (Ubuntu 22.04, x86_64)" if name_pattern == DEFAULT_IMAGE_NAME
+                else "no AMI")
         raise ProviderError(
-            f"no AMI named like {name_pattern!r} owned by {owner!r} in {ec2.meta.region_name}; "
-            "set the site's `image` option to an AMI id, or `image_name`/`image_owner` to a pattern that exists")
+            f"region {region} has {what} named like {name_pattern!r} owned by {owner!r}; choose another "
+            "`region` for this site, or add a `candidates` entry in a region that has one")
     return max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
 
 
@@ -169,7 +172,10 @@ def _subnets(ec2, plan: SitePlan) -> list[tuple[str, str, str]]:
     else:
         vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
-            raise ProviderError(f"no default VPC in {plan.region}; set the site's `subnet` option")
+            region = ec2.meta.region_name
+            raise ProviderError(f"site {plan.site}: region {region} has no default VPC; create one "
+                                f"(`aws ec2 create-default-vpc --region {region}`) or choose another "
+                                "`region` for this site")
         subnets = ec2.describe_subnets(Filters=[
             {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
             {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]

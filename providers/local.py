@@ -6,24 +6,35 @@ dir and its own auth token. Every process of a site carries GEOTRAIN_RUN and
 GEOTRAIN_SITE in its environment — Ray's workers inherit it — which is what
 `query` and `terminate` look for in /proc: the local equivalent of cloud tags.
 GEOTRAIN_OWNER carries the launching home's owner id (the `geotrain-owner` tag).
-Nothing is ever killed by name.
+Nothing is ever killed by name; /proc is read through geotrain.procs only.
+
+A site's temp dir is mkdtemp'ed under the owner-only /tmp/gt-<uid> (GEOTRAIN_TEMP_DIR
+in its processes' environment; `terminate` removes it if the agent could not), and
+its metadata stand-in takes control POSTs only with the site's GEOTRAIN_NOTICE_SECRET.
 
 See providers/__init__.py for the contract.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from geotrain import procs
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 HOST = "127.0.0.1"
+TEMP_ROOT = Path("/tmp")  # not $TMPDIR: a long one would push Ray's socket paths over their limit
+TEMP_MARKER = ".geotrain-site"  # {"run", "site"} in each site's temp dir
 GRACE_S = 10.0
 _children: dict[int, subprocess.Popen] = {}  # agents this process started, to reap
 
@@ -42,32 +53,85 @@ def open_ports(plan: SitePlan) -> None:
 
 def _instance_id(pid: int) -> str:
     # pid@start-time, so a recycled pid is never mistaken for our process.
-    return f"{pid}@{_start_time(pid)}"
+    return f"{pid}@{procs.start_time(pid)}"
 
 
-def _start_time(pid: int) -> str | None:
+def _temp_base() -> Path:
+    """TEMP_ROOT/gt-<uid>, owner-only (0700): where every local site's temp dir is made.
+    Refused when it is not a plain directory of this user (someone else made it first)."""
+    base = TEMP_ROOT / f"gt-{os.getuid()}"
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        base.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        from geotrain.errors import ProviderError
+
+        raise ProviderError(f"{base} is not a directory owned by you (uid {os.getuid()}); local "
+                            "sites keep their temp dirs there: remove it and launch again")
+    if st.st_mode & 0o077:
+        os.chmod(base, 0o700)
+    return base
+
+
+def _make_temp_dir(run_id: str, site: str) -> str:
+    """A fresh, unpredictable, owner-only temp dir for one site (Ray's sessions, the
+    gloo rendezvous), marked with the run and site it belongs to so `terminate` can
+    remove it when the agent could not (SIGKILL). Short on purpose: Ray's unix
+    sockets live inside it and a socket path is limited to ~107 characters."""
+    path = tempfile.mkdtemp(prefix="", dir=_temp_base())
+    fd = os.open(os.path.join(path, TEMP_MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"run": run_id, "site": site}, f)
+    return path
+
+
+def _remove_temp_dirs(keys: set[tuple[str, str]]) -> list[str]:
+    """Remove the temp dirs of these (run, site)s that no live process uses any more
+    (GEOTRAIN_TEMP_DIR tags who uses which). The agent removes its own on exit; this
+    catches an agent that was killed. Returns the dirs removed."""
+    base = TEMP_ROOT / f"gt-{os.getuid()}"
+    try:
+        entries = list(base.iterdir())
     except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+        return []
+    in_use = {t.get("GEOTRAIN_TEMP_DIR") for p, t in procs.tagged() if procs.alive(p)}
+    removed = []
+    for d in entries:
+        try:
+            owner = json.loads((d / TEMP_MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and (owner.get("run"), owner.get("site")) in keys \
+                and str(d) not in in_use:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
 
 
 def launch(plan: SitePlan) -> list[Node]:
-    log_dir = Path(plan.option("log_dir") or ".")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    temp_dir = f"/tmp/gt-{plan.run_id[-8:]}-{plan.site}"
+    from geotrain.site.notice_server import SECRET_ENV
+    from geotrain.state import open_private, private_dir
+
+    # The controller's log dir for the run (owner-only); never chmod the cwd without one.
+    log_dir = private_dir(Path(plan.option("log_dir"))) if plan.option("log_dir") else Path(".")
+    temp_dir = _make_temp_dir(plan.run_id, plan.site)
+    # GEOTRAIN_NOTICE_SECRET: what `preempt` must show the site's notice endpoint; only the
+    # site's processes have it (in their environment, readable in /proc by this user only).
     env = dict(os.environ, GEOTRAIN_RUN=plan.run_id, GEOTRAIN_SITE=plan.site,
-               GEOTRAIN_HOME=_home(), RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
+               GEOTRAIN_HOME=_home(), GEOTRAIN_TEMP_DIR=temp_dir,
+               RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
                # Without this Ray swaps 127.0.0.1 for the machine's external
                # address and listens there; with it every Ray port is loopback.
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
     env.pop("RAY_ADDRESS", None)
     env.pop("GEOTRAIN_PROVIDER", None)
     env.pop("GEOTRAIN_OWNER", None)
+    env[SECRET_ENV] = secrets.token_hex(32)
     if plan.owner:
         env["GEOTRAIN_OWNER"] = plan.owner
-    with open(log_dir / f"{plan.site}.log", "ab") as log:
+    with open_private(log_dir / f"{plan.site}.log") as log:
         # The site's own instance-metadata stand-in: `preempt()` announces a notice
         # there and the agent's AWS-format watcher sees it, as on a spot node.
         notice = subprocess.Popen([sys.executable, "-m", "geotrain.site.notice_server",
@@ -89,12 +153,17 @@ def launch(plan: SitePlan) -> list[Node]:
 
 def preempt(run_id: str, site: str, notice_s: float = 30.0) -> None:
     """Fault seam: announce a spot preemption to a local site through its own
-    metadata endpoint, so the agent's real watcher code path sees it."""
+    metadata endpoint, so the agent's real watcher code path sees it. The endpoint
+    wants the site's notice secret, which this reads from the agent's environment."""
     import urllib.request
 
+    from geotrain.site.notice_server import SECRET_ENV, SECRET_HEADER
+
     for node in query(run_id, site):
-        endpoint = _environ(node.pid).get(b"GEOTRAIN_METADATA_ENDPOINT", b"").decode()
-        req = urllib.request.Request(f"{endpoint}/_geotrain/preempt?in_s={notice_s:g}", method="POST")
+        tags = procs.tags(node.pid)
+        endpoint = tags.get("GEOTRAIN_METADATA_ENDPOINT", "")
+        req = urllib.request.Request(f"{endpoint}/_geotrain/preempt?in_s={notice_s:g}", method="POST",
+                                     headers={SECRET_HEADER: tags.get(SECRET_ENV, "")})
         with urllib.request.urlopen(req, timeout=5):
             pass
 
@@ -112,47 +181,18 @@ def kill(run_id: str, site: str) -> list[int]:
 
 
 def _is_agent(pid: int) -> bool:
-    try:
-        return b"geotrain.site.agent" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def _environ(pid: int) -> dict[bytes, bytes]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
+    return "geotrain.site.agent" in procs.cmdline(pid)
 
 
 def _tagged() -> list[tuple[int, str, str, str]]:
     """(pid, run, site, role) of every process on this machine carrying our tags."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if b"GEOTRAIN_RUN=" not in environ:
-            continue
-        tags = dict(kv.split(b"=", 1) for kv in environ.split(b"\0") if b"=" in kv)
-        run, site = tags.get(b"GEOTRAIN_RUN"), tags.get(b"GEOTRAIN_SITE")
-        if run and site:
-            out.append((int(entry), run.decode(), site.decode(),
-                        tags.get(b"GEOTRAIN_ROLE", b"").decode()))
-    return out
+    return [(pid, t["GEOTRAIN_RUN"], t["GEOTRAIN_SITE"], t.get("GEOTRAIN_ROLE", ""))
+            for pid, t in procs.tagged() if t.get("GEOTRAIN_SITE")]
 
 
 def _alive(pid: int) -> bool:
     _reap()
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return procs.alive(pid)
 
 
 def processes(run_id: str) -> list[int]:
@@ -164,13 +204,13 @@ def query(run_id: str, site: str | None = None, regions: list[str] | None = None
     """One node per site with a live process tagged for the run. Its pid is the
     site's agent: the oldest process of the site that is not its metadata
     stand-in (or that stand-in, if nothing else of the site is left)."""
-    procs = [(p, s, role) for p, r, s, role in _tagged()
+    found = [(p, s, role) for p, r, s, role in _tagged()
              if r == run_id and (site is None or s == site) and _alive(p)]
     nodes = []
-    for s in sorted({s for _, s, _ in procs}):
-        pids = sorted(p for p, s2, role in procs if s2 == s and role != "notice") or \
-            sorted(p for p, s2, _ in procs if s2 == s)
-        agent = min(pids, key=lambda p: int(_start_time(p) or 0))
+    for s in sorted({s for _, s, _ in found}):
+        pids = sorted(p for p, s2, role in found if s2 == s and role != "notice") or \
+            sorted(p for p, s2, _ in found if s2 == s)
+        agent = min(pids, key=lambda p: procs.start_time(p) or 0)
         nodes.append(Node(run_id, s, "local", _instance_id(agent), "running",
                           private_ip=HOST, pid=agent, region="local"))
     return nodes
@@ -183,14 +223,7 @@ def _home() -> str:
 
 
 def _home_of(pid: int) -> str | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    for kv in environ.split(b"\0"):
-        if kv.startswith(b"GEOTRAIN_HOME="):
-            return kv.split(b"=", 1)[1].decode()
-    return None
+    return procs.tags(pid).get("GEOTRAIN_HOME")
 
 
 def query_all() -> list[Node]:
@@ -201,7 +234,7 @@ def query_all() -> list[Node]:
 
     home = _home()
     runs = sorted({r for p, r, _, _ in _tagged() if _alive(p) and _home_of(p) == home})
-    return [replace(n, owner=_environ(n.pid).get(b"GEOTRAIN_OWNER", b"").decode() or None)
+    return [replace(n, owner=procs.tags(n.pid).get("GEOTRAIN_OWNER") or None)
             for r in runs for n in query(r) if _home_of(n.pid) == home]
 
 
@@ -212,13 +245,11 @@ def terminate(nodes: list[Node]) -> list[Node]:
     for node in nodes:
         pid_str, _, started = node.instance_id.partition("@")
         pid = int(pid_str)
-        if _start_time(pid) == started and _alive(pid):
-            try:
-                os.kill(pid, signal.SIGTERM)
-                # Only a live agent shuts its Ray cluster down; anything else is a leftover.
-                signalled |= _is_agent(pid)
-            except ProcessLookupError:
-                pass
+        _reap()
+        # Only the process recorded (pid and start time), through a pidfd: never a recycled pid.
+        if started.isdigit() and procs.signal_if_same(pid, int(started), signal.SIGTERM):
+            # Only a live agent shuts its Ray cluster down; anything else is a leftover.
+            signalled |= _is_agent(pid)
         done.append(node)
     # Only a live agent shuts its Ray cluster down; without one, kill at once.
     deadline = time.monotonic() + (GRACE_S if signalled else 0)
@@ -233,7 +264,11 @@ def terminate(nodes: list[Node]) -> list[Node]:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    _reap()
+    # What an agent killed before it could clean up left: its temp dir (once its processes are gone).
+    deadline = time.monotonic() + GRACE_S
+    while any((r, s) in keys and _alive(p) for p, r, s, _ in _tagged()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _remove_temp_dirs(keys)
     return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
                  n.region) for n in done]
 

@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+from pathlib import Path
+
 import pytest
 
 from geotrain.errors import ProviderError
@@ -349,8 +351,9 @@ def test_notice_server_rejects_unknown_provider_and_serves_control_endpoints():
     with pytest.raises(ValueError, match="valid: aws, gcp, azure"):
         NoticeServer("oracle")
     with NoticeServer("gcp") as s:
-        assert http("POST", f"{s.url}/_geotrain/rebalance")[0] == 400
-        assert http("POST", f"{s.url}/_geotrain/preempt?in_s=10")[0] == 200
+        secret = {"X-Geotrain-Secret": s.control_secret}
+        assert http("POST", f"{s.url}/_geotrain/rebalance", secret)[0] == 400
+        assert http("POST", f"{s.url}/_geotrain/preempt?in_s=10", secret)[0] == 200
         assert http("GET", f"{s.url}/computeMetadata/v1/instance/preempted",
                     {"Metadata-Flavor": "Google"})[2] == b"TRUE"
 
@@ -386,8 +389,12 @@ def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, 
                                   options=(("log_dir", str(tmp_path / "logs")),)))
     try:
         wait_for(lambda: (store.heartbeat("a") or {}).get("state") == "training", 120)
+        from geotrain import procs
+
+        temp = Path(procs.tags(nodes[0].pid)["GEOTRAIN_TEMP_DIR"])  # mkdtemp'ed
+        assert temp.is_dir() and temp.parent.stat().st_mode & 0o077 == 0  # under an owner-only dir
         t0 = time.time()
-        local.preempt(run_id, "a", notice_s=30)
+        local.preempt(run_id, "a", notice_s=30)  # with the site's notice secret
         t1 = time.time()
         hb = wait_for(lambda: (b := store.heartbeat("a")) and b["state"] == "preempting" and b, 60)
         print(f"\nagent: 'preempting' heartbeat {hb['at'] - t0:.2f} s after preempt()")
@@ -395,6 +402,7 @@ def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, 
         assert hb["notice"] == "preempt" and t0 + 29 <= hb["deadline"] <= t1 + 30
         proc = local._children[nodes[0].pid]
         assert proc.wait(timeout=90) == 0
+        assert not temp.exists()  # the agent removed its temp dir as it left
     finally:
         local.terminate(nodes)
     events = [e for e in store.events(["a"]) if e["kind"] == "preempting"]

@@ -322,9 +322,29 @@ def test_image_lookup(proxy, moto_server):
     assert proxy.calls("RunInstances")[0]["ImageId"] == "ami-0a1a0000000000001"
     assert proxy.calls("DescribeImages") == []  # the override skips the lookup
     aws.terminate(nodes)
-    with pytest.raises(ProviderError, match="no AMI named like 'no-such-image-\\*'.*`image` option"):
+    with pytest.raises(ProviderError, match="region us-east-1 has no AMI named like 'no-such-image-\\*'"):
         aws.launch(plan(options=(("image_name", "no-such-image-*"),)))
     assert live(client(moto_server)) == [] and geotrain_groups(client(moto_server)) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_region_without_the_deep_learning_ami_says_which_and_what_to_do(proxy, moto_server):
+    """The fix names what a recipe can change (the site's region, a candidate), never an
+    option no recipe can set."""
+    ec2 = client(moto_server, region="eu-north-1")
+    dlamis = ec2.describe_images(Owners=["amazon"], Filters=[
+        {"Name": "name", "Values": [aws.DEFAULT_IMAGE_NAME]}])["Images"]
+    assert dlamis
+    for image in dlamis:
+        ec2.deregister_image(ImageId=image["ImageId"])
+    with pytest.raises(ProviderError) as e:
+        aws.launch(plan(region="eu-north-1", zones=()))
+    message = str(e.value)
+    assert "region eu-north-1 has no Deep Learning AMI" in message
+    assert "`region`" in message and "`candidates`" in message
+    assert "option" not in message and "image_name" not in message
+    assert live(ec2) == [] and geotrain_groups(ec2) == []
+    aws.find_image(client(moto_server))  # another region still has it
 
 
 def test_check_with_credentials(proxy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,11 @@ from rich.console import Console
 
 from geotrain.errors import GeotrainError
 
-out = Console()
+# On a terminal, rich fits tables to its width. Anywhere else (a pipe, a file) a
+# narrow default would elide or wrap values ("…"), so there every value is printed
+# whole: a width no table reaches (a table takes only the width it needs).
+UNBOUNDED_WIDTH = 1 << 16
+out = Console() if sys.stdout.isatty() else Console(width=UNBOUNDED_WIDTH)
 err = Console(stderr=True)
 
 

@@ -54,9 +54,14 @@ def drive(run_id: str, detach: bool, as_json: bool, resume: bool = False) -> Non
         print_json(status(run_id))
     else:
         err.print(f"run [bold]{run_id}[/] — Ctrl-C stops it cleanly", highlight=False)
-        with Live(console=out, refresh_per_second=4, transient=False) as live:
-            state = Controller(run_id, on_tick=lambda s: live.update(run_view(s))).run(resume=resume)
-        final = status(run_id)
+        if out.is_terminal:
+            with Live(console=out, refresh_per_second=4, transient=False) as live:
+                state = Controller(run_id, on_tick=lambda s: live.update(run_view(s))).run(resume=resume)
+            final = status(run_id)
+        else:  # a pipe or a file: Live prints only its last view there, with no line end after it
+            state = Controller(run_id).run(resume=resume)
+            final = status(run_id)
+            out.print(run_view(final))
         if state == "succeeded":
             loss = f"eval loss {final['eval_loss']:.4f}; " if final["eval_loss"] is not None else ""
             out.print(f"[green]✓[/] finished: {loss}model at "

@@ -28,8 +28,10 @@ def providers(as_json: Annotated[bool, typer.Option("--json", help="print JSON")
     if as_json:
         print_json(rows)
         return
+    from rich.markup import escape
+
     table = Table("provider", "usable", "capabilities", "detail")
     for r in rows:
         caps = ", ".join(k for k, v in r.get("capabilities", {}).items() if v) or "-"
-        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", caps, r["detail"])
+        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", caps, escape(r["detail"]))
     out.print(table)

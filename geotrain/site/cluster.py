@@ -34,6 +34,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from geotrain import procs
 from geotrain.errors import GeotrainError
 from geotrain.store import RunStore
 
@@ -134,41 +135,23 @@ def reap_leftovers(grace_s: float = 10.0) -> list[int]:
     then SIGKILL what remains. Only processes carrying this node's tags
     (GEOTRAIN_RUN, _SITE, _NODE_INDEX from the boot script), never this process,
     its parents or the metadata stand-in. Returns the pids killed."""
-    me = {k: os.environ.get(k, "").encode() for k in ("GEOTRAIN_RUN", "GEOTRAIN_SITE",
-                                                       "GEOTRAIN_NODE_INDEX")}
+    me = {k: os.environ.get(k, "") for k in ("GEOTRAIN_RUN", "GEOTRAIN_SITE", "GEOTRAIN_NODE_INDEX")}
     if not all(me.values()):
         return []
-    mine, pid = set(), os.getpid()
-    while pid > 1:  # this process and its ancestors (the boot script's shell)
-        mine.add(pid)
-        try:
-            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+    mine = procs.ancestry()  # this process and its ancestors (the boot script's shell)
 
     def leftovers() -> list[int]:
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in mine:
-                continue
-            try:
-                raw = open(f"/proc/{entry}/environ", "rb").read()
-                state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            tags = dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
-            if state != "Z" and all(tags.get(k.encode()) == v for k, v in me.items()) \
-                    and tags.get(b"GEOTRAIN_ROLE") != b"notice":
-                out.append(int(entry))
-        return out
+        return [pid for pid, tags in procs.tagged()
+                if pid not in mine and all(tags.get(k) == v for k, v in me.items())
+                and tags.get("GEOTRAIN_ROLE") != "notice" and procs.alive(pid)]
 
     deadline = time.monotonic() + grace_s
     while (left := leftovers()) and time.monotonic() < deadline:
         time.sleep(0.5)
     names = []
     for p in left:
+        names.append((procs.cmdline(p) or [""])[0][-60:])
         try:
-            names.append(open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].decode()[-60:])
             os.kill(p, 9)
         except (OSError, ProcessLookupError):
             pass

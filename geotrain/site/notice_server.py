@@ -18,9 +18,14 @@ VM's metadata service:
   (recorded in `acknowledged`). No ``Metadata: true`` → 400.
 
 Every provider rejects requests carrying ``X-Forwarded-For`` as the real ones do.
-Tests and the local provider drive it in-process (`preempt`, `rebalance`,
-`clear`); a demo in another process can ``POST /_geotrain/preempt?in_s=30``
-(or ``/_geotrain/rebalance``, ``/_geotrain/clear``). Run one with
+Tests drive it in-process (`preempt`, `rebalance`, `clear`); another process can
+``POST /_geotrain/preempt?in_s=30`` (or ``/_geotrain/rebalance``,
+``/_geotrain/clear``) with the server's control secret in the
+``X-Geotrain-Secret`` header — without it, or with a wrong one, 403 and nothing
+changes. The secret is ``GEOTRAIN_NOTICE_SECRET`` from the environment (the
+local provider generates one per site and gives it only to the site's
+processes), else a random one, printed to stderr. The GET/PUT metadata
+endpoints need no secret, as on a real VM. Run one with
 
     python -m geotrain.site.notice_server --provider aws --port 8999
 """
@@ -29,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import hmac
 import json
+import os
 import secrets
 import signal
 import sys
@@ -41,6 +48,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 PROVIDERS = ("aws", "gcp", "azure")
+SECRET_HEADER = "X-Geotrain-Secret"
+SECRET_ENV = "GEOTRAIN_NOTICE_SECRET"
 AWS_TOKEN_TTL_MAX = 21600
 GCE_WAIT_MAX_S = 3600.0
 
@@ -53,10 +62,12 @@ class NoticeServer:
     """One provider's metadata service on 127.0.0.1; `start()` returns its base URL."""
 
     def __init__(self, provider: str, vm_name: str = "geotrain-vm", host: str = "127.0.0.1",
-                 port: int = 0):
+                 port: int = 0, control_secret: str | None = None):
         if provider not in PROVIDERS:
             raise ValueError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDERS)}")
         self.provider, self.vm_name, self.host, self.port = provider, vm_name, host, port
+        # What a POST to /_geotrain/* must carry in SECRET_HEADER (random unless given).
+        self.control_secret = control_secret or secrets.token_hex(32)
         self.acknowledged: list[str] = []       # Azure EventIds POSTed in StartRequests
         self.requests: dict[str, int] = {}      # "METHOD /path" -> count, for tests
         self._cond = threading.Condition()
@@ -161,6 +172,9 @@ class NoticeServer:
         """-> (status, headers, body)."""
         self._count(method, path)
         if path.startswith("/_geotrain/"):
+            given = headers.get(SECRET_HEADER) or ""
+            if not hmac.compare_digest(given.encode(), self.control_secret.encode()):
+                return 403, {}, b"Forbidden: the control endpoints need the server's secret"
             return self._control(method, path, query)
         if headers.get("X-Forwarded-For"):
             return (403 if self.provider != "azure" else 400), {}, b"Forbidden"
@@ -304,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="announce a preemption S seconds after start")
     p.add_argument("--notice-s", type=float, default=30.0, help="seconds of warning a notice gives")
     a = p.parse_args(argv)
-    server = NoticeServer(a.provider, vm_name=a.vm_name, port=a.port)
+    secret = os.environ.get(SECRET_ENV)
+    server = NoticeServer(a.provider, vm_name=a.vm_name, port=a.port, control_secret=secret)
+    if not secret:  # a standalone demo: say it, once, to whoever started it
+        print(f"control secret ({SECRET_HEADER} header): {server.control_secret}", file=sys.stderr,
+              flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly on SIGTERM too
     print(server.start(), flush=True)
     try:
