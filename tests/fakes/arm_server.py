@@ -35,10 +35,26 @@ operation that leaves the VM in provisioningState Failed, like ARM.
 
 Every request is recorded (`requests`) with its JSON body. `resources()` lists
 every resource of every kind the server holds.
+
+Booting (opt-in: `FakeArm(boot=BootConfig(image_bin, workdir, node_env))` or
+`enable_boot(config)`; tests/fakes/azure_boot.py): when a VM's creation operation
+succeeds, the VM gets its own IMDS stand-in (`imds(name)`) and its
+`osProfile.customData` (base64-decoded) runs as a `BootedNode` (`node(name)`) with the
+environment
+
+    AZURE_POD_IDENTITY_AUTHORITY_HOST=http://127.0.0.1:<port>   (azure-identity's IMDS host)
+    GEOTRAIN_METADATA_ENDPOINT=http://127.0.0.1:<port>  NO_PROXY=127.0.0.1,localhost
+    + BootConfig.node_env
+
+A VM with an `identity` (SystemAssigned and/or UserAssigned) gets IMDS tokens
+`token_for(principal id)`; without one IMDS refuses a token. `preempt(name)` schedules a
+Preempt event for it; deleting the VM or its resource group stops its node (its whole
+process tree) and its IMDS; `stop()` stops every one.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime
 import ipaddress
@@ -54,6 +70,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.azure_boot import AzureImds, BootConfig, Booter, azure_env
 
 TYPES = {t.lower(): t for t in (
     "Microsoft.Network/virtualNetworks", "Microsoft.Network/virtualNetworks/subnets",
@@ -123,8 +141,12 @@ class ArmError(Exception):
 class FakeArm:
     """The server's state and behaviour; the HTTP handlers below only route."""
 
-    def __init__(self, subscription: str = "00000000-0000-0000-0000-0000000000aa"):
+    def __init__(self, subscription: str = "00000000-0000-0000-0000-0000000000aa",
+                 boot: BootConfig | None = None):
         self.subscription = subscription
+        self.boot = boot
+        self._booter: Booter | None = Booter(boot) if boot else None
+        self.node_tokens: dict[str, str] = {}  # identity principal id -> its IMDS token
         self.token = "fake-arm-" + secrets.token_hex(8)
         self.identity_header = secrets.token_hex(8)
         self.requests: list[Recorded] = []
@@ -155,10 +177,107 @@ class FakeArm:
         return self
 
     def stop(self) -> None:
+        if self._booter is not None:
+            self._booter.stop()
         for server in self._servers:
             server.shutdown()
             server.server_close()
+        self._servers = []
         self._tmp.cleanup()
+
+    # --- booting -----------------------------------------------------------
+    def enable_boot(self, config: BootConfig) -> None:
+        """Boot VMs created from now on."""
+        self.boot = config
+        self._booter = Booter(config)
+
+    def token_for(self, principal_id: str) -> str:
+        """The access token IMDS gives a VM for the identity `principal_id`."""
+        with self._lock:
+            return self.node_tokens.setdefault(principal_id, "eyJ0eXAiOiJKV1QifQ.node-"
+                                               + secrets.token_urlsafe(24))
+
+    def _vm_key(self, name: str, group: str | None) -> str:
+        found = [k for k in (self._booter.metadata if self._booter else {})
+                 if k.rsplit("/", 1)[-1] == name.lower()
+                 and (group is None or f"/resourcegroups/{group.lower()}/" in k)]
+        if len(found) != 1:
+            raise KeyError(f"no booted VM {name!r}" + (f" in {group}" if group else "")
+                           + (" (several groups: name one)" if found else ""))
+        return found[0]
+
+    def imds(self, name: str, group: str | None = None) -> AzureImds:
+        """The IMDS stand-in of a booted VM."""
+        with self._lock:
+            key = self._vm_key(name, group)
+            return self._booter.metadata[key]
+
+    def node(self, name: str, group: str | None = None):
+        """The BootedNode of a booted VM (None if it had no custom data)."""
+        with self._lock:
+            key = self._vm_key(name, group)
+            return self._booter.nodes.get(key)
+
+    def preempt(self, name: str, group: str | None = None) -> str:
+        """Schedule a Preempt event for a booted VM (its Scheduled Events list it); the
+        EventId."""
+        return self.imds(name, group).preempt()
+
+    def _boot(self, rid: str) -> None:
+        """Called (under the lock) when a VM's creation has succeeded."""
+        with self._lock:
+            vm = self._res.get(rid.lower())
+            if vm is None or self._booter is None or rid.lower() in self._booter.metadata:
+                return
+            props = vm["properties"]
+            identity = vm.get("identity") or {}
+            kind = identity.get("type") or ""
+            identities, client_ids, defaults = {}, {}, []
+            if "SystemAssigned" in kind and identity.get("principalId"):
+                token = self.node_tokens.setdefault(
+                    identity["principalId"], "eyJ0eXAiOiJKV1QifQ.node-" + secrets.token_urlsafe(24))
+                client_ids[token] = vm["_client_id"]
+                identities.update({identity["principalId"].lower(): token,
+                                   vm["_client_id"].lower(): token})
+                defaults.append(token)
+            if "UserAssigned" in kind:
+                for uid, info in (identity.get("userAssignedIdentities") or {}).items():
+                    token = self.node_tokens.setdefault(
+                        info["principalId"], "eyJ0eXAiOiJKV1QifQ.node-" + secrets.token_urlsafe(24))
+                    client_ids[token] = info["clientId"]
+                    identities.update({uid.lower(): token, info["principalId"].lower(): token,
+                                       info["clientId"].lower(): token})
+                    if "SystemAssigned" not in kind:
+                        defaults.append(token)
+            default = None
+            if len(defaults) == 1:
+                identities[""] = defaults[0]
+                default = "one"
+            elif defaults:
+                default = "ambiguous"
+            tags = vm.get("tags") or {}
+            compute = {
+                "name": vm["name"], "vmId": props["vmId"], "location": vm["location"],
+                "zone": (vm.get("zones") or [""])[0], "resourceGroupName": vm["_group"],
+                "subscriptionId": self.subscription, "resourceId": vm["id"],
+                "vmSize": props.get("hardwareProfile", {}).get("vmSize", ""),
+                "priority": props.get("priority", ""), "evictionPolicy": props.get("evictionPolicy", ""),
+                "osType": "Linux", "provider": "Microsoft.Compute", "azEnvironment": "AzurePublicCloud",
+                "osProfile": {k: props.get("osProfile", {}).get(k, "")
+                              for k in ("computerName", "adminUsername")},
+                "tags": ";".join(f"{k}:{v}" for k, v in tags.items()),
+                "tagsList": [{"name": k, "value": v} for k, v in tags.items()]}
+            imds = AzureImds(compute=compute, identities=identities, default_identity=default,
+                             client_ids=client_ids)
+            custom = props.get("osProfile", {}).get("customData")
+            script = base64.b64decode(custom).decode() if custom else None
+            self._booter.boot(rid.lower(), imds, script,
+                              f"azure-{vm['name']}-{props['vmId'][:8]}-{secrets.token_hex(3)}",
+                              f"{vm['name']}-{props['vmId'][:8]}", azure_env)
+
+    def _halt(self, rid: str) -> None:
+        if self._booter is not None:
+            self._booter.halt(rid.lower())
 
     # --- test controls -----------------------------------------------------
     def fail_zone(self, zone: str, code: str, via: str = "sync") -> None:
@@ -204,6 +323,9 @@ class FakeArm:
             prefix = f"/subscriptions/{self.subscription}/resourcegroups/{name.lower()}/"
             held = [r["id"] for k, r in self._res.items() if k.startswith(prefix)]
             self.rg_deleted_with[name] = held
+            for k, r in self._res.items():
+                if k.startswith(prefix) and r["type"] == "Microsoft.Compute/virtualMachines":
+                    self._halt(r["id"])
             for k in [k for k in self._res if k.startswith(prefix)]:
                 del self._res[k]
             del self._groups[name.lower()]
@@ -329,6 +451,11 @@ class FakeArm:
             nic["properties"]["virtualMachine"] = {"id": res["id"]}
         if "identity" in res and "SystemAssigned" in res["identity"].get("type", ""):
             res["identity"].update(principalId=str(uuid.uuid4()), tenantId=str(uuid.uuid4()))
+            res["_client_id"] = str(uuid.uuid4())  # not in the VM's JSON; IMDS tells it
+        if "identity" in res and "UserAssigned" in res["identity"].get("type", ""):
+            for info in (res["identity"].get("userAssignedIdentities") or {}).values():
+                info.setdefault("principalId", str(uuid.uuid4()))
+                info.setdefault("clientId", str(uuid.uuid4()))
         os_disk = props.setdefault("storageProfile", {}).setdefault("osDisk", {})
         disk_name = os_disk.get("name") or f"{res['name']}_OsDisk_1_{secrets.token_hex(16)}"
         disk_id = f"{res['id'].rsplit('/providers/', 1)[0]}/providers/Microsoft.Compute/disks/{disk_name}"
@@ -369,6 +496,7 @@ class FakeArm:
                 del self._res[key]
             if kind == "Microsoft.Compute/virtualMachines":
                 self._release_vm(res)
+                self._halt(res["id"])
 
     def _release_vm(self, vm: dict) -> None:
         props = vm["properties"]
@@ -387,9 +515,9 @@ class FakeArm:
             if (ref.get("properties") or {}).get("deleteOption") == "Delete":
                 del self._res[nic["id"].lower()]
 
-    def new_op(self, kind: str, error: dict | None = None) -> str:
+    def new_op(self, kind: str, error: dict | None = None, on_done=None) -> str:
         op = secrets.token_hex(8)
-        self._ops[op] = {"kind": kind, "polls": 0, "error": error}
+        self._ops[op] = {"kind": kind, "polls": 0, "error": error, "on_done": on_done}
         return op
 
     def poll(self, op: str) -> tuple[int, dict | None]:
@@ -402,6 +530,9 @@ class FakeArm:
                 return 204, None
             if state["error"]:
                 return 200, {"status": "Failed", "error": state["error"]}
+            on_done, state["on_done"] = state["on_done"], None
+            if on_done is not None:
+                on_done()
             return 200, {"status": "Succeeded"}
 
 
@@ -556,7 +687,10 @@ class _ArmHandler(_Base):
         if self.command == "PUT":
             out, error = fake.put(rid, group, rtype, name, body or {})
             out["properties"]["provisioningState"] = "Creating"
-            op = fake.new_op("async", error)
+            boot = None
+            if rtype == "Microsoft.Compute/virtualMachines" and not error and fake._booter:
+                boot = lambda: fake._boot(out["id"])  # noqa: E731 - once provisioned
+            op = fake.new_op("async", error, boot)
             return self._send(201, out, {"Azure-AsyncOperation": f"{fake.base_url}/_ops/{op}",
                                          "Retry-After": "0"})
         if self.command == "DELETE":

@@ -12,6 +12,7 @@ actually sent.
     proxy.fail("RunInstances", "SubnetId", {"subnet-123"}, "InsufficientInstanceCapacity")
     proxy.delay("RunInstances", 5.0)   # hold each RunInstances 5 s, then forward it
     proxy.hold("RunInstances")         # hold each RunInstances until release("RunInstances")
+    proxy.answer("GetConsoleOutput", fn)  # answer it with fn(params) -> XML body (moto has none)
     ... boto3 with AWS_ENDPOINT_URL=proxy.url ...
     proxy.close()
 """
@@ -56,6 +57,7 @@ class FaultProxy:
         self.holds: dict[str, threading.Event] = {}  # action -> set when released
         self.forwarded: list[str] = []  # actions of delayed requests once moto answered them
         self.requests: list[dict[str, str]] = []  # EC2 form params, in order
+        self.answers: dict[str, object] = {}  # action -> fn(params) -> XML body, answered here
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -81,6 +83,12 @@ class FaultProxy:
         the test needs, in which a client can die with its request in flight."""
         with self.lock:
             self.holds[action] = threading.Event()
+
+    def answer(self, action: str, fn) -> None:
+        """Answer every `action` here with `fn(params)` (an XML body, status 200)
+        instead of forwarding it: what moto does not do (a booted node's console)."""
+        with self.lock:
+            self.answers[action] = fn
 
     def release(self, action: str) -> None:
         """Forward the held `action` requests (and any later ones at once)."""
@@ -139,6 +147,15 @@ class FaultProxy:
                 if rule is not None:
                     payload = error_xml(rule.code, f"injected {rule.code} for {rule.param}")
                     self.send_response(rule.status)
+                    self.send_header("Content-Type", "text/xml;charset=UTF-8")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                answer = proxy.answers.get(params.get("Action", ""))
+                if answer is not None:
+                    payload = answer(params)
+                    self.send_response(200)
                     self.send_header("Content-Type", "text/xml;charset=UTF-8")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

@@ -23,6 +23,21 @@ the insert call (`{"error": {"code", "message", "errors": [{"reason",
 
 Every request is recorded (`requests`) with its parsed JSON body for
 assertions. Start with `start()`, stop with `stop()`; nothing is left open.
+
+Booting (opt-in: `FakeGCE(boot=BootConfig(image_bin, workdir, node_env))` or
+`enable_boot(config)`; tests/fakes/gce_boot.py): when an inserted instance turns
+RUNNING, it gets its own metadata server (`metadata_server(name)`) and its
+`startup-script` item runs as a `BootedNode` (`node(name)`) with the environment
+
+    GCE_METADATA_HOST=127.0.0.1:<port>  GCE_METADATA_IP=127.0.0.1:<port>
+    GEOTRAIN_METADATA_ENDPOINT=http://127.0.0.1:<port>  NO_PROXY=127.0.0.1,localhost
+    + BootConfig.node_env
+
+The instance's service account (its `serviceAccounts[0]`, "default" meaning
+`service_account`) gets the token `token_for(email)`; without a serviceAccounts entry
+there is no `service-accounts/` in its metadata. `preempt(name)` sets its `preempted` to
+TRUE; deleting the instance stops its node (its whole process tree) and its metadata
+server; `stop()` stops every one.
 """
 
 from __future__ import annotations
@@ -36,6 +51,8 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.gce_boot import BootConfig, Booter, GceInstanceMetadata, gce_env
 
 LINK = "https://www.googleapis.com/compute/v1/projects/{project}/"
 ZONES = ("us-central1-a", "us-central1-b", "us-central1-c", "europe-west4-a")
@@ -79,6 +96,9 @@ class FakeGCE:
     requests: list = field(default_factory=list)
     failures: dict = field(default_factory=dict)  # zone -> Failure
     inserted: dict = field(default_factory=dict)  # zone -> successful inserts so far
+    boot: BootConfig | None = None  # set: instances boot (see the module docstring)
+    project_number: str = "210987654321"
+    sa_tokens: dict = field(default_factory=dict)  # service account email -> its node token
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -86,6 +106,7 @@ class FakeGCE:
         self._ips = itertools.count(2)
         self._done_actions: dict = {}  # (scope, op name) -> callable run when it turns DONE
         self._server: ThreadingHTTPServer | None = None
+        self._booter: Booter | None = Booter(self.boot) if self.boot else None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> str:
@@ -100,6 +121,8 @@ class FakeGCE:
         return self.url
 
     def stop(self) -> None:
+        if self._booter:
+            self._booter.stop()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -125,6 +148,66 @@ class FakeGCE:
 
     def api_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.path.startswith("/compute/v1/")]
+
+    # -- booting -----------------------------------------------------------
+    def enable_boot(self, config: BootConfig) -> None:
+        """Boot instances that turn RUNNING from now on."""
+        self.boot = config
+        self._booter = Booter(config)
+
+    def token_for(self, email: str) -> str:
+        """The access token the metadata server gives an instance running as `email`."""
+        with self._lock:
+            return self._token_for(email)
+
+    def _token_for(self, email: str) -> str:
+        return self.sa_tokens.setdefault(email, "ya29.node-" + secrets.token_urlsafe(24))
+
+    def _key(self, name: str, zone: str | None) -> tuple[str, str]:
+        found = [k for k in (self._booter.metadata if self._booter else {})
+                 if k[1] == name and zone in (None, k[0])]
+        if len(found) != 1:
+            raise KeyError(f"no booted instance {name!r}" + (f" in {zone}" if zone else "")
+                           + (" (several zones: name one)" if found else ""))
+        return found[0]
+
+    def metadata_server(self, name: str, zone: str | None = None) -> GceInstanceMetadata:
+        """The metadata server of a booted instance."""
+        with self._lock:
+            key = self._key(name, zone)
+            return self._booter.metadata[key]
+
+    def node(self, name: str, zone: str | None = None):
+        """The BootedNode of a booted instance (None if it had no startup-script)."""
+        with self._lock:
+            key = self._key(name, zone)
+            return self._booter.nodes.get(key)
+
+    def preempt(self, name: str, zone: str | None = None) -> None:
+        """Announce the preemption of a booted instance: its `preempted` turns TRUE."""
+        self.metadata_server(name, zone).preempt()
+
+    def _boot(self, zone: str, name: str) -> None:
+        """Called (under the lock) when an instance turns RUNNING."""
+        inst = self.instances[(zone, name)]
+        items = {i["key"]: i.get("value", "") for i in
+                 (inst.get("metadata") or {}).get("items", [])}
+        account = (inst.get("serviceAccounts") or [None])[0]
+        email = token = None
+        scopes: list[str] = []
+        if account:
+            email = account.get("email") or "default"
+            email = self.service_account if email == "default" else email
+            token = self._token_for(email)
+            scopes = list(account.get("scopes") or [])
+        machine = inst.get("machineType", "").rsplit("/", 1)[-1]
+        md = GceInstanceMetadata(name=name, instance_id=inst["id"], zone=zone,
+                                 project=self.project, project_number=self.project_number,
+                                 machine_type=machine, attributes=items, service_account=email,
+                                 scopes=scopes, token=token)
+        self._booter.boot((zone, name), md, items.get("startup-script"),
+                          f"gce-{name}-{inst['id']}-{secrets.token_hex(3)}",
+                          f"{name}-{inst['id']}", gce_env)
 
     # -- helpers -----------------------------------------------------------
     def link(self, rest: str) -> str:
@@ -314,6 +397,8 @@ class _Handler(BaseHTTPRequestHandler):
         def running():
             if (zone, name) in gce.instances:
                 gce.instances[(zone, name)]["status"] = "RUNNING"
+                if gce._booter is not None:
+                    gce._boot(zone, name)
         return 200, gce._operation(f"zones/{zone}", "insert", f"zones/{zone}/instances/{name}",
                                    on_done=running)
 
@@ -358,6 +443,8 @@ class _Handler(BaseHTTPRequestHandler):
         if inst is None:
             return self._not_found(f"zones/{zone}/instances/{name}")
         inst["status"] = "STOPPING"
+        if gce._booter is not None:
+            gce._booter.halt((zone, name))  # in the background: the API answers at once
         return 200, gce._operation(f"zones/{zone}", "delete", f"zones/{zone}/instances/{name}",
                                    on_done=lambda: gce.instances.pop((zone, name), None))
 
