@@ -78,3 +78,55 @@ def check_one(name: str) -> ProviderCheck:
 def check_providers(names: tuple[str, ...] | None = None) -> list[ProviderCheck]:
     """One ProviderCheck per provider (all of them by default), in order."""
     return [check_one(n) for n in (names or providers.PROVIDERS)]
+
+
+# -- can every cloud node reach the run store? ------------------------------------------
+
+STORE_CLOUD = {"s3": "aws", "gs": "gcp", "az": "azure"}  # the cloud each store scheme is on
+IDENTITY = {"aws": "instance_profile", "gcp": "service_account", "azure": "identity"}
+# What a node on another cloud needs in `store_credentials`, by store scheme: (what, form).
+CROSS_CLOUD = {
+    "s3": ("the ARN of an AWS role it assumes by web identity (see infra/aws/README.md)",
+           re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/\S+$")),
+    "gs": ("the path of a GCP workload-identity-federation credential config "
+           "(see infra/gcp/README.md)", re.compile(r"^\S+$")),
+    "az": ("the client id of an Azure app with a federated credential "
+           "(see infra/azure/README.md)",
+           re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")),
+}
+
+
+def store_access(recipe) -> str | None:
+    """Why some cloud placement's nodes would have no way to read and write the run store,
+    in one line naming the site and the option to set; None when every one has. Looks at
+    the recipe only (nothing is called), so `launch` refuses before creating anything.
+    Sites on this machine (providers without node options) need nothing."""
+    from geotrain.recipe import OPTIONS
+
+    store = recipe.store_root()
+    scheme = store.split("://", 1)[0]
+    for i, site in enumerate(recipe.sites):
+        for j, p in enumerate(site.placements()):
+            if p.provider not in OPTIONS:
+                continue
+            who = f"site {site.name}" + (f" (candidates[{j - 1}])" if j else "")
+            at = f"sites[{i}]" + (f".candidates[{j - 1}]" if j else "") + f".{p.provider}"
+            opts = p.options()
+            if scheme == "file":
+                return (f"{who}: its {p.provider} nodes cannot reach the run store {store}, "
+                        "which is on this machine's disk; set store.url to an s3://, gs:// or "
+                        "az:// bucket")
+            if STORE_CLOUD[scheme] == p.provider:
+                key = IDENTITY[p.provider]
+                if getattr(opts, key) is None:
+                    return (f"{who}: its {p.provider} nodes have no identity to write the run "
+                            f"store {store}; set {at}.{key} (see infra/{p.provider}/README.md)")
+                continue
+            what, form = CROSS_CLOUD[scheme]
+            if opts.store_credentials is None:
+                return (f"{who}: its {p.provider} nodes have no credential for the run store "
+                        f"{store} on another cloud; set {at}.store_credentials to {what}")
+            if not form.match(opts.store_credentials):
+                return (f"{who}: {at}.store_credentials must be {what} for the run store "
+                        f"{store} (got {opts.store_credentials!r})")
+    return None

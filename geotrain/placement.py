@@ -70,7 +70,8 @@ def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
         plan = providers.SitePlan(
             run_id=run_id, site=site.name, provider=p.provider, store_url=store_url,
             region=p.region, zones=tuple(p.zones), nodes=site.nodes, workers=site.workers,
-            instance_type=p.instance_type, spot=p.spot, options=options, owner=owner)
+            instance_type=p.instance_type, spot=p.spot, options=options, owner=owner,
+            provider_options=p.options())
         row = db.add_node(run_id, site.name, p.provider, p.region)  # before the provider call
         try:
             nodes = providers.get(p.provider).launch(plan)

@@ -25,7 +25,7 @@ A site with no available candidate is a `PlanError` naming the site.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from geotrain import catalog
@@ -55,6 +55,13 @@ class Candidate:
     usd_per_hour: float | None  # × nodes; None where the catalog has no such offer
     available: bool
     reason: str = ""  # why not available
+    # The placement's provider options that differ from their defaults (recipe `aws:` ...).
+    options: dict = field(default_factory=dict)
+
+    def options_text(self) -> str:
+        """The options in one short line: `key=value`, lists joined by commas."""
+        return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                        for k, v in self.options.items())
 
 
 @dataclass(frozen=True)
@@ -148,12 +155,19 @@ def _kind(spot: bool) -> str:
 
 
 def plan_site(site: SiteSpec, cats: Catalogs) -> SitePlanned:
-    candidates = tuple(resolve(p, site, cats) for p in site.placements())
+    candidates = tuple(replace(resolve(p, site, cats), options=options_of(p))
+                       for p in site.placements())
     if not any(c.available for c in candidates):
         why = "; ".join(f"{c.provider}/{c.region or '*'}: {c.reason}" for c in candidates)
         raise PlanError(f"site {site.name!r}: no candidate is available in the catalog ({why}); "
                         "pick an instance type and region that `geotrain catalog show` lists")
     return SitePlanned(site.name, site.nodes, site.workers, candidates)
+
+
+def options_of(p: Placement) -> dict:
+    """The placement's provider options that differ from their defaults, as JSON values."""
+    opts = p.options()
+    return {} if opts is None else opts.model_dump(mode="json", exclude_defaults=True)
 
 
 def make_plan(recipe: Recipe, home: Path | None = None) -> Plan:

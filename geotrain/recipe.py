@@ -155,6 +155,24 @@ class TrainSpec(_Spec):
         description="Your own training function, 'module:function', called on every worker of "
                     "every site with a geotrain.train.entry.SiteContext instead of the built-in "
                     "GPT trainer. The module must be importable on the sites.")
+    code_dir: str | None = Field(
+        None, min_length=1, description="Directory holding the code `entrypoint` imports, shipped "
+        "to cloud nodes (packed, hashed, installed on each node); relative to the recipe's "
+        "directory; default: the recipe's directory when `entrypoint` is set.")
+
+    @field_validator("code_dir")
+    @classmethod
+    def _resolve_code_dir(cls, code_dir: str | None, info: ValidationInfo) -> str | None:
+        if code_dir is None:
+            return None
+        return os.path.normpath(_base_dir(info) / os.path.expanduser(code_dir))
+
+    @model_validator(mode="after")
+    def _code_dir_needs_entrypoint(self) -> TrainSpec:
+        if self.code_dir is not None and self.entrypoint is None:
+            raise _invalid("only allowed with `entrypoint`: it names the code to ship, and the "
+                           "built-in trainer needs none", "code_dir")
+        return self
 
 
 class SyncSpec(_Spec):
@@ -229,6 +247,167 @@ PROVIDER_NAMES = ("local", "aws", "gcp", "azure")
 Provider = Literal["local", "aws", "gcp", "azure"]
 GPU_REQ = r"^[A-Za-z0-9]+(:[1-9][0-9]*)?$"
 
+# Identifiers the provider options accept, each with the message a mismatch gets.
+AWS_SUBNET = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$"
+AWS_AMI = r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$"
+AWS_PROFILE = r"^(arn:aws[a-z-]*:iam::[0-9]{12}:instance-profile/[A-Za-z0-9_+=,.@/-]+|[A-Za-z0-9_+=,.@-]+)$"
+GCP_ACCOUNT = r"^(default|[a-z0-9][a-z0-9._-]*@[a-z0-9.-]+\.[a-z]+)$"
+GCP_ACCELERATOR = r"^[a-z0-9-]+(:[1-9][0-9]*)?$"
+AZURE_ID = r"^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
+AZURE_IDENTITY = (r"(?i)^(system|/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
+                  r"Microsoft\.ManagedIdentity/userAssignedIdentities/[^/\s]+)$")
+AZURE_SUBNET = (r"(?i)^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
+                r"Microsoft\.Network/virtualNetworks/[^/\s]+/subnets/[^/\s]+$")
+AZURE_IMAGE = r"(?i)^([^:/\s]+:[^:/\s]+:[^:/\s]+:[^:/\s]+|/subscriptions/[^/\s]+/resourceGroups/\S+)$"
+_PATTERN_HINTS = {
+    AWS_SUBNET: "expected a subnet id, 'subnet-' and 8 or 17 hex digits, e.g. "
+                "'subnet-0123456789abcdef0'",
+    AWS_AMI: "expected an AMI id, 'ami-' and 8 or 17 hex digits, e.g. 'ami-0123456789abcdef0'",
+    AWS_PROFILE: "expected an IAM instance profile name, e.g. 'geotrain-node', or its ARN",
+    GCP_ACCOUNT: "expected a service account email, e.g. "
+                 "'geotrain-node@PROJECT.iam.gserviceaccount.com'",
+    GCP_ACCELERATOR: "expected 'TYPE[:COUNT]', e.g. 'nvidia-tesla-t4:2'",
+    AZURE_IDENTITY: "expected 'system' or the resource id of a user-assigned managed identity, "
+                    "'/subscriptions/SUB/resourceGroups/RG/providers/Microsoft.ManagedIdentity/"
+                    "userAssignedIdentities/NAME'",
+    AZURE_SUBNET: "expected a subnet's resource id, '/subscriptions/SUB/resourceGroups/RG/"
+                  "providers/Microsoft.Network/virtualNetworks/VNET/subnets/NAME'",
+    AZURE_IMAGE: "expected a marketplace image 'publisher:offer:sku:version' or an image's "
+                 "resource id '/subscriptions/…'",
+}
+STORE_CREDENTIALS = (
+    "Cross-cloud store access for a run store on another cloud than this placement: for a gs:// "
+    "store the path of a GCP workload-identity-federation credential config (no key in it), for "
+    "an s3:// store the ARN of an AWS role the node assumes by web identity, for an az:// store "
+    "the client id of an Azure app with a federated credential. Required by `geotrain launch` "
+    "when the store is on another cloud. NOT YET USED ON THE NODE: geotrain checks that it is "
+    "set but does not yet hand it to the node, so such a node cannot reach the store yet.")
+
+
+def _disk(default: int) -> Any:
+    return Field(default, ge=8, le=65536, description="Boot disk size in GB.")
+
+
+def _public_ip() -> Any:
+    return Field(False, description="Give each node a public IP. Off by default: nodes reach the "
+                 "store and package mirrors outbound (NAT / default outbound access) and nothing "
+                 "reaches them; no port is opened either way.")
+
+
+class AwsOptions(_Spec):
+    """How AWS nodes are made: their identity, network, image and disk (recipe key `aws`)."""
+
+    instance_profile: str | None = Field(
+        None, pattern=AWS_PROFILE, max_length=2048, description="IAM instance profile (name or ARN) the nodes run "
+        "as; it must allow the run store's bucket (infra/aws/README.md: 'geotrain-node'). "
+        "Required for an s3:// store.")
+    subnets: list[Annotated[str, Field(pattern=AWS_SUBNET)]] = Field(
+        [], description="Subnet ids to launch into, tried in the order of `zones` (one per zone); "
+        "empty: the default VPC's default subnets. Regional: needs the placement's `region`.")
+    image: str | None = Field(None, pattern=AWS_AMI, description="AMI id; default the newest AWS "
+                              "Deep Learning AMI (PyTorch, Ubuntu 22.04). Regional: needs the "
+                              "placement's `region`.")
+    disk_gb: int = _disk(100)
+    public_ip: bool = _public_ip()
+    store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
+
+
+class GcpOptions(_Spec):
+    """How GCP nodes are made: their service account, network, image and disk (recipe key `gcp`)."""
+
+    service_account: str | None = Field(
+        None, pattern=GCP_ACCOUNT, description="Service account email the nodes run as, with the "
+        "single scope devstorage.read_write (infra/gcp/README.md: 'geotrain-node@PROJECT.iam."
+        "gserviceaccount.com'); none: the nodes get no service account. Required for a gs:// "
+        "store.")
+    network: str | None = Field(None, min_length=1, description="VPC network, e.g. "
+                                "'global/networks/geotrain'; default 'global/networks/default'.")
+    subnetwork: str | None = Field(None, min_length=1, description="Subnetwork, e.g. "
+                                   "'regions/us-central1/subnetworks/geotrain'. Regional: needs "
+                                   "the placement's `region`.")
+    image: str | None = Field(None, min_length=1, description="Boot image or image family, e.g. "
+                              "'projects/P/global/images/family/F'; default the Deep Learning VM "
+                              "family pytorch-latest-gpu.")
+    accelerator: str | None = Field(None, pattern=GCP_ACCELERATOR, description="GPUs to attach "
+                                    "to N1 machine types, 'TYPE[:COUNT]' (COUNT defaults to "
+                                    "`workers`); A2/A3/A4/G2 types carry theirs.")
+    disk_gb: int = _disk(100)
+    public_ip: bool = _public_ip()
+    store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
+
+
+class AzureOptions(_Spec):
+    """How Azure VMs are made: their identity, network, image and disk (recipe key `azure`)."""
+
+    identity: str | None = Field(
+        None, pattern=AZURE_IDENTITY, description="Managed identity of the VMs: 'system' (a "
+        "system-assigned identity per VM) or the resource id of a user-assigned identity that "
+        "holds Storage Blob Data Contributor on the run container (infra/azure/README.md). "
+        "Required for an az:// store.")
+    store_scope: str | None = Field(
+        None, pattern=AZURE_ID, description="Resource id of the run store's container; with "
+        "identity 'system', launch grants each VM's identity Storage Blob Data Contributor there "
+        "and terminate revokes it.")
+    subnet: str | None = Field(None, pattern=AZURE_SUBNET, description="Resource id of an "
+                               "existing subnet for the nodes (the site's NSG then goes on their "
+                               "NICs); default a new VNet per site. Regional: needs the "
+                               "placement's `region`.")
+    image: str | None = Field(None, pattern=AZURE_IMAGE, description="Marketplace image "
+                              "'publisher:offer:sku:version' or an image's resource id; default "
+                              "microsoft-dsvm:ubuntu-hpc:2204:latest.")
+    disk_gb: int = _disk(128)
+    public_ip: bool = _public_ip()
+    store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
+
+    @model_validator(mode="after")
+    def _scope_needs_system_identity(self) -> AzureOptions:
+        if self.store_scope and self.identity != "system":
+            raise _invalid("only with identity 'system': launch grants the VMs' own identities "
+                           "access there; grant a user-assigned identity yourself "
+                           "(infra/azure/README.md)", "store_scope")
+        return self
+
+
+ProviderOptions = AwsOptions | GcpOptions | AzureOptions
+OPTIONS = {"aws": AwsOptions, "gcp": GcpOptions, "azure": AzureOptions}
+# Options tied to one region (an id that exists only there).
+REGIONAL = {"aws": ("subnets", "image"), "gcp": ("subnetwork",), "azure": ("subnet",)}
+INHERIT = ("A candidate on the same provider as the site inherits each of the site's options it "
+           "does not set itself, except those tied to a region (aws subnets and image, gcp "
+           "subnetwork, azure subnet) when its region differs; a candidate on another provider "
+           "inherits none.")
+
+
+def _options_field(provider: str) -> Any:
+    names = {"aws": "AWS", "gcp": "GCP", "azure": "Azure"}
+    return Field(None, description=f"{names[provider]} node options (identity, network, image, "
+                 f"disk); only where provider is '{provider}'. {INHERIT}")
+
+
+def _check_options(p: Placement | SiteSpec) -> None:
+    """Options only for the placement's own provider; regional ones only with a region."""
+    for name in OPTIONS:
+        opts = getattr(p, name)
+        if opts is None:
+            continue
+        if name != p.provider:
+            raise _invalid(f"options for provider '{name}' on a placement whose provider is "
+                           f"'{p.provider}'; use `{p.provider}:` here"
+                           if p.provider != "local" else
+                           f"options for provider '{name}' on a 'local' placement, which takes "
+                           "none", name)
+        for field in REGIONAL[name]:
+            if getattr(opts, field) and p.region is None:
+                raise _invalid(f"is tied to one region: give this placement a `region`",
+                               name, field)
+
+
+def own_options(p: Placement | SiteSpec) -> ProviderOptions | None:
+    """The placement's options for its own provider (defaults if it gives none); None locally."""
+    if p.provider not in OPTIONS:
+        return None
+    return getattr(p, p.provider) or OPTIONS[p.provider]()
+
 
 class Placement(_Spec):
     """One concrete place a site can be put: a provider, a region (and zones), an instance type.
@@ -246,6 +425,19 @@ class Placement(_Spec):
                                       "has `gpu`, then the planner picks the cheapest match.")
     spot: bool = Field(False, description="Use spot / preemptible capacity. Off by default on "
                        "every provider: being reclaimed is a choice to make, not a surprise.")
+    aws: AwsOptions | None = _options_field("aws")
+    gcp: GcpOptions | None = _options_field("gcp")
+    azure: AzureOptions | None = _options_field("azure")
+
+    @model_validator(mode="after")
+    def _own_provider_options(self) -> Placement:
+        _check_options(self)
+        return self
+
+    def options(self) -> ProviderOptions | None:
+        """The options for this placement's own provider (its defaults if none are given);
+        None for 'local'."""
+        return own_options(self)
 
     def where(self) -> str:
         """Short form for messages: provider/region[zones] type (spot)."""
@@ -273,9 +465,35 @@ class SiteSpec(_Spec):
                             "instance type that has it where `instance_type` is not given.")
     spot: bool = Field(False, description="Use spot / preemptible capacity (off by default).")
     nodes: int = Field(1, ge=1, le=64, description="Nodes in the site; `workers` is per node.")
+    aws: AwsOptions | None = _options_field("aws")
+    gcp: GcpOptions | None = _options_field("gcp")
+    azure: AzureOptions | None = _options_field("azure")
     candidates: list[Placement] = Field(
         [], description="Fallback placements, tried in order when the ones before have no "
-                        "capacity; `gpu` applies to them too.")
+                        "capacity; `gpu` applies to them too. " + INHERIT)
+
+    @model_validator(mode="after")
+    def _own_provider_options(self) -> SiteSpec:
+        _check_options(self)
+        return self
+
+    @model_validator(mode="after")
+    def _candidates_inherit_options(self) -> SiteSpec:
+        mine = getattr(self, self.provider, None) if self.provider in OPTIONS else None
+        if mine is None:
+            return self
+        inherited = []
+        for c in self.candidates:
+            if c.provider != self.provider:
+                inherited.append(c)
+                continue
+            own = getattr(c, c.provider)
+            keep = {k: getattr(mine, k) for k in mine.model_fields_set
+                    if c.region == self.region or k not in REGIONAL[c.provider]}
+            if own is not None:
+                keep.update({k: getattr(own, k) for k in own.model_fields_set})
+            inherited.append(c.model_copy(update={c.provider: type(mine).model_validate(keep)}))
+        return self.model_copy(update={"candidates": inherited})
 
     @model_validator(mode="after")
     def _cloud_needs_a_type(self) -> SiteSpec:
@@ -286,10 +504,25 @@ class SiteSpec(_Spec):
                                "requirement such as 'A100:8'", *where, "instance_type")
         return self
 
+    def options_for(self, provider: str, region: str | None) -> ProviderOptions | None:
+        """The options the recipe gives a placement of this site on `provider` in `region`
+        (for a placement not in the recipe, e.g. a migration target): those of its first
+        placement there, else of its first on that provider without the regional ones."""
+        if provider not in OPTIONS:
+            return None
+        mine = [p for p in self.placements() if p.provider == provider and getattr(p, provider)]
+        same = next((getattr(p, provider) for p in mine if p.region == region), None)
+        if same is not None or not mine:
+            return same
+        other = getattr(mine[0], provider)
+        return other.model_copy(update={k: other.model_fields[k].default
+                                        for k in REGIONAL[provider]})
+
     def placements(self) -> list[Placement]:
         """The primary placement followed by the candidates, in the order to try them."""
         primary = Placement(provider=self.provider, region=self.region, zones=self.zones,
-                            instance_type=self.instance_type, spot=self.spot)
+                            instance_type=self.instance_type, spot=self.spot, aws=self.aws,
+                            gcp=self.gcp, azure=self.azure)
         return [primary, *self.candidates]
 
 
@@ -508,6 +741,8 @@ def _message(err: dict, loc: tuple) -> str:
         return f"must be at most {ctx['max_length']} characters (got {len(got)})"
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == GPU_REQ:
         return f"expected 'MODEL:COUNT' GPUs per node, e.g. 'A100:8' or 'L4:1' (got {_show(got)})"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in _PATTERN_HINTS:
+        return f"{_PATTERN_HINTS[ctx['pattern']]} (got {_show(got)})"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "entrypoint":
         return f"must be 'module:function', e.g. 'mypkg.train:main' (got {_show(got)})"
     if kind == "string_pattern_mismatch":

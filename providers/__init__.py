@@ -57,6 +57,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from geotrain.recipe import ProviderOptions
 
 PROVIDERS = ("local", "aws", "gcp", "azure")
 
@@ -90,9 +94,13 @@ class SitePlan:
     workers: int = 1
     instance_type: str | None = None
     spot: bool = False
-    # Provider-specific settings that are not secrets (e.g. the local log dir).
+    # geotrain's own settings for the site, none a secret (log_dir, data_site, ...).
     options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     owner: str | None = None  # the launching operator's owner id, tagged on every node
+    # The recipe's typed options for this provider (geotrain/recipe.py AwsOptions,
+    # GcpOptions, AzureOptions): node identity, network, image, disk. None: the
+    # provider's defaults (and always for `local`).
+    provider_options: ProviderOptions | None = None
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)

@@ -1,7 +1,7 @@
 """The AWS provider: a site is N EC2 instances in one availability zone.
 
 `launch` puts every node of a site in one zone of the plan's region (the
-default VPC's default subnet for that zone, or the `subnet` option), tries
+default VPC's default subnet for that zone, or the recipe's `aws.subnets`), tries
 `plan.zones` in order and moves to the next zone when EC2 says it has no room
 (the codes in CAPACITY_CODES), and raises CapacityError naming every zone it
 tried when none had room. Each site gets its own security group,
@@ -18,13 +18,13 @@ the spot `instance-action` notice through it). Each node boots the script from
 `geotrain.bootstrap.render` as its user data; the site's Ray token exists only
 there.
 
-Plan options (non-secret; `SitePlan.options`):
-    image            AMI id; skips the lookup below
-    image_name       AMI name pattern for the lookup (default DEFAULT_IMAGE_NAME)
-    image_owner      owner of that AMI (default "amazon")
-    subnet           subnet id(s), comma-separated, instead of the default VPC
-    instance_profile IAM instance profile name for the nodes (store access only;
-                     see infra/aws/README.md)
+The recipe's typed options (`SitePlan.provider_options`, geotrain/recipe.py
+`AwsOptions`): `instance_profile` (name or ARN; the nodes' only credentials, for
+the run store; see infra/aws/README.md), `subnets` (tried in `zones` order, one
+per zone), `image` (AMI id; skips the lookup below), `disk_gb` (the root
+volume, gp3), `public_ip` (off: the node's one network interface gets no public
+address; the subnet's NAT gives it outbound access). Internal plan options:
+`image_name` / `image_owner` for the lookup (default DEFAULT_IMAGE_NAME, amazon).
 
 The image lookup is the documented one for the AWS Deep Learning AMIs:
 `DescribeImages` with owner amazon and a name filter, newest CreationDate wins.
@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
+from geotrain.recipe import AwsOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 TAG_RUN, TAG_SITE, TAG_NODE = "geotrain-run", "geotrain-site", "geotrain-node"
@@ -163,27 +164,33 @@ def find_image(ec2, name_pattern: str = DEFAULT_IMAGE_NAME, owner: str = "amazon
     return max(images, key=lambda i: i.get("CreationDate", ""))["ImageId"]
 
 
+def _options(plan: SitePlan) -> AwsOptions:
+    return plan.provider_options or AwsOptions()
+
+
 def _subnets(ec2, plan: SitePlan) -> list[tuple[str, str, str]]:
     """(zone, subnet id, vpc id) candidates in the order to try them."""
-    wanted = plan.option("subnet")
+    wanted = _options(plan).subnets
     if wanted:
-        ids = [s.strip() for s in wanted.split(",") if s.strip()]
-        subnets = ec2.describe_subnets(SubnetIds=ids)["Subnets"]
+        found = {s["SubnetId"]: s for s in ec2.describe_subnets(SubnetIds=wanted)["Subnets"]}
+        subnets = [found[i] for i in wanted if i in found]  # in the recipe's order
     else:
         vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
             region = ec2.meta.region_name
             raise ProviderError(f"site {plan.site}: region {region} has no default VPC; create one "
-                                f"(`aws ec2 create-default-vpc --region {region}`) or choose another "
-                                "`region` for this site")
-        subnets = ec2.describe_subnets(Filters=[
+                                f"(`aws ec2 create-default-vpc --region {region}`), set the "
+                                "site's `aws.subnets`, or choose another `region` for this site")
+        subnets = sorted(ec2.describe_subnets(Filters=[
             {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
-            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"],
+            key=lambda s: (s["AvailabilityZone"], s["SubnetId"]))
     by_zone = {}
-    for s in sorted(subnets, key=lambda s: (s["AvailabilityZone"], s["SubnetId"])):
+    for s in subnets:
         by_zone.setdefault(s["AvailabilityZone"], (s["AvailabilityZone"], s["SubnetId"], s["VpcId"]))
     if len({v for _, _, v in by_zone.values()}) > 1:
-        raise ProviderError(f"subnets {wanted} are in different VPCs; a site's nodes share one VPC")
+        raise ProviderError(f"site {plan.site}: aws.subnets {', '.join(wanted)} are in "
+                            "different VPCs; a site's nodes share one VPC")
     if not plan.zones:
         return list(by_zone.values())
     missing = [z for z in plan.zones if z not in by_zone]
@@ -232,11 +239,34 @@ def _region(plan: SitePlan) -> str:
     return region
 
 
-def _run_args(plan: SitePlan, node: int, image: str, subnet: str, group: str, token: str) -> dict:
-    tags = _tags(plan, node)
+def _root_device(ec2, plan: SitePlan, image: str) -> str:
+    """The image's root device name (where `disk_gb` applies)."""
+    from botocore.exceptions import ClientError
+    try:
+        images = ec2.describe_images(ImageIds=[image])["Images"]
+    except ClientError as e:
+        if not _error(e)[0].startswith("InvalidAMIID"):
+            raise
+        images = []
+    if not images:
+        raise ProviderError(f"site {plan.site}: AMI {image} does not exist in "
+                            f"{ec2.meta.region_name}; set the placement's `aws.image` to an AMI "
+                            "of that region, or leave it out for the Deep Learning AMI")
+    return images[0].get("RootDeviceName") or "/dev/sda1"
+
+
+def _run_args(plan: SitePlan, node: int, image: str, root: str, subnet: str, group: str,
+              token: str) -> dict:
+    opts, tags = _options(plan), _tags(plan, node)
     args = dict(
         ImageId=image, InstanceType=plan.instance_type or DEFAULT_INSTANCE_TYPE,
-        MinCount=1, MaxCount=1, SubnetId=subnet, SecurityGroupIds=[group],
+        MinCount=1, MaxCount=1,
+        # The subnet and group go on the interface: EC2 refuses them beside NetworkInterfaces.
+        NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [group],
+                            "AssociatePublicIpAddress": opts.public_ip,
+                            "DeleteOnTermination": True}],
+        BlockDeviceMappings=[{"DeviceName": root, "Ebs": {
+            "VolumeSize": opts.disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True}}],
         UserData=bootstrap.render(plan, node, token),
         MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
         InstanceInitiatedShutdownBehavior="terminate",
@@ -245,8 +275,9 @@ def _run_args(plan: SitePlan, node: int, image: str, subnet: str, group: str, to
     if plan.spot:
         args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
             "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
-    if plan.option("instance_profile"):
-        args["IamInstanceProfile"] = {"Name": plan.option("instance_profile")}
+    if opts.instance_profile:
+        key = "Arn" if opts.instance_profile.startswith("arn:") else "Name"
+        args["IamInstanceProfile"] = {key: opts.instance_profile}
     return args
 
 
@@ -260,8 +291,9 @@ def launch(plan: SitePlan) -> list[Node]:
     run = _client("ec2", region, session, attempts=1)
     group, created, launched, tried = None, False, [], []
     try:
-        image = plan.option("image") or find_image(
+        image = _options(plan).image or find_image(
             ec2, plan.option("image_name") or DEFAULT_IMAGE_NAME, plan.option("image_owner") or "amazon")
+        root = _root_device(ec2, plan, image)
         candidates = _subnets(ec2, plan)
         tried += [f"aws:{region}/{z} (no subnet)" for z in plan.zones
                   if z not in {c[0] for c in candidates}]
@@ -270,7 +302,8 @@ def launch(plan: SitePlan) -> list[Node]:
         for zone, subnet, _ in candidates:
             try:
                 for i in range(plan.nodes):
-                    launched += run.run_instances(**_run_args(plan, i, image, subnet, group, token))["Instances"]
+                    launched += run.run_instances(**_run_args(plan, i, image, root, subnet, group,
+                                                                       token))["Instances"]
             except ClientError as e:
                 code, _ = _error(e)
                 if code not in CAPACITY_CODES:
@@ -402,3 +435,17 @@ def terminate(nodes: list[Node]) -> list[Node]:
         raise ProviderError(f"could not terminate AWS nodes: {code}: {message}") from e
     return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
                  n.region) for n in nodes]
+
+
+def console(node: Node) -> str:
+    """The tail of the node's serial console (EC2 GetConsoleOutput, latest): where a
+    node that cannot reach the run store says why (geotrain/site/node_info.py)."""
+    import base64
+    import binascii
+
+    out = _client("ec2", node.region, attempts=2).get_console_output(
+        InstanceId=node.instance_id, Latest=True).get("Output") or ""
+    try:  # EC2 sends it base64-encoded
+        return base64.b64decode(out, validate=True).decode("utf-8", errors="replace")
+    except (binascii.Error, ValueError):
+        return out

@@ -10,24 +10,29 @@ Layout of a run `R` with a site `S` of N nodes, all in `geotrain-R`
                          Per site rather than per run: a VNet is regional and the
                          sites of a run are usually in different regions; a site's
                          network sharing nothing with another site's is also the
-                         simplest isolation argument
-    gt-S-<i>-nic         a NIC per node, no public IP unless option public_ip=true
+                         simplest isolation argument. With the recipe's
+                         `azure.subnet` (an existing subnet) no VNet is made and
+                         the NSG goes on each NIC instead, admitting that subnet's prefix
+    gt-S-<i>-nic         a NIC per node, no public IP unless `azure.public_ip`
     gt-S-<i>             a VM per node: size = instance_type, Spot/Delete/max
-                         price -1 (or option max_price) when spot, marketplace
-                         image (option image = "publisher:offer:sku:version"),
-                         custom data = the boot script, system-assigned identity,
-                         OS disk and NIC with deleteOption Delete
+                         price -1 (or option max_price) when spot, image =
+                         `azure.image` (marketplace "publisher:offer:sku:version" or
+                         an image resource id), custom data = the boot script, the
+                         identity `azure.identity` names (none without it), OS disk
+                         (`azure.disk_gb`) and NIC with deleteOption Delete
     gt-S-<i>-osdisk      its OS disk (named so that teardown finds it: ARM does not
                          copy VM tags onto an implicit OS disk)
 
 Every resource that takes tags carries `geotrain-run`, `geotrain-site` and
 (when launched with one) `geotrain-owner`, the operator's owner id;
 `query` lists the group's VMs and keeps those tags. The nodes reach the run
-store through their managed identity: with option store_scope (the ARM id of
-the store's container) launch grants each VM's identity "Storage Blob Data
-Contributor" on that container alone, and terminate revokes it (the scope is
-kept in the VM tag geotrain-store-scope); without it, grant access by hand
-(infra/azure/README.md). No storage key is ever sent.
+store through their managed identity (`azure.identity`): a user-assigned one
+that already holds access to the store, or `system`; with `system` and
+`azure.store_scope` (the ARM id of the store's container) launch grants each
+VM's identity "Storage Blob Data Contributor" on that container alone, and
+terminate revokes it (the scope is kept in the VM tag geotrain-store-scope);
+without it, grant access by hand (infra/azure/README.md). No storage key is
+ever sent.
 
 Settings come from the environment, all shown by `check()`:
     AZURE_SUBSCRIPTION_ID    the subscription (required)
@@ -36,10 +41,10 @@ Settings come from the environment, all shown by `check()`:
     GEOTRAIN_ARM_ENDPOINT    ARM base URL override (tests: a local TLS server)
     GEOTRAIN_ARM_CA_BUNDLE   PEM to verify that endpoint with (connection_verify)
 
-Options (SitePlan.options): image, max_price, subnet_prefix (default
-10.42.0.0/24), os_disk_gb, public_ip ("true": a Standard public IP per node,
-still behind the NSG), store_scope, ssh_public_key (default: a key whose
-private half is thrown away, so nobody can log in), package.
+The recipe's typed options are `SitePlan.provider_options` (geotrain/recipe.py
+`AzureOptions`). Internal plan options: max_price, subnet_prefix (default
+10.42.0.0/24, for the VNet geotrain makes), ssh_public_key (default: a key whose
+private half is thrown away, so nobody can log in).
 
 See providers/__init__.py for the contract.
 """
@@ -54,6 +59,7 @@ from dataclasses import dataclass
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
+from geotrain.recipe import AzureOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 DEFAULT_ENDPOINT = "https://management.azure.com"
@@ -186,13 +192,27 @@ def _provider_error(what: str, e: Exception) -> ProviderError:
                          f"{str(message).splitlines()[0][:300]}")
 
 
+def _options(plan: SitePlan) -> AzureOptions:
+    return plan.provider_options or AzureOptions()
+
+
 def open_ports(plan: SitePlan) -> None:
     """Create or update the site's NSG: its own subnet prefix in, nothing else."""
-    _ensure_nsg(_Clients(), plan)
+    c = _Clients()
+    _ensure_nsg(c, plan, _prefix(c, plan))
 
 
-def _ensure_nsg(c: _Clients, plan: SitePlan) -> str:
-    prefix = plan.option("subnet_prefix", DEFAULT_PREFIX)
+def _prefix(c: _Clients, plan: SitePlan) -> str:
+    """The address prefix of the site's subnet: the recipe's existing one, or ours."""
+    subnet = _options(plan).subnet
+    if not subnet:
+        return plan.option("subnet_prefix", DEFAULT_PREFIX)
+    parts = subnet.split("/")  # /subscriptions/S/resourceGroups/RG/providers/.../VNET/subnets/N
+    found = c.network.subnets.get(parts[4], parts[8], parts[10])
+    return found.address_prefix or found.address_prefixes[0]
+
+
+def _ensure_nsg(c: _Clients, plan: SitePlan, prefix: str) -> str:
     rule = {"protocol": "*", "sourcePortRange": "*", "destinationPortRange": "*",
             "destinationAddressPrefix": prefix, "direction": "Inbound"}
     body = {"location": plan.region, "tags": _tags(plan), "properties": {"securityRules": [
@@ -208,8 +228,9 @@ def _ensure_nsg(c: _Clients, plan: SitePlan) -> str:
         _group(plan.run_id), f"gt-{plan.site}-nsg", body).result().id
 
 
-def _ensure_network(c: _Clients, plan: SitePlan) -> str:
-    """Resource group, NSG, VNet + subnet of the site; returns the subnet id."""
+def _ensure_network(c: _Clients, plan: SitePlan) -> tuple[str, str | None]:
+    """Resource group, NSG, VNet + subnet of the site: (subnet id, the NSG id for the
+    NICs when the subnet is the recipe's own, else None)."""
     rg = _group(plan.run_id)
     from azure.core.exceptions import ResourceNotFoundError
     try:
@@ -218,8 +239,10 @@ def _ensure_network(c: _Clients, plan: SitePlan) -> str:
         c.resource.resource_groups.create_or_update(
             rg, {"location": plan.region, "tags": {"geotrain-run": plan.run_id, **(
                 {"geotrain-owner": plan.owner} if plan.owner else {})}})
-    nsg_id = _ensure_nsg(c, plan)
-    prefix = plan.option("subnet_prefix", DEFAULT_PREFIX)
+    prefix = _prefix(c, plan)
+    nsg_id = _ensure_nsg(c, plan, prefix)
+    if _options(plan).subnet:  # the recipe's subnet: the NSG goes on each NIC
+        return _options(plan).subnet, nsg_id
     vnet = c.network.virtual_networks.begin_create_or_update(rg, f"gt-{plan.site}-vnet", {
         "location": plan.region, "tags": _tags(plan),
         "properties": {"addressSpace": {"addressPrefixes": [prefix]}, "subnets": [
@@ -228,16 +251,24 @@ def _ensure_network(c: _Clients, plan: SitePlan) -> str:
                 # Outbound only (pip, the store); new VNets default to none.
                 "defaultOutboundAccess": True,
                 "serviceEndpoints": [{"service": "Microsoft.Storage"}]}}]}}).result()
-    return f"{vnet.id}/subnets/site"
+    return f"{vnet.id}/subnets/site", None
 
 
 def _image(plan: SitePlan) -> dict:
-    urn = plan.option("image", DEFAULT_IMAGE)
-    parts = urn.split(":")
-    if len(parts) != 4 or not all(parts):
-        raise ProviderError(f"azure: option image {urn!r} is not publisher:offer:sku:version "
-                            f"(e.g. {DEFAULT_IMAGE})")
-    return dict(zip(("publisher", "offer", "sku", "version"), parts))
+    """The imageReference: a marketplace URN (the recipe checked its form) or an image id."""
+    image = _options(plan).image or DEFAULT_IMAGE
+    if image.startswith("/"):
+        return {"id": image}
+    return dict(zip(("publisher", "offer", "sku", "version"), image.split(":")))
+
+
+def _identity(plan: SitePlan) -> dict | None:
+    identity = _options(plan).identity
+    if identity is None:
+        return None
+    if identity == "system":
+        return {"type": "SystemAssigned"}
+    return {"type": "UserAssigned", "userAssignedIdentities": {identity: {}}}
 
 
 def _ssh_key(plan: SitePlan) -> str:
@@ -258,7 +289,7 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
         "hardwareProfile": {"vmSize": plan.instance_type},
         "storageProfile": {"imageReference": _image(plan), "osDisk": {
             "name": f"{name}-osdisk", "createOption": "FromImage", "deleteOption": "Delete",
-            "diskSizeGB": int(plan.option("os_disk_gb", "128")),
+            "diskSizeGB": _options(plan).disk_gb,
             "managedDisk": {"storageAccountType": "Premium_LRS"}}},
         "osProfile": {"computerName": name, "adminUsername": ADMIN,
                       "customData": base64.b64encode(boot.encode()).decode(),
@@ -271,38 +302,42 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
         props.update(priority="Spot", evictionPolicy="Delete",
                      billingProfile={"maxPrice": float(plan.option("max_price", "-1"))})
     tags = _tags(plan)
-    if plan.option("store_scope"):
-        tags["geotrain-store-scope"] = plan.option("store_scope")
-    body = {"location": plan.region, "tags": tags, "identity": {"type": "SystemAssigned"},
-            "properties": props}
+    if _options(plan).store_scope:
+        tags["geotrain-store-scope"] = _options(plan).store_scope
+    body = {"location": plan.region, "tags": tags, "properties": props}
+    if _identity(plan):
+        body["identity"] = _identity(plan)
     if zone:
         body["zones"] = [zone]
     return body
 
 
-def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str) -> list[Node]:
+def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
+                  nic_nsg: str | None) -> list[Node]:
     rg, ray_token, key = _group(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
     nics = []
     for i in range(plan.nodes):
         ipcfg = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
-        if plan.option("public_ip") == "true":
+        if _options(plan).public_ip:
             pip = c.network.public_ip_addresses.begin_create_or_update(rg, f"gt-{plan.site}-{i}-ip", {
                 "location": plan.region, "tags": _tags(plan), "sku": {"name": "Standard"},
                 **({"zones": [zone]} if zone else {}),
                 "properties": {"publicIPAllocationMethod": "Static"}}).result()
             ipcfg["publicIPAddress"] = {"id": pip.id}
+        nic = {"ipConfigurations": [{"name": "ipconfig1", "properties": ipcfg}]}
+        if nic_nsg:
+            nic["networkSecurityGroup"] = {"id": nic_nsg}
         nics.append(c.network.network_interfaces.begin_create_or_update(rg, f"gt-{plan.site}-{i}-nic", {
-            "location": plan.region, "tags": _tags(plan),
-            "properties": {"ipConfigurations": [{"name": "ipconfig1", "properties": ipcfg}]}}))
+            "location": plan.region, "tags": _tags(plan), "properties": nic}))
     nics = [p.result() for p in nics]
     pollers = [c.compute.virtual_machines.begin_create_or_update(
         rg, f"gt-{plan.site}-{i}",
         _vm_body(plan, i, zone, nics[i].id, bootstrap.render(plan, i, ray_token), key))
         for i in range(plan.nodes)]
     vms = [p.result() for p in pollers]  # raises on the first failed one
-    if plan.option("store_scope"):
+    if _options(plan).store_scope:  # only with identity 'system' (the recipe checks)
         for vm in vms:
-            _grant_store(c, plan.option("store_scope"), vm)
+            _grant_store(c, _options(plan).store_scope, vm)
     ips = [n.ip_configurations[0].private_ip_address for n in nics]
     return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
             for vm, ip in zip(vms, ips)]
@@ -314,15 +349,14 @@ def launch(plan: SitePlan) -> list[Node]:
     if not plan.region or not plan.instance_type:
         raise ProviderError(f"azure: site {plan.site} needs a region (an Azure location such as "
                             f"eastus) and an instance_type (a VM size such as Standard_NC24ads_A100_v4)")
-    _image(plan)
     c = _Clients()
     tried: list[str] = []
     try:
-        subnet_id = _ensure_network(c, plan)
+        subnet_id, nic_nsg = _ensure_network(c, plan)
         for zone in plan.zones or (None,):
             tried.append(f"azure:{plan.region}/{zone or '-'}")
             try:
-                return _create_nodes(c, plan, zone, subnet_id)
+                return _create_nodes(c, plan, zone, subnet_id, nic_nsg)
             except HttpResponseError as e:
                 if _error_code(e) not in CAPACITY_CODES:
                     raise

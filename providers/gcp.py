@@ -9,32 +9,30 @@ already is), the exact run and site names as metadata items, and one network tag
 firewall rule `<tag>-intra`: ingress, all protocols, from that tag to that tag
 — no source range at all, so Ray is reachable only from the site's own nodes.
 Instances get no external IP (they reach the store through Cloud NAT or
-Private Google Access) unless the option `external_ip=true` asks for one,
+Private Google Access) unless the recipe's `gcp.public_ip` asks for one,
 which opens no port. Spot instances are `provisioningModel: SPOT` with
 `instanceTerminationAction: DELETE`, so a preempted node simply disappears
 from `query`.
 
-The node's service account (option `service_account`, default the project's
-default compute SA) gets one OAuth scope, `devstorage.read_write`: a node only
-reads and writes the run store in Cloud Storage, so even a compromised node's
-token cannot call Compute Engine or any other API, whatever roles the account
-holds (infra/gcp/ grants it object access on the run bucket only).
+A node runs as the recipe's `gcp.service_account` with one OAuth scope,
+`devstorage.read_write`: a node only reads and writes the run store in Cloud
+Storage, so even a compromised node's token cannot call Compute Engine or any
+other API, whatever roles the account holds (infra/gcp/ grants it object access
+on the run bucket only). Without `service_account` the instance gets no
+service account at all (not the project's default one, which often holds
+Editor): it then has no Google identity.
 
 The project is $GOOGLE_CLOUD_PROJECT, else the Application Default
 Credentials' project — one source per process, so that `launch`, `query` and
 `terminate` always look in the same project; `check()` says which.
 
-Configuration (all non-secret; SitePlan.options unless said otherwise):
-    network           default `global/networks/default` (prefer a dedicated
-                      VPC: the default one ships allow-internal rules)
-    subnetwork        e.g. `regions/us-central1/subnetworks/geotrain`
-    image             default the Deep Learning VM family below
-    accelerator       `nvidia-tesla-t4:2` (TYPE[:COUNT], COUNT defaulting to the
-                      plan's workers) for N1-style machine types; A2/A3/A4/G2
-                      machine types carry their GPUs implicitly
-    disk_gb           boot disk size, default 100
-    service_account   email, default "default"
-    external_ip       "true" for an ephemeral external IP (no port opened)
+Configuration (all non-secret): the recipe's typed options
+(`SitePlan.provider_options`, geotrain/recipe.py `GcpOptions`): `service_account`,
+`network` (default `global/networks/default`; prefer a dedicated VPC: the
+default one ships allow-internal rules), `subnetwork`, `image` (default the Deep
+Learning VM family below), `accelerator` (`nvidia-tesla-t4:2`, TYPE[:COUNT],
+COUNT defaulting to the plan's workers, for N1-style machine types; A2/A3/A4/G2
+machine types carry their GPUs implicitly), `disk_gb`, `public_ip`.
     $GEOTRAIN_GCE_ENDPOINT  e.g. http://127.0.0.1:PORT: send every Compute
                       Engine call there (tests); `check()` shows it.
 
@@ -53,6 +51,7 @@ import time
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
+from geotrain.recipe import GcpOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 ENDPOINT_ENV = "GEOTRAIN_GCE_ENDPOINT"
@@ -227,8 +226,7 @@ def open_ports(plan: SitePlan, api: _Api | None = None) -> None:
     v1 = api.v1
     tag = network_tag(plan.run_id, plan.site)
     rule = v1.Firewall(
-        name=firewall_name(plan.run_id, plan.site), network=plan.option("network",
-                                                                        DEFAULT_NETWORK),
+        name=firewall_name(plan.run_id, plan.site), network=_options(plan).network or DEFAULT_NETWORK,
         direction="INGRESS", priority=1000, source_tags=[tag], target_tags=[tag],
         allowed=[v1.Allowed(I_p_protocol="all")],
         description=f"geotrain run {plan.run_id} site {plan.site}: intra-site traffic only")
@@ -239,14 +237,15 @@ def open_ports(plan: SitePlan, api: _Api | None = None) -> None:
     api.wait(op.name)
 
 
+def _options(plan: SitePlan) -> GcpOptions:
+    return plan.provider_options or GcpOptions()
+
+
 def _accelerators(plan: SitePlan, api: _Api, zone: str) -> list:
-    spec = plan.option("accelerator")
+    spec = _options(plan).accelerator  # the recipe checked its form: TYPE[:COUNT]
     if not spec:
         return []  # none, or implied by an accelerator-optimized machine type (a2/a3/g2)
     kind, _, count = spec.partition(":")
-    if not re.fullmatch(r"[a-z0-9-]+", kind) or not (count or "1").isdigit():
-        raise ProviderError(f"gcp option accelerator={spec!r}: expected TYPE[:COUNT], "
-                            "e.g. nvidia-l4:1 or nvidia-tesla-t4:2")
     return [api.v1.AcceleratorConfig(
         accelerator_type=f"projects/{api.project}/zones/{zone}/acceleratorTypes/{kind}",
         accelerator_count=int(count or plan.workers))]  # default: one GPU per worker
@@ -266,15 +265,19 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
         # GPUs cannot live-migrate; plain CPU machines can.
         scheduling = v1.Scheduling(provisioning_model="STANDARD", automatic_restart=True,
                                    on_host_maintenance="TERMINATE" if gpu else "MIGRATE")
-    nic = v1.NetworkInterface(network=plan.option("network", DEFAULT_NETWORK))
-    if plan.option("subnetwork"):
-        nic.subnetwork = plan.option("subnetwork")
-    if plan.option("external_ip", "false").lower() == "true":
+    opts = _options(plan)
+    nic = v1.NetworkInterface(network=opts.network or DEFAULT_NETWORK)
+    if opts.subnetwork:
+        nic.subnetwork = opts.subnetwork
+    if opts.public_ip:  # else no accessConfigs at all: no external address
         nic.access_configs = [v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
     metadata = [("startup-script", script), ("geotrain-run", plan.run_id),
                 ("geotrain-site", plan.site)]
     if gpu:  # Deep Learning VM images install the driver at first boot when asked
         metadata.append(("install-nvidia-driver", "True"))
+    # Only the account the recipe names; none at all otherwise.
+    accounts = ([v1.ServiceAccount(email=opts.service_account, scopes=list(NODE_SCOPES))]
+                if opts.service_account else [])
     return v1.Instance(
         name=instance_name(plan.run_id, plan.site, index),
         machine_type=f"zones/{zone}/machineTypes/{plan.instance_type}",
@@ -284,10 +287,9 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
         metadata=v1.Metadata(items=[v1.Items(key=k, value=v) for k, v in metadata]),
         network_interfaces=[nic],
         disks=[v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=(
-            v1.AttachedDiskInitializeParams(source_image=plan.option("image", DEFAULT_IMAGE),
-                                            disk_size_gb=int(plan.option("disk_gb", "100")))))],
-        service_accounts=[v1.ServiceAccount(email=plan.option("service_account", "default"),
-                                            scopes=list(NODE_SCOPES))])
+            v1.AttachedDiskInitializeParams(source_image=opts.image or DEFAULT_IMAGE,
+                                            disk_size_gb=opts.disk_gb)))],
+        service_accounts=accounts)
 
 
 def _zones(plan: SitePlan, api: _Api) -> list[str]:

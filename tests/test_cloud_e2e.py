@@ -37,6 +37,7 @@ BUCKET = "my-geotrain-bucket"  # the bucket recipes/aws.yaml and multicloud.yaml
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYGEOTRAINE2E"
 ACCESS_KEY = "AKIAGEOTRAINE2EKEY01"
 OPEN = ("0.0.0.0/0", "::/0")
+PROFILE = "geotrain-node"  # the instance profile recipes/aws.yaml and multicloud.yaml name
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -48,6 +49,13 @@ def aws_env(moto_server, tmp_path):
                            timeout=10).close()
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
                  aws_access_key_id="x", aws_secret_access_key="x").create_bucket(Bucket=BUCKET)
+    # The node identity the recipes name, set up as infra/aws/README.md says.
+    iam = boto3.client("iam", endpoint_url=moto_server, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
+    iam.create_role(RoleName=PROFILE, AssumeRolePolicyDocument=(
+        ROOT / "infra/aws/geotrain-node-trust.json").read_text())
+    iam.create_instance_profile(InstanceProfileName=PROFILE)
+    iam.add_role_to_instance_profile(InstanceProfileName=PROFILE, RoleName=PROFILE)
     proxy = FaultProxy(moto_server)
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items()
@@ -204,6 +212,9 @@ def test_aws_recipe_launch_status_down(aws_env, moto_server):
     assert found["instances"]["us-east-1"][0]["Placement"]["AvailabilityZone"] == "us-east-1a"
     runs = proxy.calls("RunInstances")
     assert len(runs) == 2 and all(r["InstanceMarketOptions.MarketType"] == "spot" for r in runs)
+    # The recipe's node identity, and no public address on any node.
+    assert all(r["IamInstanceProfile.Name"] == PROFILE for r in runs)
+    assert all(r["NetworkInterface.1.AssociatePublicIpAddress"] == "false" for r in runs)
     for call in runs:  # what each node boots with: the run, its site, the aws watcher
         script = user_data(call)
         assert f"export GEOTRAIN_RUN={run_id}\n" in script
@@ -250,12 +261,12 @@ def test_aws_recipe_launch_status_down(aws_env, moto_server):
 def test_failover_to_the_candidate_when_every_zone_is_full(aws_env, moto_server, tmp_path):
     proxy, env, home = aws_env
     east1 = [s["SubnetId"] for s in ec2(moto_server, "us-east-1").describe_subnets()["Subnets"]]
-    proxy.fail("RunInstances", "SubnetId", east1, "InsufficientInstanceCapacity")
+    proxy.fail("RunInstances", "NetworkInterface.1.SubnetId", east1, "InsufficientInstanceCapacity")
     base = yaml.safe_load((ROOT / "recipes/aws.yaml").read_text())
     recipe = small(base)
     recipe["sites"] = [{"name": "east", "provider": "aws", "region": "us-east-1",
                         "zones": ["us-east-1a", "us-east-1b"], "instance_type": "g5.xlarge",
-                        "spot": True, "candidates": [
+                        "spot": True, "aws": {"instance_profile": PROFILE}, "candidates": [
                             {"provider": "aws", "region": "us-east-2", "instance_type": "g5.xlarge",
                              "spot": True}]}]
     path = write_recipe(tmp_path / "failover.yaml", recipe)
@@ -407,6 +418,14 @@ def test_multicloud_recipe_launch_status_down(aws_env, moto_server, gce, arm, tm
     assert {t["Key"]: t["Value"] for t in inst["Tags"]}["geotrain-owner"] == owner
     assert vm["properties"]["priority"] == "Spot"
     [vm_body] = arm.bodies("PUT", "Microsoft.Compute/virtualMachines")
+    # Each node runs as the identity the recipe names, with no public address.
+    assert aws_call["IamInstanceProfile.Name"] == PROFILE
+    assert aws_call["NetworkInterface.1.AssociatePublicIpAddress"] == "false"
+    assert [a["email"] for a in gce_body["serviceAccounts"]] == [
+        "geotrain-node@my-project.iam.gserviceaccount.com"]
+    assert "accessConfigs" not in gce_body["networkInterfaces"][0]
+    assert vm_body["identity"] == {"type": "SystemAssigned"}
+    assert not arm.resources("Microsoft.Network/publicIPAddresses")
 
     # Each node boots with GEOTRAIN_PROVIDER set to its own cloud (the agent's
     # preemption watcher reads that cloud's metadata service).

@@ -20,6 +20,7 @@ import boto3
 import pytest
 
 from geotrain.errors import CapacityError, ProviderError
+from geotrain.recipe import AwsOptions
 from providers import SitePlan, aws
 from tests.conftest import free_port
 from tests.fakes.aws_faults import FaultProxy
@@ -30,6 +31,7 @@ ACCESS_KEY = "AKIAGEOTRAINTESTKEY1"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYGEOTRAINKEY"
 STORE = "s3://geotrain-runs/team's exp 1"  # a quote and a space: must arrive shell-quoted
 NEWEST_DLAMI = "ami-0d1a0000000000002"      # see tests/fakes/aws_amis.json
+SUBNET = "NetworkInterface.1.SubnetId"      # the subnet goes on the node's one interface
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ def node_profile(moto_server) -> str:
 
 def test_spot_launch_two_nodes(proxy, moto_server):
     profile = node_profile(moto_server)
-    nodes = aws.launch(plan(options=(("instance_profile", profile),)))
+    nodes = aws.launch(plan(provider_options=AwsOptions(instance_profile=profile)))
     ec2 = client(moto_server)
 
     assert len(nodes) == 2 and {n.site for n in nodes} == {"east"}
@@ -132,6 +134,11 @@ def test_spot_launch_two_nodes(proxy, moto_server):
         assert req["MetadataOptions.HttpTokens"] == "required"
         assert req["IamInstanceProfile.Name"] == profile
         assert req["ImageId"] == NEWEST_DLAMI  # newest x86_64 DLAMI, not the newer arm64 one
+        # One interface, no public address; subnet and group on it, not beside it.
+        assert req["NetworkInterface.1.AssociatePublicIpAddress"] == "false"
+        assert req["NetworkInterface.1.SecurityGroupId.1"].startswith("sg-")
+        assert "SubnetId" not in req and not any(k.startswith("SecurityGroupId") for k in req)
+        assert req["BlockDeviceMapping.1.Ebs.VolumeSize"] == "100"
 
     tokens = set()
     by_id = {i["InstanceId"]: i for i in instances(ec2)}
@@ -143,6 +150,7 @@ def test_spot_launch_two_nodes(proxy, moto_server):
         assert inst["MetadataOptions"]["HttpEndpoint"] == "enabled"
         assert inst["IamInstanceProfile"]["Arn"].endswith(f"instance-profile/{profile}")
         assert inst["Placement"]["AvailabilityZone"] == "us-east-1a"
+        assert "PublicIpAddress" not in inst  # the default subnet would have given one
         tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
         index = tags["geotrain-node"]
         assert tags["geotrain-run"] == "run-aws1" and tags["geotrain-site"] == "east"
@@ -176,9 +184,9 @@ def test_zone_failover_after_capacity_error(proxy, moto_server):
     ec2 = client(moto_server)
     first, second = subnet_of(ec2, "us-east-1a"), subnet_of(ec2, "us-east-1b")
     # Node 0 gets in, node 1 hits the wall: node 0 must go, the site moves whole.
-    proxy.fail("RunInstances", "SubnetId", {first}, "InsufficientInstanceCapacity", let_through=1)
+    proxy.fail("RunInstances", SUBNET, {first}, "InsufficientInstanceCapacity", let_through=1)
     nodes = aws.launch(plan())
-    assert [r["SubnetId"] for r in proxy.calls("RunInstances")] == [first, first, second, second]
+    assert [r[SUBNET] for r in proxy.calls("RunInstances")] == [first, first, second, second]
     zones = {i["InstanceId"]: i["Placement"]["AvailabilityZone"] for i in live(ec2)}
     assert zones == {n.instance_id: "us-east-1b" for n in nodes}
     assert [i["State"]["Name"] for i in instances(ec2, **{"subnet-id": [first]})] == ["terminated"]
@@ -188,7 +196,7 @@ def test_zone_failover_after_capacity_error(proxy, moto_server):
 def test_all_zones_full_raises_capacity_error_and_leaves_nothing(proxy, moto_server):
     ec2 = client(moto_server)
     subnets = {subnet_of(ec2, z) for z in ("us-east-1a", "us-east-1b")}
-    proxy.fail("RunInstances", "SubnetId", subnets, "InsufficientInstanceCapacity", let_through=1)
+    proxy.fail("RunInstances", SUBNET, subnets, "InsufficientInstanceCapacity", let_through=1)
     with pytest.raises(CapacityError) as err:
         aws.launch(plan(zones=("us-east-1a", "us-east-1b")))
     assert err.value.tried == ["aws:us-east-1/us-east-1a (InsufficientInstanceCapacity)",
@@ -235,8 +243,9 @@ def test_security_group_admits_only_the_site_itself(proxy, moto_server):
     text = json.dumps(group["IpPermissions"])
     assert "0.0.0.0/0" not in text and "::/0" not in text
     assert rule.get("IpRanges", []) == [] and rule.get("Ipv6Ranges", []) == []
-    for inst in live(ec2):
-        assert [g["GroupId"] for g in inst["SecurityGroups"]] == [group["GroupId"]]
+    for inst in live(ec2):  # the group is on the node's one interface
+        [eni] = inst["NetworkInterfaces"]
+        assert [g["GroupId"] for g in eni["Groups"]] == [group["GroupId"]]
     aws.open_ports(plan())  # idempotent: same group, same single rule
     (again,) = geotrain_groups(ec2)
     assert again["GroupId"] == group["GroupId"] and len(again["IpPermissions"]) == 1
@@ -318,13 +327,55 @@ def test_image_lookup(proxy, moto_server):
     assert aws.find_image(ec2) == NEWEST_DLAMI
     assert aws.find_image(ec2, "al2023-ami-2023.*-x86_64") == "ami-0a1a0000000000001"
     proxy.reset()
-    nodes = aws.launch(plan(nodes=1, options=(("image", "ami-0a1a0000000000001"),)))
+    nodes = aws.launch(plan(nodes=1, provider_options=AwsOptions(image="ami-0a1a0000000000001")))
     assert proxy.calls("RunInstances")[0]["ImageId"] == "ami-0a1a0000000000001"
-    assert proxy.calls("DescribeImages") == []  # the override skips the lookup
+    # The recipe's image skips the lookup by name; only its root device is asked for.
+    assert [c["ImageId.1"] for c in proxy.calls("DescribeImages")] == ["ami-0a1a0000000000001"]
+    assert not any(k.startswith("Filter") for c in proxy.calls("DescribeImages") for k in c)
     aws.terminate(nodes)
     with pytest.raises(ProviderError, match="region us-east-1 has no AMI named like 'no-such-image-\\*'"):
         aws.launch(plan(options=(("image_name", "no-such-image-*"),)))
     assert live(client(moto_server)) == [] and geotrain_groups(client(moto_server)) == []
+
+
+@pytest.mark.timeout(60)
+def test_recipe_options_reach_the_wire(proxy, moto_server):
+    """Subnets in zone order, the profile by ARN, the image, the disk and a public IP, from
+    the recipe's `aws:` options."""
+    ec2 = client(moto_server)
+    node_profile(moto_server)
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    sub_b = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.2.0/24", AvailabilityZone="us-east-1b")
+    sub_a = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone="us-east-1a")
+    b, a = sub_b["Subnet"]["SubnetId"], sub_a["Subnet"]["SubnetId"]
+    arn = "arn:aws:iam::123456789012:instance-profile/geotrain-node"
+    opts = AwsOptions(instance_profile=arn, subnets=[b, a], image="ami-0a1a0000000000001",
+                      disk_gb=250, public_ip=True)
+    proxy.fail("RunInstances", SUBNET, {a}, "InsufficientInstanceCapacity")  # 1a is full
+    nodes = aws.launch(plan(nodes=1, provider_options=opts))
+    calls = proxy.calls("RunInstances")
+    assert [c[SUBNET] for c in calls] == [a, b]  # the plan's zone order, 1a then 1b
+    req = calls[-1]
+    assert req["IamInstanceProfile.Arn"] == arn and "IamInstanceProfile.Name" not in req
+    assert req["ImageId"] == "ami-0a1a0000000000001"
+    assert req["BlockDeviceMapping.1.Ebs.VolumeSize"] == "250"
+    assert req["BlockDeviceMapping.1.Ebs.DeleteOnTermination"] == "true"
+    assert req["NetworkInterface.1.AssociatePublicIpAddress"] == "true"
+    [inst] = live(ec2)
+    assert inst["SubnetId"] == b and inst["VpcId"] == vpc and inst.get("PublicIpAddress")
+    [group] = geotrain_groups(ec2)
+    assert group["VpcId"] == vpc
+    aws.terminate(nodes)
+    assert live(ec2) == [] and geotrain_groups(ec2) == []
+
+
+@pytest.mark.timeout(60)
+def test_an_image_missing_from_the_region_names_the_option(proxy, moto_server):
+    with pytest.raises(ProviderError, match="AMI ami-0fffffffffffffff0 does not exist in "
+                                            "us-east-1; set the placement's `aws.image`"):
+        aws.launch(plan(provider_options=AwsOptions(image="ami-0fffffffffffffff0")))
+    ec2 = client(moto_server)
+    assert live(ec2) == [] and geotrain_groups(ec2) == []
 
 
 @pytest.mark.timeout(60)

@@ -15,9 +15,11 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 import providers.azure as az
-from geotrain.errors import CapacityError, ProviderError
+from geotrain.errors import CapacityError, ProviderError, RecipeError
+from geotrain.recipe import AzureOptions, loads
 from providers import SitePlan
 from tests.fakes.arm_server import FakeArm
 
@@ -45,9 +47,13 @@ def arm(monkeypatch):
 
 
 def plan(site="east", run="exp-20260101-000000-ab12", zones=("1", "2"), nodes=2, **options) -> SitePlan:
+    """A plan; options that are the recipe's `azure:` fields become its typed options, the
+    rest (max_price, subnet_prefix) plan options."""
+    typed = {k: v for k, v in options.items() if k in AzureOptions.model_fields}
     return SitePlan(run, site, "azure", STORE, region="eastus", zones=zones, nodes=nodes,
                     workers=1, instance_type="Standard_NC24ads_A100_v4", spot=True,
-                    options=tuple(options.items()))
+                    options=tuple((k, v) for k, v in options.items() if k not in typed),
+                    provider_options=AzureOptions(**typed))
 
 
 def kinds(fake: FakeArm, site: str | None = None) -> list[tuple[str, str]]:
@@ -80,7 +86,8 @@ def test_spot_launch_sends_the_right_vm(arm):
         p = body["properties"]
         assert body["zones"] == ["1"] and body["location"] == "eastus"
         assert body["tags"] == {"geotrain-run": "exp-20260101-000000-ab12", "geotrain-site": "east"}
-        assert body["identity"] == {"type": "SystemAssigned"}
+        assert "identity" not in body  # none named: the VM has no identity at all
+        assert p["storageProfile"]["osDisk"]["diskSizeGB"] == 128
         assert p["priority"] == "Spot" and p["evictionPolicy"] == "Delete"
         assert p["billingProfile"] == {"maxPrice": -1}
         assert p["hardwareProfile"] == {"vmSize": "Standard_NC24ads_A100_v4"}
@@ -113,7 +120,8 @@ def test_spot_launch_sends_the_right_vm(arm):
 
 @pytest.mark.timeout(60)
 def test_node_identity_gets_blob_access_on_the_store_container_only(arm):
-    az.launch(plan(nodes=2, store_scope=SCOPE))
+    az.launch(plan(nodes=2, identity="system", store_scope=SCOPE))
+    assert all(b["identity"] == {"type": "SystemAssigned"} for b in vm_puts(arm))
     vms = {v["identity"]["principalId"]: v for v in arm.resources("Microsoft.Compute/virtualMachines")}
     grants = arm.resources("Microsoft.Authorization/roleAssignments")
     assert sorted(g["properties"]["principalId"] for g in grants) == sorted(vms)
@@ -122,6 +130,41 @@ def test_node_identity_gets_blob_access_on_the_store_container_only(arm):
         assert g["properties"]["roleDefinitionId"].endswith(
             "/roleDefinitions/ba92f5b4-2d11-453d-a403-e96b0029c9fe")  # Storage Blob Data Contributor
         assert g["properties"]["principalType"] == "ServicePrincipal"
+
+
+@pytest.mark.timeout(60)
+def test_user_assigned_identity_image_id_disk_and_existing_subnet(arm):
+    """The recipe's identity, image id, disk size and own subnet: no VNet is made, the
+    site's NSG goes on each NIC and admits that subnet's prefix only."""
+    sub = arm.subscription
+    ident = (f"/subscriptions/{sub}/resourceGroups/ids/providers/"
+             "Microsoft.ManagedIdentity/userAssignedIdentities/geotrain-node")
+    image = f"/subscriptions/{sub}/resourceGroups/imgs/providers/Microsoft.Compute/images/gpu"
+    arm.put_group("net", {"location": "eastus"})
+    vnet = f"/subscriptions/{sub}/resourceGroups/net/providers/Microsoft.Network/virtualNetworks/main"
+    arm.put(vnet, "net", "Microsoft.Network/virtualNetworks", "main", {
+        "location": "eastus", "properties": {"addressSpace": {"addressPrefixes": ["10.5.0.0/16"]},
+                                             "subnets": [{"name": "gpu", "properties": {
+                                                 "addressPrefix": "10.5.7.0/24"}}]}})
+    subnet = f"{vnet}/subnets/gpu"
+    nodes = az.launch(plan(nodes=1, zones=(), identity=ident, image=image, disk_gb=512,
+                           subnet=subnet))
+    [body] = vm_puts(arm)
+    assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {ident: {}}}
+    assert body["properties"]["storageProfile"]["imageReference"] == {"id": image}
+    assert body["properties"]["storageProfile"]["osDisk"]["diskSizeGB"] == 512
+    assert not arm.resources("Microsoft.Authorization/roleAssignments")  # granted by the operator
+    assert ("Microsoft.Network/virtualNetworks", "gt-east-vnet") not in kinds(arm)
+    [nic] = arm.resources("Microsoft.Network/networkInterfaces")
+    assert nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"] == subnet
+    [nsg] = arm.resources("Microsoft.Network/networkSecurityGroups")
+    assert nic["properties"]["networkSecurityGroup"]["id"] == nsg["id"]
+    allow = [r for r in nsg["properties"]["securityRules"] if r["properties"]["access"] == "Allow"]
+    assert [r["properties"]["sourceAddressPrefix"] for r in allow] == ["10.5.7.0/24"]
+    assert ipaddress.ip_address(nodes[0].private_ip) in ipaddress.ip_network("10.5.7.0/24")
+    az.terminate(nodes)
+    assert [r["name"] for r in arm.resources() if r["name"].startswith("gt-")] == []
+    assert arm.resources("Microsoft.Network/virtualNetworks")  # the recipe's own VNet stays
 
 
 @pytest.mark.timeout(60)
@@ -227,8 +270,11 @@ def test_other_errors_are_provider_errors_and_leave_nothing(arm):
 
 @pytest.mark.timeout(60)
 def test_bad_plan_is_refused_before_anything_is_created(arm):
-    with pytest.raises(ProviderError, match="publisher:offer:sku:version"):
-        az.launch(plan(image="ubuntu"))
+    with pytest.raises(RecipeError, match="publisher:offer:sku:version"):
+        loads("name: x\nsites:\n  - {name: a, provider: azure, instance_type: Standard_D2s_v5, "
+              "azure: {image: ubuntu}}\n")
+    with pytest.raises(ValidationError, match="only with identity 'system'"):
+        AzureOptions(store_scope=SCOPE)  # a user-assigned identity is granted by the operator
     with pytest.raises(ProviderError, match="region"):
         az.launch(SitePlan("r", "s", "azure", STORE, instance_type="Standard_D2s_v5"))
     assert arm.requests == []
@@ -256,7 +302,7 @@ def test_query_finds_nodes_by_tags(arm):
 @pytest.mark.timeout(90)
 def test_terminate_leaves_nothing_and_removes_the_empty_group(arm):
     run = "exp-20260101-000000-ab12"
-    east = az.launch(plan(site="east", public_ip="true", store_scope=SCOPE))
+    east = az.launch(plan(site="east", public_ip=True, identity="system", store_scope=SCOPE))
     west = az.launch(plan(site="west", nodes=1, subnet_prefix="10.9.0.0/24"))
     assert len(arm.resources("Microsoft.Network/publicIPAddresses")) == 2
     assert len(arm.resources("Microsoft.Authorization/roleAssignments")) == 2

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from geotrain.errors import CapacityError, ProviderError
+from geotrain.errors import CapacityError, ProviderError, RecipeError
+from geotrain.recipe import GcpOptions, loads
 from providers import SitePlan
 from tests.conftest import free_port
 from tests.fakes.gce_server import FakeGCE
@@ -61,10 +62,11 @@ def gcp():
 
 def plan(site="west", nodes=1, spot=True, zones=("us-central1-a", "us-central1-b"),
          run=RUN, instance_type="n1-standard-8", workers=1, **options) -> SitePlan:
-    opts = {"accelerator": "nvidia-tesla-t4:1", **options}
+    """A plan with the recipe's `gcp:` options (`accelerator=None`: none)."""
+    opts = GcpOptions(**{"accelerator": "nvidia-tesla-t4:1", **options})
     return SitePlan(run_id=run, site=site, provider="gcp", store_url=STORE, region="us-central1",
                     zones=zones, nodes=nodes, workers=workers, instance_type=instance_type, spot=spot,
-                    options=tuple(sorted(opts.items())))
+                    provider_options=opts)
 
 
 def test_import_does_not_load_the_sdk():
@@ -104,9 +106,9 @@ def test_spot_launch_sends_the_right_instance(gce, gcp):
         assert body["tags"] == {"items": [tag]}
         nic, = body["networkInterfaces"]
         assert nic == {"network": "global/networks/default"}  # no accessConfigs: no external IP
-        assert body["serviceAccounts"] == [{"email": "default", "scopes": [SCOPE]}]
+        assert "serviceAccounts" not in body  # none named: no Google identity at all
         disk, = body["disks"]
-        assert disk["boot"] and disk["autoDelete"]
+        assert disk["boot"] and disk["autoDelete"] and disk["initializeParams"]["diskSizeGb"] == "100"
         assert disk["initializeParams"]["sourceImage"].endswith("/global/images/family/"
                                                                 "pytorch-latest-gpu")
         meta = {item["key"]: item["value"] for item in body["metadata"]["items"]}
@@ -128,9 +130,25 @@ def test_spot_launch_sends_the_right_instance(gce, gcp):
     assert any(r.path.endswith("/service-accounts/default/token") for r in gce.requests)
 
 
-def test_standard_gpu_machine_and_external_ip_option(gce, gcp):
-    gcp.launch(plan(spot=False, instance_type="g2-standard-8", accelerator="",
-                    external_ip="true"))
+def test_recipe_options_reach_the_wire(gce, gcp):
+    account = "geotrain-node@geotrain-test.iam.gserviceaccount.com"
+    image = "projects/my-images/global/images/family/geotrain-gpu"
+    gcp.launch(plan(service_account=account, network="global/networks/geotrain",
+                    subnetwork="regions/us-central1/subnetworks/geotrain", image=image,
+                    disk_gb=300))
+    body, = gce.bodies("POST", "/instances")
+    assert body["serviceAccounts"] == [{"email": account, "scopes": [SCOPE]}]
+    assert body["networkInterfaces"] == [{"network": "global/networks/geotrain",
+                                          "subnetwork": "regions/us-central1/subnetworks/geotrain"}]
+    disk, = body["disks"]
+    assert disk["initializeParams"] == {"sourceImage": image, "diskSizeGb": "300"}
+    fw, = gce.firewalls.values()
+    assert fw["network"] == "global/networks/geotrain"
+
+
+def test_standard_gpu_machine_and_public_ip_option(gce, gcp):
+    gcp.launch(plan(spot=False, instance_type="g2-standard-8", accelerator=None,
+                    public_ip=True))
     body, = gce.bodies("POST", "/instances")
     assert body["scheduling"] == {"provisioningModel": "STANDARD",
                                   "onHostMaintenance": "TERMINATE", "automaticRestart": True}
@@ -142,7 +160,7 @@ def test_standard_gpu_machine_and_external_ip_option(gce, gcp):
 
 
 def test_cpu_machine_migrates_and_gpu_count_defaults_to_workers(gce, gcp):
-    gcp.launch(plan(site="cpu", spot=False, instance_type="n2-standard-8", accelerator=""))
+    gcp.launch(plan(site="cpu", spot=False, instance_type="n2-standard-8", accelerator=None))
     gcp.launch(plan(site="gpu", workers=4, accelerator="nvidia-tesla-t4"))
     cpu, gpu = gce.bodies("POST", "/instances")
     assert cpu["scheduling"]["onHostMaintenance"] == "MIGRATE"
@@ -150,10 +168,12 @@ def test_cpu_machine_migrates_and_gpu_count_defaults_to_workers(gce, gcp):
     assert gpu["guestAccelerators"][0]["acceleratorCount"] == 4
 
 
-def test_bad_accelerator_option_is_a_provider_error_and_leaves_nothing(gce, gcp):
-    with pytest.raises(ProviderError, match="TYPE\\[:COUNT\\]"):
-        gcp.launch(plan(accelerator="nvidia-l4:lots"))
-    assert gce.instances == {} and gce.firewalls == {}
+def test_bad_accelerator_option_is_a_recipe_error():
+    with pytest.raises(RecipeError) as e:
+        loads("name: x\nsites:\n  - name: a\n    provider: gcp\n    instance_type: n1-standard-8\n"
+              "    gcp: {accelerator: 'nvidia-l4:lots'}\n")
+    assert (e.value.line, e.value.field) == (6, "sites[0].gcp.accelerator")
+    assert "TYPE[:COUNT]" in e.value.message
 
 
 def test_firewall_admits_only_the_site_itself(gce, gcp):

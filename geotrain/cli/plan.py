@@ -15,7 +15,8 @@ from geotrain.cli.common import fmt, handle_errors, human_bytes, out, print_json
 @handle_errors
 def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
          as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Show each site's placements in order with $/h, the run's $/h, hours, total and egress."""
+    """Show each site's placements in order with $/h and their provider options (those not at
+    their defaults), the run's $/h, hours, total and egress."""
     from rich.table import Table
 
     from geotrain.plan import make_plan
@@ -26,7 +27,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
         print_json(p.to_dict())
         return
     table = Table("site", "#", "provider", "region", "instance type", "GPUs", "spot", "$/h",
-                  "available", box=None, padding=(0, 2))
+                  "available", "options", box=None, padding=(0, 2))
     for col in table.columns[2:5]:
         col.no_wrap = True
     for site in p.sites:
@@ -37,7 +38,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
                                                            f"[red]no[/] {c.reason}")
             table.add_row(site.name if i == 0 else "", str(i + 1), c.provider, c.region or "-",
                           c.instance_type or "-", gpus, "yes" if c.spot else "no",
-                          fmt(c.usd_per_hour, ",.2f"), mark)
+                          fmt(c.usd_per_hour, ",.2f"), mark, c.options_text() or "-")
     out.print(table)
     dates = ", ".join(f"{k} {v}" for k, v in p.catalog.items()) or "-"
     out.print(f"run: [bold]${p.usd_per_hour:,.2f}/h[/] × {p.hours:,.2f} h ({p.hours_from}) "
