@@ -13,15 +13,14 @@ import shlex
 import string
 from pathlib import Path
 
-from geotrain import __version__
-
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "boot.sh.tmpl"
 
 
-def package_spec(plan_option: str | None = None) -> str:
-    """What the node pip-installs: the plan's `package` option (a wheel URL, a
-    VCS URL or a requirement), else this exact geotrain version."""
-    return plan_option or f"geotrain=={__version__}"
+# What the boot script downloads, each a signed URL + sha256 + file name set by
+# geotrain/bundle.py `boot_options` (code_* only when the recipe has an entrypoint).
+BUNDLE_KEYS = ("wheel_url", "wheel_sha256", "wheel_name", "requirements_url",
+               "requirements_sha256", "code_url", "code_sha256")
+REQUIRED = BUNDLE_KEYS[:5]
 
 
 def template_text() -> str:
@@ -35,7 +34,7 @@ def render(plan, node_index: int, ray_token: str) -> str:
     values = {"run_id": plan.run_id, "site": plan.site, "provider": plan.provider,
               "node_index": str(node_index), "nodes": str(plan.nodes), "ray_token": ray_token,
               "store_url": plan.store_url, "data_site": plan.option("data_site") or plan.site,
-              "package": package_spec(plan.option("package")),
               "ray_port": plan.option("ray_port") or "6379"}  # geotrain/site/cluster.py
+    values.update({k: plan.option(k) or "" for k in BUNDLE_KEYS})
     return string.Template(template_text()).substitute(
         {k: shlex.quote(v) for k, v in values.items()})

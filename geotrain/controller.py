@@ -11,6 +11,7 @@ own process (`python -m geotrain.controller RUN`) under `launch --detach`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -32,6 +33,8 @@ from geotrain.store import RunStore, round_key, run_url
 POLL_S = 0.5
 FINAL_STATES = ("succeeded", "failed", "stopped")
 DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
+CONSOLE_POLL_S = 5.0  # how often a booting cloud site's console is read for a fatal line
+log = logging.getLogger("geotrain.controller")
 
 
 class RunFailed(GeotrainError):
@@ -50,9 +53,12 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
     """What must hold before anything is created: every provider usable, the
     data there, the run store's root writable. Raises a GeotrainError that says
     what to fix."""
+    from geotrain.checks import store_access
     from geotrain.errors import ProviderError, RecipeError
     from geotrain.train.data import glob_files
 
+    if (problem := store_access(recipe)) is not None:  # before any provider is called
+        raise RecipeError(recipe_path, None, "", problem)
     for name in sorted({s.provider for s in recipe.sites}):
         check = providers.get(name).check()
         if not check.ok:
@@ -77,6 +83,10 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
     from geotrain.store import check_writable
 
     check_writable(recipe.store_root())  # the store's bucket/folder exists and takes writes
+    from geotrain import bundle
+
+    if bundle.needs_bundle(recipe):  # what cloud nodes will install: built (and cached) now
+        bundle.prepare(recipe, recipe_path)
 
 
 def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> str:
@@ -168,6 +178,8 @@ class Controller(Migrations):
         row = self.db.run(self.run_id)
         self.store = RunStore(row["store"])
         self.recipe = Recipe.model_validate(json.loads(row["recipe_json"]))
+        self.recipe_path = row["recipe_path"]
+        self._bundle = None  # what cloud nodes install (geotrain/bundle.py), made on first use
         # The run's last round: the recipe's, or earlier after `geotrain finish`.
         self.rounds_total = row["rounds_total"] or self.recipe.train.rounds
         self.sites = {s.name: s for s in self.recipe.sites}
@@ -186,6 +198,7 @@ class Controller(Migrations):
         self.migrating: dict[str, dict] = {}
         self.draining: dict[str, float] = {}  # preempted sites publishing their last work
         self.failing: dict[str, tuple[float, str]] = {}  # failed sites whose agent is leaving: (since, error)
+        self.console_read: dict[str, float] = {}  # when each booting site's console was last read
         self.store_move: dict | None = None
         self.started = time.time()
         self._seen_commands: set[str] = set()
@@ -240,16 +253,34 @@ class Controller(Migrations):
         update: dict = {"name": member} if member != name else {}
         if over:
             update.update(provider=over.provider, region=over.region, zones=list(over.zones),
-                          instance_type=over.instance_type, spot=over.spot, candidates=[])
+                          instance_type=over.instance_type, spot=over.spot, candidates=[],
+                          aws=None, gcp=None, azure=None)
+            # A migration target names no options: take the recipe's for that provider.
+            opts = (getattr(over, over.provider, None)
+                    or self.sites[name].options_for(over.provider, over.region))
+            if opts is not None:
+                update[over.provider] = opts
         return self.sites[name].model_copy(update=update) if update else self.sites[name]
 
     def _launch_spec(self, name: str, spec: SiteSpec) -> tuple[list[providers.Node], Placement]:
         from geotrain.placement import launch_site
 
+        options = (("log_dir", str(self.log_dir)), ("data_site", name), *self._boot_options(spec))
         nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
-                                          options=(("log_dir", str(self.log_dir)),
-                                                   ("data_site", name)), home=self.home)
+                                          options=options, home=self.home)
         return nodes, placement
+
+    def _boot_options(self, spec: SiteSpec) -> tuple[tuple[str, str], ...]:
+        """For a site with a cloud placement: what its nodes install, in the run store
+        (uploaded once per store), with freshly signed URLs."""
+        from geotrain import bundle
+
+        if all(p.provider == "local" for p in spec.placements()):
+            return ()
+        if self._bundle is None:
+            self._bundle = bundle.prepare(self.recipe, self.recipe_path, self.home)
+        bundle.publish(self.store, self._bundle)
+        return bundle.boot_options(self.store, self._bundle)
 
     def _launch(self, name: str) -> None:
         nodes, placement = self._launch_spec(name, self._spec(name))
@@ -346,15 +377,41 @@ class Controller(Migrations):
             reason = "node gone"
         elif booting:
             # A site that never beat is not stale, only slow to boot, until boot_timeout_s
-            # (a cloud replacement takes minutes).
-            if now - self.launched_at.get(name, now) <= self.recipe.sync.boot_timeout_s:
+            # (a cloud replacement takes minutes) — unless its node says on its console
+            # why it cannot boot or reach the store.
+            why = self._boot_failure(name, now)
+            if why:
+                reason = f"node failed to boot: {why}"
+            elif now - self.launched_at.get(name, now) <= self.recipe.sync.boot_timeout_s:
                 return
-            reason = f"never booted: no beat {now - self.launched_at[name]:.0f} s after launch"
+            else:
+                reason = f"never booted: no beat {now - self.launched_at[name]:.0f} s after launch"
         elif alive and now - alive["at"] > limit and now - self.launched_at.get(name, 0) > limit:
             reason = f"no liveness beat for {now - alive['at']:.1f} s"
         else:
             return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
+
+    def _boot_failure(self, name: str, now: float) -> str | None:
+        """What a booting site's node printed as its fatal line on its serial console
+        (read through the provider's console API, every CONSOLE_POLL_S), or None."""
+        from geotrain.site.node_info import fatal_line
+
+        if now - self.console_read.get(name, 0.0) < CONSOLE_POLL_S:
+            return None
+        self.console_read[name] = now
+        for node in self.nodes.get(name, []):
+            console = getattr(providers.get(node.provider), "console", None)
+            if console is None:
+                continue
+            try:
+                why = fatal_line(console(node))
+            except Exception as e:  # noqa: BLE001 - a console that cannot be read is no verdict
+                log.debug("console of %s unreadable: %s", node.instance_id, e)
+                continue
+            if why:
+                return why
+        return None
 
     def _failure(self, name: str, hb: dict | None) -> str:
         """Why a site failed: its heartbeat's error, else its last `failed` event."""

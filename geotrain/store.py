@@ -211,6 +211,23 @@ class RunStore:
     def get(self, key: str) -> bytes:
         return self._retry(lambda: self.fs.cat_file(self._path(key)), f"read {key}")
 
+    def sign(self, key: str, expires_s: int) -> str:
+        """A URL that lets its holder GET this one object, and nothing else, for
+        `expires_s` seconds (S3 presigned URL, GCS signed URL, Azure SAS), made with
+        this machine's credentials; for a file:// store, the file's path."""
+        if self.local:
+            return self._path(key)
+        try:
+            return self.fs.sign(self._path(key), expiration=expires_s)
+        except NotImplementedError as e:
+            raise StoreError(f"store {self.url}: this backend cannot make signed URLs for cloud "
+                             "nodes") from e
+        except Exception as e:  # noqa: BLE001 - one line, named by the backend's own words
+            raise StoreError(f"store {self.url}: could not sign a URL for {key} ({e}); the "
+                             "credentials used here must be able to sign (a GCS service "
+                             "account key or signBlob, an Azure account key or user "
+                             "delegation)") from e
+
     def exists(self, key: str) -> bool:
         if not self.local:
             self.fs.invalidate_cache()

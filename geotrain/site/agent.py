@@ -27,6 +27,8 @@ import threading
 import time
 import traceback
 
+import geotrain
+from geotrain.errors import GeotrainError
 from geotrain.recipe import Recipe
 from geotrain.site import cluster
 from geotrain.site.preemption import Notice, watch_from_env
@@ -80,6 +82,19 @@ class Preempted(Exception):
         self.notice = notice
 
 
+# A node that cannot report through the run store says why on its console
+# (geotrain/site/node_info.py FATAL_PREFIX); the controller reads it from there.
+FATAL_EXIT = 3
+
+
+def fatal(message: str) -> None:
+    line = " ".join(message.split())[:1000]
+    from geotrain.site.node_info import FATAL_PREFIX
+
+    print(FATAL_PREFIX + line, file=sys.stderr, flush=True)
+    log.error("%s", line)
+
+
 def _on_sigterm(signum, frame):
     raise Stopped(f"signal {signum}")
 
@@ -106,15 +121,21 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="gt-site-")
     if node_index > 0:
         return run_node(store_url, site, host, temp_dir, data_site, node_index, ray_port)
-    store = RunStore(store_url)
-    recipe = Recipe.model_validate(store.read_run()["recipe"])
-    data_site = data_site or site
-    spec = next(s for s in recipe.sites if s.name == data_site)
+    try:  # the first reads and the first write: what this node's identity must allow
+        store = RunStore(store_url)
+        recipe = Recipe.model_validate(store.read_run()["recipe"])
+        data_site = data_site or site
+        spec = next(s for s in recipe.sites if s.name == data_site)
+        store.beat(site, {"state": "starting", "pid": os.getpid()})
+    except Exception as e:  # noqa: BLE001 - nothing to report to but the console
+        fatal(f"cannot use the run store {store_url}: {type(e).__name__}: {e}; this node's "
+              "identity must be able to read and write it (see infra/<cloud>/README.md)")
+        return FATAL_EXIT
     started = time.time()
-    store.beat(site, {"state": "starting", "pid": os.getpid()})
     liveness = Liveness(store, site).start()
     store.event(site, "starting", f"site agent started (pid {os.getpid()})", pid=os.getpid(),
-                store_settings=store.settings())  # where retry/fault/endpoint settings came from
+                store_settings=store.settings(),  # where retry/fault/endpoint settings came from
+                geotrain=os.path.dirname(geotrain.__file__), version=geotrain.__version__)
     signal.signal(signal.SIGTERM, _on_sigterm)
     code, final = 1, "failed"
     notices, pending, head = None, [], None
@@ -227,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="geotrain-site-agent", description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="the run store URL")
     p.add_argument("--site", required=True, help="this site's name in the recipe")
-    p.add_argument("--host", default="127.0.0.1", help="the site's private address Ray binds to")
+    p.add_argument("--host", default="127.0.0.1", help="the site's private address Ray binds to; "
+                   "'metadata': ask the cloud's metadata service")
     p.add_argument("--temp-dir", default=None, help="Ray's session directory for this site")
     p.add_argument("--data-site", default=None, help="the recipe site whose data this member "
                    "trains (default: --site)")
@@ -237,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="a multi-node site's base Ray port (geotrain/site/cluster.py)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.host == "metadata":  # a cloud node: its private address, from its metadata service
+        from geotrain.site.node_info import private_ip
+
+        try:
+            a.host = private_ip()
+        except GeotrainError as e:
+            fatal(str(e))
+            return FATAL_EXIT
+        log.info("private address from the metadata service: %s", a.host)
     return run_agent(a.store, a.site, a.host, a.temp_dir, a.data_site, a.node_index, a.nodes,
                      a.ray_port)
 

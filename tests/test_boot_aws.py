@@ -1,0 +1,194 @@
+"""An AWS site whose nodes really boot: `geotrain launch` → EC2 (moto) → the node runs its
+user data → installs geotrain from the run store → trains → `geotrain down`.
+
+The stand-in cloud (tests/fakes/ec2_boot.py) boots every instance moto creates as a
+process tree (tests/fakes/node.py) with that instance's IMDSv2; the node reaches the
+S3 store only through a proxy that accepts the credentials its instance profile's role
+was given, and only for roles allowed to use the store. Nothing of the test process
+reaches a node: no credential, no geotrain (the node image has geotrain's dependencies,
+not geotrain), so a node trains only if its boot fetched, verified and installed the
+wheel the operator built.
+
+Run: .venv/bin/python -m pytest -q tests/test_boot_aws.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from geotrain.site.node_info import fatal_line
+from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy
+from tests.fakes.node import node_image, tagged_pids
+from tests.helpers import wait_for
+from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, tagged, \
+    write_recipe  # noqa: F401 - aws_env is a fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+PATIENCE_S = 600  # a hang detector, not a speed bound
+OPEN_ENDED = 100_000  # rounds of a run that lasts until `geotrain finish` (tests/test_chaos.py)
+ROLE = PROFILE  # the profile aws_env creates, whose role may use the store here
+# The stand-in network: Ray on loopback (the node's "private address" is 127.0.0.1).
+NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def recipe(profile: str) -> dict:
+    return {"name": "boot-aws", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
+            "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
+                      "warmup_steps": 1, "eval_batches": 1},
+            "store": {"url": f"s3://{BUCKET}/runs"},
+            "sync": {"boot_timeout_s": 1800, "max_replacements": 0},
+            "sites": [{"name": "east", "provider": "aws", "region": "us-east-1",
+                       "instance_type": "t3.large", "aws": {"instance_profile": profile}}]}
+
+
+def make_profile(moto: str, name: str) -> None:
+    iam = boto3.client("iam", endpoint_url=moto, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
+    iam.create_role(RoleName=name, AssumeRolePolicyDocument=(Path(__file__).parent.parent /
+                    "infra" / "aws" / "geotrain-node-trust.json").read_text())
+    iam.create_instance_profile(InstanceProfileName=name)
+    iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+
+
+@pytest.fixture
+def cloud(aws_env, moto_server, tmp_path):
+    """(env for the CLI, home, booter, store proxy): EC2 that boots, S3 behind identity."""
+    proxy, env, home = aws_env
+    s3 = S3IdentityProxy(moto_server)
+    booter = Ec2Booter(moto_server, node_image(tmp_path / "image"), tmp_path / "nodes",
+                       NODE_NET, s3_proxy=s3, store_roles={ROLE})
+    proxy.answer("GetConsoleOutput", booter.console_output)  # moto keeps no console
+    try:
+        yield env, home, booter, s3
+    finally:
+        booter.close()
+        s3.close()
+
+
+def events(env: dict, run_id: str) -> list[dict]:
+    """Every event of the run, controller and sites, as `geotrain logs --json` prints them."""
+    return [json.loads(line) for line in cli(env, "logs", run_id, "--json").stdout.splitlines()]
+
+
+def console(booter: Ec2Booter) -> str:
+    return "\n".join(f"--- {iid}\n{n.console_text()[-3000:]}" for iid, n in booter.nodes().items())
+
+
+def test_a_node_boots_installs_from_the_store_and_trains(cloud, moto_server, tmp_path):
+    env, home, booter, s3 = cloud  # aws_env made the instance profile geotrain-node
+    path = write_recipe(tmp_path / "boot.yaml", recipe(ROLE))
+    t0 = time.monotonic()
+    run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
+    [node] = booter.wait_booted(1, timeout=120).values()
+    role_key = booter.imds(node.instance_id).credentials["AccessKeyId"]
+
+    def finished():
+        s = cli_json(env, "status", run_id)
+        if s["state"] in ("failed", "stopped"):
+            raise AssertionError(f"run {s['state']}: {s['error']}\n{controller_log(home, run_id)}"
+                                 f"\n{console(booter)}")
+        return s if s["state"] == "succeeded" else None
+    try:
+        final = wait_for(finished, PATIENCE_S, every=1.0)
+    except TimeoutError:
+        raise AssertionError(f"run did not finish\n{controller_log(home, run_id)}\n{console(booter)}")
+    took = time.monotonic() - t0
+    assert final["rounds_done"] == 2 and final["eval_loss"] is not None
+
+    text = node.console_text()
+    assert "geotrain-0.1.0-py3-none-any.whl verified" in text and "requirements.txt verified" in text
+    assert fatal_line(text) is None, text
+    # The node ran the geotrain its boot installed, from its own venv.
+    starting = [e for e in events(env, run_id) if e.get("kind") == "starting"]
+    assert starting, events(env, run_id)
+    installed = Path(node.root) / "opt" / "geotrain"
+    assert str(starting[0]["geotrain"]).startswith(str(installed)), starting[0]
+    # Its store requests carried its role's credentials, and only those (the proxy
+    # refuses every other key): a node never sees the operator's.
+    keys = {r["key_id"] for r in s3.requests if r["status"] < 400}
+    assert keys == {role_key}
+
+    # The run ended: its instance is gone and so is the node's whole process tree.
+    assert tagged(moto_server, run_id, ["us-east-1"])["instances"] == {}
+    booter.wait_stopped(node.instance_id, timeout=120)
+    assert tagged_pids(node.instance_id) == []
+    cli(env, "down", run_id, timeout=120)
+    print(f"\nboot-aws: launch to succeeded {took:.0f} s")
+
+
+def test_a_node_whose_role_cannot_use_the_store_is_reported_not_silent(cloud, moto_server, tmp_path):
+    """The instance profile exists but its role has no access to the store: the node
+    says so on its console, the controller reads it there and the site is lost with
+    that reason — long before boot_timeout_s (1800 s here)."""
+    env, home, booter, _ = cloud
+    make_profile(moto_server, "no-store-role")
+    path = write_recipe(tmp_path / "boot.yaml", recipe("no-store-role"))
+    run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
+    [node] = booter.wait_booted(1, timeout=120).values()
+    wait_for(lambda: fatal_line(node.console_text()), PATIENCE_S, every=0.5)
+    printed = time.monotonic()
+    assert "cannot use the run store" in fatal_line(node.console_text())
+
+    def lost():
+        found = [e for e in events(env, run_id) if e["kind"] == "site-lost"]
+        return found[0] if found else None
+    event = wait_for(lost, PATIENCE_S, every=0.5)
+    reported_s = time.monotonic() - printed
+    assert event["reason"].startswith("node failed to boot: cannot use the run store "
+                                      f"s3://{BUCKET}/runs/{run_id}"), event
+    assert "access denied" in event["reason"], event
+    # max_replacements 0: the run fails, saying why.
+    s = wait_for(lambda: (lambda s: s if s["state"] == "failed" else None)(cli_json(env, "status", run_id)),
+                 PATIENCE_S, every=1.0)
+    assert "cannot use the run store" in s["error"]
+    cli(env, "down", run_id, timeout=120)
+    booter.wait_stopped(node.instance_id, timeout=120)
+    assert tagged_pids(node.instance_id) == []
+    print(f"\nno-access: reported {reported_s:.1f} s after the node printed it")
+
+
+def test_a_spot_notice_from_imds_drains_the_site_and_its_replacement_boots(cloud, tmp_path):
+    """The spot interruption notice comes where AWS puts it, the instance's IMDS: the
+    node's agent drains (publishes its partial round), the controller replaces the
+    site with a new instance that boots, installs the same bytes and trains on."""
+    env, home, booter, _ = cloud
+    spec = recipe(ROLE)
+    spec["train"]["rounds"] = OPEN_ENDED  # ended by `geotrain finish` once the replacement trains
+    spec["sync"]["max_replacements"] = 3
+    spec["sites"][0]["spot"] = True
+    path = write_recipe(tmp_path / "boot.yaml", spec)
+    run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
+    [first] = booter.wait_booted(1, timeout=120).values()
+
+    def training():
+        s = cli_json(env, "status", run_id)
+        assert s["state"] == "running", (s, controller_log(home, run_id), console(booter))
+        return s["rounds_done"] >= 1
+    wait_for(training, PATIENCE_S, every=1.0)
+    booter.notice(first.instance_id, "terminate", in_s=120)
+
+    def event(kind):
+        return next((e for e in events(env, run_id) if e["kind"] == kind), None)
+    preempting = wait_for(lambda: event("preempting"), PATIENCE_S, every=1.0)
+    assert preempting["notice"] == "preempt" and preempting["provider"] == "aws", preempting
+    lost = wait_for(lambda: event("site-lost"), PATIENCE_S, every=1.0)
+    assert lost["reason"] == "preempted", lost
+    booter.wait_stopped(first.instance_id, timeout=PATIENCE_S)  # terminated by the controller
+    assert tagged_pids(first.instance_id) == []
+    nodes = booter.wait_booted(2, timeout=PATIENCE_S)
+    [second] = [n for iid, n in nodes.items() if iid != first.instance_id]
+    wait_for(lambda: event("site-rejoined"), PATIENCE_S, every=1.0)
+    # The replacement installed the very bytes the first node did.
+    verified = [line for line in first.console_text().splitlines() if " verified " in line]
+    assert verified and verified == [line for line in second.console_text().splitlines()
+                                     if " verified " in line]
+    out = cli(env, "finish", run_id, "--json", timeout=PATIENCE_S)
+    assert json.loads(out.stdout)["state"] == "succeeded", out.stdout
+    cli(env, "down", run_id, timeout=120)
+    booter.wait_stopped(second.instance_id, timeout=120)
+    assert tagged_pids(second.instance_id) == []
