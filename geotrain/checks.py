@@ -101,32 +101,62 @@ def store_access(recipe) -> str | None:
     in one line naming the site and the option to set; None when every one has. Looks at
     the recipe only (nothing is called), so `launch` refuses before creating anything.
     Sites on this machine (providers without node options) need nothing."""
-    from geotrain.recipe import OPTIONS
-
     store = recipe.store_root()
-    scheme = store.split("://", 1)[0]
     for i, site in enumerate(recipe.sites):
         for j, p in enumerate(site.placements()):
-            if p.provider not in OPTIONS:
-                continue
             who = f"site {site.name}" + (f" (candidates[{j - 1}])" if j else "")
             at = f"sites[{i}]" + (f".candidates[{j - 1}]" if j else "") + f".{p.provider}"
-            opts = p.options()
-            if scheme == "file":
-                return (f"{who}: its {p.provider} nodes cannot reach the run store {store}, "
-                        "which is on this machine's disk; set store.url to an s3://, gs:// or "
-                        "az:// bucket")
-            if STORE_CLOUD[scheme] == p.provider:
-                key = IDENTITY[p.provider]
-                if getattr(opts, key) is None:
-                    return (f"{who}: its {p.provider} nodes have no identity to write the run "
-                            f"store {store}; set {at}.{key} (see infra/{p.provider}/README.md)")
-                continue
-            what, form = CROSS_CLOUD[scheme]
-            if opts.store_credentials is None:
-                return (f"{who}: its {p.provider} nodes have no credential for the run store "
-                        f"{store} on another cloud; set {at}.store_credentials to {what}")
-            if not form.match(opts.store_credentials):
-                return (f"{who}: {at}.store_credentials must be {what} for the run store "
-                        f"{store} (got {opts.store_credentials!r})")
+            if (problem := placement_store_access(p.provider, p.options(), store, who, at)):
+                return problem
+    return None
+
+
+def placement_store_access(provider: str, opts, store: str, who: str, at: str) -> str | None:
+    """Why nodes on `provider` with options `opts` could not use the store at `store`
+    (None: they can, or the provider runs on this machine). `who` names the site in the
+    message, `at` the recipe field of the options."""
+    from geotrain.recipe import OPTIONS
+
+    if provider not in OPTIONS:
+        return None
+    scheme = store.split("://", 1)[0]
+    if scheme == "file":
+        return (f"{who}: its {provider} nodes cannot reach the run store {store}, "
+                "which is on this machine's disk; set store.url to an s3://, gs:// or "
+                "az:// bucket")
+    if STORE_CLOUD[scheme] == provider:
+        key = IDENTITY[provider]
+        if opts is None or getattr(opts, key) is None:
+            return (f"{who}: its {provider} nodes have no identity to write the run "
+                    f"store {store}; set {at}.{key} (see infra/{provider}/README.md)")
+        return None
+    what, form = CROSS_CLOUD[scheme]
+    if opts is None or opts.store_credentials is None:
+        return (f"{who}: its {provider} nodes have no credential for the run store "
+                f"{store} on another cloud; set {at}.store_credentials to {what}")
+    if not form.match(opts.store_credentials):
+        return (f"{who}: {at}.store_credentials must be {what} for the run store "
+                f"{store} (got {opts.store_credentials!r})")
+    return None
+
+
+def data_access(recipe) -> str | None:
+    """Why a cloud placement's nodes could not read the recipe's data files (a local path
+    is on this machine's disk), in one line naming the site and what to do; None when
+    every one can."""
+    from geotrain.recipe import OPTIONS
+    from geotrain.train.data import is_url
+
+    if recipe.data.source != "files":
+        return None
+    local = [(k, p) for k, p in enumerate(recipe.data.paths) if not is_url(p)]
+    if not local:
+        return None
+    k, path = local[0]
+    for site in recipe.sites:
+        cloud = [p.provider for p in site.placements() if p.provider in OPTIONS]
+        if cloud:
+            return (f"site {site.name}: its {cloud[0]} nodes cannot read data.paths[{k}] "
+                    f"{path!r}, which is on this machine; copy the files to object storage "
+                    "and list their URL instead (e.g. 's3://bucket/corpus/*.txt')")
     return None

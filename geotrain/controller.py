@@ -10,6 +10,7 @@ own process (`python -m geotrain.controller RUN`) under `launch --detach`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from geotrain.store import RunStore, round_key, run_url
 POLL_S = 0.5
 FINAL_STATES = ("succeeded", "failed", "stopped")
 DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
+DOWN_WAIT_S = 90.0  # how long `down` waits for the controller to stop its own sites
 CONSOLE_POLL_S = 5.0  # how often a booting cloud site's console is read for a fatal line
 log = logging.getLogger("geotrain.controller")
 
@@ -53,12 +55,13 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
     """What must hold before anything is created: every provider usable, the
     data there, the run store's root writable. Raises a GeotrainError that says
     what to fix."""
-    from geotrain.checks import store_access
+    from geotrain.checks import data_access, store_access
     from geotrain.errors import ProviderError, RecipeError
     from geotrain.train.data import glob_files
 
-    if (problem := store_access(recipe)) is not None:  # before any provider is called
-        raise RecipeError(recipe_path, None, "", problem)
+    for check_ in (store_access, data_access):  # before any provider is called
+        if (problem := check_(recipe)) is not None:
+            raise RecipeError(recipe_path, None, "", problem)
     for name in sorted({s.provider for s in recipe.sites}):
         check = providers.get(name).check()
         if not check.ok:
@@ -199,6 +202,7 @@ class Controller(Migrations):
         self.draining: dict[str, float] = {}  # preempted sites publishing their last work
         self.failing: dict[str, tuple[float, str]] = {}  # failed sites whose agent is leaving: (since, error)
         self.console_read: dict[str, float] = {}  # when each booting site's console was last read
+        self._in_provider_call, self._stop_pending = 0, False
         self.store_move: dict | None = None
         self.started = time.time()
         self._seen_commands: set[str] = set()
@@ -230,8 +234,9 @@ class Controller(Migrations):
             state = "failed"
             self.db.update_run(self.run_id, error=str(e)[:2000])
             self.event("failed", f"run failed: {e}")
-        finally:
+        finally:  # the teardown itself is never cut short by a second signal
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.teardown()
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -240,7 +245,24 @@ class Controller(Migrations):
         return state
 
     def _on_signal(self, signum, frame):
+        if self._in_provider_call:  # never abandon a create/delete half-way: stop right after it
+            self._stop_pending = True
+            return
         raise Stop()
+
+    @contextlib.contextmanager
+    def _provider_call(self):
+        """A provider call that creates or deletes nodes runs to its end even when
+        `down` signals meanwhile: cut off mid-request it could leave a node whose id
+        we never learn. The stop takes effect as the call returns."""
+        self._in_provider_call += 1
+        try:
+            yield
+        finally:
+            self._in_provider_call -= 1
+            if not self._in_provider_call and self._stop_pending:
+                self._stop_pending = False
+                raise Stop()
 
     def provision(self, adopt: bool = False) -> None:
         for site in self.recipe.sites:
@@ -266,8 +288,9 @@ class Controller(Migrations):
         from geotrain.placement import launch_site
 
         options = (("log_dir", str(self.log_dir)), ("data_site", name), *self._boot_options(spec))
-        nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
-                                          options=options, home=self.home)
+        with self._provider_call():
+            nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
+                                              options=options, home=self.home)
         return nodes, placement
 
     def _boot_options(self, spec: SiteSpec) -> tuple[tuple[str, str], ...]:
@@ -310,7 +333,8 @@ class Controller(Migrations):
         for p in self._providers_of(name):
             leftovers = self._query(p, member)
             if leftovers:
-                providers.get(p).terminate(leftovers)
+                with self._provider_call():
+                    providers.get(p).terminate(leftovers)
         return False
 
     def _query(self, provider: str, member: str) -> list[providers.Node]:
@@ -447,12 +471,13 @@ class Controller(Migrations):
         member = self.member[name]
         # Our own record first (a dead agent means no grace period), then whatever
         # the provider still holds under the member's tags.
-        if self.nodes.get(name):
-            providers.get(self.nodes[name][0].provider).terminate(self.nodes[name])
-        for p in self._providers_of(name):
-            nodes = self._query(p, member)
-            if nodes:
-                providers.get(p).terminate(nodes)
+        with self._provider_call():
+            if self.nodes.get(name):
+                providers.get(self.nodes[name][0].provider).terminate(self.nodes[name])
+            for p in self._providers_of(name):
+                nodes = self._query(p, member)
+                if nodes:
+                    providers.get(p).terminate(nodes)
         for row in self.db.nodes(self.run_id):
             if row["site"] == member and row["state"] != "terminated":
                 self.db.update_node(row["id"], state="terminated", terminated_at=now)
@@ -601,7 +626,8 @@ def down(run_id: str, home: Path | None = None) -> dict:
             os.kill(pid, signal.SIGTERM)
         else:
             procs.signal_if_same(pid, started, signal.SIGTERM)
-        deadline = time.monotonic() + 30
+        # It finishes a provider call in flight, then tears its sites down itself.
+        deadline = time.monotonic() + DOWN_WAIT_S
         while controller_alive(run) and time.monotonic() < deadline:
             time.sleep(0.2)
     gone = terminate_run(db, run["id"])

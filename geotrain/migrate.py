@@ -55,6 +55,30 @@ def parse_target(to: str) -> Placement:
     return Placement(provider=parts[0], region=region, instance_type=instance)
 
 
+def target_problem(recipe, store_url: str, site: str | None = None, to: str | None = None,
+                   new_store: str | None = None) -> str | None:
+    """Why a migration could not work on the nodes it would need (None: it can): a site
+    moved to a cloud whose nodes the recipe gives no way into the run store, or a store
+    moved where the run's cloud sites could not reach it. Asked before the request is sent."""
+    from geotrain.checks import placement_store_access, store_access
+
+    if new_store is not None:
+        moved = recipe.model_copy(update={"store": recipe.store.model_copy(update={"url": new_store})})
+        problem = store_access(moved)
+        return f"cannot move the store to {new_store}: {problem}" if problem else None
+    spec = next((s for s in recipe.sites if s.name == site), None)
+    if spec is None or to is None:
+        return None  # the controller names an unknown site
+    target = parse_target(to)
+    i = recipe.sites.index(spec)
+    problem = placement_store_access(target.provider, spec.options_for(target.provider, target.region),
+                                     store_url, f"site {site} on {to}", f"sites[{i}].{target.provider}")
+    if problem:
+        return (f"{problem}; a run migrates only to a provider whose node options the recipe "
+                f"gives the site (e.g. as one of its candidates)")
+    return None
+
+
 class Migrations:
     """The controller's side of migrations (mixed into Controller)."""
 

@@ -109,15 +109,18 @@ class DataSpec(_Spec):
         "python-stdlib", description="'python-stdlib': the Python standard library's own source "
                                      "(needs no download); 'files': the files matched by `paths`.")
     paths: list[Annotated[str, Field(min_length=1)]] = Field(
-        [], description="Glob patterns of text files, relative to the recipe's directory. "
-                        "Required when source is 'files', empty otherwise.")
+        [], description="Glob patterns of text files: paths relative to the recipe's "
+                        "directory, or object-storage URLs (s3://, gs://, az://; read with the "
+                        "machine's own credentials: on a cloud node, its identity). A cloud site "
+                        "needs URLs. Required when source is 'files', empty otherwise.")
     eval_fraction: float = Field(
         0.02, gt=0, lt=0.5, description="Fraction of the data held out for evaluation.")
 
     @field_validator("paths")
     @classmethod
     def _resolve_paths(cls, paths: list[str], info: ValidationInfo) -> list[str]:
-        return [os.path.normpath(_base_dir(info) / os.path.expanduser(p)) for p in paths]
+        return [p if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", p)  # an fsspec URL, as given
+                else os.path.normpath(_base_dir(info) / os.path.expanduser(p)) for p in paths]
 
     @model_validator(mode="after")
     def _paths_match_source(self) -> DataSpec:

@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import yaml
 
 from geotrain import recipe
 from geotrain.errors import CapacityError, GeotrainError, RecipeError
@@ -604,3 +605,31 @@ def test_launch_refuses_a_node_without_identity_before_creating_anything(tmp_pat
     from geotrain.state import StateDB
 
     assert not home.exists() or StateDB(home).runs() == []
+
+
+def test_migration_targets_must_reach_the_run_store(tmp_path):
+    """`geotrain migrate` asks before it sends: a site moved to a cloud the recipe gives
+    it no identity on, or a store moved where a cloud site could not reach it, is refused."""
+    from geotrain.migrate import target_problem
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "r", "store": {"url": "s3://bucket/runs"},
+        "sites": [{"name": "a", "provider": "aws", "region": "us-east-1", "instance_type": "g5.xlarge",
+                   "aws": {"instance_profile": "geotrain-node"},
+                   "candidates": [{"provider": "aws", "region": "us-west-2",
+                                   "instance_type": "g5.xlarge"}]},
+                  {"name": "b", "provider": "local"}]}))
+    r = load(path)
+    store = "s3://bucket/runs/r-1"
+    assert target_problem(r, store, "a", "aws:us-east-2:g5.xlarge") is None  # its aws identity
+    assert target_problem(r, store, "b", "local") is None
+    why = target_problem(r, store, "b", "aws:us-east-1:g5.xlarge")
+    assert why == ("site b on aws:us-east-1:g5.xlarge: its aws nodes have no identity to write "
+                   "the run store s3://bucket/runs/r-1; set sites[1].aws.instance_profile (see "
+                   "infra/aws/README.md); a run migrates only to a provider whose node options "
+                   "the recipe gives the site (e.g. as one of its candidates)")
+    assert "store_credentials" in target_problem(r, store, "a", "gcp:us-central1:g2-standard-4")
+    assert target_problem(r, store, new_store="file:///tmp/elsewhere").startswith(
+        "cannot move the store to file:///tmp/elsewhere: site a: its aws nodes cannot reach")
+    assert target_problem(r, store, new_store="s3://other-bucket/runs") is None

@@ -26,7 +26,7 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
     the old one drains), or move the run store, while the run goes on."""
     from geotrain.controller import pid_alive, status
     from geotrain.errors import GeotrainError
-    from geotrain.migrate import request_site_migration, request_store_migration
+    from geotrain.migrate import request_site_migration, request_store_migration, target_problem
     from geotrain.store import RunStore
 
     if not ((site and to) or store) or (store and (site or to)):
@@ -36,6 +36,9 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
     if s["state"] != "running" or not pid_alive(s["controller_pid"]):
         raise GeotrainError(f"run {s['id']} has no running controller (state {s['state']}); "
                             f"`geotrain resume {s['id']}` first")
+    problem = target_problem(_recipe(s["id"]), s["store"], site, to, store)
+    if problem:
+        raise GeotrainError(problem)
     if store:
         at = request_store_migration(RunStore(s["store"]), store)
         done_kinds, about = ("store-migrated", "migrate-failed"), None
@@ -66,3 +69,12 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
             raise GeotrainError(f"run {s['id']} ended before the migration finished")
         time.sleep(1)
     raise GeotrainError(f"migration not finished within {timeout:g} s; see `geotrain logs {s['id']}`")
+
+
+def _recipe(run_id: str):
+    import json
+
+    from geotrain.recipe import Recipe, default_home
+    from geotrain.state import StateDB
+
+    return Recipe.model_validate(json.loads(StateDB(default_home()).run(run_id)["recipe_json"]))

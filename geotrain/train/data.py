@@ -3,7 +3,7 @@
 Everything here is deterministic and cheap to start. The file list is built
 from names alone; a site reads only the files of its own shard.
 
-    files = stdlib_files()                     # or glob_files(["data/**/*.txt"])
+    files = stdlib_files()                     # or glob_files(["data/**/*.txt", "s3://b/corpus/*.txt"])
     train, held_out = split(files, eval_fraction=0.02, seed=0)
     data = load_bytes(shard(train, index=site, count=n_sites))
     batches = Batches(data, batch_size=16, seq_len=256, seed=site)
@@ -15,10 +15,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import sysconfig
 from pathlib import Path
 
+import fsspec
 import torch
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 _SKIP_PATHS = {"idlelib/idle_test"}
@@ -47,16 +51,37 @@ def stdlib_files() -> list[Path]:
     return sorted(found)
 
 
-def glob_files(patterns: list[str]) -> list[Path]:
-    """Files matched by the glob patterns (`**` recurses), sorted and without duplicates."""
-    files: set[Path] = set()
+def is_url(pattern: str | Path) -> bool:
+    """Whether a data path is an fsspec URL (s3://, gs://, az://, file://, ...), not a local path."""
+    return isinstance(pattern, str) and bool(_URL.match(pattern))
+
+
+def glob_files(patterns: list[str]) -> list[Path | str]:
+    """Files matched by the glob patterns (`**` recurses), sorted and without duplicates:
+    local paths as Paths, fsspec URLs (object storage, read with the machine's own
+    credentials chain) as URL strings."""
+    files: set[Path | str] = set()
     for pattern in patterns:
-        matched = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
-        matched = [p for p in matched if p.is_file()]
+        if is_url(pattern):
+            fs, path = fsspec.core.url_to_fs(pattern)
+            found = fs.glob(path, detail=True)
+            scheme = pattern.split("://", 1)[0]  # the user's own spelling (az://, not abfs://)
+            matched = [f"{scheme}://{name if scheme == 'file' else name.lstrip('/')}" for name, info in sorted(found.items())
+                       if info.get("type") == "file"]
+        else:
+            matched = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
+            matched = [p for p in matched if p.is_file()]
         if not matched:
             raise ValueError(f"data pattern {pattern!r} matches no files")
         files.update(matched)
-    return sorted(files)
+    return sorted(files, key=str)
+
+
+def _name(f: Path | str) -> str:
+    """A file's name for splitting: a URL's path without its scheme, else the absolute path."""
+    if is_url(f):
+        return "/" + str(f).split("://", 1)[1].lstrip("/")
+    return os.path.abspath(f)
 
 
 def _unit_hash(*parts: object) -> float:
@@ -74,8 +99,8 @@ def split(files: list[Path], eval_fraction: float, seed: int) -> tuple[list[Path
     """
     if not files:
         raise ValueError("cannot split an empty list of files")
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    scores = [_unit_hash(seed, Path(os.path.relpath(os.path.abspath(f), root)).as_posix()) for f in files]
+    root = os.path.commonpath([os.path.dirname(_name(f)) for f in files])
+    scores = [_unit_hash(seed, Path(os.path.relpath(_name(f), root)).as_posix()) for f in files]
     held_out = {i for i, s in enumerate(scores) if s < eval_fraction}
     if not held_out:
         held_out = {min(range(len(files)), key=scores.__getitem__)}
@@ -88,7 +113,7 @@ def shard(files: list[Path], index: int, count: int) -> list[Path]:
     """Shard `index` of `count`: every count-th file of the sorted list, so shards partition it."""
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} is not in [0, {count})")
-    return sorted(files)[index::count]
+    return sorted(files, key=str)[index::count]
 
 
 def load_bytes(files: list[Path], max_bytes: int | None = None) -> torch.Tensor:
@@ -97,7 +122,11 @@ def load_bytes(files: list[Path], max_bytes: int | None = None) -> torch.Tensor:
     for path in files:
         if max_bytes is not None and len(buf) >= max_bytes:
             break
-        buf += Path(path).read_bytes()
+        if is_url(path):
+            with fsspec.open(path, "rb") as f:
+                buf += f.read()
+        else:
+            buf += Path(path).read_bytes()
         buf += b"\n"
     if max_bytes is not None:
         del buf[max_bytes:]
