@@ -83,7 +83,7 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
             glob_files(recipe.data.paths)
         except ValueError as e:
             raise RecipeError(recipe_path, None, "data.paths", str(e)) from None
-    from geotrain.store import check_writable
+    from geotrain.store_check import check_writable
 
     check_writable(recipe.store_root())  # the store's bucket/folder exists and takes writes
     from geotrain import bundle
@@ -146,6 +146,18 @@ def status(run_id: str, home: Path | None = None) -> dict:
     db = StateDB(home or default_home())
     run = db.run(run_id)
     return _status_of(db, run)
+
+
+def require_live_controller(run_id: str, home: Path | None = None, *, suggest_down: bool = False) -> dict:
+    """The run's status, if its controller is running; else a GeotrainError saying to
+    `geotrain resume` it first (and, with `suggest_down`, that `geotrain down` is the
+    other way out). For commands the controller carries out (finish, migrate)."""
+    s = status(run_id, home)
+    if s["state"] != "running" or not pid_alive(s["controller_pid"]):
+        raise GeotrainError(f"run {s['id']} has no running controller (state {s['state']}); "
+                            f"`geotrain resume {s['id']}` first"
+                            + (f", or `geotrain down {s['id']}`" if suggest_down else ""))
+    return s
 
 
 def _status_of(db: StateDB, run: dict) -> dict:

@@ -20,13 +20,10 @@ from geotrain.errors import GeotrainError
 
 def request_finish(run_id: str, home: Path | None = None) -> dict:
     """Ask a run's controller to finish it early; returns {"run", "requested_at"}."""
-    from geotrain.controller import pid_alive, status
+    from geotrain.controller import require_live_controller
     from geotrain.store import RunStore
 
-    s = status(run_id, home)
-    if s["state"] != "running" or not pid_alive(s["controller_pid"]):
-        raise GeotrainError(f"run {s['id']} has no running controller (state {s['state']}); "
-                            f"`geotrain resume {s['id']}` first, or `geotrain down {s['id']}`")
+    s = require_live_controller(run_id, home, suggest_down=True)
     at = time.time()
     RunStore(s["store"]).send_command("controller", "finish")
     return {"run": s["id"], "requested_at": at}

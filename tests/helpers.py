@@ -1,10 +1,12 @@
 """Shared test helpers: run the CLI as a user would, wait for conditions,
-find what a run left running."""
+find what a run left running, make raw HTTP requests to local servers."""
 
 from __future__ import annotations
 
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +42,21 @@ def geotrain_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("GEOTRAIN_HOME", str(home))
     return home
+
+
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+
+
+def http(method: str, url: str, headers: dict | None = None, data: bytes | None = None,
+         timeout: float = 10):
+    """(status, headers, body) of a raw request, error statuses included."""
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with _direct.open(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read()
 
 
 def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:

@@ -22,11 +22,12 @@ import pytest
 import geotrain.controller as controller_mod
 import geotrain.migrate as migrate_mod
 import providers
-from geotrain.controller import DRAIN_WAIT_S, Controller, create_run, prepare_resume
+from geotrain.controller import DRAIN_WAIT_S, Controller, prepare_resume
 from geotrain.errors import GeotrainError, RunNotFound, StoreError
 from geotrain.migrate import DRAIN_TIMEOUT_S, JOIN_TIMEOUT_S, request_site_migration, request_store_migration
-from geotrain.recipe import Placement, Recipe
+from geotrain.recipe import Placement
 from providers import Node
+from tests.fake_controller import Ticked, tiny_run
 from tests.helpers import geotrain_cmd, geotrain_home, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,7 +64,7 @@ class Cloud:
         return [n.instance_id for n in self.held if n.site == member]
 
 
-class Faked(Controller):
+class Faked(Ticked):
     """A controller whose launches are recorded and answered by `Cloud`."""
 
     def __init__(self, run_id: str, home: Path, cloud: Cloud):
@@ -82,13 +83,6 @@ class Faked(Controller):
             self.cloud.held.append(node)
         return [node], Placement(provider=spec.provider, region=spec.region,
                                  instance_type=spec.instance_type, spot=spec.spot)
-
-    def tick(self, name: str = "a") -> None:
-        """What one tick of `watch` does for one site."""
-        member = self.member[name]
-        hb = self.store.heartbeat(member)
-        self._note_rejoined(name, hb)
-        self._supervise(name, hb, self.store.liveness().get(member))
 
     def step(self) -> None:
         """What one tick of `watch` does for migrations."""
@@ -113,12 +107,7 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Cloud:
 
 @pytest.fixture
 def run_id(geotrain_home: Path, tmp_path: Path) -> str:
-    recipe = Recipe.model_validate({
-        "name": "paths", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
-        "train": {"rounds": 3, "inner_steps": 2, "batch_size": 2, "seq_len": 16},
-        "sync": {"liveness_timeout_s": 60, "boot_timeout_s": 600},
-        "sites": [{"name": "a", "provider": "local"}, {"name": "b", "provider": "local"}]})
-    return create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home)
+    return tiny_run(geotrain_home, tmp_path, "paths", liveness_timeout_s=60, boot_timeout_s=600)
 
 
 @pytest.fixture

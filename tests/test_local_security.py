@@ -12,34 +12,19 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from geotrain import procs
 from geotrain.cleanup import abandoned
-from geotrain.controller import (controller_alive, create_run, down, prepare_resume, record_controller,
-                                 status)
+from geotrain.controller import controller_alive, down, prepare_resume, record_controller, status
 from geotrain.errors import GeotrainError
-from geotrain.recipe import Recipe
 from geotrain.site.notice_server import SECRET_ENV, SECRET_HEADER, NoticeServer
 from geotrain.state import SCHEMA, StateDB
 from providers import local
-from tests.helpers import geotrain_cmd, geotrain_home, wait_for  # noqa: F401 - fixture
-
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-
-
-def http(method: str, url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers=headers or {}, method=method)
-    try:
-        with _direct.open(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.read()
+from tests.fake_controller import tiny_run
+from tests.helpers import geotrain_cmd, geotrain_home, http, wait_for  # noqa: F401 - fixture
 
 
 def mode(path: Path) -> int:
@@ -126,11 +111,7 @@ def test_signal_if_same_never_signals_another_start_time():
 
 @pytest.fixture
 def run_id(geotrain_home: Path, tmp_path: Path) -> str:
-    recipe = Recipe.model_validate({
-        "name": "sec", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
-        "train": {"rounds": 3, "inner_steps": 2, "batch_size": 2, "seq_len": 16},
-        "sites": [{"name": "a", "provider": "local"}]})
-    return create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home)
+    return tiny_run(geotrain_home, tmp_path, "sec", sites=("a",))
 
 
 @pytest.mark.timeout(120)
@@ -198,7 +179,7 @@ def test_notice_control_endpoints_need_the_secret():
 
         def served() -> int:
             token = http("PUT", f"{s.url}/latest/api/token",
-                         {"X-aws-ec2-metadata-token-ttl-seconds": "60"})[1].decode()
+                         {"X-aws-ec2-metadata-token-ttl-seconds": "60"})[2].decode()
             return http("GET", action, {"X-aws-ec2-metadata-token": token})[0]
 
         for headers in ({}, {SECRET_HEADER: ""}, {SECRET_HEADER: "wrong"}, {SECRET_HEADER: "s3cre"}):
@@ -213,7 +194,7 @@ def test_notice_control_endpoints_need_the_secret():
         assert len(s.control_secret) >= 32
         assert http("POST", f"{s.url}/_geotrain/preempt")[0] == 403
         assert http("GET", f"{s.url}/computeMetadata/v1/instance/preempted",
-                    {"Metadata-Flavor": "Google"})[1] == b"FALSE"
+                    {"Metadata-Flavor": "Google"})[2] == b"FALSE"
 
 
 # -- a real local site, through the CLI ----------------------------------------------------------
@@ -294,7 +275,7 @@ def test_local_site_files_are_owner_only_and_its_notice_endpoint_needs_the_secre
         for headers in ({}, {SECRET_HEADER: "0" * len(secret)}):
             assert http("POST", f"{endpoint}/_geotrain/preempt?in_s=5", headers)[0] == 403
         token = http("PUT", f"{endpoint}/latest/api/token",
-                     {"X-aws-ec2-metadata-token-ttl-seconds": "60"})[1].decode()
+                     {"X-aws-ec2-metadata-token-ttl-seconds": "60"})[2].decode()
         action = f"{endpoint}/latest/meta-data/spot/instance-action"
         assert http("GET", action, {"X-aws-ec2-metadata-token": token})[0] == 404
         # The site's own secret is the one its endpoint takes (clear: nothing to drain).

@@ -9,9 +9,6 @@ import logging
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
-
 from pathlib import Path
 
 import pytest
@@ -21,22 +18,9 @@ from geotrain.site import preemption
 from geotrain.site.notice_server import NoticeServer
 from geotrain.site.preemption import (AwsWatcher, AzureWatcher, GceWatcher, Notice, NoticeThread,
                                       watch_from_env, watcher_for)
-from tests.helpers import geotrain_home, wait_for  # noqa: F401
+from tests.helpers import geotrain_home, http, wait_for  # noqa: F401
 
 PROVIDERS = ["aws", "gcp", "azure"]
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http(method: str, url: str, headers: dict | None = None, data: bytes | None = None,
-         timeout: float = 10):
-    """(status, headers, body) of a raw request, error statuses included."""
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
-    try:
-        with _direct.open(req, timeout=timeout) as r:
-            return r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.headers, e.read()
 
 
 def free_port() -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from geotrain.errors import StoreError
-from geotrain.store import RunStore, check_writable
+from geotrain.store import RunStore
+from geotrain.store_check import check_writable
 from tests.helpers import geotrain_cmd, geotrain_home  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
@@ -97,12 +98,12 @@ def test_a_writable_store_passes_and_keeps_no_probe(backend_url):
     (type("NoCredentialsError", (Exception,), {})("Unable to locate credentials"), "no credentials"),
 ])
 def test_denied_and_no_credentials_say_what_to_do(monkeypatch, error, phrase):
-    from geotrain import store
+    from geotrain import store_check
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(store.fsspec.core, "url_to_fs", fail)
+    monkeypatch.setattr(store_check.fsspec.core, "url_to_fs", fail)
     with pytest.raises(StoreError) as e:
         check_writable("s3://team-bucket/runs")
     line = str(e.value)

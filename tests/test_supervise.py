@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from geotrain.controller import Controller, create_run
-from geotrain.recipe import Recipe
+from tests.fake_controller import Ticked, tiny_run
 from tests.helpers import geotrain_home  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Supervised(Controller):
+class Supervised(Ticked):
     """A controller whose provider calls are recorded, not made."""
 
     def __init__(self, run_id: str, home: Path):
@@ -34,21 +33,11 @@ class Supervised(Controller):
         self.nodes[name] = []
         self.launched_at[name] = time.time()
 
-    def tick(self, name: str = "a") -> None:
-        member = self.member[name]  # as one tick of `watch` does
-        hb = self.store.heartbeat(member)
-        self._note_rejoined(name, hb)
-        self._supervise(name, hb, self.store.liveness().get(member))
-
 
 @pytest.fixture
 def ctl(geotrain_home: Path, tmp_path: Path) -> Supervised:
-    recipe = Recipe.model_validate({
-        "name": "sup", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
-        "train": {"rounds": 3, "inner_steps": 2, "batch_size": 2, "seq_len": 16},
-        "sync": {"liveness_timeout_s": 1, "boot_timeout_s": 30},
-        "sites": [{"name": "a", "provider": "local"}, {"name": "b", "provider": "local"}]})
-    c = Supervised(create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home), geotrain_home)
+    c = Supervised(tiny_run(geotrain_home, tmp_path, "sup", liveness_timeout_s=1, boot_timeout_s=30),
+                   geotrain_home)
     c.launched_at = {"a": time.time() - 10, "b": time.time() - 10}
     return c
 

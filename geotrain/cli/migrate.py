@@ -24,7 +24,7 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
             as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Move a site to another provider or region (the new site joins a round before
     the old one drains), or move the run store, while the run goes on."""
-    from geotrain.controller import pid_alive, status
+    from geotrain.controller import require_live_controller, status
     from geotrain.errors import GeotrainError
     from geotrain.migrate import request_site_migration, request_store_migration, target_problem
     from geotrain.store import RunStore
@@ -32,10 +32,7 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
     if not ((site and to) or store) or (store and (site or to)):
         raise GeotrainError("say what to move: --site S --to PROVIDER[:REGION[:INSTANCE]], "
                             "or --store URL")
-    s = status(run)
-    if s["state"] != "running" or not pid_alive(s["controller_pid"]):
-        raise GeotrainError(f"run {s['id']} has no running controller (state {s['state']}); "
-                            f"`geotrain resume {s['id']}` first")
+    s = require_live_controller(run)
     problem = target_problem(_recipe(s["id"]), s["store"], site, to, store)
     if problem:
         raise GeotrainError(problem)
