@@ -314,15 +314,24 @@ def publish(store, bundle: Bundle) -> None:
 
 
 def boot_options(store, bundle: Bundle, ttl_s: int = URL_TTL_S) -> tuple[tuple[str, str], ...]:
-    """The SitePlan options the boot script reads: a signed GET URL and the sha256 of each
-    object (`wheel_*`, `requirements_*`, `code_*`)."""
+    """The SitePlan options the boot script reads: where to GET each object and its
+    sha256 (`wheel_*`, `requirements_*`, `code_*`). A signed URL; on a gs:// store
+    whose operator credentials cannot sign (user credentials, the emulator), the
+    object's gs:// URL, which a GCE node reads with its own service account."""
+    from geotrain.errors import StoreError
+
     out = []
     for role, a in (("wheel", bundle.wheel), ("requirements", bundle.requirements),
                     ("code", bundle.code)):
         if a is None:
             continue
-        out += [(f"{role}_url", store.sign(a.key, ttl_s)), (f"{role}_sha256", a.sha256),
-                (f"{role}_name", a.name)]
+        try:
+            url = store.sign(a.key, ttl_s)
+        except StoreError:
+            if store.scheme != "gs":
+                raise
+            url = store.object_url(a.key)
+        out += [(f"{role}_url", url), (f"{role}_sha256", a.sha256), (f"{role}_name", a.name)]
     return tuple(out)
 
 

@@ -426,3 +426,11 @@ def terminate(nodes: list[Node]) -> list[Node]:
             _delete_firewall(api, run_id, site)
     return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
                  n.region) for n in nodes]
+
+
+def console(node: Node) -> str:
+    """The node's serial port 1 output (instances.getSerialPortOutput): where a node
+    that cannot reach the run store says why (geotrain/site/node_info.py)."""
+    api = _Api()
+    return api.instances.get_serial_port_output(project=api.project, zone=node.region,
+                                                instance=node.instance_id).contents or ""

@@ -274,6 +274,7 @@ ROUTES = [
     ("POST", r"zones/(?P<zone>[^/]+)/instances", "insert_instance"),
     ("GET", r"zones/(?P<zone>[^/]+)/instances", "list_instances"),
     ("GET", r"zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "get_instance"),
+    ("GET", r"zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)/serialPort", "serial_port"),
     ("DELETE", r"zones/(?P<zone>[^/]+)/instances/(?P<name>[^/]+)", "delete_instance"),
     ("GET", r"aggregated/instances", "aggregated_instances"),
     ("GET", r"zones", "list_zones"),
@@ -409,6 +410,17 @@ class _Handler(BaseHTTPRequestHandler):
     def get_instance(self, zone, name, body, query):
         inst = self.gce.instances.get((zone, name))
         return (200, inst) if inst else self._not_found(f"zones/{zone}/instances/{name}")
+
+    def serial_port(self, zone, name, body, query):
+        """A booted instance's console (what its node printed), the last 1 MiB as GCE keeps."""
+        if (zone, name) not in self.gce.instances:
+            return self._not_found(f"zones/{zone}/instances/{name}")
+        node = self.gce._booter.nodes.get((zone, name)) if self.gce._booter else None
+        text = node.console.read_bytes()[-2**20:].decode("utf-8", "replace") \
+            if node is not None and node.console.exists() else ""
+        return 200, {"kind": "compute#serialPortOutput", "contents": text, "start": "0",
+                     "next": str(len(text)),
+                     "selfLink": self.gce.link(f"zones/{zone}/instances/{name}/serialPort")}
 
     def list_instances(self, zone, body, query):
         try:
