@@ -174,7 +174,9 @@ def _status_of(db: StateDB, run: dict) -> dict:
                    "state": s["state"], "pid": s["pid"], "round": s["round"], "step": s["step"],
                    "loss": s["loss"], "tokens_per_s": s["tokens_per_s"],
                    "bytes_sent": s["bytes_sent"], "usd_per_hour": s.get("usd_per_hour"),
-                   "placements_tried": json.loads(s.get("placements_tried") or "[]")}
+                   "placements_tried": json.loads(s.get("placements_tried") or "[]"),
+                   "lost": ({"reason": s["lost_reason"], "at": iso(s.get("lost_at"))}
+                            if s.get("lost_reason") else None)}
                   for s in db.sites(run["id"])],
     }
 
@@ -474,6 +476,7 @@ class Controller(Migrations):
         from the newest committed round and joins the first open one."""
         count = self.replacements[name] = self.replacements.get(name, 0) + 1
         now = time.time()
+        self.db.update_site(self.run_id, name, lost_reason=reason[:1000], lost_at=now)
         if announce:
             self.lost_at[name] = now
             self.event("site-lost", f"site {name} lost: {reason}", site=name, reason=reason,

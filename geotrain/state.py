@@ -56,6 +56,10 @@ ADDED_COLUMNS = (
     # (status), refused (resume) or signalled (down) only while both match. NULL in rows
     # written before it was recorded: those are checked by pid alone.
     ("runs", "controller_started", "INTEGER"),
+    # Why the site was last lost (preempted, its node failed to boot: ...) and when: what
+    # `status` shows while its replacement starts.
+    ("sites", "lost_reason", "TEXT"),
+    ("sites", "lost_at", "REAL"),
 )
 
 

@@ -142,6 +142,10 @@ def test_a_node_whose_role_cannot_use_the_store_is_reported_not_silent(cloud, mo
     assert event["reason"].startswith("node failed to boot: cannot use the run store "
                                       f"s3://{BUCKET}/runs/{run_id}"), event
     assert "access denied" in event["reason"], event
+    # The site's state says why too (what `geotrain status` shows).
+    [site] = wait_for(lambda: (lambda s: s["sites"] if s["sites"][0]["lost"] else None)(
+        cli_json(env, "status", run_id)), PATIENCE_S, every=0.5)
+    assert site["lost"]["reason"] == event["reason"], site
     # max_replacements 0: the run fails, saying why.
     s = wait_for(lambda: (lambda s: s if s["state"] == "failed" else None)(cli_json(env, "status", run_id)),
                  PATIENCE_S, every=1.0)

@@ -43,6 +43,9 @@ def run_view(s: dict) -> Group:
             parts.append(Text(f"{site['name']}: tried {t['provider']}/{t['region'] or '*'}{zones} "
                               f"{t['instance_type'] or '-'}{' spot' if t['spot'] else ''}: "
                               f"{t['error']}", "yellow"))
+        if site.get("lost"):
+            parts.append(Text(f"{site['name']}: last lost {(site['lost']['at'] or '')[11:19]}: "
+                              f"{site['lost']['reason']}", "yellow"))
     if s.get("error"):
         parts.append(Text(f"error: {s['error']}", "red"))
     return Group(*parts)
