@@ -289,8 +289,10 @@ def code_dir_of(recipe, recipe_path: str | None) -> Path | None:
 # -- the whole bundle ---------------------------------------------------------------
 
 def needs_bundle(recipe) -> bool:
-    """Whether any placement of the recipe (candidates included) is a cloud node."""
-    return any(p.provider != "local" for s in recipe.sites for p in s.placements())
+    """Whether any placement of the recipe (candidates included) is a node elsewhere."""
+    from providers import capabilities_of
+
+    return any(not capabilities_of(p.provider).runs_here for s in recipe.sites for p in s.placements())
 
 
 def cache_dir(home: Path | None = None) -> Path:

@@ -100,7 +100,7 @@ def store_access(recipe) -> str | None:
     """Why some cloud placement's nodes would have no way to read and write the run store,
     in one line naming the site and the option to set; None when every one has. Looks at
     the recipe only (nothing is called), so `launch` refuses before creating anything.
-    Sites on this machine (providers without node options) need nothing."""
+    Sites on this machine (a provider whose capabilities say `runs_here`) need nothing."""
     store = recipe.store_root()
     for i, site in enumerate(recipe.sites):
         for j, p in enumerate(site.placements()):
@@ -115,9 +115,7 @@ def placement_store_access(provider: str, opts, store: str, who: str, at: str) -
     """Why nodes on `provider` with options `opts` could not use the store at `store`
     (None: they can, or the provider runs on this machine). `who` names the site in the
     message, `at` the recipe field of the options."""
-    from geotrain.recipe import OPTIONS
-
-    if provider not in OPTIONS:
+    if providers.capabilities_of(provider).runs_here:
         return None
     scheme = store.split("://", 1)[0]
     if scheme == "file":
@@ -144,7 +142,6 @@ def data_access(recipe) -> str | None:
     """Why a cloud placement's nodes could not read the recipe's data files (a local path
     is on this machine's disk), in one line naming the site and what to do; None when
     every one can."""
-    from geotrain.recipe import OPTIONS
     from geotrain.train.data import is_url
 
     if recipe.data.source != "files":
@@ -154,7 +151,8 @@ def data_access(recipe) -> str | None:
         return None
     k, path = local[0]
     for site in recipe.sites:
-        cloud = [p.provider for p in site.placements() if p.provider in OPTIONS]
+        cloud = [p.provider for p in site.placements()
+                 if not providers.capabilities_of(p.provider).runs_here]
         if cloud:
             return (f"site {site.name}: its {cloud[0]} nodes cannot read data.paths[{k}] "
                     f"{path!r}, which is on this machine; copy the files to object storage "

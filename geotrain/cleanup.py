@@ -113,10 +113,6 @@ def find_orphans(db: StateDB) -> tuple[list[providers.Node], list[dict], int]:
             if provider is None:
                 skipped.append({"provider": name, "reason": "not implemented"})
                 continue
-            if not hasattr(provider, "query_all"):
-                skipped.append({"provider": name, "reason": "cannot list nodes by tag "
-                                "(no query_all)"})
-                continue
             candidates = [n for n in provider.query_all() if orphaned(n)]
             found += [n for n in candidates if n.owner == me]
             others += sum(1 for n in candidates if n.owner != me)

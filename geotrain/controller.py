@@ -66,7 +66,8 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
         check = providers.get(name).check()
         if not check.ok:
             raise ProviderError(f"provider {name} is not usable here: {check.detail}")
-    if recipe.train.entrypoint and any(s.provider == "local" for s in recipe.sites):
+    if recipe.train.entrypoint and any(providers.capabilities_of(s.provider).runs_here
+                                        for s in recipe.sites):
         import importlib.util
 
         module = recipe.train.entrypoint.partition(":")[0]
@@ -312,7 +313,7 @@ class Controller(Migrations):
         (uploaded once per store), with freshly signed URLs."""
         from geotrain import bundle
 
-        if all(p.provider == "local" for p in spec.placements()):
+        if all(providers.capabilities_of(p.provider).runs_here for p in spec.placements()):
             return ()
         if self._bundle is None:
             self._bundle = bundle.prepare(self.recipe, self.recipe_path, self.home)
@@ -439,11 +440,10 @@ class Controller(Migrations):
             return None
         self.console_read[name] = now
         for node in self.nodes.get(name, []):
-            console = getattr(providers.get(node.provider), "console", None)
-            if console is None:
+            if not providers.capabilities_of(node.provider).console:
                 continue
             try:
-                why = fatal_line(console(node))
+                why = fatal_line(providers.get(node.provider).console(node))
             except Exception as e:  # noqa: BLE001 - a console that cannot be read is no verdict
                 log.debug("console of %s unreadable: %s", node.instance_id, e)
                 continue

@@ -48,7 +48,7 @@ def concrete(p: Placement, site: SiteSpec, cats: Catalogs) -> tuple[Placement, f
     (× nodes; 0 where the catalog has no price: the provider, not the catalog, decides
     whether the type exists)."""
     c = resolve(p, site, cats)
-    if p.provider == "local":
+    if providers.capabilities_of(p.provider).runs_here:
         return p, c.usd_per_hour or 0.0
     return (p.model_copy(update={"instance_type": c.instance_type or p.instance_type,
                                  "region": c.region or p.region}), c.usd_per_hour or 0.0)
@@ -63,7 +63,7 @@ def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
     tried: list[Attempt] = []
     for wanted in site.placements():
         p, usd_per_hour = concrete(wanted, site, cats)
-        if p.provider != "local" and p.instance_type is None:
+        if not providers.capabilities_of(p.provider).runs_here and p.instance_type is None:
             tried.append(_attempt(p, f"no catalog instance type has {site.gpu}"))
             _record(db, run_id, site.name, tried)
             continue

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import providers
 from geotrain import catalog
 from geotrain.errors import GeotrainError
 from geotrain.recipe import Placement, Recipe, SiteSpec
@@ -118,12 +119,13 @@ class Catalogs:
 def resolve(p: Placement, site: SiteSpec, cats: Catalogs) -> Candidate:
     """One placement made concrete and priced."""
     cat = cats(p.provider)
-    if p.provider == "local":
-        region, itype = p.region or "local", p.instance_type or "local"
+    if providers.capabilities_of(p.provider).runs_here:
+        # Priced, if at all, as the catalog's one type and region named after the provider.
+        region, itype = p.region or p.provider, p.instance_type or p.provider
         price = cat.price(region, itype, p.spot)
-        return Candidate("local", region, tuple(p.zones), itype, None, 0, p.spot,
+        return Candidate(p.provider, region, tuple(p.zones), itype, None, 0, p.spot,
                          None if price is None else price * site.nodes, price is not None,
-                         "" if price is not None else f"no price for local/{region} in {cat.path}")
+                         "" if price is not None else f"no price for {p.provider}/{region} in {cat.path}")
     itype, region = p.instance_type, p.region
     if itype is None:  # the recipe guarantees site.gpu then
         model, _, count = site.gpu.partition(":")
@@ -185,7 +187,7 @@ def make_plan(recipe: Recipe, home: Path | None = None) -> Plan:
     used = sorted({c.provider for c in chosen} | {store_provider(recipe)})
     return Plan(sites, round(per_hour, 6), hours, hours_from,
                 round(per_hour * hours + egress_usd, 4), egress_bytes, round(egress_usd, 4), params,
-                {p: cats(p).retrieved for p in used if p != "local" or cats(p).path})
+                {p: cats(p).retrieved for p in used if cats(p).path is not None})
 
 
 def derived_hours(recipe: Recipe, chosen: list[Candidate], params: int) -> float:
@@ -222,7 +224,7 @@ def egress(recipe: Recipe, chosen: list[Candidate], params: int,
 
 def _rate(src: str, src_region: str | None, dst: str, cats: Catalogs) -> float:
     """$/GB for bytes leaving provider `src` towards provider `dst`."""
-    if src == "local":
+    if providers.capabilities_of(src).runs_here:
         return 0.0
     cat = cats(src)
     return cat.interregion_egress if src == dst else cat.egress_usd_per_gb(src_region)

@@ -500,8 +500,10 @@ class SiteSpec(_Spec):
 
     @model_validator(mode="after")
     def _cloud_needs_a_type(self) -> SiteSpec:
+        from providers import capabilities_of
+
         for where, p in [((), self), *((("candidates", i), c) for i, c in enumerate(self.candidates))]:
-            if p.provider != "local" and p.instance_type is None and self.gpu is None:
+            if not capabilities_of(p.provider).runs_here and p.instance_type is None and self.gpu is None:
                 raise _invalid(f"required on provider '{p.provider}' (e.g. "
                                f"{EXAMPLE_TYPES[p.provider]!r}), or give the site a `gpu` "
                                "requirement such as 'A100:8'", *where, "instance_type")

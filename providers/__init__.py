@@ -1,63 +1,20 @@
 """Providers: the places a site can be put, behind one small function set.
 
-Every provider module (`providers/local.py`, later `aws.py`, `gcp.py`,
-`azure.py`) implements exactly the functions declared here, with the same
-signatures, and says "see providers/__init__.py" instead of repeating the
-docstrings. Callers never import a provider module directly: they call
-`get(name)`, which imports it on first use, so a cloud SDK is loaded only when
-that cloud is used.
-
-The contract:
-
-    capabilities() -> Capabilities
-        What the provider can do; the planner and controller ask this instead
-        of testing the provider's name.
-
-    check() -> CredentialCheck
-        Whether this machine can use the provider, and why not. Never raises,
-        never includes a secret.
-
-    launch(plan: SitePlan) -> list[Node]
-        Create the nodes of one site and start the site agent on node 0. The
-        caller has already recorded the intent in the state db. Raises
-        CapacityError when the provider has no room (the caller fails over to
-        the site's next candidate), ProviderError for anything else; in both
-        cases nothing is left running.
-
-    query(run_id: str, site: str | None = None) -> list[Node]
-        Every node the provider holds for a run (optionally one site), found by
-        the provider's own tags/labels, not by our memory.
-
-    terminate(nodes: list[Node]) -> list[Node]
-        Stop and delete the given nodes and everything attached to them; idempotent;
-        returns the nodes with their final state.
-
-    open_ports(plan: SitePlan) -> None
-        Allow traffic between the site's own nodes and nothing else (Ray and its
-        agents are never reachable from outside the site).
-
-Optional (callers test with hasattr):
-
-    query_all() -> list[Node]
-        Every node the provider holds that carries a geotrain run tag, of any run
-        (in the account / project / subscription the credentials reach; locally:
-        started from this GEOTRAIN_HOME), each with its `owner` tag (None when it
-        has none). `geotrain down --orphans` terminates the ones carrying this
-        operator's owner id whose run the state db does not know or says is over.
-
-Owner: `launch` writes `plan.owner` (the launching GEOTRAIN_HOME's owner id,
-geotrain/state.py `owner_id`) as the tag/label `geotrain-owner` on every
-resource it tags (locally: the GEOTRAIN_OWNER environment variable of the
-site's processes), so a teammate's or CI's nodes in the same account are never
-another operator's orphans.
+Every provider module (`providers/local.py`, `aws.py`, `gcp.py`, `azure.py`) is a
+`Provider`: it implements exactly the functions the `Provider` protocol below
+declares, with the same signatures (tests/test_provider_contract.py checks), and
+says "see providers/__init__.py" instead of repeating their docstrings. What a
+provider can do beyond that it declares in its `Capabilities`; callers ask those
+instead of testing the provider's name. Callers never import a provider module
+directly: they call `get(name)`, which imports it on first use, so a cloud SDK is
+loaded only when that cloud is used.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 if TYPE_CHECKING:
     from geotrain.recipe import ProviderOptions
@@ -67,10 +24,21 @@ PROVIDERS = ("local", "aws", "gcp", "azure")
 
 @dataclass(frozen=True)
 class Capabilities:
-    spot: bool
-    multi_node: bool
-    preemption_notice: bool
-    gpus: bool
+    """What a provider can do; the planner, the recipe's checks and the controller ask
+    this instead of testing the provider's name. The last three default to off."""
+
+    spot: bool  # spot / preemptible nodes (`spot: true` placements)
+    multi_node: bool  # a site of more than one node
+    preemption_notice: bool  # nodes learn of a preemption ahead of it (the agent drains)
+    gpus: bool  # nodes with GPUs
+    # The nodes are processes on this machine: they need no boot bundle, no instance
+    # type and no identity for the run store, they read this machine's files (data,
+    # the entrypoint), and they cost nothing unless the provider's catalog file says so.
+    runs_here: bool = False
+    console: bool = False  # implements `Console.console`: what a node printed while booting
+    # implements `FaultSeams` (preempt, kill, processes): the seams tests and demos inject
+    # faults through
+    fault_seams: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,8 +87,88 @@ class Node:
     owner: str | None = None  # the `geotrain-owner` tag it carries (None: none)
 
 
-def get(name: str) -> ModuleType:
+@runtime_checkable
+class Provider(Protocol):
+    """What every provider module implements, as module-level functions."""
+
+    def capabilities(self) -> Capabilities:
+        """What the provider can do; the planner and controller ask this instead of
+        testing the provider's name. A constant: no call is made."""
+
+    def check(self) -> CredentialCheck:
+        """Whether this machine can use the provider, and why not. Never raises, never
+        includes a secret."""
+
+    def launch(self, plan: SitePlan) -> list[Node]:
+        """Create the nodes of one site and start the site agent on node 0. The caller
+        has already recorded the intent in the state db. Raises CapacityError when the
+        provider has no room (the caller fails over to the site's next candidate),
+        ProviderError for anything else; in both cases nothing is left running.
+
+        Writes `plan.owner` (the launching GEOTRAIN_HOME's owner id, geotrain/state.py
+        `owner_id`) as the tag/label `geotrain-owner` on every resource it tags (locally:
+        the GEOTRAIN_OWNER environment variable of the site's processes), so a teammate's
+        or CI's nodes in the same account are never another operator's orphans."""
+
+    def query(self, run_id: str, site: str | None = None,
+              regions: list[str] | None = None) -> list[Node]:
+        """Every node the provider holds for a run (optionally one site), found by the
+        provider's own tags/labels, not by our memory. `regions`: where to look (the
+        regions the state db recorded for the run); None searches everywhere the
+        credentials reach. A provider that lists every region in one call ignores it."""
+
+    def terminate(self, nodes: list[Node]) -> list[Node]:
+        """Stop and delete the given nodes and everything attached to them; idempotent;
+        returns the nodes with their final state. `terminate([])` calls nothing and
+        returns []."""
+
+    def open_ports(self, plan: SitePlan) -> None:
+        """Allow traffic between the site's own nodes and nothing else (Ray and its
+        agents are never reachable from outside the site)."""
+
+    def query_all(self) -> list[Node]:
+        """Every node the provider holds that carries a geotrain run tag, of any run (in
+        the account / project / subscription the credentials reach; locally: started
+        from this GEOTRAIN_HOME), each with its `owner` tag (None when it has none).
+        `geotrain down --orphans` terminates the ones carrying this operator's owner id
+        whose run the state db does not know or says is over."""
+
+
+@runtime_checkable
+class Console(Protocol):
+    """What a provider whose `Capabilities.console` is true implements as well."""
+
+    def console(self, node: Node) -> str:
+        """The tail of what the node printed on its serial console: where a node that
+        cannot boot or reach the run store says why (geotrain/site/node_info.py)."""
+
+
+@runtime_checkable
+class FaultSeams(Protocol):
+    """What a provider whose `Capabilities.fault_seams` is true implements as well."""
+
+    def preempt(self, run_id: str, site: str, notice_s: float = 30.0) -> None:
+        """Announce a spot preemption to the site through its own metadata endpoint, so
+        the agent's real watcher sees it `notice_s` ahead."""
+
+    def kill(self, run_id: str, site: str) -> list[int]:
+        """The site's machine is gone: end every process of it at once, no notice.
+        Returns their pids."""
+
+    def processes(self, run_id: str) -> list[int]:
+        """Every live process of the run (agents, their Ray processes, workers)."""
+
+
+def get(name: str) -> Provider:
     """The provider module for `name`, imported on first use."""
     if name not in PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}")
-    return importlib.import_module(f"providers.{name}")
+    return cast(Provider, importlib.import_module(f"providers.{name}"))
+
+
+def capabilities_of(name: str) -> Capabilities:
+    """What provider `name` declares it can do (its module imported on first use; no
+    client is made, nothing is called)."""
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; valid: {', '.join(PROVIDERS)}")
+    return importlib.import_module(f"providers.{name}").capabilities()

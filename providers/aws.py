@@ -65,7 +65,7 @@ GROUP_DELETE_TIMEOUT_S = 120.0
 
 
 def capabilities() -> Capabilities:
-    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True)
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True)
 
 
 # ---------------------------------------------------------------- clients

@@ -72,7 +72,7 @@ LIVE, PENDING = {"RUNNING"}, {"PROVISIONING", "STAGING", "REPAIRING"}
 
 
 def capabilities() -> Capabilities:
-    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True)
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True)
 
 
 # -- names and labels -------------------------------------------------------
@@ -217,12 +217,15 @@ def check() -> CredentialCheck:
                            f"{kind}, endpoint {endpoint}")
 
 
-def open_ports(plan: SitePlan, api: _Api | None = None) -> None:
+def open_ports(plan: SitePlan) -> None:
     """Firewall rule `<tag>-intra`: the site's tag may reach the site's tag on
     every protocol; no source range, so nothing outside the site gets in."""
+    _open_ports(plan, _Api())
+
+
+def _open_ports(plan: SitePlan, api: _Api) -> None:
     from google.api_core import exceptions as gexc
 
-    api = api or _Api()
     v1 = api.v1
     tag = network_tag(plan.run_id, plan.site)
     rule = v1.Firewall(
@@ -334,7 +337,7 @@ def launch(plan: SitePlan) -> list[Node]:
     ray_token = secrets.token_hex(32)
     scripts = [bootstrap.render(plan, i, ray_token) for i in range(plan.nodes)]
     zones = _zones(plan, api)
-    open_ports(plan, api)
+    _open_ports(plan, api)
     tried: list[str] = []
     for zone in zones:
         created: list[tuple[str, str]] = []

@@ -40,7 +40,8 @@ _children: dict[int, subprocess.Popen] = {}  # agents this process started, to r
 
 
 def capabilities() -> Capabilities:
-    return Capabilities(spot=False, multi_node=False, preemption_notice=False, gpus=False)
+    return Capabilities(spot=False, multi_node=False, preemption_notice=False, gpus=False,
+                        runs_here=True, fault_seams=True)
 
 
 def check() -> CredentialCheck:
@@ -241,6 +242,8 @@ def query_all() -> list[Node]:
 def terminate(nodes: list[Node]) -> list[Node]:
     """SIGTERM each site's agent (it shuts its Ray cluster down), then after a
     grace period SIGKILL whatever is still tagged for that site."""
+    if not nodes:
+        return []
     done, signalled = [], False
     for node in nodes:
         pid_str, _, started = node.instance_id.partition("@")

@@ -216,8 +216,8 @@ def test_delete_ends_the_whole_process_tree(fake, client):
     md_url = fake.metadata_server("node-del").url
     wait_for(lambda: len(tagged_pids(node.instance_id)) >= 3, timeout=30, every=0.2)  # bash + 2 sleeps
     client.delete("node-del")
-    wait_for(lambda: not tagged_pids(node.instance_id), timeout=60, every=0.3)
-    assert not node.running()
+    wait_for(lambda: not tagged_pids(node.instance_id) and not node.running(), timeout=60,
+             every=0.3)
     # Its metadata server went with it.
     wait_for(lambda: _refused(md_url), timeout=30, every=0.3)
 

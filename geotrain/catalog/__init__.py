@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import providers
 from geotrain.errors import GeotrainError
 
 SHIPPED = Path(__file__).resolve().parent
@@ -84,7 +85,7 @@ class ProviderCatalog:
 
     def price(self, region: str, instance_type: str, spot: bool) -> float | None:
         """$/h of one instance, or None where the catalog has no such offer."""
-        if self.path is None and self.provider == "local":
+        if self.path is None:  # the built-in catalog of a provider that runs here: free
             return 0.0
         it = self.instances.get(instance_type)
         return None if it is None else it.price(region, spot)
@@ -123,8 +124,8 @@ def load(provider: str, home: Path | None = None) -> ProviderCatalog:
     shipped = SHIPPED / f"{provider}.json"
     if shipped.exists():
         return parse(_read(shipped), str(shipped), shipped=True)
-    if provider == "local":
-        return ProviderCatalog("local", None, (), "local sites cost nothing", None, True, {}, {})
+    if provider in providers.PROVIDERS and providers.capabilities_of(provider).runs_here:
+        return ProviderCatalog(provider, None, (), f"{provider} sites cost nothing", None, True, {}, {})
     raise CatalogError(f"no catalog for provider {provider!r}; valid: {', '.join(CLOUDS)}, local")
 
 
