@@ -36,5 +36,15 @@ def render(plan, node_index: int, ray_token: str) -> str:
               "store_url": plan.store_url, "data_site": plan.option("data_site") or plan.site,
               "ray_port": plan.option("ray_port") or "6379"}  # geotrain/site/cluster.py
     values.update({k: plan.option(k) or "" for k in BUNDLE_KEYS})
+    values["store_role_arn"] = store_role_arn(plan)
     return string.Template(template_text()).substitute(
         {k: shlex.quote(v) for k, v in values.items()})
+
+
+def store_role_arn(plan) -> str:
+    """The AWS role a node on another cloud assumes by web identity to use an s3:// run
+    store (its placement's `store_credentials`); "" when it needs none."""
+    opts = plan.provider_options
+    if plan.provider == "aws" or not plan.store_url.startswith("s3://") or opts is None:
+        return ""
+    return getattr(opts, "store_credentials", None) or ""

@@ -283,8 +283,9 @@ STORE_CREDENTIALS = (
     "store the path of a GCP workload-identity-federation credential config (no key in it), for "
     "an s3:// store the ARN of an AWS role the node assumes by web identity, for an az:// store "
     "the client id of an Azure app with a federated credential. Required by `geotrain launch` "
-    "when the store is on another cloud. NOT YET USED ON THE NODE: geotrain checks that it is "
-    "set but does not yet hand it to the node, so such a node cannot reach the store yet.")
+    "when the store is on another cloud. Used on the node so far only by a GCP node writing an "
+    "s3:// store (it assumes the role with its service account's identity token); other "
+    "combinations are checked here but their nodes stop at boot saying it is not supported yet.")
 
 
 def _disk(default: int) -> Any:

@@ -268,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             fatal(str(e))
             return FATAL_EXIT
         log.info("private address from the metadata service: %s", a.host)
+    from geotrain.site import store_identity
+
+    try:  # a store on another cloud: this node's own identity, exchanged for that cloud's
+        store_identity.setup(a.store, a.site)
+    except (GeotrainError, OSError) as e:
+        fatal(f"cannot get credentials for the run store {a.store}: {e}")
+        return FATAL_EXIT
     return run_agent(a.store, a.site, a.host, a.temp_dir, a.data_site, a.node_index, a.nodes,
                      a.ray_port)
 

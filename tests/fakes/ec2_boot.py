@@ -423,6 +423,89 @@ class S3IdentityProxy:
 # The booter
 # --------------------------------------------------------------------------------------
 
+class StsWebIdentity:
+    """AWS STS's AssumeRoleWithWebIdentity, for nodes on other clouds (GCE here).
+
+    `verify(token)` returns the token's claims ({"sub", "aud", "email", ...}) when a
+    trusted issuer (the GCE stand-in's metadata servers: FakeGCE.claims_of) issued it,
+    else None. `trust` maps a role ARN to the service-account emails its trust policy
+    admits (audience must be sts.amazonaws.com). On success the call answers STS's
+    own document with fresh keys, which `s3_proxy` then accepts; otherwise STS's
+    AccessDenied error, so botocore raises what it raises against AWS. Every call is
+    recorded in `calls` as {"role", "email", "ok"}."""
+
+    def __init__(self, verify, trust: dict[str, set[str]], s3_proxy: S3IdentityProxy | None = None):
+        self.verify, self.trust, self.s3_proxy = verify, trust, s3_proxy
+        self.calls: list[dict] = []
+        self.lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = _serve(self._server, "sts-web-identity")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def assume(self, form: dict[str, str]) -> tuple[int, bytes]:
+        role, token = form.get("RoleArn", ""), form.get("WebIdentityToken", "")
+        session = form.get("RoleSessionName", "session")
+        claims = self.verify(token) if token else None
+        ok = bool(claims) and claims.get("aud") == "sts.amazonaws.com" \
+            and claims.get("email") in self.trust.get(role, set())
+        with self.lock:
+            self.calls.append({"role": role, "email": (claims or {}).get("email"), "ok": ok})
+        rid = uuid.uuid4()
+        if not ok:
+            why = "Not authorized to perform sts:AssumeRoleWithWebIdentity"
+            return 403, (f'<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+                         f"<Error><Type>Sender</Type><Code>AccessDenied</Code><Message>{why}"
+                         f"</Message></Error><RequestId>{rid}</RequestId></ErrorResponse>").encode()
+        key = "ASIA" + secrets.token_hex(8).upper()
+        if self.s3_proxy is not None:
+            self.s3_proxy.allow(key)
+        name = role.rsplit("/", 1)[-1]
+        return 200, (
+            '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+            "<AssumeRoleWithWebIdentityResult>"
+            f"<SubjectFromWebIdentityToken>{claims['sub']}</SubjectFromWebIdentityToken>"
+            "<Audience>sts.amazonaws.com</Audience>"
+            f"<AssumedRoleUser><Arn>arn:aws:sts::{ACCOUNT_ID}:assumed-role/{name}/{session}</Arn>"
+            f"<AssumedRoleId>AROA{secrets.token_hex(8).upper()}:{session}</AssumedRoleId>"
+            "</AssumedRoleUser><Credentials>"
+            f"<SessionToken>{secrets.token_urlsafe(48)}</SessionToken>"
+            f"<SecretAccessKey>{secrets.token_urlsafe(30)}</SecretAccessKey>"
+            f"<Expiration>{_iso(time.time() + 3600)}</Expiration>"
+            f"<AccessKeyId>{key}</AccessKeyId></Credentials>"
+            "<Provider>accounts.google.com</Provider></AssumeRoleWithWebIdentityResult>"
+            f"<ResponseMetadata><RequestId>{rid}</RequestId></ResponseMetadata>"
+            "</AssumeRoleWithWebIdentityResponse>").encode()
+
+    def _handler(self):
+        sts = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                form = {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+                if form.get("Action") != "AssumeRoleWithWebIdentity":
+                    status, payload = 400, b"<ErrorResponse><Error><Code>InvalidAction</Code>" \
+                        b"</Error></ErrorResponse>"
+                else:
+                    status, payload = sts.assume(form)
+                self.send_response(status)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return Handler
+
+
 class Ec2Booter:
     """Boots every pending/running instance of moto's EC2 once, ends it when it goes.
 

@@ -14,7 +14,8 @@ one carrying `X-Forwarded-For` is refused, like the real one; every answer carri
     /computeMetadata/v1/instance/network-interfaces/0/ip (127.0.0.1)
     /computeMetadata/v1/instance/attributes/<key>      the instance's metadata items
     /computeMetadata/v1/instance/service-accounts/...  only with a serviceAccounts entry
-        ( /, default/, default/email, default/aliases, default/scopes, default/token )
+        ( /, default/, default/email, default/aliases, default/scopes, default/token,
+          default/identity?audience=A: an identity token whose claims `claims_of` gives )
     /computeMetadata/v1/project/project-id | numeric-project-id
     /computeMetadata/v1/universe/universe-domain
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +109,7 @@ class GceInstanceMetadata:
         self.preempted = False
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query)
         self.token_requests = 0
+        self.identity_tokens: dict[str, dict] = {}  # issued OIDC token -> its claims
         self._cond = threading.Condition()
         self._closed = False
         self._server: ThreadingHTTPServer | None = None
@@ -239,6 +242,8 @@ class _GceMetadataHandler(BaseHTTPRequestHandler):
         parts = [p for p in rest.split("/") if p]
         if parts[:2] == ["instance", "service-accounts"] and parts[-1:] == ["token"]:
             return self._token(parts)
+        if parts[:2] == ["instance", "service-accounts"] and parts[-1:] == ["identity"]:
+            return self._identity(parts, query)
         status, ctype, body = self._value(parts, query, is_dir)
         if status != 200 or query.get("wait_for_change") != "true":
             return self._send(status, body, ctype, _etag(body) if status == 200 else None)
@@ -264,6 +269,20 @@ class _GceMetadataHandler(BaseHTTPRequestHandler):
             return 404, "text/html", "not found"
         ctype, body = _render(node, query.get("recursive") == "true", query.get("alt"), is_dir)
         return 200, ctype, body
+
+    def _identity(self, parts: list[str], query: dict) -> None:
+        """An OIDC identity token of the instance's service account for `audience` (what
+        AWS STS takes by web identity); its claims are kept here for a verifier."""
+        md = self.md
+        if md.lookup(parts[:-1]) is None:
+            return self._send(404, "not found", "text/html")
+        if not query.get("audience"):
+            return self._send(400, "non-empty audience parameter required", "text/html")
+        token = f"gce-oidc.{secrets.token_urlsafe(24)}"
+        with md._cond:
+            md.identity_tokens[token] = {"email": md.service_account, "aud": query["audience"],
+                                         "sub": f"sa-{md.service_account}", "exp": time.time() + 3600}
+        self._send(200, token, "application/text")
 
     def _token(self, parts: list[str]) -> None:
         md = self.md

@@ -48,6 +48,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -176,6 +177,17 @@ class FakeGCE:
         with self._lock:
             key = self._key(name, zone)
             return self._booter.metadata[key]
+
+    def claims_of(self, token: str) -> dict | None:
+        """The claims of an identity token a booted instance's metadata server issued
+        (None: not one of ours, or expired): what an OIDC verifier would establish."""
+        with self._lock:
+            servers = list(self._booter.metadata.values()) if self._booter else []
+        for md in servers:
+            claims = md.identity_tokens.get(token)
+            if claims and claims["exp"] > time.time():
+                return dict(claims)
+        return None
 
     def node(self, name: str, zone: str | None = None):
         """The BootedNode of a booted instance (None if it had no startup-script)."""

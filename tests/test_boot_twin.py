@@ -1,0 +1,110 @@
+"""One run across two clouds whose nodes really boot: an AWS site and a GCP site, one
+s3:// run store, through the CLI.
+
+The AWS node writes the store as its instance profile's role. The GCP node has no AWS
+identity: it asks its metadata server for an identity token of its own service account
+and exchanges it at (a stand-in for) AWS STS for the role named in its
+`gcp.store_credentials` (geotrain/site/store_identity.py). The S3 stand-in accepts only
+keys that an identity was given: the instance profile's, or those STS issued to a
+trusted service account. Both nodes install geotrain from the store and train the
+same model to the end.
+
+Not here yet (issue 10 E): recipes/twin.yaml, a preemption failing over to the other
+cloud, a cross-cloud migration, benchmarks/twin.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from geotrain.site.node_info import fatal_line
+from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy, StsWebIdentity
+from tests.fakes.gce_boot import BootConfig
+from tests.fakes.gce_server import FakeGCE
+from tests.fakes.node import node_image, tagged_pids
+from tests.helpers import wait_for
+from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, \
+    gcp_env, write_recipe  # noqa: F401 - aws_env is a fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+PATIENCE_S = 600
+ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"
+ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-web"
+NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+@pytest.fixture
+def clouds(aws_env, moto_server, tmp_path):
+    proxy, env, home = aws_env
+    s3 = S3IdentityProxy(moto_server)
+    image = node_image(tmp_path / "image")
+    gce_net = {**NODE_NET, "AWS_ENDPOINT_URL_S3": s3.url, "AWS_DEFAULT_REGION": "us-east-1",
+               "NO_PROXY": "127.0.0.1,localhost"}
+    gce = FakeGCE(boot=BootConfig(image, tmp_path / "gce-nodes", gce_net))
+    sts = StsWebIdentity(gce.claims_of, {ROLE_ARN: {ACCOUNT}}, s3_proxy=s3)
+    gce_net["AWS_ENDPOINT_URL_STS"] = sts.url  # the route to "AWS STS" (BootConfig holds the dict)
+    gce.start()
+    booter = Ec2Booter(moto_server, image, tmp_path / "ec2-nodes", NODE_NET, s3_proxy=s3,
+                       store_roles={PROFILE})
+    proxy.answer("GetConsoleOutput", booter.console_output)
+    env.update(**gcp_env(gce))
+    env.pop("NO_GCE_CHECK", None)  # the operator's GCE credentials come from the fake's metadata
+    try:
+        yield env, home, booter, gce, s3, sts
+    finally:
+        booter.close()
+        gce.stop()
+        sts.close()
+        s3.close()
+
+
+def test_an_aws_and_a_gcp_node_train_one_model_through_an_s3_store(clouds, tmp_path):
+    env, home, booter, gce, s3, sts = clouds
+    recipe = {"name": "twin", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
+              "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
+                        "warmup_steps": 1, "eval_batches": 1},
+              "store": {"url": f"s3://{BUCKET}/runs"},
+              "sync": {"max_replacements": 0},
+              "sites": [{"name": "east", "provider": "aws", "region": "us-east-1",
+                         "instance_type": "t3.large", "aws": {"instance_profile": PROFILE}},
+                        {"name": "west", "provider": "gcp", "region": "us-central1",
+                         "zones": ["us-central1-a"], "instance_type": "g2-standard-4",
+                         "gcp": {"service_account": ACCOUNT, "store_credentials": ROLE_ARN}}]}
+    path = write_recipe(tmp_path / "twin.yaml", recipe)
+    run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
+    [aws_node] = booter.wait_booted(1, timeout=120).values()
+    profile_key = booter.imds(aws_node.instance_id).credentials["AccessKeyId"]
+
+    def gce_node():
+        with gce._lock:
+            return next(iter(gce._booter.nodes.values()), None)
+    gcp_node = wait_for(gce_node, 120, every=0.5)
+
+    def consoles() -> str:
+        return "\n".join(f"--- {n.instance_id}\n{n.console_text()[-3000:]}" for n in (aws_node, gcp_node))
+
+    def finished():
+        s = cli_json(env, "status", run_id)
+        if s["state"] in ("failed", "stopped"):
+            raise AssertionError(f"run {s['state']}: {s['error']}\n{controller_log(home, run_id)}"
+                                 f"\n{consoles()}")
+        return s if s["state"] == "succeeded" else None
+    try:
+        final = wait_for(finished, PATIENCE_S, every=1.0)
+    except TimeoutError:
+        raise AssertionError(f"run did not finish\n{controller_log(home, run_id)}\n{consoles()}") \
+            from None
+    assert final["rounds_done"] == 2 and {s["provider"] for s in final["sites"]} == {"aws", "gcp"}
+    for node in (aws_node, gcp_node):
+        assert "verified" in node.console_text() and fatal_line(node.console_text()) is None
+
+    # The GCP node got its AWS keys from STS for its own service account, and only so.
+    assert sts.calls and all(c["ok"] and c["email"] == ACCOUNT and c["role"] == ROLE_ARN
+                             for c in sts.calls), sts.calls
+    used = {r["key_id"] for r in s3.requests if r["status"] < 400}
+    web_keys = used - {profile_key}
+    assert profile_key in used and web_keys and all(k.startswith("ASIA") for k in web_keys)
+    assert not s3.denied(), s3.denied()[:3]
+    cli(env, "down", run_id, timeout=120)
+    for node in (aws_node, gcp_node):
+        wait_for(lambda node=node: not tagged_pids(node.instance_id), 120, every=0.5)
