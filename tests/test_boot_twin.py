@@ -9,8 +9,8 @@ keys that an identity was given: the instance profile's, or those STS issued to 
 trusted service account. Both nodes install geotrain from the store and train the
 same model to the end.
 
-Not here yet (issue 10 E): recipes/twin.yaml, a preemption failing over to the other
-cloud, a cross-cloud migration, benchmarks/twin.py.
+The whole scenario of recipes/twin.yaml (a spot notice failing over to the other cloud,
+a cross-cloud migration, a node without store access, leftovers) is benchmarks/twin.py.
 """
 
 from __future__ import annotations

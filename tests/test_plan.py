@@ -120,7 +120,7 @@ def plan_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
                           env=dict(os.environ, GEOTRAIN_HOME=str(home), COLUMNS="200"))
 
 
-@pytest.mark.parametrize("recipe", ["aws.yaml", "multicloud.yaml", "local.yaml"])
+@pytest.mark.parametrize("recipe", ["aws.yaml", "multicloud.yaml", "local.yaml", "twin.yaml"])
 def test_plan_json_shape_for_the_shipped_recipes(recipe, geotrain_home):
     p = plan_cli(str(ROOT / "recipes" / recipe), "--json", home=geotrain_home)
     assert p.returncode == 0, p.stderr

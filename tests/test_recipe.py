@@ -371,7 +371,7 @@ def test_placement_mistakes(text, line, field, message):
     assert (e.line, e.field, e.message) == (line, field, message)
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "aws.yaml", "multicloud.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "aws.yaml", "multicloud.yaml", "twin.yaml"])
 def test_shipped_recipes_are_valid(name):
     root = Path(__file__).resolve().parent.parent / "recipes"
     text = (root / name).read_text()
@@ -382,6 +382,9 @@ def test_shipped_recipes_are_valid(name):
     if name == "multicloud.yaml":
         assert [s.provider for s in r.sites] == ["aws", "gcp", "azure"]
         assert all(s.candidates for s in r.sites)
+    if name == "twin.yaml":  # each site falls back to the other cloud
+        assert [(s.provider, s.candidates[0].provider) for s in r.sites] == [("aws", "gcp"),
+                                                                            ("gcp", "aws")]
     if name != "local.yaml":
         assert "geotrain plan" in text.split("name:")[0] and "geotrain launch" in text.split("name:")[0]
 
@@ -568,7 +571,7 @@ def test_store_access_passes_local_sites_and_named_identities():
         "         aws: {store_credentials: 0000aaaa-0000-0000-0000-000000000000}}\n")) is None
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "multicloud.yaml"])
+@pytest.mark.parametrize("name", ["aws.yaml", "multicloud.yaml", "twin.yaml"])
 def test_shipped_cloud_recipes_name_their_node_identities(name):
     from geotrain.checks import store_access
 

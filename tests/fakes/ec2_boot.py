@@ -540,6 +540,7 @@ class Ec2Booter:
         self._cond = threading.Condition()
         self._booted: set[str] = set()          # every instance id ever booted
         self._nodes: dict[str, BootedNode] = {}  # live ones
+        self.history: list[BootedNode] = []      # every node ever booted, gone ones too
         self._imds: dict[str, Imds] = {}
         self._keys: dict[str, str] = {}          # instance id -> access key id allowed at the proxy
         self._stoppers: list[threading.Thread] = []
@@ -698,6 +699,7 @@ class Ec2Booter:
                 node.start()
                 self._booted.add(iid)
                 self._nodes[iid], self._imds[iid] = node, imds
+                self.history.append(node)
                 if key:
                     self._keys[iid] = key
                 self._cond.notify_all()

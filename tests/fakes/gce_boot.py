@@ -205,14 +205,17 @@ class _GceMetadataHandler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: str, ctype: str = "application/text",
               etag: str | None = None) -> None:
         data = body.encode()
-        self.send_response(status)
-        self.send_header("Metadata-Flavor", "Google")
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        if etag:
-            self.send_header("ETag", etag)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Metadata-Flavor", "Google")
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            if etag:
+                self.send_header("ETag", etag)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # a hanging GET's caller went away
+            self.close_connection = True
 
     def do_POST(self):  # google-auth POSTs for a bound token when it holds a certificate
         length = int(self.headers.get("Content-Length") or 0)
@@ -303,6 +306,7 @@ class Booter:
     def __init__(self, config: BootConfig):
         self.config = config
         self.metadata: dict = {}
+        self.history: list[BootedNode] = []  # every node ever booted, gone ones too
         self.nodes: dict[object, BootedNode] = {}
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
@@ -321,6 +325,7 @@ class Booter:
             self.metadata[key] = md
             if node is not None:
                 self.nodes[key] = node
+                self.history.append(node)
         if node is not None:
             node.start()
         return node
