@@ -44,6 +44,7 @@ from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy, StsWebIdentity  # n
 from tests.fakes.gce_boot import BootConfig  # noqa: E402
 from tests.fakes.gce_server import FakeGCE  # noqa: E402
 from tests.fakes.node import node_image, tagged_pids  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
 
 BUCKET = "geotrain-twin"
 PROFILE, NO_STORE = "geotrain-node", "geotrain-no-store"
@@ -54,13 +55,10 @@ PATIENCE_S = 900.0
 
 
 def wait(what: str, fn, timeout: float = PATIENCE_S, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+    try:
+        return wait_for(fn, timeout, every)
+    except TimeoutError:
+        raise TimeoutError(f"{what}: not within {timeout:.0f} s") from None
 
 
 class Twin:
@@ -207,12 +205,15 @@ def scenario(t: Twin) -> dict:
     drained = wait("east drained", lambda: t.event(run, "preempting", t_notice, source="east"))
     wait("east back", lambda: t.event(run, "site-rejoined", t_notice, site="east"))
     east_hb = store.heartbeat("east") or {}
-    back = first_round_with(store, {"east"}, at_notice) or at_notice
+    # The round east's drained agent published its partial work in, then the first its
+    # replacement contributed to: the rounds between are the ones east sat out.
+    partial = first_round_with(store, {"east"}, at_notice) or at_notice
+    back = wait("east contributing again", lambda: first_round_with(store, {"east"}, partial))
     east_now = next(s for s in t.status(run)["sites"] if s["name"] == "east")
     out["preemption"] = {"site": "east", "from": "aws", "to": east_now["provider"],
                          "notice_to_drained_s": round(drained["at"] - t_notice, 2),
                          "notice_to_replacement_step_s": round(east_hb["first_step_at"] - t_notice, 2),
-                         "rounds_lost": rounds_without(store, {"east"}, at_notice + 1, back - 1)}
+                         "rounds_lost": rounds_without(store, {"east"}, partial + 1, back - 1)}
     print(f"preemption: {out['preemption']}", flush=True)
 
     # 4. Move west from GCP to AWS while the run goes on, once both sites train together.

@@ -26,7 +26,7 @@ from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
 from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, tagged, \
-    write_recipe  # noqa: F401 - aws_env is a fixture
+    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600  # a hang detector, not a speed bound
@@ -87,16 +87,7 @@ def test_a_node_boots_installs_from_the_store_and_trains(cloud, moto_server, tmp
     [node] = booter.wait_booted(1, timeout=120).values()
     role_key = booter.imds(node.instance_id).credentials["AccessKeyId"]
 
-    def finished():
-        s = cli_json(env, "status", run_id)
-        if s["state"] in ("failed", "stopped"):
-            raise AssertionError(f"run {s['state']}: {s['error']}\n{controller_log(home, run_id)}"
-                                 f"\n{console(booter)}")
-        return s if s["state"] == "succeeded" else None
-    try:
-        final = wait_for(finished, PATIENCE_S, every=1.0)
-    except TimeoutError:
-        raise AssertionError(f"run did not finish\n{controller_log(home, run_id)}\n{console(booter)}")
+    final = wait_succeeded(env, home, run_id, lambda: console(booter), PATIENCE_S)
     took = time.monotonic() - t0
     assert final["rounds_done"] == 2 and final["eval_loss"] is not None
 

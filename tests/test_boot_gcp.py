@@ -28,7 +28,7 @@ from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
-from tests.test_cloud_e2e import ROOT, cli, cli_json, controller_log, gcp_env
+from tests.test_cloud_e2e import ROOT, cli, cli_json, gcp_env, wait_succeeded
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600  # a hang detector, not a speed bound
@@ -87,17 +87,7 @@ def test_a_gce_node_fetches_with_its_service_account_installs_and_trains(cloud, 
         return "verified" in out.stdout
     wait_for(console_says_verified, PATIENCE_S, every=1.0)
 
-    def finished():
-        s = cli_json(env, "status", run_id)
-        if s["state"] in ("failed", "stopped"):
-            raise AssertionError(f"run {s['state']}: {s['error']}\n{controller_log(home, run_id)}"
-                                 f"\n{node.console_text()[-3000:]}")
-        return s if s["state"] == "succeeded" else None
-    try:
-        final = wait_for(finished, PATIENCE_S, every=1.0)
-    except TimeoutError:
-        raise AssertionError(f"run did not finish\n{controller_log(home, run_id)}\n"
-                             f"{node.console_text()[-3000:]}") from None
+    final = wait_succeeded(env, home, run_id, lambda: node.console_text()[-3000:], PATIENCE_S)
     assert final["rounds_done"] == 2 and final["eval_loss"] is not None
     text = node.console_text()
     assert "geotrain-0.1.0-py3-none-any.whl verified" in text and fatal_line(text) is None, text

@@ -23,8 +23,8 @@ from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
-from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, \
-    gcp_env, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, gcp_env, \
+    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600
@@ -83,17 +83,7 @@ def test_an_aws_and_a_gcp_node_train_one_model_through_an_s3_store(clouds, tmp_p
     def consoles() -> str:
         return "\n".join(f"--- {n.instance_id}\n{n.console_text()[-3000:]}" for n in (aws_node, gcp_node))
 
-    def finished():
-        s = cli_json(env, "status", run_id)
-        if s["state"] in ("failed", "stopped"):
-            raise AssertionError(f"run {s['state']}: {s['error']}\n{controller_log(home, run_id)}"
-                                 f"\n{consoles()}")
-        return s if s["state"] == "succeeded" else None
-    try:
-        final = wait_for(finished, PATIENCE_S, every=1.0)
-    except TimeoutError:
-        raise AssertionError(f"run did not finish\n{controller_log(home, run_id)}\n{consoles()}") \
-            from None
+    final = wait_succeeded(env, home, run_id, consoles, PATIENCE_S)
     assert final["rounds_done"] == 2 and {s["provider"] for s in final["sites"]} == {"aws", "gcp"}
     for node in (aws_node, gcp_node):
         assert "verified" in node.console_text() and fatal_line(node.console_text()) is None

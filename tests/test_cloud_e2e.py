@@ -141,6 +141,23 @@ def wait_started(env: dict, home: Path, run_id: str, sites: int, timeout: float 
         raise AssertionError(f"sites not started\n{controller_log(home, run_id)}") from None
 
 
+def wait_succeeded(env: dict, home: Path, run_id: str, nodes_said, patience_s: float = 600) -> dict:
+    """`status RUN --json` once the run has succeeded; an AssertionError with the
+    controller's log and what the nodes printed (`nodes_said()`) if it ends otherwise
+    or does not end within `patience_s` (a hang detector, not a speed bound)."""
+    def finished():
+        s = cli_json(env, "status", run_id)
+        if s["state"] in ("failed", "stopped"):
+            raise AssertionError(f"run {s['state']}: {s['error']}\n{controller_log(home, run_id)}"
+                                 f"\n{nodes_said()}")
+        return s if s["state"] == "succeeded" else None
+    try:
+        return wait_for(finished, patience_s, every=1.0)
+    except TimeoutError:
+        raise AssertionError(f"run did not finish\n{controller_log(home, run_id)}\n"
+                             f"{nodes_said()}") from None
+
+
 def ec2(moto: str, region: str):
     return boto3.client("ec2", endpoint_url=moto, region_name=region,
                         aws_access_key_id="x", aws_secret_access_key="x")
