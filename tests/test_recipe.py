@@ -500,7 +500,8 @@ def test_options_described_for_plan_and_schema():
         {"service_account": "geotrain-node@p.iam.gserviceaccount.com"}, {}]
     defs = recipe.schema()["$defs"]
     assert {"AwsOptions", "GcpOptions", "AzureOptions"} <= set(defs)
-    assert "not yet" in defs["AwsOptions"]["properties"]["store_credentials"]["description"].lower()
+    said = defs["AwsOptions"]["properties"]["store_credentials"]["description"].lower()
+    assert "only by a gcp node writing an s3:// store" in said and "not supported yet" in said
     assert "inherits" in defs["SiteSpec"]["properties"]["candidates"]["description"]
 
 
