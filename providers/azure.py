@@ -431,6 +431,19 @@ def _teardown_site(c: _Clients, run_id: str, site: str, keep_network: bool = Fal
         vms = [vm for vm in c.compute.virtual_machines.list(rg) if mine(vm)]
     except ResourceNotFoundError:
         return True
+    try:
+        return _teardown_listed(c, rg, site, vms, keep_network, vm_ids)
+    except ResourceNotFoundError:
+        # Another teardown of the same run (the controller's, while `down` runs its
+        # own) deleted the group meanwhile: then everything in it is gone too.
+        if c.resource.resource_groups.check_existence(rg):
+            raise
+        return True
+
+
+def _teardown_listed(c: _Clients, rg: str, site: str, vms: list, keep_network: bool,
+                     vm_ids: list[str] | None) -> bool:
+    mine = lambda r: (r.tags or {}).get("geotrain-site") == site  # noqa: E731
     wanted = {i.lower() for i in vm_ids} if vm_ids is not None else None
     doomed = [vm for vm in vms if wanted is None or vm.id.lower() in wanted]
     for vm in doomed:

@@ -251,7 +251,12 @@ def test_down_orphans_terminates_runs_that_are_over_and_only_this_homes(tmp_path
     run_id = json.loads(run("launch", str(recipe), "--detach", "--json", home=geotrain_home).stdout)["run"]
     db = StateDB(geotrain_home)
     try:
-        wait_for(lambda: tagged_processes(run_id), timeout=60, every=0.1)
+        # The site's agent itself is up (not only its metadata stand-in, which starts first):
+        # what is left once the controller is gone is a running site.
+        from geotrain import procs
+
+        wait_for(lambda: any(procs.tags(p).get("GEOTRAIN_ROLE") == "agent"
+                             for p in tagged_processes(run_id)), timeout=120, every=0.1)
         os.kill(db.run(run_id)["controller_pid"], signal.SIGKILL)
         assert [n.site for n in local.query_all() if n.run_id == run_id] == ["a"]
         monkeypatch.setenv("GEOTRAIN_HOME", str(tmp_path / "another-home"))
