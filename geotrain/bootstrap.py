@@ -20,7 +20,6 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "boot.sh.tmpl"
 # geotrain/bundle.py `boot_options` (code_* only when the recipe has an entrypoint).
 BUNDLE_KEYS = ("wheel_url", "wheel_sha256", "wheel_name", "requirements_url",
                "requirements_sha256", "code_url", "code_sha256")
-REQUIRED = BUNDLE_KEYS[:5]
 
 
 def template_text() -> str:

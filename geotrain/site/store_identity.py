@@ -19,7 +19,6 @@ Azure, or a gs:// / az:// store on another cloud, is refused with one line.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -97,6 +96,5 @@ def setup(store_url: str, site: str, environ: Mapping[str, str] = os.environ) ->
     identity.refresh()
     os.environ.update(AWS_ROLE_ARN=role, AWS_WEB_IDENTITY_TOKEN_FILE=str(path),
                       AWS_ROLE_SESSION_NAME=f"geotrain-{site}"[:64])
-    log.info("store access: AWS role %s by web identity (%s)", role,
-             json.dumps({"audience": AUDIENCE}))
+    log.info("store access: AWS role %s by web identity (audience %s)", role, AUDIENCE)
     return identity.start()
