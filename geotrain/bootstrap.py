@@ -33,7 +33,9 @@ def render(plan, node_index: int, ray_token: str) -> str:
     values = {"run_id": plan.run_id, "site": plan.site, "provider": plan.provider,
               "node_index": str(node_index), "nodes": str(plan.nodes), "ray_token": ray_token,
               "store_url": plan.store_url, "data_site": plan.option("data_site") or plan.site,
-              "ray_port": plan.option("ray_port") or "6379"}  # geotrain/site/cluster.py
+              "ray_port": plan.option("ray_port") or "6379",  # geotrain/site/cluster.py
+              # The public half of the run's control key (geotrain/store/control.py).
+              "control_key": plan.option("control_key") or ""}
     values.update({k: plan.option(k) or "" for k in BUNDLE_KEYS})
     values["store_role_arn"] = store_role_arn(plan)
     return string.Template(template_text()).substitute(

@@ -87,7 +87,7 @@ def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
 def abandoned(run: dict) -> bool:
     """A run the db says is running whose controller process is gone (killed,
     crashed, the machine rebooted): nothing watches its nodes any more."""
-    from geotrain.controller import controller_alive
+    from geotrain.runs import controller_alive
 
     return run["state"] == "running" and not controller_alive(run)
 

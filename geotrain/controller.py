@@ -1,7 +1,6 @@
-"""The controller: create a run, provision its sites, watch them, finish.
+"""The controller: provision a run's sites, watch them, finish.
 
-`create_run()` writes everything a run needs to the run store (run.json and
-the round-0 global model) and the state db. `Controller(run_id).run()` then
+A run is created by geotrain/runs.py `create_run()`. `Controller(run_id).run()` then
 provisions each site, watches heartbeats, commits and the provider's view of
 the nodes, and finishes: the final model and a summary in the store, every
 site torn down. It runs in the foreground under `geotrain launch`, or as its
@@ -14,28 +13,25 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import providers
-from geotrain import __version__, procs
 from geotrain.errors import GeotrainError
 from geotrain.migrate import Migrations
 from geotrain.recipe import Placement, Recipe, SiteSpec, default_home
-from geotrain.state import StateDB, iso, open_private, private_dir
-from geotrain.store import RunStore, round_key, run_url
+from geotrain.runs import (control_key, final_summary, log_dir, record_controller, run_info,
+                           signed_run_json, status, terminate_run)
+from geotrain.state import StateDB
+from geotrain.store import RunStore
 
 POLL_S = 0.5
-FINAL_STATES = ("succeeded", "failed", "stopped")
 DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
-DOWN_WAIT_S = 90.0  # how long `down` waits for the controller to stop its own sites
 CONSOLE_POLL_S = 5.0  # how often a booting cloud site's console is read for a fatal line
+RUN_JSON_CHECK_S = 10.0  # how often the controller checks that run.json is the one it signed
 log = logging.getLogger("geotrain.controller")
 
 
@@ -47,144 +43,6 @@ class Stop(Exception):
     """Raised in the controller's loop by SIGTERM / SIGINT: stop the run."""
 
 
-def new_run_id(name: str) -> str:
-    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
-def preflight(recipe: Recipe, recipe_path: str) -> None:
-    """What must hold before anything is created: every provider usable, the
-    data there, the run store's root writable. Raises a GeotrainError that says
-    what to fix."""
-    from geotrain.checks import data_access, store_access
-    from geotrain.errors import ProviderError, RecipeError
-    from geotrain.train.data import glob_files
-
-    for check_ in (store_access, data_access):  # before any provider is called
-        if (problem := check_(recipe)) is not None:
-            raise RecipeError(recipe_path, None, "", problem)
-    for name in sorted({s.provider for s in recipe.sites}):
-        check = providers.get(name).check()
-        if not check.ok:
-            raise ProviderError(f"provider {name} is not usable here: {check.detail}")
-    if recipe.train.entrypoint and any(providers.capabilities_of(s.provider).runs_here
-                                        for s in recipe.sites):
-        import importlib.util
-
-        module = recipe.train.entrypoint.partition(":")[0]
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ImportError:
-            found = False
-        if not found:
-            raise RecipeError(recipe_path, None, "train.entrypoint",
-                              f"module '{module}' is not importable here (install it, or add its "
-                              "folder to PYTHONPATH)")
-    if recipe.data.source == "files":
-        try:
-            glob_files(recipe.data.paths)
-        except ValueError as e:
-            raise RecipeError(recipe_path, None, "data.paths", str(e)) from None
-    from geotrain.store_check import check_writable
-
-    check_writable(recipe.store_root())  # the store's bucket/folder exists and takes writes
-    from geotrain import bundle
-
-    if bundle.needs_bundle(recipe):  # what cloud nodes will install: built (and cached) now
-        bundle.prepare(recipe, recipe_path)
-
-
-def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> str:
-    """Write run.json and the round-0 global state; record the run. Returns its id."""
-    from geotrain.sync.diloco import encode, params_hash
-    from geotrain.train.trainer import initial_state
-
-    home = home or default_home()
-    run_id = new_run_id(recipe.name)
-    url = run_url(recipe.store_root(), run_id)
-    store = RunStore(url)
-    members = [s.name for s in recipe.sites]
-    store.write_run({"id": run_id, "name": recipe.name, "created_at": time.time(),
-                     "version": __version__, "recipe": recipe.to_dict(), "members": members,
-                     "store": url})
-    if not recipe.train.entrypoint:  # a user's own model commits its round 0 from the sites
-        params = initial_state(recipe)
-        store.commit_global(0, {"model.safetensors": encode(params)},
-                            {"hash": params_hash(params), "members": members})
-    db = StateDB(home)
-    db.add_run(run_id, recipe.name, recipe_path, recipe.to_dict(), url, recipe.train.rounds,
-               [{"name": s.name, "provider": s.provider, "region": s.region} for s in recipe.sites])
-    store.event("controller", "created", f"run {run_id} created", store=url)
-    return run_id
-
-
-def log_dir(home: Path, run_id: str) -> Path:
-    """Where this machine keeps a run's process logs (not in the run store)."""
-    return home / "logs" / run_id
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Some process has this pid and is not a zombie. Whether it is the run's controller
-    is `controller_alive`'s question."""
-    return procs.alive(pid)
-
-
-def controller_alive(run: dict) -> bool:
-    """The run's recorded controller (state db `controller_pid`) still runs: that pid is
-    alive *and* started when recorded (`controller_started`), so a recycled pid is never
-    taken for it. A pid recorded without a start time (a row from before it was
-    recorded) is checked by pid alone."""
-    pid, started = run.get("controller_pid"), run.get("controller_started")
-    return procs.alive(pid) and (started is None or procs.start_time(pid) == started)
-
-
-def record_controller(db: StateDB, run_id: str, pid: int, **values) -> None:
-    """Record `pid` as the run's controller, with its start time."""
-    db.update_run(run_id, controller_pid=pid, controller_started=procs.start_time(pid), **values)
-
-
-def status(run_id: str, home: Path | None = None) -> dict:
-    """The run as `geotrain status --json` shows it."""
-    db = StateDB(home or default_home())
-    run = db.run(run_id)
-    return _status_of(db, run)
-
-
-def require_live_controller(run_id: str, home: Path | None = None, *, suggest_down: bool = False) -> dict:
-    """The run's status, if its controller is running; else a GeotrainError saying to
-    `geotrain resume` it first (and, with `suggest_down`, that `geotrain down` is the
-    other way out). For commands the controller carries out (finish, migrate)."""
-    s = status(run_id, home)
-    if s["state"] != "running" or not pid_alive(s["controller_pid"]):
-        raise GeotrainError(f"run {s['id']} has no running controller (state {s['state']}); "
-                            f"`geotrain resume {s['id']}` first"
-                            + (f", or `geotrain down {s['id']}`" if suggest_down else ""))
-    return s
-
-
-def _status_of(db: StateDB, run: dict) -> dict:
-    alive = run["state"] == "running" and controller_alive(run)
-    return {
-        "id": run["id"], "name": run["name"], "state": run["state"],
-        "rounds_done": run["rounds_done"], "rounds_total": run["rounds_total"],
-        "eval_loss": run["eval_loss"], "store": run["store"],
-        "started_at": iso(run["started_at"]), "first_step_at": iso(run["first_step_at"]),
-        "finished_at": iso(run["finished_at"]),
-        "controller_pid": run["controller_pid"] if alive else None,
-        "error": run["error"], "spend_usd": run.get("spend_usd"),
-        "sites": [{"name": s["name"], "provider": s["provider"], "region": s["region"],
-                   "state": s["state"], "pid": s["pid"], "round": s["round"], "step": s["step"],
-                   "loss": s["loss"], "tokens_per_s": s["tokens_per_s"],
-                   "bytes_sent": s["bytes_sent"], "usd_per_hour": s.get("usd_per_hour"),
-                   "placements_tried": json.loads(s.get("placements_tried") or "[]"),
-                   "lost": ({"reason": s["lost_reason"], "at": iso(s.get("lost_at"))}
-                            if s.get("lost_reason") else None)}
-                  for s in db.sites(run["id"])],
-    }
-
-
-def statuses(home: Path | None = None) -> list[dict]:
-    db = StateDB(home or default_home())
-    return [_status_of(db, r) for r in db.runs()]
 
 
 class Controller(Migrations):
@@ -194,7 +52,7 @@ class Controller(Migrations):
         self.db = StateDB(self.home)
         self.run_id = self.db.run(run_id)["id"]
         row = self.db.run(self.run_id)
-        self.store = RunStore(row["store"])
+        self.store = RunStore(row["store"], control=control_key(self.db, row), site_key=None)
         self.recipe = Recipe.model_validate(json.loads(row["recipe_json"]))
         self.recipe_path = row["recipe_path"]
         self._bundle = None  # what cloud nodes install (geotrain/bundle.py), made on first use
@@ -220,7 +78,33 @@ class Controller(Migrations):
         self._in_provider_call, self._stop_pending = 0, False
         self.store_move: dict | None = None
         self.started = time.time()
-        self._seen_commands: set[str] = set()
+        # The bytes of run.json as this run's control key signed them, kept to put back.
+        self._run_json = self._verified_run_json(row)
+        self._run_json_checked = time.monotonic()
+
+    def _guard_run_json(self) -> None:
+        """Every RUN_JSON_CHECK_S: put run.json back if the store no longer holds the
+        bytes this controller signed (a writer of the store replaced or removed it; the
+        sites would refuse it, and no replacement could start)."""
+        now = time.monotonic()
+        if now - self._run_json_checked < RUN_JSON_CHECK_S:
+            return
+        self._run_json_checked = now
+        with contextlib.suppress(FileNotFoundError):  # removed: put back below
+            if self.store.get("run.json") == self._run_json:
+                return
+        self.store.put("run.json", self._run_json)
+        self.event("restored", "run.json in the run store was not the one this controller "
+                   "signed; put it back", key="run.json")
+
+    def _verified_run_json(self, row: dict) -> bytes:
+        raw = signed_run_json(self.store, run_info(self.run_id, self.recipe, row["store"],
+                                                   row["created_at"]))
+        if raw is None:
+            self.event("restored", "run.json in the run store was not signed with this run's "
+                       "control key; rewrote it from the state db", key="run.json")
+            raw = self.store.get("run.json")
+        return raw
 
     # -- events --------------------------------------------------------------------
 
@@ -302,7 +186,10 @@ class Controller(Migrations):
     def _launch_spec(self, name: str, spec: SiteSpec) -> tuple[list[providers.Node], Placement]:
         from geotrain.placement import launch_site
 
-        options = (("log_dir", str(self.log_dir)), ("data_site", name), *self._boot_options(spec))
+        # control_key: the public half of the run's control key, with which the site's
+        # nodes check what the controller signs (not a secret).
+        options = (("log_dir", str(self.log_dir)), ("data_site", name),
+                   ("control_key", self.store.control.public_text()), *self._boot_options(spec))
         with self._provider_call():
             nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
                                               options=options, home=self.home)
@@ -527,7 +414,8 @@ class Controller(Migrations):
     def watch(self) -> str:
         seen_round = -1
         while True:
-            self._poll_commands()
+            self._poll_requests()
+            self._guard_run_json()
             self._advance_migrations()
             self._advance_store_migration()
             beats = {s.name: self.store.heartbeat(self.member[s.name]) for s in self.recipe.sites}
@@ -581,25 +469,13 @@ class Controller(Migrations):
         return any(n.instance_id in live for n in self.nodes.get(name, []))
 
     def finish(self, last_round: int) -> None:
-        files, manifest = self.store.read_global(last_round)
-        if "model.safetensors" not in files:  # the sites commit the state of the last round
-            raise RunFailed(f"round {last_round} was committed without its global state")
-        history = []
-        for r in self.store.committed_rounds():
-            m = self.store.global_manifest(r)
-            history.append({"round": r, "eval_loss": (self.store.read_eval(r) or {}).get("eval_loss"),
-                            "hash": m["hash"], "members": m.get("members"),
-                            "results": {s: v["hash"] for s, v in self.store.results(r).items()}})
-        run = self.db.run(self.run_id)
-        t = self.recipe.train
-        tokens = last_round * t.inner_steps * t.batch_size * t.seq_len * sum(s.workers for s in self.recipe.sites)
-        eval_loss = (self.store.read_eval(last_round) or {}).get("eval_loss")
-        summary = {"run": self.run_id, "rounds": last_round, "eval_loss": eval_loss,
-                   "hash": manifest["hash"], "tokens": tokens,
-                   "wall_s": time.time() - run["started_at"],
-                   "first_step_s": (run["first_step_at"] - run["started_at"]) if run["first_step_at"] else None,
-                   "history": history, "global_round": round_key(last_round)}
-        self.store.write_final(files["model.safetensors"], summary)
+        try:
+            model, summary = final_summary(self.store, self.recipe, self.db.run(self.run_id),
+                                           last_round)
+        except GeotrainError as e:
+            raise RunFailed(str(e)) from None
+        self.store.write_final(model, summary)
+        eval_loss = summary["eval_loss"]
         self.db.update_run(self.run_id, rounds_done=last_round, eval_loss=eval_loss)
         loss = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
         self.event("finished", f"run finished: {last_round} rounds{loss}")
@@ -617,68 +493,6 @@ class Controller(Migrations):
             self.db.update_site(self.run_id, site.name, state=hb["state"] if hb else "stopped")
         if terminated:
             self.event("teardown", f"terminated {len(terminated)} node(s)")
-
-
-def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
-    """Terminate every node of a run the state db or the providers know of."""
-    from geotrain.cleanup import terminate_run as by_db_and_tags
-
-    return by_db_and_tags(db, run_id)
-
-
-def down(run_id: str, home: Path | None = None) -> dict:
-    """Stop a run wherever its controller is, and leave nothing running.
-    Reports every node that was live when called and is terminated now."""
-    db = StateDB(home or default_home())
-    run = db.run(run_id)
-    live = [r for r in db.nodes(run["id"]) if r["state"] != "terminated"]
-    pid = run["controller_pid"]
-    if run["state"] == "running" and controller_alive(run) and pid != os.getpid():
-        # Only the recorded process: with its start time (through a pidfd, so a pid
-        # recycled meanwhile is never signalled); a row without one, by pid.
-        started = run.get("controller_started")
-        if started is None:
-            os.kill(pid, signal.SIGTERM)
-        else:
-            procs.signal_if_same(pid, started, signal.SIGTERM)
-        # It finishes a provider call in flight, then tears its sites down itself.
-        deadline = time.monotonic() + DOWN_WAIT_S
-        while controller_alive(run) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    gone = terminate_run(db, run["id"])
-    if db.run(run["id"])["state"] == "running":
-        db.update_run(run["id"], state="stopped", finished_at=time.time())
-    ids = list(dict.fromkeys([r["instance_id"] for r in live if r["instance_id"]]
-                             + [n.instance_id for n in gone]))
-    return {"run": run["id"], "terminated": ids, "state": db.run(run["id"])["state"],
-            "nodes": [{"provider": n.provider, "site": n.site, "instance_id": n.instance_id,
-                       "region": n.region} for n in gone]}
-
-
-def prepare_resume(run_id: str, home: Path | None = None) -> str:
-    """Check that a run can be resumed here; returns its full id."""
-    db = StateDB(home or default_home())
-    run = db.run(run_id)
-    if run["state"] == "succeeded":
-        raise GeotrainError(f"run {run['id']} already succeeded; nothing to resume")
-    if controller_alive(run) and run["controller_pid"] != os.getpid() \
-            and run["state"] == "running":
-        raise GeotrainError(f"run {run['id']} is still controlled by pid {run['controller_pid']}; "
-                            f"follow it with `geotrain status {run['id']}`")
-    return run["id"]
-
-
-def detach(run_id: str, home: Path | None = None, resume: bool = False) -> int:
-    """Start the controller for run_id as its own background process."""
-    home = home or default_home()
-    logs = private_dir(log_dir(home, run_id))
-    with open_private(logs / "controller.log") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "geotrain.controller", run_id]
-                                + (["--resume"] if resume else []),
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))
-    record_controller(StateDB(home), run_id, proc.pid)
-    return proc.pid
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Ending a run early, keeping what it learned: `geotrain finish RUN`.
 
-The CLI asks the run's controller (a `finish` command in the run store, as
-`migrate` does); the controller picks the last round — the one after the
+The CLI asks the run's controller (a request in the state db on this machine,
+as `migrate` does; never through the run store); the controller picks the last round — the one after the
 round being trained now, so that no site has started past it — records it in
-the state db and in the store (`_finish.json`), and the run ends there as if
+the state db and in the store (`control/finish.json`, signed with the run's control key), and the run ends there as if
 the recipe had said so: every site trains and publishes that round, its full
 global state is committed, the final model and summary are written, and the
 run succeeds. A run that is finishing already keeps the round it was given.
@@ -20,12 +20,12 @@ from geotrain.errors import GeotrainError
 
 def request_finish(run_id: str, home: Path | None = None) -> dict:
     """Ask a run's controller to finish it early; returns {"run", "requested_at"}."""
-    from geotrain.controller import require_live_controller
-    from geotrain.store import RunStore
+    from geotrain.runs import require_live_controller
+    from geotrain.recipe import default_home
+    from geotrain.state import StateDB
 
     s = require_live_controller(run_id, home, suggest_down=True)
-    at = time.time()
-    RunStore(s["store"]).send_command("controller", "finish")
+    at = StateDB(home or default_home()).add_request(s["id"], "finish")
     return {"run": s["id"], "requested_at": at}
 
 
@@ -34,7 +34,7 @@ def follow_finish(run_id: str, requested_at: float, home: Path | None = None, *,
                   on_event: Callable[[dict], None] = lambda e: None) -> dict:
     """Wait for the controller to choose the last round (and, with `until_end`,
     for the run to end). Returns {"run", "at_round", "state"}."""
-    from geotrain.controller import status
+    from geotrain.runs import status
     from geotrain.store import RunStore
 
     deadline, at_round, seen = time.monotonic() + timeout_s, None, set()

@@ -2,8 +2,8 @@
 or the whole run store to another backend.
 
 `geotrain migrate RUN --site S --to PROVIDER[:REGION[:INSTANCE]]` asks the
-run's controller (through the run store: `sites/controller/commands/`) to
-move site S. The controller then, without stopping anything:
+run's controller (through the state db on the operator's machine, never the
+run store, which nodes can write) to move site S. The controller then, without stopping anything:
 
 1. launches S again on the new placement under a new member name `S~k`,
    training S's own data shard beside the old member;
@@ -21,7 +21,8 @@ when the new one trained first, which is what step 2 guarantees.
 1. the controller copies the store to URL (`store_copy.copy_run`: checksums
    verified, markers last, so the copy is valid at every instant; the old
    store is left intact);
-2. it asks every site, through `_switch.json` in the old store, to publish
+2. it asks every site, through `control/switch.json` in the old store (signed
+   with the run's control key), to publish
    round A = (newest decided round + 2) and later to the new store;
 3. once round A-1 is committed in the old store it copies again (only what
    changed), marks the new store ready, and switches itself; each site moves
@@ -82,21 +83,18 @@ def target_problem(recipe, store_url: str, site: str | None = None, to: str | No
 class Migrations:
     """The controller's side of migrations (mixed into Controller)."""
 
-    def _poll_commands(self) -> None:
-        for c in self.store.commands("controller"):
-            key = f"{c['at']}-{c['command']}"
-            if key in self._seen_commands or c["at"] < self.started - 60:
-                continue
-            self._seen_commands.add(key)
-            if c["command"] == "migrate-store":
+    def _poll_requests(self) -> None:
+        """What the CLI asked of this run (the state db, on this machine only)."""
+        for c in self.db.take_requests(self.run_id):
+            if c["kind"] == "finish":
+                self.start_finish()
+            elif c["kind"] == "migrate-store":
                 try:
                     self._start_store_migration(c["to"])
                 except GeotrainError as e:
                     self.event("migrate-failed", f"moving the store to {c.get('to')}: {e}",
                                site=None, store=c.get("to"), error=str(e))
-            if c["command"] == "finish":
-                self.start_finish()
-            if c["command"] == "migrate-site":
+            elif c["kind"] == "migrate-site":
                 try:
                     self._start_migration(c["target"], parse_target(c["to"]))
                 except GeotrainError as e:
@@ -235,7 +233,8 @@ class Migrations:
             self._copy_in_background()
         elif move["phase"] == "final":
             old = self.store.url
-            RunStore(move["to"]).mark_switch_ready(move["at_round"])
+            RunStore(move["to"], control=self.store.control, site_key=None).mark_switch_ready(
+                move["at_round"])
             self.store.switch(move["to"])
             self.db.update_run(self.run_id, store=move["to"])
             now = time.time()
@@ -249,19 +248,17 @@ class Migrations:
             self.store_move = None
 
 
-def request_store_migration(store, to: str) -> float:
-    """Ask the run's controller to move the run store to `to`; returns the request time."""
+def request_store_migration(db, run_id: str, to: str) -> float:
+    """Ask the run's controller (through the state db) to move the run store to `to`;
+    returns the request time."""
     from geotrain.store import RunStore
 
-    RunStore(to)  # refuse a malformed URL before asking
-    at = time.time()
-    store.send_command("controller", "migrate-store", to=to)
-    return at
+    RunStore(to, control=None, site_key=None)  # refuse a malformed URL before asking
+    return db.add_request(run_id, "migrate-store", to=to)
 
 
-def request_site_migration(store, site: str, to: str) -> float:
-    """Ask the run's controller to migrate `site`; returns the request time."""
+def request_site_migration(db, run_id: str, site: str, to: str) -> float:
+    """Ask the run's controller (through the state db) to migrate `site`; returns the
+    request time."""
     parse_target(to)  # refuse a malformed target before asking
-    at = time.time()
-    store.send_command("controller", "migrate-site", target=site, to=to)
-    return at
+    return db.add_request(run_id, "migrate-site", target=site, to=to)

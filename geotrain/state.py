@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS nodes (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, at REAL, source TEXT,
     kind TEXT, message TEXT, data TEXT);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, at REAL, kind TEXT, args TEXT,
+    taken_at REAL);
 """
 
 RUN_STATES = ("running", "succeeded", "failed", "stopped")
@@ -60,6 +63,9 @@ ADDED_COLUMNS = (
     # `status` shows while its replacement starts.
     ("sites", "lost_reason", "TEXT"),
     ("sites", "lost_at", "REAL"),
+    # The run's control key (geotrain/store/control.py), base64 of its Ed25519 private
+    # half: it signs run.json, stop, finish and store switches. Never leaves this db.
+    ("runs", "control_key", "TEXT"),
 )
 
 
@@ -222,6 +228,31 @@ class StateDB:
             q += " AND state != 'terminated'"
         with self._conn() as c:
             return [dict(r) for r in c.execute(q + " ORDER BY id", (run_id,))]
+
+    # -- requests: what the CLI asks of a run's controller ---------------------------------
+    # They stay on this machine (the db is owner-only): a node, which can write the run
+    # store, can never make the controller do anything.
+
+    def add_request(self, run_id: str, kind: str, **args: Any) -> float:
+        """Queue a request (finish, migrate-site, migrate-store) for the run's controller;
+        returns its time."""
+        now = time.time()
+        with self._conn() as c:
+            c.execute("INSERT INTO requests (run_id, at, kind, args) VALUES (?, ?, ?, ?)",
+                      (run_id, now, kind, json.dumps(args)))
+        return now
+
+    def take_requests(self, run_id: str) -> list[dict]:
+        """The run's requests not taken yet, oldest first, marked taken (each is handed
+        out once, even to two controllers racing)."""
+        with self._conn() as c:
+            c.execute("BEGIN IMMEDIATE")
+            rows = c.execute("SELECT id, at, kind, args FROM requests WHERE run_id = ? AND "
+                             "taken_at IS NULL ORDER BY id", (run_id,)).fetchall()
+            c.execute("UPDATE requests SET taken_at = ? WHERE run_id = ? AND taken_at IS NULL",
+                      (time.time(), run_id))
+            c.execute("COMMIT")
+        return [dict(json.loads(r["args"]), kind=r["kind"], at=r["at"]) for r in rows]
 
     # -- events ------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Retries for run-store calls: which failures are transient, and how hard to try.
 
 `retry(fn, what, policy=...)` is the one loop every RunStore call goes
-through (geotrain/store.py). `RetryPolicy` is set per store from Python or
+through (geotrain/store/objects.py). `RetryPolicy` is set per store from Python or
 from GEOTRAIN_STORE_RETRY; docs/design.md ("Retries") says what is retried.
 """
 

@@ -129,6 +129,11 @@ def launch(plan: SitePlan) -> list[Node]:
     env.pop("RAY_ADDRESS", None)
     env.pop("GEOTRAIN_PROVIDER", None)
     env.pop("GEOTRAIN_OWNER", None)
+    # The public half of the run's control key: what the site checks the controller's
+    # records with (geotrain/store/control.py). Never inherited from this process.
+    env.pop("GEOTRAIN_CONTROL_KEY", None)
+    if plan.option("control_key"):
+        env["GEOTRAIN_CONTROL_KEY"] = plan.option("control_key")
     env[SECRET_ENV] = secrets.token_hex(32)
     if plan.owner:
         env["GEOTRAIN_OWNER"] = plan.owner

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geotrain.controller import Controller, create_run
+from geotrain.controller import Controller
+from geotrain.runs import create_run
 from geotrain.recipe import Recipe
 
 

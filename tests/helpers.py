@@ -94,3 +94,13 @@ def _addr(hex_addr: str) -> str:
     ip = ipaddress.ip_address(words)
     mapped = getattr(ip, "ipv4_mapped", None)
     return str(mapped or ip)
+
+
+def control_key_option(home: Path, run_id: str) -> tuple[str, str]:
+    """The plan option that gives a site the public half of its run's control key, as
+    the controller does (what a test passes when it launches a site itself)."""
+    from geotrain.state import StateDB
+    from geotrain.store.control import ControlKey
+
+    key = ControlKey.from_private(StateDB(home).run(run_id)["control_key"])
+    return ("control_key", key.public_text())

@@ -73,7 +73,7 @@ def test_plan_prints_whole_values_to_a_pipe(tmp_path: Path, geotrain_home: Path)
 
 
 def test_status_prints_whole_values_to_a_pipe(tmp_path: Path, geotrain_home: Path):
-    from geotrain.controller import create_run
+    from geotrain.runs import create_run
     from geotrain.recipe import load
 
     recipe = tmp_path / "wide.yaml"
@@ -126,11 +126,11 @@ class FakeController:
 def test_the_end_of_run_line_starts_on_its_own_line(monkeypatch, capsys):
     import typer
 
-    from geotrain import controller
+    from geotrain import controller, runs
     from geotrain.cli.launch import drive
 
     monkeypatch.setattr(controller, "Controller", FakeController)
-    monkeypatch.setattr(controller, "status", fake_status)
+    monkeypatch.setattr(runs, "status", fake_status)
     with pytest.raises(typer.Exit) as e:
         drive("run-eol", detach=False, as_json=False)
     assert e.value.exit_code == 0

@@ -22,7 +22,8 @@ import pytest
 import geotrain.controller as controller_mod
 import geotrain.migrate as migrate_mod
 import providers
-from geotrain.controller import DRAIN_WAIT_S, Controller, prepare_resume
+from geotrain.controller import DRAIN_WAIT_S, Controller
+from geotrain.runs import prepare_resume
 from geotrain.errors import GeotrainError, RunNotFound, StoreError
 from geotrain.migrate import DRAIN_TIMEOUT_S, JOIN_TIMEOUT_S, request_site_migration, request_store_migration
 from geotrain.recipe import Placement
@@ -86,7 +87,7 @@ class Faked(Ticked):
 
     def step(self) -> None:
         """What one tick of `watch` does for migrations."""
-        self._poll_commands()
+        self._poll_requests()
         self._advance_migrations()
         self._advance_store_migration()
 
@@ -156,7 +157,7 @@ def accept(ctl: Faked, r: int, *members: str) -> None:
 
 def copied(ctl: Faked) -> None:
     """The store move asked for is started, its copy has ended, and the controller has seen it."""
-    ctl._poll_commands()
+    ctl._poll_requests()
     assert [e["kind"] for e in ctl.events()][-1] == "migrate-store-started"
     ctl.store_move["thread"].join(60)
     assert not ctl.store_move["thread"].is_alive()
@@ -308,16 +309,16 @@ def test_resume_keeps_a_done_site_and_adopts_a_live_one(ctl: Faked):
 
 def test_migrating_an_unknown_site_or_one_already_moving_fails_and_changes_nothing(launched: Faked):
     ctl = launched
-    request_site_migration(ctl.store, "zz", "local")
+    request_site_migration(ctl.db, ctl.run_id, "zz", "local")
     ctl.step()
     [e] = ctl.events("migrate-failed")
     assert e["site"] == "zz" and e["error"] == "no site 'zz' in this run; sites: a, b"
     assert ctl.migrating == {} and len(ctl.launches) == 2
 
-    request_site_migration(ctl.store, "a", "local")
+    request_site_migration(ctl.db, ctl.run_id, "a", "local")
     ctl.step()
     assert ctl.migrating["a"]["new"] == "a~1" and ctl.launches[-1][:2] == ("a", "a~1")
-    request_site_migration(ctl.store, "a", "local")
+    request_site_migration(ctl.db, ctl.run_id, "a", "local")
     ctl.step()
     second = ctl.events("migrate-failed")[1:]
     assert [(e["site"], e["error"]) for e in second] == [("a", "site a is already being migrated")]
@@ -328,7 +329,7 @@ def test_migrating_an_unknown_site_or_one_already_moving_fails_and_changes_nothi
 def test_an_aborted_migration_terminates_the_new_member_and_the_old_goes_on(launched: Faked, how):
     ctl = launched
     old = ctl.cloud.holds("a")
-    request_site_migration(ctl.store, "a", "local")
+    request_site_migration(ctl.db, ctl.run_id, "a", "local")
     ctl.step()
     new = ctl.cloud.holds("a~1")
     ctl.step()  # neither failed nor late: still joining
@@ -353,13 +354,13 @@ def test_an_aborted_migration_terminates_the_new_member_and_the_old_goes_on(laun
 def test_an_old_member_that_does_not_leave_is_terminated_after_the_drain_timeout(launched: Faked):
     ctl = launched
     old = ctl.cloud.holds("a")
-    request_site_migration(ctl.store, "a", "local")
+    request_site_migration(ctl.db, ctl.run_id, "a", "local")
     ctl.step()
     accept(ctl, 1, "b", "a~1")
     ctl.step()
     [joined] = ctl.events("migrate-joined")
     assert joined["round"] == 1 and ctl.migrating["a"]["phase"] == "draining"
-    assert [c["command"] for c in ctl.store.commands("a")] == ["stop"]
+    assert [c.command for c in ctl.store.commands("a")] == ["stop"]
     ctl.step()  # still leaving, within DRAIN_TIMEOUT_S
     assert ctl.cloud.terminated == [] and "a" in ctl.migrating
     ctl.migrating["a"]["drain_at"] = time.time() - DRAIN_TIMEOUT_S - 1
@@ -373,7 +374,7 @@ def test_a_store_move_near_the_last_round_is_refused(launched: Faked, tmp_path):
     ctl = launched
     accept(ctl, 1, "a", "b")
     accept(ctl, 2, "a", "b")  # decided up to 2: a move could start at round 4 of 3
-    request_store_migration(ctl.store, f"file://{tmp_path / 'elsewhere'}")
+    request_store_migration(ctl.db, ctl.run_id, f"file://{tmp_path / 'elsewhere'}")
     copied(ctl)
     [e] = ctl.events("migrate-failed")
     assert e["error"] == "too late" and e["message"] == "too close to the end of the run to move the store"
@@ -388,7 +389,7 @@ def test_a_failed_store_copy_leaves_the_run_on_its_store(launched: Faked, tmp_pa
         raise StoreError("store: write refused by the backend")
     monkeypatch.setattr("geotrain.store_copy.copy_run", broken)
     to = f"file://{tmp_path / 'elsewhere'}"
-    request_store_migration(ctl.store, to)
+    request_store_migration(ctl.db, ctl.run_id, to)
     copied(ctl)
     [e] = ctl.events("migrate-failed")
     assert e["store"] == to and e["error"] == "store: write refused by the backend"
@@ -404,7 +405,7 @@ def test_migrate_refuses_a_malformed_target_or_store_url(run_id, geotrain_home, 
     assert "--to 'mars:olympus': expected PROVIDER[:REGION[:INSTANCE]]" in line
     line = one_line_error(cli("migrate", run_id, "--store", "ftp://somewhere/runs"))
     assert "unsupported URL scheme 'ftp'" in line and "file://, s3://, gs://, az://" in line
-    assert Controller(run_id, geotrain_home).store.commands("controller") == []  # nothing was asked
+    assert Controller(run_id, geotrain_home).db.take_requests(run_id) == []  # nothing was asked
 
 
 # -- migrate between providers ----------------------------------------------------------
@@ -414,7 +415,7 @@ def test_a_site_migrates_from_local_to_aws(launched: Faked, geotrain_home, monke
     ctl = launched
     monkeypatch.setattr(migrate_mod, "DRAIN_TIMEOUT_S", 0.0)  # the old member is not waited for
     old = ctl.cloud.holds("a")
-    request_site_migration(ctl.store, "a", "aws:us-west-2:g5.xlarge")
+    request_site_migration(ctl.db, ctl.run_id, "a", "aws:us-west-2:g5.xlarge")
     ctl.step()
     assert ctl.launches[-1] == ("a", "a~1", "aws", "us-west-2")
     [started] = ctl.events("migrate-started")

@@ -12,7 +12,8 @@ import types
 import pytest
 
 import providers
-from geotrain.controller import Controller, create_run, status
+from geotrain.controller import Controller
+from geotrain.runs import create_run, status
 from geotrain.errors import CapacityError, ProviderError
 from geotrain.placement import launch_site
 from geotrain.recipe import loads

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from geotrain.controller import Controller, create_run
+from geotrain.controller import Controller
+from geotrain.runs import create_run
 from geotrain.recipe import loads
 from geotrain.store import RunStore
 from geotrain.train.entry import SiteContext, run_entrypoint
@@ -130,7 +131,7 @@ def test_a_users_own_loop_ends_at_the_chosen_round(tmp_path: Path, geotrain_home
 def test_a_forged_or_broken_finish_record_is_no_request(tmp_path: Path):
     store = RunStore("file://" + str(tmp_path))
     for bad in (b"not json", b"[1]", b'{"at_round": "3"}', b'{"at_round": 0}', b'{"at_round": true}'):
-        store.put("_finish.json", bad)
+        store.put("control/finish.json", bad)
         assert store.finish_round() is None, bad
     store.request_finish(7)
     assert store.finish_round() == 7

@@ -71,9 +71,9 @@ ROUNDS, H = 4, 3
 BATCH = {"a": 4, "b": 2}   # run_sites' batch sizes: tokens per step = batch x 16
 
 
-def hostile_contributions(model) -> dict[str, tuple[bytes, dict]]:
-    """name -> (payload, manifest fields) of every kind of bad contribution."""
-    params = model_params(model)
+def hostile_contributions(params: dict[str, torch.Tensor]) -> dict[str, tuple[bytes, dict]]:
+    """name -> (payload, manifest fields) of every kind of bad contribution to a model
+    with these parameters."""
     good = {n: torch.full_like(t, 1e-4) for n, t in params.items()}
     big = {n: torch.full_like(t, 1e2) for n, t in params.items()}       # 1e6 x good
     first = sorted(params)[0]
@@ -100,7 +100,7 @@ def train_two_sites(url: str, hostile: bool) -> dict:
     store = RunStore(url)
     model = build(CFG, seed=0)
     commit_start(store, model)
-    bad = hostile_contributions(model) if hostile else {}
+    bad = hostile_contributions(model_params(model)) if hostile else {}
     done = threading.Event()
 
     def writer() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from geotrain import procs
 from geotrain.cleanup import abandoned
-from geotrain.controller import controller_alive, down, prepare_resume, record_controller, status
+from geotrain.runs import controller_alive, down, prepare_resume, record_controller, status
 from geotrain.errors import GeotrainError
 from geotrain.site.notice_server import SECRET_ENV, SECRET_HEADER, NoticeServer
 from geotrain.state import SCHEMA, StateDB

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from geotrain import bootstrap, controller, recipe
+from geotrain import bootstrap, recipe, runs
 from geotrain.site.cluster import RayPorts
 from geotrain.store import RunStore, run_url
 from providers import SitePlan
-from tests.helpers import geotrain_home, listening_sockets, tagged_processes, wait_for  # noqa: F401
+from tests.helpers import (control_key_option, geotrain_home, listening_sockets,  # noqa: F401
+                           tagged_processes, wait_for)
 
 RECIPE = """\
 name: multinode
@@ -43,9 +44,10 @@ sites:
 """
 
 
-def plan_for(provider: str, store_url: str, run_id: str, ray_port: int) -> SitePlan:
+def plan_for(provider: str, store_url: str, run_id: str, ray_port: int,
+             *extra: tuple[str, str]) -> SitePlan:
     return SitePlan(run_id, "a", provider, store_url, nodes=2, workers=1,
-                    options=(("ray_port", str(ray_port)),))
+                    options=(("ray_port", str(ray_port)), *extra))
 
 
 @pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
@@ -111,12 +113,12 @@ def test_two_node_site_from_boot_script(tmp_path: Path, geotrain_home: Path):
     path = tmp_path / "multinode.yaml"
     path.write_text(RECIPE)
     r = recipe.load(path)
-    run_id = controller.create_run(r, str(path), geotrain_home)
+    run_id = runs.create_run(r, str(path), geotrain_home)
     store_url = run_url(r.store_root(), run_id)
     store = RunStore(store_url)
     token = secrets.token_hex(32)
     base = free_base_port()
-    plan = plan_for("aws", store_url, run_id, base)
+    plan = plan_for("aws", store_url, run_id, base, control_key_option(geotrain_home, run_id))
 
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONPATH=str(Path.cwd()))
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "GLOO_SOCKET_IFNAME"):
@@ -138,7 +140,7 @@ def test_two_node_site_from_boot_script(tmp_path: Path, geotrain_home: Path):
                                               start_new_session=True))
         group = wait_for(lambda: next((e for e in store.events(["a"]) if e["kind"] == "group"), None), 150)
         head = store.head("a")
-        assert head["address"] == f"127.0.0.1:{base}" and head["state"] == "up"
+        assert head.address == f"127.0.0.1:{base}" and head.state == "up"
         # Both nodes in one Ray cluster, one gloo rank on each.
         assert group["world"] == 2 and group["nodes"] == 2
         assert sorted(p["rank"] for p in group["ranks"]) == [0, 1]
@@ -160,7 +162,7 @@ def test_two_node_site_from_boot_script(tmp_path: Path, geotrain_home: Path):
         assert store.committed_rounds() == [0, 1, 2]
         for p in procs[1:]:
             assert p.wait(timeout=60) == 0
-        assert store.head("a")["state"] == "down"
+        assert store.head("a").state == "down"
         assert wait_for(lambda: tagged_processes(run_id) == [], 30)
 
         secret = token.encode()

@@ -18,7 +18,7 @@ from geotrain.site import preemption
 from geotrain.site.notice_server import NoticeServer
 from geotrain.site.preemption import (AwsWatcher, AzureWatcher, GceWatcher, Notice, NoticeThread,
                                       watch_from_env, watcher_for)
-from tests.helpers import geotrain_home, http, wait_for  # noqa: F401
+from tests.helpers import control_key_option, geotrain_home, http, wait_for  # noqa: F401
 
 PROVIDERS = ["aws", "gcp", "azure"]
 
@@ -356,21 +356,22 @@ sites:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, monkeypatch):
-    from geotrain import controller, recipe
+    from geotrain import recipe, runs
     from providers import SitePlan, local
     from geotrain.store import RunStore, run_url
 
     path = tmp_path / "preempt.yaml"
     path.write_text(AGENT_RECIPE)
     r = recipe.load(path)
-    run_id = controller.create_run(r, str(path), geotrain_home)
+    run_id = runs.create_run(r, str(path), geotrain_home)
     store_url = run_url(r.store_root(), run_id)
     store = RunStore(store_url)
     # The local provider serves each site's own metadata endpoint (IMDSv2 format);
     # local.preempt announces a notice there, and the agent's real watcher sees it.
     monkeypatch.delenv("GEOTRAIN_PROVIDER", raising=False)
     nodes = local.launch(SitePlan(run_id, "a", "local", store_url,
-                                  options=(("log_dir", str(tmp_path / "logs")),)))
+                                  options=(("log_dir", str(tmp_path / "logs")),
+                                           control_key_option(geotrain_home, run_id))))
     try:
         wait_for(lambda: (store.heartbeat("a") or {}).get("state") == "training", 120)
         from geotrain import procs

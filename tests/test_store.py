@@ -1,4 +1,4 @@
-"""Tests of the run store (geotrain/store.py) on every backend: file://, S3 (a
+"""Tests of the run store (geotrain/store/) on every backend: file://, S3 (a
 moto server), GCS (gcp-storage-emulator) and Azure Blob (Azurite).
 
 The core tests run once per backend, each store built with `RunStore(url)`
@@ -268,11 +268,12 @@ def test_heartbeat_and_commands_round_trip(store):
     assert store.heartbeat("b") is None
 
     assert store.commands("a") == []
-    store.send_command("a", "drain", reason="spot notice")
+    store.send_command("a", "drain")
     store.send_command("a", "stop")
     cmds = store.commands("a")
-    assert [c["command"] for c in cmds] == ["drain", "stop"]
-    assert cmds[0]["reason"] == "spot notice"
+    assert [(c.command, c.site) for c in cmds] == [("drain", "a"), ("stop", "a")]
+    assert store.commanded("a", "stop", since=cmds[1].at)
+    assert not store.commanded("a", "stop", since=cmds[1].at + 1)
     assert store.commands("b") == []
 
 

@@ -25,7 +25,7 @@ def down(run: Annotated[Optional[str], typer.Argument(help="run id (a unique pre
     from rich.table import Table
 
     from geotrain.cleanup import down_orphans
-    from geotrain.controller import down as stop_run
+    from geotrain.runs import down as stop_run
 
     if run is None and not orphans:
         raise GeotrainError("say which run to stop (geotrain down RUN) or pass --orphans")

@@ -21,7 +21,7 @@ def launch(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
 
     In the foreground a live view shows each site; Ctrl-C stops the run cleanly.
     """
-    from geotrain.controller import create_run, preflight
+    from geotrain.runs import create_run, preflight
     from geotrain.recipe import load
 
     r = load(recipe)
@@ -36,7 +36,8 @@ def drive(run_id: str, detach: bool, as_json: bool, resume: bool = False) -> Non
     from rich.live import Live
 
     from geotrain.cli.view import run_view
-    from geotrain.controller import Controller, detach as start_detached, status
+    from geotrain.controller import Controller
+    from geotrain.runs import detach as start_detached, status
     from geotrain.store import RunStore
 
     if detach:

@@ -24,7 +24,7 @@ def logs(run: Annotated[str, typer.Argument(help="run id (a unique prefix is eno
     """Print the run's events (controller and sites), oldest first."""
     import json
 
-    from geotrain.controller import FINAL_STATES
+    from geotrain.runs import FINAL_STATES
     from geotrain.recipe import default_home
     from geotrain.state import StateDB
     from geotrain.store import RunStore

@@ -24,9 +24,11 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
             as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Move a site to another provider or region (the new site joins a round before
     the old one drains), or move the run store, while the run goes on."""
-    from geotrain.controller import require_live_controller, status
+    from geotrain.runs import require_live_controller, status
     from geotrain.errors import GeotrainError
     from geotrain.migrate import request_site_migration, request_store_migration, target_problem
+    from geotrain.recipe import default_home
+    from geotrain.state import StateDB
     from geotrain.store import RunStore
 
     if not ((site and to) or store) or (store and (site or to)):
@@ -37,10 +39,10 @@ def migrate(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)
     if problem:
         raise GeotrainError(problem)
     if store:
-        at = request_store_migration(RunStore(s["store"]), store)
+        at = request_store_migration(StateDB(default_home()), s["id"], store)
         done_kinds, about = ("store-migrated", "migrate-failed"), None
     else:
-        at = request_site_migration(RunStore(s["store"]), site, to)
+        at = request_site_migration(StateDB(default_home()), s["id"], site, to)
         done_kinds, about = ("site-migrated", "migrate-failed"), site
     if not wait:
         request = {"run": s["id"], "site": site, "to": to, "store": store, "requested_at": at}

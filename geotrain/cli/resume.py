@@ -18,6 +18,6 @@ def resume(run: Annotated[str, typer.Argument(help="run id (or a unique prefix)"
                                                 help="run the controller in the background")] = False,
            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Resume a run from its run store and state db; foreground to the end, or --detach."""
-    from geotrain.controller import prepare_resume
+    from geotrain.runs import prepare_resume
 
     drive(prepare_resume(run), detach, as_json, resume=True)

@@ -11,12 +11,12 @@ from geotrain.cli.common import handle_errors, out, print_json
 def status(run: Annotated[Optional[str], typer.Argument(help="run id (a unique prefix is enough)")] = None,
            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Show every run (or one run with its sites): state, rounds, eval loss."""
-    from geotrain import controller
+    from geotrain import runs
     from geotrain.cli.view import run_view, runs_table
 
     if run:
-        s = controller.status(run)
+        s = runs.status(run)
         print_json(s) if as_json else out.print(run_view(s))
     else:
-        runs = controller.statuses()
+        runs = runs.statuses()
         print_json(runs) if as_json else out.print(runs_table(runs) if runs else "no runs yet")

@@ -168,7 +168,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             results += ray.get(done)
             # Commands from before this agent started were for an earlier incarnation.
-            if any(c["command"] == "stop" and c["at"] >= started for c in store.commands(site)):
+            if store.commanded(site, "stop", since=started):
                 raise Stopped("stop command")
             store.follow_switch()  # the run store moved (geotrain migrate --store)
             if notices and notices.fired.is_set():
@@ -226,8 +226,7 @@ def run_node(store_url: str, site: str, host: str, temp_dir: str, data_site: str
     spec = next(s for s in recipe.sites if s.name == (data_site or site))
     started = time.time()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    stop = lambda: any(c["command"] == "stop" and c["at"] >= started  # noqa: E731
-                       for c in store.commands(site))
+    stop = lambda: store.commanded(site, "stop", since=started)  # noqa: E731
     try:
         why = cluster.run_member(store, site, host, ray_port, node_index, spec.workers, temp_dir, stop)
         log.info("node %d left: %s", node_index, why)
@@ -268,6 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             fatal(str(e))
             return FATAL_EXIT
         log.info("private address from the metadata service: %s", a.host)
+    from geotrain.store.control import CONTROL_KEY_ENV, SITE_SECRET_ENV
+
+    # What this node checks the controller's records with, and the secret its site's
+    # nodes share: both in the boot data, never in the store.
+    missing = [n for n in (CONTROL_KEY_ENV, SITE_SECRET_ENV) if not os.environ.get(n)]
+    if missing:
+        fatal(f"{' and '.join(missing)} not set: a site agent runs only as launched by "
+              "geotrain (its boot data carries them)")
+        return FATAL_EXIT
     from geotrain.site import store_identity
 
     try:  # a store on another cloud: this node's own identity, exchanged for that cloud's

@@ -4,7 +4,9 @@ Node 0 starts the Ray head bound to its private address with explicit ports,
 the dashboard off and token authentication on (the token comes from
 RAY_AUTH_TOKEN in the node's boot environment and is never written anywhere),
 then publishes `IP:PORT` of the head — not the token — to the run store
-(`sites/<site>/head.json`). Nodes 1..N-1 wait for that record, join the head
+(`sites/<site>/head.json`, MAC'ed under a key derived from the token, and
+naming a private address: geotrain/store/control.py; a record any other
+writer of the store forges is ignored). Nodes 1..N-1 wait for that record, join the head
 with the same token, and stay until the head goes away, the site's run is over
 or they are told to stop. Node 0 waits (bounded) until all N nodes have joined,
 places `workers` TrainWorker actors on each node (a custom resource
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from geotrain import procs
 from geotrain.errors import GeotrainError
 from geotrain.store import RunStore
+from geotrain.store.records import SiteState
 
 log = logging.getLogger("geotrain.site")
 
@@ -44,7 +47,7 @@ DEFAULT_BASE_PORT = 6379
 JOIN_TIMEOUT_S = 300.0  # how long nodes wait for each other at boot
 HEAD_LOST_S = 5.0  # a member leaves once the head's GCS has refused connections this long
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
-TERMINAL = ("done", "stopped", "failed", "preempting")
+TERMINAL = tuple(s.value for s in SiteState.terminal())
 
 
 class ClusterError(GeotrainError):
@@ -218,13 +221,14 @@ def lead(store: RunStore, site: str, host: str, base_port: int, nodes: int,
 
     address = f"{host}:{base_port}"
     ray.init(address=address, log_to_driver=True, configure_logging=False)
-    store.put_head(site, {"address": address, "state": "up", "nodes": nodes, "pid": os.getpid()})
+    store.put_head(site, address, "up")
     wait_for_nodes(nodes, timeout_s, site, address)
 
 
 def head_down(store: RunStore, site: str) -> None:
-    rec = store.head(site) or {}
-    store.put_head(site, dict(rec, state="down"))
+    rec = store.head(site)
+    if rec is not None:
+        store.put_head(site, rec.address, "down")
 
 
 def run_member(store: RunStore, site: str, host: str, base_port: int, index: int, workers: int,
@@ -233,8 +237,10 @@ def run_member(store: RunStore, site: str, host: str, base_port: int, index: int
     head goes away, the site is finished or `should_stop()`. Returns why it left."""
     deadline = time.monotonic() + timeout_s
     while True:
+        # Only a record MAC'ed with the site's secret, naming a private address, counts
+        # (store.head): a forged one cannot send this node's Ray token elsewhere.
         rec = store.head(site)
-        if rec and rec.get("state") == "up" and reachable(rec["address"]):
+        if rec is not None and rec.state == "up" and reachable(rec.address):
             break
         if should_stop():
             return "stopped"
@@ -243,7 +249,7 @@ def run_member(store: RunStore, site: str, host: str, base_port: int, index: int
                                f"store (sites/{site}/head.json) within {timeout_s:.0f} s; check "
                                "that node 0 booted")
         time.sleep(0.5)
-    address = rec["address"]
+    address = rec.address
     node = start_node(host, RayPorts.for_node(base_port, index), index, workers, temp_dir, address)
     log.info("node %d joined the site's Ray head at %s", index, address)
     lost_since = None
@@ -254,8 +260,8 @@ def run_member(store: RunStore, site: str, host: str, base_port: int, index: int
                 return "stopped"
             if node.dead_processes():
                 return "ray processes exited"
-            now = store.head(site) or {}
-            if now.get("address") != address or now.get("state") != "up":
+            now = store.head(site)
+            if now is None or now.address != address or now.state != "up":
                 return "head went down"
             if (store.liveness().get(site) or {}).get("state") in TERMINAL:
                 return "site finished"

@@ -102,7 +102,6 @@ def _commanded(store, site: str, command: str, every_s: float = 1.0):
     def check() -> bool:
         if not state["seen"] and time.monotonic() - state["at"] >= every_s:
             state["at"] = time.monotonic()
-            state["seen"] = any(c["command"] == command and c["at"] >= since
-                                for c in store.commands(site))
+            state["seen"] = store.commanded(site, command, since=since)
         return state["seen"]
     return check

@@ -41,6 +41,8 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from geotrain.errors import StoreError
+from geotrain.sync.joining import state_problem, states_newest_first
 from geotrain.sync.rounds import ContributionChanged, RoundExchange, SyncError
 
 Tensors = dict[str, torch.Tensor]
@@ -218,12 +220,21 @@ class DiLoCo:
         decided since (committed with only its hash, or not yet committed) so we
         join at the first open round."""
         store = self.exchange.store
-        r = store.latest_state()
-        if r is None:
+        for r in states_newest_first(store):
+            try:
+                files, manifest = store.read_global(r)
+                params = decode(files["model.safetensors"])
+                momentum = decode(files["outer.safetensors"]) if "outer.safetensors" in files else {}
+                why = state_problem(store, r, params_hash(params), manifest, self.exchange.is_member)
+            except (StoreError, KeyError, ValueError, RuntimeError) as e:  # unreadable: as bad
+                why = f"unreadable ({str(e)[:200]})"
+            if why is None:
+                break
+            store.event(self.exchange.site, "rejected-state", f"did not start from round {r}'s "
+                        f"committed state: {why}; trying an older one", round=r, reason=why)
+        else:
             raise SyncError("no committed global state in the store to start from")
-        files, _ = store.read_global(r)
-        self.round, self.global_params = r, decode(files["model.safetensors"])
-        self.momentum = decode(files["outer.safetensors"]) if "outer.safetensors" in files else {}
+        self.round, self.global_params, self.momentum = r, params, momentum
         while (decision := store.members(self.round + 1)) is not None:
             merged = self._merge(self.round + 1, decision, decided_by_me=False)
             self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum

@@ -41,13 +41,14 @@ from dataclasses import dataclass
 import torch
 
 from geotrain.errors import GeotrainError, StoreError
-from geotrain.store import RunStore, round_key, sha256
+from geotrain.store import RunStore, sha256
+from geotrain.store.records import SiteState
 from geotrain.sync import compression
 
 Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("geotrain.sync")
 
-ACTIVE = ("starting", "running", "training")
+ACTIVE = tuple(s.value for s in SiteState.active())
 
 # Tokens a contribution may claim, whatever else is known: 1e15 is ~70x the
 # largest published pre-training corpus (~1.5e13 tokens), so no honest site
@@ -350,10 +351,10 @@ class RoundExchange:
                 if not self.is_member(site):
                     raise Rejected(f"{site!r} is not a site of this run")
                 tokens, sha = self._check_meta(site, self.store.contribution_meta(q, site))
-                payload = self.store.get(f"rounds/{round_key(q)}/{site}.bin")
+                payload = self.store.contribution_payload(q, site)
                 self._read_for[r] += len(payload) if site != self.site else 0
                 if sha256(payload) != sha:
-                    raise Rejected(f"checksum mismatch: the payload is not the one its manifest names")
+                    raise Rejected("checksum mismatch: the payload is not the one its manifest names")
                 delta = self._decode(payload)
                 if not all(torch.isfinite(t).all() for t in delta.values()):
                     raise Rejected("non-finite values")
@@ -420,7 +421,7 @@ class RoundExchange:
                 self._check_meta(e.site, {"sha256": e.sha256, "tokens": e.tokens})
                 if sha != e.sha256:
                     try:
-                        payload = self.store.get(f"rounds/{round_key(e.round)}/{e.site}.bin")
+                        payload = self.store.contribution_payload(e.round, e.site)
                     except FileNotFoundError:
                         payload = b""
                     if sha256(payload) != e.sha256:
