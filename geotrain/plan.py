@@ -12,7 +12,7 @@ It then estimates what the run costs:
   `GPU_TFLOPS × MFU / (6 × params)` tokens/s, a round lasts as long as the slowest site's
   `inner_steps`, and sync time is ignored (it overlaps little; add it via `train.hours`).
 - **egress**: every round each site uploads its pseudo-gradient and downloads the other
-  M−1 (params × `BYTES_PER_PARAM[sync.compression]` each). The store lives with one
+  M−1 (params × `bytes_per_param(sync)` each). The store lives with one
   provider (from its URL scheme; `file://` is this machine). Bytes that leave a provider
   are that provider's egress: a site's upload to a store elsewhere costs the site's
   internet egress rate, a download from a store elsewhere the store provider's default
@@ -25,6 +25,7 @@ A site with no available candidate is a `PlanError` naming the site.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,11 +34,24 @@ from geotrain import catalog
 from geotrain.errors import GeotrainError
 from geotrain.recipe import Placement, Recipe, SiteSpec
 
-# Bytes on the wire per parameter for each `sync.compression` codec (topk: ~1 % of values
-# kept, each a 2-byte value and a 2-byte index, plus block scales). One table to update.
-BYTES_PER_PARAM = {"none": 4.0, "int8": 1.0, "int4": 0.5, "topk": 0.04}
+# Bytes on the wire per parameter for the dense codecs (geotrain/sync/compression.py: int8
+# and int4 add one bf16 scale per block of 64, ~3 %); top-k is `bytes_per_param`'s formula.
+BYTES_PER_PARAM = {"none": 4.0, "int8": 1.0, "int4": 0.5}
 STORE_PROVIDER = {"file": "local", "s3": "aws", "gs": "gcp", "az": "azure"}
 GB = 1e9
+
+
+def bytes_per_param(sync) -> float:
+    """Wire bytes per parameter of one pseudo-gradient with the recipe's `sync` settings.
+    top-k, per chunk of `topk_chunk` values: k = ceil(topk_fraction x chunk) kept values,
+    each an index (1 byte when chunk <= 256, else 2) and a `value_bits` code, plus one
+    bf16 scale (compression.py's layout; small tensors sent dense are left out)."""
+    if sync.compression != "topk":
+        return BYTES_PER_PARAM.get(sync.compression, 4.0)
+    chunk = sync.topk_chunk
+    k = math.ceil(sync.topk_fraction * chunk)
+    index = 1 if chunk <= 256 else 2
+    return ((index + sync.value_bits / 8) * k + 2) / chunk
 
 
 class PlanError(GeotrainError):
@@ -209,7 +223,7 @@ def store_provider(recipe: Recipe) -> str:
 def egress(recipe: Recipe, chosen: list[Candidate], params: int,
            cats: Catalogs) -> tuple[float, float]:
     """(bytes, USD) the run's sync traffic moves and costs over all rounds."""
-    payload = params * BYTES_PER_PARAM.get(recipe.sync.compression, 4.0)
+    payload = params * bytes_per_param(recipe.sync)
     others = len(chosen) - 1
     store = store_provider(recipe)
     per_round_bytes, per_round_usd = 0.0, 0.0

@@ -11,6 +11,7 @@ import torch
 
 from geotrain.errors import GeotrainError
 from geotrain.sync import compression as C
+from geotrain.sync import quant
 from geotrain.sync.compression import CODECS, CodecError, decode, make_codec, payload_info
 
 SHAPES = [(), (1,), (7,), (63,), (64,), (65,), (1000, 37), (3, 5, 129), (4096,), (2, 4097),
@@ -75,13 +76,17 @@ def test_blockwise_within_bound(kind, name, qmax, block):
 
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_topk_keeps_the_largest_per_chunk_within_bound(kind, bits):
-    chunk, frac = 256, 0.05
+@pytest.mark.parametrize("chunk", [256, 1024])          # one-byte and two-byte indices
+def test_topk_keeps_the_largest_per_chunk_within_bound(kind, bits, chunk):
+    frac = 0.05
     codec = make_codec("topk", chunk=chunk, topk_fraction=frac, value_bits=bits,
                        error_feedback=False)
     k = math.ceil(frac * chunk)
     t = _tensors(kind)
-    out = decode(codec.encode(t))
+    p = codec.encode(t)
+    modes = {e.mode for e in payload_info(p).tensors}
+    assert modes == {"b8", f"{'s' if chunk <= 256 else 'k'}{bits}"}
+    out = decode(p)
     for key, x in t.items():
         flat, got = x.reshape(-1), out[key].reshape(-1)
         n = flat.numel()
@@ -110,6 +115,7 @@ def _header_bytes(data: bytes) -> int:
     return payload_info(data).header_bytes
 
 
+@pytest.mark.timeout(60)
 def test_payload_sizes_match_the_formulas():
     n = 4096 * 256
     x = {"w": torch.randn(n)}
@@ -126,9 +132,26 @@ def test_payload_sizes_match_the_formulas():
     assert sizes["topk"] == 2 * nc + 2 * nc * k + math.ceil(nc * k / 2)
     # ≈ 1/100 × (2 B index + 0.5 B value) / 4 B of fp32, within the ceil and the scales
     assert sizes["topk"] / (4 * n) == pytest.approx(0.01 * 2.5 / 4, rel=0.03)
-    p8 = make_codec("topk", value_bits=8).encode(x)
-    assert len(p8) - _header_bytes(p8) == 2 * nc + 3 * nc * k
     assert sizes["int8"] / (4 * n) == pytest.approx(0.25, rel=0.04)
+
+
+@pytest.mark.parametrize("chunk,frac,table", [
+    (4096, 0.01, {8: 0.0305, 4: 0.0255, 2: 0.0230}), (256, 0.01, {8: 0.0313, 4: 0.0254, 2: 0.0225}),
+    (256, 0.02, {8: 0.0547, 4: 0.0430, 2: 0.0371}), (16, 0.1, {}), (255, 0.05, {}), (257, 0.05, {})])
+def test_topk_modes_sizes_and_index_width(chunk, frac, table):
+    """Scales + indices (one byte up to chunk 256, else two) + packed codes; the
+    bytes per parameter are the module docstring's table (to its 4 digits)."""
+    n = 4096 * 64                       # whole chunks, but for 255 and 257
+    for bits in (8, 4, 2):
+        codec = make_codec("topk", chunk=chunk, topk_fraction=frac, value_bits=bits)
+        p = codec.encode({"w": torch.randn(n)})
+        assert len(p) == codec.predict_size({"w": (n,)})
+        mode, index = (f"s{bits}", 1) if chunk <= 256 else (f"k{bits}", 2)
+        assert payload_info(p).tensors[0].mode == codec.mode(n) == mode
+        k, nc, body = math.ceil(frac * chunk), math.ceil(n / chunk), len(p) - _header_bytes(p)
+        assert body == 2 * nc + index * nc * k + math.ceil(nc * k * bits / 8)
+        if table:
+            assert body / n == pytest.approx(table[bits], abs=6e-5), bits
 
 
 def test_header_overhead_is_small_for_a_model():
@@ -148,7 +171,9 @@ def test_header_overhead_is_small_for_a_model():
 
 
 @pytest.mark.parametrize("name,kw", [("topk", {"value_bits": 4}), ("topk", {"value_bits": 8}),
+                                     ("topk", {"value_bits": 2}),
                                      ("topk", {"chunk": 100, "topk_fraction": 0.03}),
+                                     ("topk", {"chunk": 64, "value_bits": 2}),
                                      ("int4", {"error_feedback": True}),
                                      ("int8", {"error_feedback": True})])
 def test_error_feedback_conserves_the_sum(name, kw):
@@ -185,9 +210,10 @@ def test_error_feedback_eventually_sends_what_topk_keeps_dropping():
     assert sum(got_with) + owed == pytest.approx(60 * 0.05, rel=1e-4)
 
 
-def test_error_feedback_running_sum_tracks_a_fixed_vector():
+@pytest.mark.parametrize("chunk,bits", [(1024, 4), (1024, 2), (256, 2), (128, 8)])
+def test_error_feedback_running_sum_tracks_a_fixed_vector(chunk, bits):
     g = _random((8192,), "normal", seed=7)
-    codec = make_codec("topk", chunk=1024, topk_fraction=0.02)
+    codec = make_codec("topk", chunk=chunk, topk_fraction=0.02, value_bits=bits)
     running = torch.zeros_like(g)
     rel = {}
     for t in range(1, 401):
@@ -197,7 +223,8 @@ def test_error_feedback_running_sum_tracks_a_fixed_vector():
     assert rel[400] < rel[100] < rel[25]
     assert rel[400] < 0.1
     # and without error feedback it never gets there: most coordinates are never sent
-    plain = make_codec("topk", chunk=1024, topk_fraction=0.02, error_feedback=False)
+    plain = make_codec("topk", chunk=chunk, topk_fraction=0.02, value_bits=bits,
+                       error_feedback=False)
     once = decode(plain.encode({"g": g}))["g"]
     assert ((400 * once - 400 * g).norm() / (400 * g).norm()).item() > 0.5
 
@@ -236,31 +263,36 @@ def test_truncated_or_corrupted_payload_raises(name):
             decode(bytes(bad))
 
 
-def _valid_topk():
-    codec = make_codec("topk", chunk=64, topk_fraction=0.1, value_bits=8)
-    p = codec.encode({"w": torch.randn(128)})
+def _valid_topk(chunk: int = 512, bits: int = 8):
+    """A top-k payload's header and body, 2 chunks of `chunk` values, k = chunk/10."""
+    n = 2 * chunk
+    codec = make_codec("topk", chunk=chunk, topk_fraction=0.1, value_bits=bits)
+    p = codec.encode({"w": torch.randn(n, generator=torch.Generator().manual_seed(chunk + bits))})
     info = payload_info(p)
     header = {"codec": "topk", "block": info.block, "chunk": info.chunk, "k": info.k,
-              "t": [["w", [128], "k8"]]}
+              "t": [["w", [n], codec.mode(n)]]}
     return header, bytearray(p[info.header_bytes:])
 
 
 @pytest.mark.parametrize("change", [
-    lambda h, b: h["t"][0].__setitem__(1, [129]),          # shape does not match the body
+    lambda h, b: h["t"][0].__setitem__(1, [1025]),         # shape does not match the body
     lambda h, b: h["t"][0].__setitem__(2, "b4"),           # mode the codec never uses
+    lambda h, b: h["t"][0].__setitem__(2, "k4"),           # other value bits: other sizes
+    lambda h, b: h["t"][0].__setitem__(2, "s8"),           # byte indices for a 512 chunk
     lambda h, b: h.__setitem__("codec", "zip"),
-    lambda h, b: h.__setitem__("k", 65),                   # k > chunk
+    lambda h, b: h.__setitem__("k", 513),                  # k > chunk
+    lambda h, b: h.__setitem__("k", 51),                   # k disagrees with the body
     lambda h, b: h.__setitem__("chunk", 70000),
     lambda h, b: h.__setitem__("t", h["t"] * 2),           # duplicate name
     lambda h, b: h.__setitem__("t", [["w", [-1], "k8"]]),
     lambda h, b: h.__setitem__("t", "w"),
-    lambda h, b: h.__setitem__("t", [["w", [128], ["k8"]]]),
-    lambda h, b: h.__setitem__("t", [["w", [128], "k8", 1]]),
+    lambda h, b: h.__setitem__("t", [["w", [1024], ["k8"]]]),
+    lambda h, b: h.__setitem__("t", [["w", [1024], "k8", 1]]),
     lambda h, b: h.__setitem__("t", [["w", [2 ** 40], "k8"]]),
     lambda h, b: h.__setitem__("t", [["w", [2 ** 39, 2 ** 39], "k8"]]),
     lambda h, b: h.__setitem__("block", True),
     lambda h, b: h.pop("k"),
-    lambda h, b: b.__setitem__(slice(4, 6), struct.pack("<H", 64)),    # index outside its chunk
+    lambda h, b: b.__setitem__(slice(4, 6), struct.pack("<H", 512)),   # index outside its chunk
     lambda h, b: b.__setitem__(slice(4, 8), b[6:8] + b[4:6]),          # indices out of order
     lambda h, b: b.__setitem__(slice(0, 2), b"\x80\xbf"),               # scale -1.0 (bf16)
     lambda h, b: b.__setitem__(slice(0, 2), b"\x80\x7f"),               # scale +inf
@@ -271,6 +303,57 @@ def test_inconsistent_header_or_body_raises(change):
     change(header, body)
     with pytest.raises(CodecError):
         decode(C._pack(header, [bytes(body)]))
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy"])
+def test_two_bit_values_within_their_bound(kind):
+    """2-bit codes {-1, 0, 1, 2}·scale, the scale signed like the chunk's largest
+    kept value: |x - x_hat| <= min(|x|, |scale|), and <= |scale|/2 but for the
+    other side's values beyond 1.5·|scale| (module docstring, Bounds)."""
+    chunk, k = 256, 13
+    x = _random((64 * chunk,), kind, seed=5).view(64, chunk)
+    idx, q, scale = quant.topk_encode_(rows := x.clone(), k, 2)
+    assert int(q.min()) >= -1 and int(q.max()) <= 2 and torch.equal(quant.unpack2(quant.pack2(q), q.numel()), q.view(-1))
+    vals = x.gather(1, idx)
+    got = quant.topk_decode(idx, q, scale, chunk, x.numel()).view(64, chunk).gather(1, idx)
+    s, absmax = scale.float()[:, None], vals.abs().amax(1, keepdim=True)
+    assert bool(((s < 0) == (vals.gather(1, vals.abs().argmax(1, keepdim=True)) < 0)).all())
+    assert bool(((s.abs() >= absmax / 2) & (s.abs() <= absmax / 2 * (1 + 2 ** -7))).all())
+    err, tol = (got - vals).abs(), 1 + 1e-6
+    near = vals * s.sign() > -1.5 * s.abs()          # all but the far other side
+    assert bool((err <= torch.minimum(vals.abs(), s.abs()) * tol).all())
+    assert bool((err[near] <= (s.abs() / 2 * tol).expand_as(err)[near]).all())
+    assert bool((rows.gather(1, idx) == vals - got).all())   # the residual is what was lost
+    codec = make_codec("topk", chunk=chunk, topk_fraction=k / chunk, value_bits=2, error_feedback=False)
+    out = decode(codec.encode({"x": x}))["x"].view(64, chunk)
+    assert torch.equal(out.gather(1, idx), got) and (out - x).norm() < x.norm()
+
+
+def _edit(body: bytearray, at: int, data: bytes) -> bytearray:
+    return body[:at] + data + body[at + len(data):]
+
+
+@pytest.mark.parametrize("chunk,bits", [(64, 8), (64, 4), (64, 2), (512, 2), (256, 2)])
+def test_malformed_byte_index_and_two_bit_payloads_raise(chunk, bits):
+    header, body = _valid_topk(chunk, bits)
+    k, mode = header["k"], header["t"][0][2]
+    bodies = [body[:-cut] for cut in (1, 2, 3, len(body) // 2)] + [body + b"\0"]   # sizes
+    bodies.append(_edit(body, 0, b"\xc0\x7f"))                                    # NaN scale
+    if bits != 2:
+        bodies.append(_edit(body, 0, b"\x80\xbf"))      # a negative scale means nothing here
+    if chunk <= 256:          # one byte per index after the two bf16 scales: the first
+        bodies += [_edit(body, 4 + k - 1, bytes([v])) for v in (chunk, 255) if chunk <= v < 256]
+        bodies.append(_edit(body, 4, body[5:6] + body[4:5]))  # chunk's last index; order
+    headers = [{**header, "k": k + 1}, {**header, "k": k - 1}] + [
+        {**header, "t": [["w", shape, m]]} for shape, m in
+        [([2 * chunk + 1], mode), ([2 * chunk], "ks"[mode[0] == "k"] + mode[1:]), ([2 * chunk], mode[0] + "48"[bits == 4])]]
+    for h, b in [(header, b) for b in bodies] + [(h, body) for h in headers]:
+        with pytest.raises(CodecError):
+            decode(C._pack(h, [bytes(b)]))
+    if bits == 2:             # a negative 2-bit scale is its chunk's sign, not an error
+        good, flipped = (decode(C._pack(header, [bytes(_edit(body, 1, bytes([body[1] ^ f])))]))
+                         ["w"][:chunk] for f in (0, 0x80))
+        assert torch.equal(flipped, -good)
 
 
 def test_foreign_bytes_raise():
@@ -320,7 +403,8 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("kw", [{"topk_fraction": 0}, {"topk_fraction": 1.5}, {"chunk": 70000},
-                                {"value_bits": 2}, {"block": 0}, {"error_decay": 2}])
+                                {"value_bits": 3}, {"value_bits": 1}, {"block": 0},
+                                {"error_decay": 2}])
 def test_bad_settings_raise(kw):
     with pytest.raises(CodecError):
         make_codec("topk", **kw)
@@ -342,7 +426,6 @@ def test_empty_and_scalar_payloads():
 def test_stored_scale_bound_and_no_clipping(bits):
     """The docstring's bound, literally: |x - x_hat| <= stored scale / 2, and the
     scale, rounded up to bf16, never makes the absmax clip."""
-    from geotrain.sync import quant
     x = _random((10_000,), "heavy", seed=11)
     q, scale = quant.block_encode(x, 64, bits)
     x_hat = quant.block_decode(q, scale, 64)
@@ -388,14 +471,16 @@ def test_diloco_on_least_squares_with_compressed_pseudo_gradients():
     assert topk_ef < 0.5 * topk_plain
 
 
-def test_fuzzed_headers_raise_only_codec_errors():
+@pytest.mark.parametrize("chunk,bits", [(512, 8), (64, 4), (64, 2), (512, 2)])
+def test_fuzzed_headers_raise_only_codec_errors(chunk, bits):
     """Any header value of any type, with a valid checksum: decode either
     succeeds or raises CodecError, never another exception."""
     import random
-    rng = random.Random(0)
-    junk = [None, -1, 0, 1, 7, 64, 2 ** 70, 1.5, "x", "k4", "b8", [], [1], {}, True, [-3], [[]]]
+    rng = random.Random(chunk + bits)
+    junk = [None, -1, 0, 1, 7, 64, 2 ** 70, 1.5, "x", "k4", "b8", "s2", "k2", "s8", [], [1], {},
+            True, [-3], [[]]]
     for _ in range(300):
-        header, body = _valid_topk()
+        header, body = _valid_topk(chunk, bits)
         target = rng.choice(["codec", "block", "chunk", "k", "t", "entry", "shape", "mode", "name"])
         value = rng.choice(junk)
         if target in ("entry", "shape", "mode", "name"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from geotrain import catalog
-from geotrain.plan import BYTES_PER_PARAM, PlanError, make_plan, param_count
+from geotrain.plan import BYTES_PER_PARAM, PlanError, bytes_per_param, make_plan, param_count
 from geotrain.recipe import loads
 from tests.helpers import geotrain_cmd, geotrain_home  # noqa: F401
 
@@ -52,10 +52,31 @@ def test_costs_and_egress_by_hand(geotrain_home):
 
 def test_compression_table_scales_egress(geotrain_home):
     base = make_plan(loads(TWO_CLOUDS))
-    assert BYTES_PER_PARAM == {"none": 4.0, "int8": 1.0, "int4": 0.5, "topk": 0.04}
+    assert BYTES_PER_PARAM == {"none": 4.0, "int8": 1.0, "int4": 0.5}
     # Three sites: each downloads two others' payloads.
     three = make_plan(loads(TWO_CLOUDS + "  - {name: c, provider: aws, region: us-west-2, instance_type: g5.xlarge}\n"))
     assert three.egress_bytes == base.egress_bytes / 4 * 9
+
+
+@pytest.mark.parametrize("chunk,fraction,bits", [(4096, 0.01, 4), (256, 0.01, 2), (256, 0.05, 8),
+                                                  (1024, 0.02, 4)])
+def test_topk_bytes_per_param_is_what_the_codec_sends(chunk, fraction, bits):
+    """The plan's egress estimate uses the codec's own size: a tensor a whole number of
+    chunks long, encoded, costs bytes_per_param x its size (plus the fixed header)."""
+    import torch
+
+    from geotrain.sync import compression
+
+    sync = loads(TWO_CLOUDS + f"sync: {{compression: topk, topk_chunk: {chunk}, "
+                 f"topk_fraction: {fraction}, value_bits: {bits}}}\n").sync
+    n = chunk * 64
+    def size(numel: int) -> int:
+        codec = compression.make_codec("topk", topk_fraction=fraction, chunk=chunk, value_bits=bits)
+        return len(codec.encode({"w": torch.randn(numel)}))
+
+    small, large = size(chunk * 8), size(n + chunk * 8)
+    # Within a few bytes: the header's shape gains digits, 4- and 2-bit codes pack by the byte.
+    assert (large - small) / n == pytest.approx(bytes_per_param(sync), abs=8 / n)
 
 
 def test_nodes_multiply_and_local_is_free(geotrain_home):

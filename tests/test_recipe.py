@@ -74,11 +74,12 @@ def test_defaults_are_as_documented():
     assert r.data.model_dump() == dict(source="python-stdlib", paths=[], eval_fraction=0.02)
     assert r.train.model_dump() == dict(
         rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
-        warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), seed=0,
-        eval_batches=8, threads=1, hours=None, entrypoint=None, code_dir=None)
+        warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), optimizer="adamw",
+        muon_lr=0.02, seed=0, eval_batches=8, threads=1, hours=None, entrypoint=None, code_dir=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
-                                       value_bits=4, error_decay=1.0, overlap=False, round_seconds=None,
+                                       value_bits=4, topk_chunk=4096, error_decay=1.0, overlap=False,
+                                       round_seconds=None,
                                        round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
                                        boot_timeout_s=1800, max_replacements=10,
                                        reject_norm_factor=10, state_every=1)
@@ -147,7 +148,8 @@ MISTAKES = {
         TOP + "train:\n  rounds: 3\n  inner_stepz: 5\n" + SITES, 4, "train.inner_stepz",
         "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
         "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
-        "grad_clip, betas, seed, eval_batches, threads, hours, entrypoint, code_dir"),
+        "grad_clip, betas, optimizer, muon_lr, seed, eval_batches, threads, hours, entrypoint, "
+        "code_dir"),
     "unknown key, nothing close": (
         TOP + SITES + "    colour: eu\n", 4, "sites[0].colour",
         "unknown field 'colour'; valid fields: name, provider, region, workers, zones, "
@@ -238,6 +240,24 @@ def test_each_mistake_gets_one_precise_error(text, line, field, message):
     e = error(text)
     assert (e.file, e.line, e.field, e.message) == ("r.yaml", line, field, message)
     assert str(e) == f"r.yaml:{line}: {field}: {message}"
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "optimizer", "sgd", "expected one of 'adamw', 'muon' (got 'sgd')"),
+    ("train", "optimizer", "Muon", "expected one of 'adamw', 'muon' (got 'Muon'; did you mean 'muon'?)"),
+    ("train", "muon_lr", "0", "must be > 0 (got 0)"),
+    ("sync", "value_bits", "3", "expected one of 2, 4, 8 (got 3)"),
+    ("sync", "topk_chunk", "8", "must be >= 16 (got 8)"),
+    ("sync", "topk_chunk", "65537", "must be <= 65536 (got 65537)"),
+    ("sync", "topk_chunk", "1.5", "expected an integer (got 1.5)"),
+])
+def test_optimizer_and_topk_settings(section, field, value, message):
+    ok = {"train": "{optimizer: muon, muon_lr: 0.01}", "sync": "{value_bits: 2, topk_chunk: 256}"}
+    r = loads(f"{TOP}train: {ok['train']}\nsync: {ok['sync']}\n" + SITES)
+    assert (r.train.optimizer, r.train.muon_lr, r.sync.value_bits, r.sync.topk_chunk) == (
+        "muon", 0.01, 2, 256)
+    e = error(f"{TOP}{section}:\n  {field}: {value}\n" + SITES)
+    assert str(e) == f"r.yaml:3: {section}.{field}: {message}"
 
 
 def test_first_error_in_file_order_is_reported():

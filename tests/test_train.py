@@ -85,6 +85,7 @@ def test_optimizer_decays_matrices_only():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert any(p is model.tok.weight for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["base_lr"] == no_decay["base_lr"] == 1e-3    # the peak apply_lr_schedule uses
 
 
 def test_lr_schedule():

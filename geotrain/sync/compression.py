@@ -10,14 +10,22 @@ Codecs (bytes per parameter at the defaults, fp32 is 4):
 - `int8`  blockwise absmax, `block` values share a bf16 scale     1 + 2/block   (1.031)
 - `int4`  the same with 4-bit codes, two per byte                 0.5 + 2/block (0.531)
 - `topk`  per chunk of `chunk` values keep the k = ceil(fraction·chunk)
-          largest |v| as uint16 index + 4- or 8-bit code, one bf16
-          scale per chunk; error feedback on by default             (2 + bits/8)·k/chunk + 2/chunk
-          (0.0255 at 1 %, chunk 4096, 4-bit). Tensors smaller than one
-          chunk (LayerNorm gains, biases) go dense as int8 blocks.
+          largest |v| as an in-chunk index + a 2-, 4- or 8-bit code, one
+          bf16 scale per chunk; error feedback on by default. The index is
+          uint16, or one byte when chunk <= 256 (i = 2 or 1):   (i + bits/8)·k/chunk + 2/chunk
+              chunk 4096, 1 % (k 41):   8-bit 0.0305 · 4-bit 0.0255 · 2-bit 0.0230
+              chunk  256, 1 % (k 3):    8-bit 0.0313 · 4-bit 0.0254 · 2-bit 0.0225
+              chunk  256, 2 % (k 6):    8-bit 0.0547 · 4-bit 0.0430 · 2-bit 0.0371
+          (measured by tests/test_compression.py; the default is chunk 4096, 4-bit)
+          Tensors smaller than one chunk (LayerNorm gains, biases) go dense
+          as int8 blocks.
 
 Bounds (geotrain/sync/quant.py): for every value, |x - x_hat| <= scale/2
 with scale <= absmax/qmax·(1 + 2^-7) of its block (int8, int4) or of the
 kept values of its chunk (topk); qmax is 127 for 8 bits, 7 for 4 bits.
+2-bit top-k codes are {-1, 0, 1, 2}·scale, |scale| <= absmax/2·(1 + 2^-7),
+the scale's sign that of the chunk's largest kept value: |x - x_hat| <=
+min(|x|, |scale|), and <= |scale|/2 but for opposite-sign values beyond 1.5·|scale|.
 What top-k drops or rounds away stays in the site's residual e and is sent
 in a later round: x' = x + β·e, send C(x'), e <- x' - decode(C(x')).
 
@@ -29,8 +37,10 @@ Wire format, little-endian:
 
 modes and their sections: f32 (values f4) · b8 (scales bf16, codes i1) ·
 b4 (scales bf16, codes packed u1) · k8 (scales bf16, indices u2, codes i1) ·
-k4 (scales bf16, indices u2, codes packed u1). Names are sorted, so the same
+k4, k2 (scales bf16, indices u2, codes packed u1: 2 or 4 a byte) · s8, s4, s2
+(the same with u1 indices, for chunk <= 256). Names are sorted, so the same
 tensors give the same bytes. A truncated, corrupted or inconsistent payload
+(an index >= chunk or out of order, one-byte indices with chunk > 256)
 raises CodecError; so does a non-finite value on either side. Decoding is
 bounded before it allocates: the header inflates to at most a limit (derived
 from the expected tensors, or MAX_HEADER_BYTES), and its declared tensors must
@@ -64,7 +74,11 @@ CODECS = ("none", "int8", "int4", "topk")
 VERSION = 1
 _PREFIX = struct.Struct("<3sBII")       # magic, version, header length, crc32
 _MAGIC = b"GTC"
-_MODES = {"none": {"f32"}, "int8": {"b8"}, "int4": {"b4"}, "topk": {"k4", "k8", "b8"}}
+# Top-k modes: (index dtype, value bits); 's' modes have one-byte indices.
+_TOPK = {"k8": ("<u2", 8), "k4": ("<u2", 4), "k2": ("<u2", 2),
+         "s8": ("u1", 8), "s4": ("u1", 4), "s2": ("u1", 2)}
+BYTE_INDEX_CHUNK = 256                  # the largest chunk whose indices fit a byte
+_MODES = {"none": {"f32"}, "int8": {"b8"}, "int4": {"b4"}, "topk": {*_TOPK, "b8"}}
 assert sys.byteorder == "little", "the wire format is written with native little-endian buffers"
 
 
@@ -95,12 +109,14 @@ class PayloadInfo:
 def _sections(mode: str, n: int, block: int, chunk: int, k: int) -> list[tuple[str, int]]:
     """(numpy dtype, count) of each section of one tensor's body."""
     nb, nc = -(-n // block), -(-n // chunk)        # exact integer ceilings
+    if mode in _TOPK:
+        index, bits = _TOPK[mode]
+        codes = ("i1", nc * k) if bits == 8 else ("u1", -(-nc * k * bits // 8))
+        return [("<i2", nc), (index, nc * k), codes]
     return {
         "f32": [("<f4", n)],
         "b8": [("<i2", nb), ("i1", n)],
         "b4": [("<i2", nb), ("u1", -(-n // 2))],
-        "k8": [("<i2", nc), ("<u2", nc * k), ("i1", nc * k)],
-        "k4": [("<i2", nc), ("<u2", nc * k), ("u1", -(-nc * k // 2))],
     }[mode]
 
 
@@ -203,6 +219,9 @@ def payload_info(data: bytes, expect: Expected | None = None,
         if mode not in _MODES[codec]:
             raise _bad(f"tensor {name!r} has mode {mode!r}; codec {codec} uses "
                        f"{', '.join(sorted(_MODES[codec]))}")
+        if mode[0] == "s" and chunk > BYTE_INDEX_CHUNK:
+            raise _bad(f"tensor {name!r} has one-byte indices (mode {mode!r}) but chunk is "
+                       f"{chunk}; they address at most {BYTE_INDEX_CHUNK}")
         if name in seen:
             raise _bad(f"tensor {name!r} appears twice")
         seen.add(name)
@@ -255,16 +274,17 @@ def _decode_tensor(e: TensorEntry, arrays: list[torch.Tensor], n: int, info: Pay
     if e.mode == "f32":
         return arrays[0]
     scale = arrays[0].view(torch.bfloat16)
-    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+    signed = e.mode in ("k2", "s2")     # 2-bit scales carry a sign (quant.topk_encode_)
+    if not bool(torch.isfinite(scale).all()) or (not signed and bool((scale < 0).any())):
         raise _bad(f"tensor {e.name!r} has a negative or non-finite scale")
     if e.mode in ("b8", "b4"):
         q = arrays[1] if e.mode == "b8" else quant.unpack4(arrays[1], n)
         return quant.block_decode(q, scale, info.block)
     nc, k = scale.numel(), info.k
-    idx = arrays[1].view(nc, k)
+    idx = arrays[1].to(torch.int64).view(nc, k)
     if bool((idx >= info.chunk).any()) or bool((idx[:, 1:] <= idx[:, :-1]).any()):
         raise _bad(f"tensor {e.name!r} has indices outside its chunk or not strictly increasing")
-    q = arrays[2] if e.mode == "k8" else quant.unpack4(arrays[2], nc * k)
+    q = quant.unpack(arrays[2], _TOPK[e.mode][1], nc * k)
     return quant.topk_decode(idx, q.view(nc, k), scale, info.chunk, n)
 
 
@@ -290,7 +310,9 @@ class Codec:
     def mode(self, numel: int) -> str:
         """How a tensor of `numel` values travels under this codec."""
         if self.name == "topk":
-            return f"k{self.value_bits}" if numel >= self.chunk else "b8"
+            if numel < self.chunk:
+                return "b8"
+            return f"{'s' if self.chunk <= BYTE_INDEX_CHUNK else 'k'}{self.value_bits}"
         return {"none": "f32", "int8": "b8", "int4": "b4"}[self.name]
 
     def _header(self, entries: list[list]) -> dict:
@@ -335,7 +357,7 @@ class Codec:
                     ) -> tuple[list[np.ndarray], torch.Tensor | None]:
         """The body sections of x' = x + β·e, and (with error feedback) the new
         residual x' - x_hat, computed with the same ops as decode()."""
-        if e is not None and mode[0] != "k":
+        if e is not None and mode not in _TOPK:
             x = x.add(e, alpha=self.error_decay)
         if mode == "f32":
             return [x.numpy()], torch.zeros_like(x) if self.error_feedback else None
@@ -353,9 +375,9 @@ class Codec:
         if e is not None:
             rows[:n].add_(e, alpha=self.error_decay)
         idx, q, scale = quant.topk_encode_(rows.view(nc, self.chunk), self.k, self.value_bits)
-        codes = q.reshape(-1) if self.value_bits == 8 else quant.pack4(q)
-        return [scale.view(torch.int16).numpy(), idx.to(torch.int32).numpy().astype("<u2"),
-                codes.numpy()], rows[:n]
+        index = idx.to(torch.int32).numpy().astype(_TOPK[mode][0])
+        return [scale.view(torch.int16).numpy(), index,
+                quant.pack(q, self.value_bits).numpy()], rows[:n]
 
     def decode(self, data: bytes, expect: Expected | None = None) -> Tensors:
         return decode(data, expect)
@@ -380,7 +402,8 @@ class Codec:
 def make_codec(name: str, *, topk_fraction: float = 0.01, chunk: int = 4096,
                value_bits: int = 4, block: int = 64, error_feedback: bool | None = None,
                error_decay: float = 1.0) -> Codec:
-    """A codec by name (see CODECS). `value_bits` (4 or 8) is for top-k values;
+    """A codec by name (see CODECS). `value_bits` (2, 4 or 8) is for top-k values;
+    `chunk` (top-k) sets the index width: one byte up to 256, else two;
     `block` is the int8/int4 scale block; `error_feedback` defaults to on for
     topk only; `error_decay` (β, SparseLoCo) scales the residual carried in."""
     if name not in CODECS:
@@ -389,8 +412,8 @@ def make_codec(name: str, *, topk_fraction: float = 0.01, chunk: int = 4096,
         raise CodecError(f"topk_fraction is {topk_fraction}; it must be in (0, 1]")
     if not 1 <= chunk <= 65536:
         raise CodecError(f"chunk is {chunk}; it must be in [1, 65536] (indices are uint16)")
-    if value_bits not in (4, 8):
-        raise CodecError(f"value_bits is {value_bits}; valid: 4, 8")
+    if value_bits not in (2, 4, 8):
+        raise CodecError(f"value_bits is {value_bits}; valid: 2, 4, 8")
     if not 1 <= block <= 1 << 20:
         raise CodecError(f"block is {block}; it must be in [1, {1 << 20}]")
     if not 0 <= error_decay <= 1:

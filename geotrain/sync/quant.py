@@ -15,6 +15,16 @@ scale. Quantisation is round-to-nearest onto the symmetric grid
     |x - x_hat| <= scale / 2,   scale <= absmax / qmax · (1 + 2^-7)
 
 (up to one fp32 rounding of the product q·scale).
+
+2-bit top-k values use the four codes {-1, 0, 1, 2} · scale, with |scale| =
+absmax / 2 rounded up and the *sign* of the scale that of the chunk's largest
+kept value, so that value's side of zero gets {0, 1, 2}·|scale| and the other
+side {0, 1}·|scale|. Then for every kept value
+
+    |x - x_hat| <= min(|x|, |scale|),   |scale| <= absmax / 2 · (1 + 2^-7)
+
+and |x - x_hat| <= |scale| / 2 unless x lies on the other side beyond
+1.5·|scale| (then it is at most |scale|). Why this grid: see topk_encode_.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import math
 
 import torch
 
-QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7, 2: 2}
+CODE_RANGE = {8: (-127, 127), 4: (-7, 7), 2: (-1, 2)}   # the integer codes each width uses
 
 
 def bf16_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -56,12 +67,12 @@ def _absmax(rows: torch.Tensor) -> torch.Tensor:
     return torch.maximum(hi, lo.neg())
 
 
-def _quantise(values: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round values[i, :] / scale[i] to int8 in [-qmax, qmax]; zero scale -> 0."""
+def _quantise(values: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round values[i, :] / scale[i] to int8 codes in CODE_RANGE[bits]; zero scale -> 0."""
     s = scale.to(torch.float32)
-    denom = torch.where(s > 0, s, torch.ones_like(s))
+    denom = torch.where(s != 0, s, torch.ones_like(s))
     q = torch.div(values, denom[:, None])
-    return q.round_().clamp_(-qmax, qmax).to(torch.int8)
+    return q.round_().clamp_(*CODE_RANGE[bits]).to(torch.int8)
 
 
 def _dequantise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -85,15 +96,43 @@ def unpack4(packed: torch.Tensor, count: int) -> torch.Tensor:
     return out[:count].view(torch.int8) - 8
 
 
+def pack2(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-1, 2] -> uint8 with four 2-bit codes (q + 1) per byte, the
+    first value in the lowest two bits; the tail is padded with code 1 (0)."""
+    u = (q.reshape(-1) + 1).view(torch.uint8)
+    if u.numel() % 4:
+        u = torch.cat([u, torch.ones(4 - u.numel() % 4, dtype=torch.uint8)])
+    u = u.view(-1, 4)
+    return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
+
+
+def unpack2(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of pack2: the first `count` codes as int8 in [-1, 2]."""
+    out = torch.empty(packed.numel(), 4, dtype=torch.uint8)
+    for i in range(4):
+        out[:, i] = (packed >> (2 * i)) & 0x03
+    return out.view(-1)[:count].view(torch.int8) - 1
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes as the wire carries them: int8 as is, 4 and 2 bits packed into bytes."""
+    return q.reshape(-1) if bits == 8 else pack4(q) if bits == 4 else pack2(q)
+
+
+def unpack(codes: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of pack: `count` int8 codes."""
+    return codes if bits == 8 else unpack4(codes, count) if bits == 4 else unpack2(codes, count)
+
+
 # ---- dense blockwise absmax (int8 / int4) ----
 
 def block_encode(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat fp32 x -> (codes int8 [n], scales bf16 [ceil(n/block)]);
     block_decode of them is x_hat."""
-    n, qmax = x.numel(), QMAX[bits]
+    n = x.numel()
     xp = _rows(x, math.ceil(n / block), block)
-    scale = bf16_scale(_absmax(xp), qmax)
-    return _quantise(xp, scale, qmax).view(-1)[:n], scale
+    scale = bf16_scale(_absmax(xp), QMAX[bits])
+    return _quantise(xp, scale, bits).view(-1)[:n], scale
 
 
 def block_decode(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
@@ -112,13 +151,27 @@ def topk_encode_(rows: torch.Tensor, k: int, bits: int
 
     A caller pads its tail chunk with zeros; when that holds fewer than k values
     some picks land in the padding and decode to nothing.
+
+    With 2 bits the scale carries the sign of the chunk's largest kept value
+    (codes {-1, 0, 1, 2}, see the module docstring). Measured on the kept values
+    (relative L2 error of their reconstruction; chunk 4096 at 1 % / chunk 256
+    at 5 %, 2^19 values each) against a symmetric grid without zero,
+    {±1, ±3}·absmax/3: normal data 0.29 / 0.27 (symmetric 0.34 / 0.31);
+    Student-t(3) 0.46 / 0.29 (0.51 / 0.67); magnitudes spread over 1e-9..1e3
+    0.05 / 0.02 (2.1 / 1.2: a grid without zero sends a tiny kept value as
+    ±absmax/3, more error than the value itself). This grid never does:
+    |x - x_hat| <= |x|, so what is sent never adds to the error-feedback
+    residual. The symmetric grid wins only when nearly every kept value is
+    close to the absmax (k = 3 in a chunk of 256, normal data: 0.14 against 0.25).
     """
-    qmax = QMAX[bits]
     _, idx = rows.abs().topk(k, dim=1, sorted=False)
     idx, _ = idx.sort(dim=1)            # canonical order: same set -> same bytes
     vals = rows.gather(1, idx)
-    scale = bf16_scale(vals.abs().amax(dim=1), qmax)
-    q = _quantise(vals, scale, qmax)
+    scale = bf16_scale(vals.abs().amax(dim=1), QMAX[bits])
+    if bits == 2:
+        top = vals.gather(1, vals.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        scale = torch.where(top < 0, -scale, scale)
+    q = _quantise(vals, scale, bits)
     rows.scatter_(1, idx, vals - _dequantise(q, scale))
     return idx, q, scale
 

@@ -1,15 +1,17 @@
 """Your own training code on geotrain's sites: `train.entrypoint: "module:function"`.
 
 Every worker of every site calls `function(ctx)` with a `SiteContext`. The
-function builds its model and inner optimizer, wraps them with
+function builds its model and inner optimizer (its own, or `ctx.optimizer(model)`:
+the one the recipe's `train.optimizer` names), wraps them with
 `ctx.diloco(model, optimizer)` and trains in its own loop; geotrain handles
 the rounds through the run store, liveness, stop commands and the final model:
 
     def train(ctx: SiteContext) -> dict:
         torch.manual_seed(ctx.recipe.train.seed)          # same init everywhere
-        model = MyModel(); opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model = MyModel(); opt = ctx.optimizer(model)     # or torch.optim.AdamW(...)
         with ctx.diloco(model, opt, evaluate=lambda m: my_eval(m)) as diloco:
             while not ctx.done(diloco):
+                ctx.set_lr(opt, step)                     # the recipe's warmup + cosine
                 loss = model(*next(batches)); loss.backward(); opt.step(); opt.zero_grad()
                 diloco.step(tokens=batch_tokens)
                 ctx.beat(diloco, loss=loss.item())
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,7 @@ import torch
 from geotrain.recipe import Recipe
 from geotrain.store import RunStore
 from geotrain.sync.diloco import DiLoCo, encode, load_params, model_params, params_hash
+from geotrain.train.model import apply_lr_schedule, build_optimizer
 
 
 @dataclass
@@ -46,6 +49,22 @@ class SiteContext:
     should_stop: Callable[[], bool] = lambda: False
     _first_step_at: float | None = field(default=None, repr=False)
     _last_round: tuple[int, int] = field(default=(-1, 0), repr=False)  # (read at round, last round)
+
+    def optimizer(self, model: torch.nn.Module,
+                  adamw_params: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+        """The inner optimizer the recipe's train section asks for, over `model`'s
+        parameters: AdamW, or (`train.optimizer: muon`) Muon for the hidden
+        matrices and AdamW for the rest. Muon leaves embeddings and an output layer
+        named head / lm_head / output / classifier to AdamW by itself; list any
+        other parameter it should leave in `adamw_params` (geotrain/train/muon.py)."""
+        return build_optimizer(model, self.recipe.train, adamw_params)
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set each group's lr for inner step `step` (counted from 0 over the whole
+        run) by the recipe's warmup and cosine schedule, peaking at the group's
+        `base_lr` (its lr when first called, for an optimizer of your own)."""
+        t = self.recipe.train
+        apply_lr_schedule(optimizer, step, t, t.rounds * t.inner_steps)
 
     def diloco(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                evaluate: Callable[[torch.nn.Module], float] | None = None, **overrides) -> DiLoCo:
@@ -84,7 +103,7 @@ class SiteContext:
     def _commit_round_zero(self, model: torch.nn.Module) -> None:
         if self.store.is_committed(0):
             return
-        if self.store.create("global/000000/_claim", self.site.encode()):
+        if self.store.claim_round_zero(self.site):
             params = model_params(model)
             self.store.commit_global(0, {"model.safetensors": encode(params)},
                                      {"hash": params_hash(params), "members": []})

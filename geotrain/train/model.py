@@ -1,4 +1,4 @@
-"""A byte-level GPT (vocab 256) in sizes from tiny (CPU) up, plus its optimizer and lr schedule.
+"""A byte-level GPT (vocab 256) in sizes from tiny (CPU) up, plus its optimizers and lr schedule.
 
 Pre-norm transformer blocks, causal attention through
 `scaled_dot_product_attention`, a 4x GELU MLP, and an output head tied to the
@@ -9,11 +9,14 @@ shipping it.
     cfg = config_for("tiny", context=256)
     model = build(cfg, seed=0)
     logits, loss = model(x, y)
+    opt = build_optimizer(model, recipe.train)          # AdamW or Muon, as the recipe says
+    apply_lr_schedule(opt, step, recipe.train, total_steps)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geotrain.recipe import PRESETS as RECIPE_PRESETS
+from geotrain.recipe import TrainSpec
 
 # One table of sizes, kept with the recipe (which loads without torch).
 PRESETS: dict[str, dict] = {name: dims._asdict() for name, dims in RECIPE_PRESETS.items()}
@@ -170,11 +174,12 @@ def build(cfg: GPTConfig, seed: int) -> GPT:
 def configure_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
 ) -> torch.optim.AdamW:
-    """AdamW that decays matrices (linear weights, embeddings) but not biases or norm weights."""
+    """AdamW that decays matrices (linear weights, embeddings) but not biases or norm
+    weights. Each group's `base_lr` is `lr`, the peak of apply_lr_schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "base_lr": lr},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr},
     ]
     fused = True if params and all(p.is_cuda for p in params) else None  # None: torch's default
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
@@ -191,3 +196,27 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) 
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     min_lr = base_lr * min_ratio
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, train: TrainSpec,
+                    adamw_params: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """The inner optimizer `train.optimizer` names: AdamW (configure_optimizer), or
+    Muon for the hidden matrices at `train.muon_lr` with AdamW at `train.lr` for
+    embeddings, head, biases, norm gains and `adamw_params` (geotrain/train/muon.py)."""
+    if train.optimizer == "muon":
+        from geotrain.train.muon import configure_muon
+        return configure_muon(model, muon_lr=train.muon_lr, adamw_lr=train.lr,
+                              weight_decay=train.weight_decay, betas=train.betas,
+                              adamw_params=adamw_params)
+    return configure_optimizer(model, train.lr, train.weight_decay, train.betas)
+
+
+def apply_lr_schedule(optimizer: torch.optim.Optimizer, step: int, train: TrainSpec,
+                      total: int) -> None:
+    """Set every group's lr to lr_at(step) of the recipe's warmup and cosine, with the
+    group's own `base_lr` as the peak, so groups at different lrs (Muon's matrices,
+    AdamW's rest) follow one schedule. A group without `base_lr` (an optimizer
+    built elsewhere) takes its lr at the first call as its peak."""
+    for group in optimizer.param_groups:
+        base = group.setdefault("base_lr", group["lr"])
+        group["lr"] = lr_at(step, base, train.warmup_steps, total, train.min_lr_ratio)

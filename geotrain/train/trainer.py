@@ -2,10 +2,11 @@
 
 `train_site()` is what each worker of a site runs (inside a Ray actor, see
 geotrain/site/worker.py): build the byte-level GPT, load this worker's
-disjoint data shard, and run AdamW inner steps wrapped in `DiLoCo`, which
-meets the other sites through the run store every `inner_steps` steps. Rank 0
-of the site writes heartbeats and talks to the store; whichever site commits
-a round evaluates that global model on held-out data.
+disjoint data shard, and run inner steps (AdamW, or Muon with `train.optimizer:
+muon`) wrapped in `DiLoCo`, which meets the other sites through the run store
+every `inner_steps` steps. Rank 0 of the site writes heartbeats and talks to
+the store; whichever site commits a round evaluates that global model on
+held-out data.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from geotrain.sync import compression
 from geotrain.sync.diloco import DiLoCo, RoundExchange, load_params, model_params
 from geotrain.sync.rounds import TOKEN_SLACK
 from geotrain.train import data as D
-from geotrain.train.model import GPT, build, config_for, configure_optimizer, lr_at
+from geotrain.train.model import GPT, apply_lr_schedule, build, build_optimizer, config_for
 
 EVAL_BYTES_PER_BATCH = 4
 
@@ -88,7 +89,8 @@ def make_exchange(recipe: Recipe, store: RunStore, site: str,
     tokens) only the absolute MAX_TOKENS bound applies."""
     s, t = recipe.sync, recipe.train
     codec = compression.make_codec(s.compression, topk_fraction=s.topk_fraction,
-                                   value_bits=s.value_bits, error_decay=s.error_decay)
+                                   chunk=s.topk_chunk, value_bits=s.value_bits,
+                                   error_decay=s.error_decay)
     max_tokens = None
     if tokens_per_step_known and not s.round_seconds:
         max_tokens = {x.name: TOKEN_SLACK * t.inner_steps * t.batch_size * t.seq_len
@@ -116,7 +118,7 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
     data = D.load_bytes(mine)
 
     model = build(model_config(recipe), seed=t.seed)
-    inner = configure_optimizer(model, t.lr, t.weight_decay, t.betas)
+    inner = build_optimizer(model, t)
     exchange = make_exchange(recipe, store, place.site) if place.rank == 0 else None
     state = {"eval_loss": None, "eval_model": None, "eval_set": None}
 
@@ -171,8 +173,7 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
                     position = int((r - 1 + progress) * t.inner_steps)
                 else:
                     position = (r - 1) * t.inner_steps + k
-                for group in inner.param_groups:
-                    group["lr"] = lr_at(position, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)
+                apply_lr_schedule(inner, position, t, total_steps)
                 t0 = time.perf_counter()
                 x, y = batches.next()
                 _, loss = model(x, y)
