@@ -32,6 +32,7 @@ from geotrain.sync.compression import make_codec
 from geotrain.sync.diloco import DiLoCo, RoundExchange
 from geotrain.train import data as D
 from geotrain.train.model import GPTConfig, build, configure_optimizer, lr_at
+from geotrain.train.muon import configure_muon
 from geotrain.train.trainer import evaluate
 
 
@@ -98,7 +99,11 @@ def run(spec: dict, index: int) -> dict:
     data = D.load_bytes(D.shard(train_files, index, n), max_bytes=spec.get("max_bytes_per_site"))
     batches = D.Batches(data, spec["batch"], cfg.context, seed=seed * 1000 + index + 1)
     model = build(cfg, seed=seed)
-    opt = configure_optimizer(model, spec["lr"], spec["weight_decay"], (0.9, 0.95))
+    if spec.get("optimizer", "adamw") == "muon":  # Muon for hidden matrices, AdamW for the rest
+        opt = configure_muon(model, muon_lr=spec.get("muon_lr", 0.02), adamw_lr=spec["lr"],
+                             weight_decay=spec["weight_decay"], betas=(0.9, 0.95))
+    else:
+        opt = configure_optimizer(model, spec["lr"], spec["weight_decay"], (0.9, 0.95))
     numel = sum(p.numel() for p in model.parameters())
     evals = None
     if index == 0 and spec["eval_batches"]:
@@ -119,7 +124,8 @@ def run(spec: dict, index: int) -> dict:
         site = f"site{index}"
         exchange = RoundExchange(store, site, codec=make_codec(
             spec["codec"], topk_fraction=spec.get("topk_fraction", 0.01),
-            value_bits=spec.get("value_bits", 4), error_decay=spec.get("error_decay", 1.0)),
+            chunk=spec.get("topk_chunk", 4096), value_bits=spec.get("value_bits", 4),
+            error_decay=spec.get("error_decay", 1.0)),
             liveness_s=30.0, state_every=spec.get("state_every", 1), final_round=steps // spec["H"])
         diloco = DiLoCo(model, opt, exchange, inner_steps=spec["H"], outer_lr=spec["outer_lr"],
                         outer_momentum=spec["outer_momentum"], overlap=spec.get("overlap", False))
@@ -136,8 +142,9 @@ def run(spec: dict, index: int) -> dict:
     t_start = time.perf_counter()
     try:
         for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, spec["lr"], spec["warmup"], steps, spec["min_lr_ratio"])
+            for g in opt.param_groups:  # each group from its own peak (Muon's differs)
+                g["lr"] = lr_at(step, g.setdefault("base_lr", g["lr"]), spec["warmup"], steps,
+                                spec["min_lr_ratio"])
             t0 = time.perf_counter()
             x, y = batches.next()
             _, loss = model(x, y)
