@@ -35,7 +35,9 @@ def render(plan, node_index: int, ray_token: str) -> str:
               "store_url": plan.store_url, "data_site": plan.option("data_site") or plan.site,
               "ray_port": plan.option("ray_port") or "6379",  # geotrain/site/cluster.py
               # The public half of the run's control key (geotrain/store/control.py).
-              "control_key": plan.option("control_key") or ""}
+              "control_key": plan.option("control_key") or "",
+              # The member's private signing key: a secret, like the Ray token.
+              "member_key": plan.member_key or ""}
     values.update({k: plan.option(k) or "" for k in BUNDLE_KEYS})
     values["store_role_arn"] = store_role_arn(plan)
     return string.Template(template_text()).substitute(

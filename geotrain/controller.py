@@ -23,15 +23,15 @@ import providers
 from geotrain.errors import GeotrainError
 from geotrain.migrate import Migrations
 from geotrain.recipe import Placement, Recipe, SiteSpec, default_home
-from geotrain.runs import (control_key, final_summary, log_dir, record_controller, run_info,
-                           signed_run_json, status, terminate_run)
+from geotrain.runs import (Kept, control_key, final_summary, log_dir, record_controller, status,
+                           terminate_run, write_roster)
 from geotrain.state import StateDB
 from geotrain.store import RunStore
+from geotrain.store.roster import KEY as ROSTER
 
 POLL_S = 0.5
 DRAIN_WAIT_S = 40.0  # how long a preempted site may take to drain before it is terminated
 CONSOLE_POLL_S = 5.0  # how often a booting cloud site's console is read for a fatal line
-RUN_JSON_CHECK_S = 10.0  # how often the controller checks that run.json is the one it signed
 log = logging.getLogger("geotrain.controller")
 
 
@@ -45,7 +45,7 @@ class Stop(Exception):
 
 
 
-class Controller(Migrations):
+class Controller(Migrations, Kept):
     def __init__(self, run_id: str, home: Path | None = None,
                  on_tick: Callable[[dict], None] | None = None):
         self.home = home or default_home()
@@ -78,33 +78,10 @@ class Controller(Migrations):
         self._in_provider_call, self._stop_pending = 0, False
         self.store_move: dict | None = None
         self.started = time.time()
-        # The bytes of run.json as this run's control key signed them, kept to put back.
-        self._run_json = self._verified_run_json(row)
-        self._run_json_checked = time.monotonic()
-
-    def _guard_run_json(self) -> None:
-        """Every RUN_JSON_CHECK_S: put run.json back if the store no longer holds the
-        bytes this controller signed (a writer of the store replaced or removed it; the
-        sites would refuse it, and no replacement could start)."""
-        now = time.monotonic()
-        if now - self._run_json_checked < RUN_JSON_CHECK_S:
-            return
-        self._run_json_checked = now
-        with contextlib.suppress(FileNotFoundError):  # removed: put back below
-            if self.store.get("run.json") == self._run_json:
-                return
-        self.store.put("run.json", self._run_json)
-        self.event("restored", "run.json in the run store was not the one this controller "
-                   "signed; put it back", key="run.json")
-
-    def _verified_run_json(self, row: dict) -> bytes:
-        raw = signed_run_json(self.store, run_info(self.run_id, self.recipe, row["store"],
-                                                   row["created_at"]))
-        if raw is None:
-            self.event("restored", "run.json in the run store was not signed with this run's "
-                       "control key; rewrote it from the state db", key="run.json")
-            raw = self.store.get("run.json")
-        return raw
+        # What this controller signed and keeps in the store, put back if changed there.
+        write_roster(self.db, self.store, self.run_id)
+        self._kept = {"run.json": self._verified_run_json(row), ROSTER: self.store.get(ROSTER)}
+        self._kept_checked = time.monotonic()
 
     # -- events --------------------------------------------------------------------
 
@@ -190,9 +167,11 @@ class Controller(Migrations):
         # nodes check what the controller signs (not a secret).
         options = (("log_dir", str(self.log_dir)), ("data_site", name),
                    ("control_key", self.store.control.public_text()), *self._boot_options(spec))
+        key = self._member_key(spec.name)  # the member's own signing key: boot data only
         with self._provider_call():
             nodes, placement, _ = launch_site(self.db, self.run_id, spec, store_url=self.store.url,
-                                              options=options, home=self.home)
+                                              options=options, member_key=key.private_text(),
+                                              home=self.home)
         return nodes, placement
 
     def _boot_options(self, spec: SiteSpec) -> tuple[tuple[str, str], ...]:
@@ -385,8 +364,9 @@ class Controller(Migrations):
                 self.db.update_node(row["id"], state="terminated", terminated_at=now)
         # What the old agent last wrote (running, preempting, failed) must not be read
         # as the replacement's: mark the member replaced until the new agent beats.
-        self.store.alive(member, "replaced", replacement=count)
-        self.store.beat(member, {"state": "replaced", "replacement": count})
+        key = self._member_key(member)  # the controller speaks for a member it replaced
+        self.store.alive(member, "replaced", signer=key, replacement=count)
+        self.store.beat(member, {"state": "replaced", "replacement": count}, signer=key)
         self._launch(name)
         self.event("site-replaced", f"site {name} replaced (replacement {count})", site=name)
 
@@ -415,7 +395,7 @@ class Controller(Migrations):
         seen_round = -1
         while True:
             self._poll_requests()
-            self._guard_run_json()
+            self._guard_kept()
             self._advance_migrations()
             self._advance_store_migration()
             beats = {s.name: self.store.heartbeat(self.member[s.name]) for s in self.recipe.sites}
@@ -469,6 +449,7 @@ class Controller(Migrations):
         return any(n.instance_id in live for n in self.nodes.get(name, []))
 
     def finish(self, last_round: int) -> None:
+        self._guard_kept(now=True)  # the store left behind holds what this controller signed
         try:
             model, summary = final_summary(self.store, self.recipe, self.db.run(self.run_id),
                                            last_round)

@@ -55,7 +55,7 @@ def concrete(p: Placement, site: SiteSpec, cats: Catalogs) -> tuple[Placement, f
 
 
 def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
-                options: tuple[tuple[str, str], ...] = (),
+                options: tuple[tuple[str, str], ...] = (), member_key: str | None = None,
                 home: Path | None = None) -> tuple[list[providers.Node], Placement, list[Attempt]]:
     """Launch `site` on its first placement with capacity: (nodes, placement, failed attempts)."""
     cats = Catalogs(home)
@@ -71,7 +71,7 @@ def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
             run_id=run_id, site=site.name, provider=p.provider, store_url=store_url,
             region=p.region, zones=tuple(p.zones), nodes=site.nodes, workers=site.workers,
             instance_type=p.instance_type, spot=p.spot, options=options, owner=owner,
-            provider_options=p.options())
+            provider_options=p.options(), member_key=member_key)
         row = db.add_node(run_id, site.name, p.provider, p.region)  # before the provider call
         try:
             nodes = providers.get(p.provider).launch(plan)

@@ -10,6 +10,7 @@ run can be taken over here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -27,9 +28,11 @@ from geotrain.recipe import Recipe, default_home
 from geotrain.state import StateDB, iso, open_private, private_dir
 from geotrain.store import RunStore, round_key, run_url
 from geotrain.store.control import ControlKey, ForgedRecord
+from geotrain.store.roster import KEY as ROSTER
 
 DOWN_WAIT_S = 90.0  # how long `down` waits for the controller to stop its own sites
 FINAL_STATES = ("succeeded", "failed", "stopped")
+KEPT_CHECK_S = 10.0  # how often the controller checks that run.json and the roster are its own
 
 
 def new_run_id(name: str) -> str:
@@ -106,8 +109,28 @@ def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> st
     db.add_run(run_id, recipe.name, recipe_path, recipe.to_dict(), url, recipe.train.rounds,
                [{"name": s.name, "provider": s.provider, "region": s.region} for s in recipe.sites])
     db.update_run(run_id, control_key=key.private_text())
+    for name in members:  # each site's own signing key, and the signed roster of them
+        member_key(db, store, run_id, name)
     store.event("controller", "created", f"run {run_id} created", store=url)
     return run_id
+
+
+def member_key(db: StateDB, store: RunStore, run_id: str, member: str) -> ControlKey:
+    """The signing key of one member of a run (geotrain/store/roster.py), from the state
+    db; a member without one (a new run, a migrated member `name~k`) gets one, and the
+    roster in the store (signed with `store`'s control key) is rewritten to hold it."""
+    keys = json.loads(db.run(run_id).get("member_keys") or "{}")
+    if member not in keys:
+        keys[member] = ControlKey.generate().private_text()
+        db.update_run(run_id, member_keys=json.dumps(keys))
+        write_roster(db, store, run_id)
+    return ControlKey.from_private(keys[member])
+
+
+def write_roster(db: StateDB, store: RunStore, run_id: str) -> None:
+    """control/roster.json: every member of the run with its public key, signed."""
+    keys = json.loads(db.run(run_id).get("member_keys") or "{}")
+    store.write_roster({m: ControlKey.from_private(k).public_text() for m, k in sorted(keys.items())})
 
 
 def control_key(db: StateDB, row: dict) -> ControlKey:
@@ -295,3 +318,39 @@ def detach(run_id: str, home: Path | None = None, resume: bool = False) -> int:
                                 start_new_session=True, env=dict(os.environ, GEOTRAIN_HOME=str(home)))
     record_controller(StateDB(home), run_id, proc.pid)
     return proc.pid
+
+
+class Kept:
+    """What a controller signed and keeps in the run store (mixed into Controller):
+    run.json and the roster, put back every KEPT_CHECK_S if a writer of the store
+    changed or removed them; and each member's signing key."""
+
+    def _guard_kept(self, now: bool = False) -> None:
+        """Every KEPT_CHECK_S (and `now`, at the run's end): put back run.json and the roster
+        if the store no longer holds the bytes this controller signed (a writer of the store
+        replaced or removed them: sites would refuse run.json, a replacement could not
+        check its peers, and a resume would find them so)."""
+        if not now and time.monotonic() - self._kept_checked < KEPT_CHECK_S:
+            return
+        self._kept_checked = time.monotonic()
+        for key, data in self._kept.items():
+            with contextlib.suppress(FileNotFoundError):  # removed: put back below
+                if self.store.get(key) == data:
+                    continue
+            self.store.put(key, data)
+            self.event("restored", f"{key} in the run store was not the one this controller "
+                       "signed; put it back", key=key)
+
+    def _verified_run_json(self, row: dict) -> bytes:
+        raw = signed_run_json(self.store, run_info(self.run_id, self.recipe, row["store"],
+                                                   row["created_at"]))
+        if raw is None:
+            self.event("restored", "run.json in the run store was not signed with this run's "
+                       "control key; rewrote it from the state db", key="run.json")
+            raw = self.store.get("run.json")
+        return raw
+
+    def _member_key(self, member: str):
+        key = member_key(self.db, self.store, self.run_id, member)  # a new one: a new roster
+        self._kept[ROSTER] = self.store.get(ROSTER)
+        return key

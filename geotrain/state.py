@@ -66,6 +66,9 @@ ADDED_COLUMNS = (
     # The run's control key (geotrain/store/control.py), base64 of its Ed25519 private
     # half: it signs run.json, stop, finish and store switches. Never leaves this db.
     ("runs", "control_key", "TEXT"),
+    # Each member's signing key (JSON {member: base64 Ed25519 private key}); the public
+    # halves are the roster in run.json / control/roster.json. Never leaves this db.
+    ("runs", "member_keys", "TEXT"),
 )
 
 

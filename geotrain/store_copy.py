@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from geotrain.errors import StoreError
+from geotrain.store.control import unwrap
 from geotrain.store import RunStore, round_key, sha256
 
 
@@ -159,7 +160,7 @@ def copy_run(src_url: str, dst_url: str, *, on_progress: Callable[[CopyProgress]
         """Verify and copy a contribution's payload; its manifest is held back."""
         raw = src.get(key)
         try:
-            digest = json.loads(raw)["sha256"]
+            digest = unwrap(json.loads(raw), "contribution")["sha256"]  # signed by its member
             payload = src.get(key[:-5] + ".bin")
         except (ValueError, KeyError, TypeError, FileNotFoundError):  # ValueError: not JSON, not UTF-8
             digest, payload = None, b""

@@ -69,6 +69,9 @@ class SitePlan:
     # GcpOptions, AzureOptions): node identity, network, image, disk. None: the
     # provider's defaults (and always for `local`).
     provider_options: ProviderOptions | None = None
+    # The member's private signing key (geotrain/store/control.py): a secret, put only in
+    # the site's boot data (locally: its processes' environment); never shown.
+    member_key: str | None = field(default=None, repr=False)
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)

@@ -132,8 +132,11 @@ def launch(plan: SitePlan) -> list[Node]:
     # The public half of the run's control key: what the site checks the controller's
     # records with (geotrain/store/control.py). Never inherited from this process.
     env.pop("GEOTRAIN_CONTROL_KEY", None)
+    env.pop("GEOTRAIN_MEMBER_KEY", None)
     if plan.option("control_key"):
         env["GEOTRAIN_CONTROL_KEY"] = plan.option("control_key")
+    if plan.member_key:  # the site's own signing key: in its processes' environment only
+        env["GEOTRAIN_MEMBER_KEY"] = plan.member_key
     env[SECRET_ENV] = secrets.token_hex(32)
     if plan.owner:
         env["GEOTRAIN_OWNER"] = plan.owner

@@ -104,3 +104,22 @@ def control_key_option(home: Path, run_id: str) -> tuple[str, str]:
 
     key = ControlKey.from_private(StateDB(home).run(run_id)["control_key"])
     return ("control_key", key.public_text())
+
+
+def member_key_of(home: Path, run_id: str, member: str) -> str:
+    """A member's private signing key, as the controller gives it to the site it launches
+    (what a test passes as SitePlan.member_key when it launches a site itself)."""
+    import json
+
+    from geotrain.state import StateDB
+
+    return json.loads(StateDB(home).run(run_id)["member_keys"])[member]
+
+
+def as_member(ctl, member: str):
+    """The run store as a node of `member` writes it, signed with that member's key: how a
+    test plays a site beside a real controller, which believes only signed site records."""
+    from geotrain.store import RunStore
+
+    return RunStore(ctl.store.url, control=ctl.store.control, site_key=None,
+                    member_key=ctl._member_key(member))

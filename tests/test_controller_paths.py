@@ -29,7 +29,7 @@ from geotrain.migrate import DRAIN_TIMEOUT_S, JOIN_TIMEOUT_S, request_site_migra
 from geotrain.recipe import Placement
 from providers import Node
 from tests.fake_controller import Ticked, tiny_run
-from tests.helpers import geotrain_cmd, geotrain_home, wait_for  # noqa: F401
+from tests.helpers import as_member, geotrain_cmd, geotrain_home, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,8 +200,8 @@ class Failing(Faked):
         out = super()._launch_spec(name, spec)
         if self.fails.get(name, 0) > 0:
             self.fails[name] -= 1
-            self.store.beat(spec.name, {"state": "failed", "error": "SyncError: CUDA out of memory"})
-            self.store.alive(spec.name, "failed", pid=1)
+            as_member(self, spec.name).beat(spec.name, {"state": "failed", "error": "SyncError: CUDA out of memory"})
+            as_member(self, spec.name).alive(spec.name, "failed", pid=1)
         return out
 
 
@@ -213,7 +213,7 @@ def test_a_failed_site_is_replaced_and_the_run_goes_on(run_id, geotrain_home, cl
             files, manifest = ctl.store.read_global(0)
             ctl.store.commit_global(3, files, manifest)
             for member in ("a", "b"):
-                ctl.store.beat(member, {"state": "done", "round": 3, "first_step_at": time.time()})
+                as_member(ctl, member).beat(member, {"state": "done", "round": 3, "first_step_at": time.time()})
     ctl.on_tick = sites_train_to_the_end
     assert ctl.run() == "succeeded"
     assert [x[0] for x in ctl.launches] == ["a", "b", "a"]
@@ -251,7 +251,7 @@ def test_no_replacements_allowed_fails_the_run_at_the_first_loss(run_id, geotrai
 def test_a_preempted_site_that_does_not_drain_is_replaced_once_the_wait_is_over(launched: Faked):
     ctl = launched
     old = ctl.cloud.holds("a")
-    ctl.store.alive("a", "preempting", pid=1)
+    as_member(ctl, "a").alive("a", "preempting", pid=1)
     ctl.tick()
     ctl.tick()  # its node is still up, within DRAIN_WAIT_S: it may still be publishing
     assert len(ctl.launches) == 2 and "a" in ctl.draining and ctl.cloud.terminated == []
@@ -292,8 +292,8 @@ def test_resume_refuses_an_unknown_a_succeeded_and_a_controlled_run(run_id, geot
 
 
 def test_resume_keeps_a_done_site_and_adopts_a_live_one(ctl: Faked):
-    ctl.store.beat("a", {"state": "done", "round": 3})
-    ctl.store.alive("b", "running", pid=2)
+    as_member(ctl, "a").beat("a", {"state": "done", "round": 3})
+    as_member(ctl, "b").alive("b", "running", pid=2)
     ctl.cloud.held.append(Node(ctl.run_id, "b", "local", "b-left-running", "running", pid=2))
     ctl.provision(adopt=True)
     assert ctl.launches == [] and ctl.nodes["a"] == []
@@ -335,7 +335,7 @@ def test_an_aborted_migration_terminates_the_new_member_and_the_old_goes_on(laun
     ctl.step()  # neither failed nor late: still joining
     assert ctl.migrating["a"]["phase"] == "joining" and ctl.events("migrate-failed") == []
     if how == "new member failed":
-        ctl.store.beat("a~1", {"state": "failed", "error": "CUDA out of memory"})
+        as_member(ctl, "a~1").beat("a~1", {"state": "failed", "error": "CUDA out of memory"})
         why = "the new member failed"
     else:
         ctl.migrating["a"]["t0"] = time.time() - JOIN_TIMEOUT_S - 1
@@ -421,7 +421,7 @@ def test_a_site_migrates_from_local_to_aws(launched: Faked, geotrain_home, monke
     [started] = ctl.events("migrate-started")
     assert started["member"] == "a~1" and started["to"]["provider"] == "aws"
     new = ctl.cloud.holds("a~1")
-    ctl.store.beat("a~1", {"state": "training", "first_step_at": time.time()})
+    as_member(ctl, "a~1").beat("a~1", {"state": "training", "first_step_at": time.time()})
     accept(ctl, 1, "a", "b")  # a round without the new member does not count
     ctl.step()
     assert ctl.migrating["a"]["phase"] == "joining"

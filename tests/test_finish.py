@@ -43,12 +43,17 @@ sites: [{name: a}, {name: b}]
 """
 
 
-def run_sites(store_url: str, train) -> tuple[dict, list, list]:
+def site_store(ctl: Controller, name: str) -> RunStore:
+    """The run store as site `name`'s nodes write it: signed with its member key."""
+    return RunStore(ctl.store.url, member_key=ctl._member_key(name))
+
+
+def run_sites(ctl: Controller, train) -> tuple[dict, list, list]:
     """Start both sites in threads; returns (results, errors, threads), filled as they end."""
     results, errors = {}, []
-    store = RunStore(store_url)
 
     def site(i: int, name: str) -> None:
+        store = site_store(ctl, name)
         try:
             stop_beats = threading.Event()
 
@@ -63,7 +68,7 @@ def run_sites(store_url: str, train) -> tuple[dict, list, list]:
             errors.append(e)
 
     for name in ("a", "b"):
-        store.alive(name, "starting")
+        site_store(ctl, name).alive(name, "starting")
     threads = [threading.Thread(target=site, args=(i, n), daemon=True) for i, n in enumerate("ab")]
     for t in threads:
         t.start()
@@ -99,9 +104,8 @@ def assert_ends_at(ctl: Controller, last: int, results: dict, errors: list) -> R
 def test_the_built_in_trainer_ends_at_the_chosen_round(tmp_path: Path, geotrain_home: Path):
     recipe = loads(BUILTIN)
     ctl = Controller(create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home), geotrain_home)
-    url = ctl.store.url
     results, errors, threads = run_sites(
-        url, lambda i, n: train_site(recipe, RunStore(url), WorkerPlace(n, i, 2, 0, 1)))
+        ctl, lambda i, n: train_site(recipe, site_store(ctl, n), WorkerPlace(n, i, 2, 0, 1)))
     last = finish_after_round_2(ctl, threads)
     store = assert_ends_at(ctl, last, results, errors)
     assert results["a"]["round"] == results["b"]["round"] == last
@@ -120,9 +124,8 @@ def test_the_built_in_trainer_ends_at_the_chosen_round(tmp_path: Path, geotrain_
 def test_a_users_own_loop_ends_at_the_chosen_round(tmp_path: Path, geotrain_home: Path):
     recipe = loads(USER)
     ctl = Controller(create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home), geotrain_home)
-    url = ctl.store.url
     results, errors, threads = run_sites(
-        url, lambda i, n: run_entrypoint(SiteContext(recipe, RunStore(url), n, i, 2, 0, 1)))
+        ctl, lambda i, n: run_entrypoint(SiteContext(recipe, site_store(ctl, n), n, i, 2, 0, 1)))
     last = finish_after_round_2(ctl, threads)
     assert_ends_at(ctl, last, results, errors)
     assert results["a"]["round"] == results["b"]["round"] == last

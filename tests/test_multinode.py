@@ -30,7 +30,7 @@ from geotrain.site.cluster import RayPorts
 from geotrain.store import RunStore, run_url
 from providers import SitePlan
 from tests.helpers import (control_key_option, geotrain_home, listening_sockets,  # noqa: F401
-                           tagged_processes, wait_for)
+                           member_key_of, tagged_processes, wait_for)
 
 RECIPE = """\
 name: multinode
@@ -45,9 +45,9 @@ sites:
 
 
 def plan_for(provider: str, store_url: str, run_id: str, ray_port: int,
-             *extra: tuple[str, str]) -> SitePlan:
+             *extra: tuple[str, str], member_key: str | None = None) -> SitePlan:
     return SitePlan(run_id, "a", provider, store_url, nodes=2, workers=1,
-                    options=(("ray_port", str(ray_port)), *extra))
+                    options=(("ray_port", str(ray_port)), *extra), member_key=member_key)
 
 
 @pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
@@ -118,7 +118,8 @@ def test_two_node_site_from_boot_script(tmp_path: Path, geotrain_home: Path):
     store = RunStore(store_url)
     token = secrets.token_hex(32)
     base = free_base_port()
-    plan = plan_for("aws", store_url, run_id, base, control_key_option(geotrain_home, run_id))
+    plan = plan_for("aws", store_url, run_id, base, control_key_option(geotrain_home, run_id),
+                    member_key=member_key_of(geotrain_home, run_id, "a"))
 
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONPATH=str(Path.cwd()))
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "GLOO_SOCKET_IFNAME"):

@@ -18,7 +18,7 @@ from geotrain.site import preemption
 from geotrain.site.notice_server import NoticeServer
 from geotrain.site.preemption import (AwsWatcher, AzureWatcher, GceWatcher, Notice, NoticeThread,
                                       watch_from_env, watcher_for)
-from tests.helpers import control_key_option, geotrain_home, http, wait_for  # noqa: F401
+from tests.helpers import control_key_option, geotrain_home, http, member_key_of, wait_for  # noqa: F401
 
 PROVIDERS = ["aws", "gcp", "azure"]
 
@@ -371,7 +371,8 @@ def test_site_agent_marks_itself_preempting_and_leaves(tmp_path, geotrain_home, 
     monkeypatch.delenv("GEOTRAIN_PROVIDER", raising=False)
     nodes = local.launch(SitePlan(run_id, "a", "local", store_url,
                                   options=(("log_dir", str(tmp_path / "logs")),
-                                           control_key_option(geotrain_home, run_id))))
+                                           control_key_option(geotrain_home, run_id)),
+                                  member_key=member_key_of(geotrain_home, run_id, "a")))
     try:
         wait_for(lambda: (store.heartbeat("a") or {}).get("state") == "training", 120)
         from geotrain import procs

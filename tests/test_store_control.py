@@ -26,15 +26,20 @@ from geotrain.store.records import Heartbeat, Liveness, parse
 pytestmark = pytest.mark.timeout(30)
 
 
+MEMBERS = {"a": ControlKey.generate(), "b": ControlKey.generate()}
+
+
 @pytest.fixture
 def parties(tmp_path: Path):
     url = "file://" + str(tmp_path / "run")
     key = ControlKey.generate()
-    operator = RunStore(url, control=key, site_key=None)
+    operator = RunStore(url, control=key, site_key=None, member_key=None)
+    operator.write_roster({m: k.public_text() for m, k in MEMBERS.items()})
     public = ControlKey.from_public(key.public_text())
-    node_a = RunStore(url, control=public, site_key=SiteKey("secret-of-a"))
-    node_a2 = RunStore(url, control=public, site_key=SiteKey("secret-of-a"))
-    intruder = RunStore(url, control=public, site_key=SiteKey("secret-of-b"))
+    node_a = RunStore(url, control=public, site_key=SiteKey("secret-of-a"), member_key=MEMBERS["a"])
+    node_a2 = RunStore(url, control=public, site_key=SiteKey("secret-of-a"), member_key=MEMBERS["a"])
+    # A node of site b: b's secret and b's member key.
+    intruder = RunStore(url, control=public, site_key=SiteKey("secret-of-b"), member_key=MEMBERS["b"])
     return operator, node_a, node_a2, intruder
 
 
@@ -128,21 +133,23 @@ def test_switch_only_signed_from_this_store_and_not_stale(parties, tmp_path: Pat
     assert (req.to, req.from_, req.at_round) == (new_url, node.url, 3)
     # The new store is not ready until the operator says so, and only the operator can.
     assert not node.follow_switch()
-    new_by_intruder = RunStore(new_url, control=intruder.control, site_key=None)
+    new_by_intruder = RunStore(new_url, control=intruder.control, site_key=None, member_key=None)
     new_by_intruder.put_json("control/switch_ready.json", {"at_round": 3, "at": time.time()})
     assert not node.follow_switch()
-    RunStore(new_url, control=operator.control, site_key=None).mark_switch_ready(3)
+    RunStore(new_url, control=operator.control, site_key=None, member_key=None).mark_switch_ready(3)
     assert not node.follow_switch(before_round=2)  # only before publishing round 3
     assert node.follow_switch(before_round=3)
     assert node.url == new_url and node.control is not None
 
     # Replayed elsewhere: the signed record names the store it moves from.
-    other = RunStore("file://" + str(tmp_path / "other"), control=node.control, site_key=None)
+    other = RunStore("file://" + str(tmp_path / "other"), control=node.control, site_key=None,
+                     member_key=None)
     other.put("control/switch.json", intruder.get("control/switch.json"))
     assert other.switch_request() is None
     # Replayed later in the old store: it already committed the round the switch named.
     operator.commit_global(3, {}, {"hash": "h"})
-    assert RunStore(operator.url, control=node.control, site_key=None).switch_request() is None
+    assert RunStore(operator.url, control=node.control, site_key=None,
+                    member_key=None).switch_request() is None
 
 
 def test_head_record_only_from_the_site_and_private(parties):
@@ -182,9 +189,48 @@ def test_a_malformed_beat_is_absent(parties, record):
 
 def test_liveness_is_kept_under_the_name_it_was_written_for(parties):
     _, node, _, intruder = parties
-    intruder.alive("a", "running", pid=1)
+    node.alive("a", "running", pid=1)
     intruder.put("sites/c/alive", intruder.get("sites/a/alive"))  # copied under another name
+    intruder.put("sites/b/alive", intruder.get("sites/a/alive"))  # a's record as b's
     assert set(node.liveness()) == {"a"}
+
+
+def test_a_member_speaks_only_for_itself(parties):
+    """Heartbeats, liveness, contribution manifests and results count only when signed
+    with the key of the member they name (the roster), whoever else writes them."""
+    operator, node, node2, intruder = parties  # intruder: a node of b, with b's key
+    node.beat("a", {"state": "training", "round": 3})
+    node.alive("a", "training", training_round=4)
+    node.put_contribution(4, "a", b"payload", {"tokens": 64})
+    node.put_result(3, "a", {"hash": "a" * 64})
+    assert node2.heartbeat("a")["round"] == 3 and node2.liveness()["a"]["training_round"] == 4
+    assert node2.contribution_meta(4, "a")["tokens"] == 64
+    assert node2.results(3)["a"]["hash"] == "a" * 64
+    assert operator.heartbeat("a")["state"] == "training"  # the controller checks them too
+
+    # b's node speaking for a: signed with b's key, so none of it is a's.
+    intruder.beat("a", {"state": "failed", "error": "forged"})
+    intruder.alive("a", "done")
+    intruder.put_contribution(4, "a", b"poison", {"tokens": 64})
+    intruder.put_result(3, "a", {"hash": "0" * 64})
+    assert node2.heartbeat("a") is None and "a" not in node2.liveness()
+    with pytest.raises(StoreError, match="not signed by a"):
+        node2.contribution_meta(4, "a")
+    assert "a" not in node2.results(3)
+    # b speaking for itself counts; a name not on the roster never does, nor a forged roster.
+    intruder.beat("b", {"state": "training"})
+    assert node2.heartbeat("b")["state"] == "training"
+    mallory = ControlKey.generate()
+    forger = RunStore(node.url, control=node.control, site_key=None, member_key=mallory)
+    forger.put_json("control/roster.json", {"members": {"mallory": mallory.public_text()}})
+    forger.beat("mallory", {"state": "training"})
+    assert node2.heartbeat("mallory") is None
+    # The controller marks a member it replaced with that member's key.
+    operator.beat("a", {"state": "replaced", "replacement": 1}, signer=MEMBERS["a"])
+    assert node2.heartbeat("a")["state"] == "replaced"
+    # A reader without the run's control key (a user's own script) trusts its store.
+    keyless = RunStore(node.url, control=None, site_key=None, member_key=None)
+    assert keyless.heartbeat("a")["state"] == "replaced" and keyless.results(3)["a"]
 
 
 def test_cli_requests_reach_the_controller_once_through_the_state_db(tmp_path: Path):

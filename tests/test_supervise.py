@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_controller import Ticked, tiny_run
-from tests.helpers import geotrain_home  # noqa: F401
+from tests.helpers import as_member, geotrain_home  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,8 +43,8 @@ def ctl(geotrain_home: Path, tmp_path: Path) -> Supervised:
 
 
 def test_a_silent_site_is_lost_and_replaced_once(ctl: Supervised):
-    ctl.store.alive("a", "running", pid=1)
-    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})
+    as_member(ctl, "a").alive("a", "running", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "training", "first_step_at": time.time()})
     ctl.tick()
     assert ctl.launches == []  # fresh beat: fine
     time.sleep(1.3)
@@ -65,8 +65,8 @@ def test_a_silent_site_is_lost_and_replaced_once(ctl: Supervised):
 
 
 def test_a_preempted_sites_record_is_not_read_as_its_replacements(ctl: Supervised):
-    ctl.store.alive("a", "preempting", pid=1)
-    ctl.store.beat("a", {"state": "preempting", "first_step_at": time.time() - 5})
+    as_member(ctl, "a").alive("a", "preempting", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "preempting", "first_step_at": time.time() - 5})
     ctl.tick()  # declared lost, draining while its node is up
     assert ctl.launches == [] and "a" in ctl.draining
     ctl.node_up["a"] = False  # it drained and left
@@ -78,8 +78,8 @@ def test_a_preempted_sites_record_is_not_read_as_its_replacements(ctl: Supervise
     assert ctl.launches == ["a"]
     assert [e["kind"] for e in ctl.store.events([])].count("site-lost") == 1
     # The replacement trains: rejoined, once.
-    ctl.store.alive("a", "running", pid=2)
-    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})
+    as_member(ctl, "a").alive("a", "running", pid=2)
+    as_member(ctl, "a").beat("a", {"state": "training", "first_step_at": time.time()})
     ctl.tick()
     ctl.tick()
     kinds = [e["kind"] for e in ctl.store.events([])]
@@ -89,13 +89,13 @@ def test_a_preempted_sites_record_is_not_read_as_its_replacements(ctl: Supervise
 def test_a_failed_site_is_lost_and_replaced_not_the_run_failed(ctl: Supervised):
     """Its own failure (a SyncError, a crash in its trainer) makes a site lost,
     like a silent one: replaced once its agent has left, the others go on."""
-    ctl.store.alive("a", "running", pid=1)
-    ctl.store.beat("a", {"state": "failed", "error": "SyncError: round 2: no decision"})
+    as_member(ctl, "a").alive("a", "running", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "failed", "error": "SyncError: round 2: no decision"})
     ctl.tick()  # declared lost at once; its agent is still writing its last records
     [lost] = [e for e in ctl.store.events([]) if e["kind"] == "site-lost"]
     assert lost["site"] == "a" and lost["reason"] == "failed: SyncError: round 2: no decision"
     assert ctl.launches == [] and "a" in ctl.failing
-    ctl.store.alive("a", "failed", pid=1)  # the agent's last write: it has left
+    as_member(ctl, "a").alive("a", "failed", pid=1)  # the agent's last write: it has left
     ctl.tick()
     assert ctl.launches == ["a"] and "a" not in ctl.failing
     assert ctl.store.liveness()["a"]["state"] == "replaced"
@@ -105,8 +105,8 @@ def test_a_failed_site_is_lost_and_replaced_not_the_run_failed(ctl: Supervised):
 
 
 def test_a_failed_site_whose_node_is_gone_is_replaced_at_once(ctl: Supervised):
-    ctl.store.alive("a", "running", pid=1)
-    ctl.store.beat("a", {"state": "failed", "error": "boom"})
+    as_member(ctl, "a").alive("a", "running", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "failed", "error": "boom"})
     ctl.node_up["a"] = False
     ctl.tick()
     assert ctl.launches == ["a"]
@@ -115,26 +115,26 @@ def test_a_failed_site_whose_node_is_gone_is_replaced_at_once(ctl: Supervised):
 
 
 def test_the_replacement_is_not_judged_by_the_old_failed_heartbeat(ctl: Supervised):
-    ctl.store.alive("a", "failed", pid=1)
-    ctl.store.beat("a", {"state": "failed", "error": "merger thread crashed", "first_step_at": time.time() - 5})
+    as_member(ctl, "a").alive("a", "failed", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "failed", "error": "merger thread crashed", "first_step_at": time.time() - 5})
     ctl.tick()
     assert ctl.launches == ["a"]
     for _ in range(3):  # the replacement boots: nothing of the old agent is read as its own
         ctl.tick()
     assert ctl.launches == ["a"]
-    ctl.store.beat("a", {"state": "starting", "pid": 2})
-    ctl.store.alive("a", "starting", pid=2)
+    as_member(ctl, "a").beat("a", {"state": "starting", "pid": 2})
+    as_member(ctl, "a").alive("a", "starting", pid=2)
     ctl.tick()
-    ctl.store.alive("a", "running", pid=2)
-    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})
+    as_member(ctl, "a").alive("a", "running", pid=2)
+    as_member(ctl, "a").beat("a", {"state": "training", "first_step_at": time.time()})
     ctl.tick()
     ctl.tick()
     kinds = [e["kind"] for e in ctl.store.events([])]
     assert ctl.launches == ["a"]
     assert (kinds.count("site-lost"), kinds.count("site-replaced"), kinds.count("site-rejoined")) == (1, 1, 1)
     # The new agent fails in its turn: lost again, with its own error.
-    ctl.store.beat("a", {"state": "failed", "error": "second error"})
-    ctl.store.alive("a", "failed", pid=2)
+    as_member(ctl, "a").beat("a", {"state": "failed", "error": "second error"})
+    as_member(ctl, "a").alive("a", "failed", pid=2)
     ctl.tick()
     assert ctl.launches == ["a", "a"]
     lost = [e["reason"] for e in ctl.store.events([]) if e["kind"] == "site-lost"]
@@ -144,8 +144,8 @@ def test_the_replacement_is_not_judged_by_the_old_failed_heartbeat(ctl: Supervis
 def test_a_failed_agent_that_does_not_leave_is_replaced_after_the_wait(ctl: Supervised):
     from geotrain.controller import DRAIN_WAIT_S
 
-    ctl.store.alive("a", "running", pid=1)
-    ctl.store.beat("a", {"state": "failed", "error": "stuck"})
+    as_member(ctl, "a").alive("a", "running", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "failed", "error": "stuck"})
     ctl.tick()
     ctl.tick()
     assert ctl.launches == []
@@ -156,8 +156,8 @@ def test_a_failed_agent_that_does_not_leave_is_replaced_after_the_wait(ctl: Supe
 
 def test_a_failure_reported_only_in_liveness_takes_its_reason_from_the_sites_events(ctl: Supervised):
     ctl.store.event("a", "failed", "RuntimeError: size mismatch")
-    ctl.store.beat("a", {"state": "training", "first_step_at": time.time()})  # a worker's late beat
-    ctl.store.alive("a", "failed", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "training", "first_step_at": time.time()})  # a worker's late beat
+    as_member(ctl, "a").alive("a", "failed", pid=1)
     ctl.tick()
     assert ctl.launches == ["a"]
     [lost] = [e for e in ctl.store.events([]) if e["kind"] == "site-lost"]

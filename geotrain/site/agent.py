@@ -267,11 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             fatal(str(e))
             return FATAL_EXIT
         log.info("private address from the metadata service: %s", a.host)
-    from geotrain.store.control import CONTROL_KEY_ENV, SITE_SECRET_ENV
+    from geotrain.store.control import CONTROL_KEY_ENV, MEMBER_KEY_ENV, SITE_SECRET_ENV
 
-    # What this node checks the controller's records with, and the secret its site's
-    # nodes share: both in the boot data, never in the store.
-    missing = [n for n in (CONTROL_KEY_ENV, SITE_SECRET_ENV) if not os.environ.get(n)]
+    # What this node checks the controller's records with, what it signs its own with,
+    # and the secret its site's nodes share: all in the boot data, never in the store.
+    missing = [n for n in (CONTROL_KEY_ENV, MEMBER_KEY_ENV, SITE_SECRET_ENV)
+               if not os.environ.get(n)]
     if missing:
         fatal(f"{' and '.join(missing)} not set: a site agent runs only as launched by "
               "geotrain (its boot data carries them)")

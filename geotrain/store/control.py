@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from geotrain.errors import GeotrainError
 
 CONTROL_KEY_ENV = "GEOTRAIN_CONTROL_KEY"  # base64 of the run's 32-byte Ed25519 public key
+MEMBER_KEY_ENV = "GEOTRAIN_MEMBER_KEY"    # base64 of this member's Ed25519 private key (a secret)
 SITE_SECRET_ENV = "RAY_AUTH_TOKEN"        # the site's Ray token: its nodes' shared secret
 VERSION = 1
 
@@ -80,8 +81,9 @@ def _envelope(record: Any, kind: str, proof: str) -> tuple[dict, bytes]:
 
 
 class ControlKey:
-    """The run's control key: sign (with the private half, on the operator's
-    machine) and verify (with the public half, anywhere)."""
+    """An Ed25519 key: the run's control key (its private half on the operator's
+    machine only) or a member's key (its private half on that member's nodes only,
+    geotrain/store/roster.py). Signs with the private half, verifies with the public."""
 
     def __init__(self, public: Ed25519PublicKey, private: Ed25519PrivateKey | None = None):
         self.public, self.private = public, private
@@ -101,10 +103,13 @@ class ControlKey:
         return cls(Ed25519PublicKey.from_public_bytes(_unb64(text, 32, "control public key")))
 
     @classmethod
-    def from_env(cls) -> ControlKey | None:
-        """The public key a node was booted with, or None outside a site."""
-        text = os.environ.get(CONTROL_KEY_ENV)
-        return cls.from_public(text) if text else None
+    def from_env(cls, name: str = CONTROL_KEY_ENV, private: bool = False) -> ControlKey | None:
+        """The key a node was booted with (the run's public control key, or with
+        `private` its member key), or None outside a site."""
+        text = os.environ.get(name)
+        if not text:
+            return None
+        return cls.from_private(text) if private else cls.from_public(text)
 
     def private_text(self) -> str:
         if self.private is None:

@@ -8,6 +8,7 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/control/finish.json          the run's last round, asked by `geotrain finish` (signed)
     <run>/control/switch.json          move to another store from a round on (signed)
     <run>/control/switch_ready.json    in the new store: it holds every earlier round (signed)
+    <run>/control/roster.json          every member's public key (signed; geotrain/store/roster.py)
     <run>/global/<round>/              model.safetensors, outer.safetensors (every
                                        sync.state_every rounds and the last; between,
                                        only the hash), manifest.json, then COMMITTED (last)
@@ -29,7 +30,8 @@ Every node of every site can write all of it, so what is read is untrusted:
 records are parsed into the typed models of geotrain/store/records.py (one
 that does not parse is absent), and what changes the run counts only with the
 proof of geotrain/store/control.py — the run's control key (on a node: its
-public half, from the boot data) or the site's own secret. A reader with no
+public half, from the boot data) or the site's own secret; what a member says
+of itself (heartbeat, liveness, manifests, results) only with its own key. A reader with no
 key (a user's own script, the operator's tools) trusts its store.
 
 Multi-object units (a global round, a contribution) are written data first
@@ -49,10 +51,12 @@ from typing import Any
 
 from geotrain.errors import StoreError
 from geotrain.store import records
-from geotrain.store.control import ControlKey, ForgedRecord, SiteKey, unwrap
+from geotrain.store import roster
+from geotrain.store.control import MEMBER_KEY_ENV, ControlKey, ForgedRecord, SiteKey, unwrap
 from geotrain.store.objects import ObjectStore, join, round_key, sha256
 from geotrain.store.records import (Command, FinishRecord, HeadRecord, Heartbeat, Liveness,
                                     SwitchReady, SwitchRecord)
+from geotrain.store.roster import Roster
 
 _ENV = object()  # RunStore's default for keys: the node's own, from its environment
 
@@ -68,11 +72,34 @@ class RunStore(ObjectStore):
     """
 
     def __init__(self, url: str, *, control: ControlKey | None | object = _ENV,
-                 site_key: SiteKey | None | object = _ENV, **kwargs: Any):
+                 site_key: SiteKey | None | object = _ENV,
+                 member_key: ControlKey | None | object = _ENV, **kwargs: Any):
         super().__init__(url, **kwargs)
         self._kwargs = kwargs
         self.control = ControlKey.from_env() if control is _ENV else control
         self.site_key = SiteKey.from_env() if site_key is _ENV else site_key
+        self.member_key = ControlKey.from_env(MEMBER_KEY_ENV, private=True) \
+            if member_key is _ENV else member_key
+        self.roster = Roster(self)
+
+    def _keys(self) -> dict[str, Any]:
+        return {"control": self.control, "site_key": self.site_key, "member_key": self.member_key}
+
+    def _by_member(self, kind: str, body: dict, signer: ControlKey | None = None) -> dict:
+        """`body` signed with this node's member key (or `signer`'s); plain without one."""
+        signer = signer or self.member_key
+        return body if signer is None else signer.sign(kind, body)
+
+    def _from_member(self, raw: Any, kind: str, member: str, where: str) -> Any:
+        """The body of a record `member` signed (roster.py); a reader without the run's
+        control key trusts its store and takes any record as it is."""
+        if self.control is None:
+            return unwrap(raw, kind)
+        return self.roster.open(raw, kind, member, where)
+
+    def write_roster(self, members: dict[str, str]) -> None:
+        """The run's members and their public keys (the controller, signed)."""
+        self.put_json(roster.KEY, self._signed("roster", {"members": members, "at": time.time()}))
 
     def _opened(self, key: str, kind: str, by: str = "control") -> Any:
         """The body of a signed record at `key`, None if absent; a record whose proof does
@@ -187,7 +214,8 @@ class RunStore(ObjectStore):
         base = f"rounds/{round_key(r)}/{site}"
         self.put(f"{base}.bin", payload)
         manifest = dict(meta, round=r, site=site, sha256=sha256(payload), bytes=len(payload))
-        self.put_json(f"{base}.json", manifest)  # the marker: payload is complete
+        # The marker (the payload is complete), signed with the member's key.
+        self.put_json(f"{base}.json", self._by_member("contribution", manifest))
         return manifest
 
     def contributions(self, r: int) -> list[str]:
@@ -196,15 +224,20 @@ class RunStore(ObjectStore):
         return [n[:-5] for n in names if n.endswith(".json") and not n.startswith("_")]
 
     def read_contribution(self, r: int, site: str) -> tuple[bytes, dict]:
-        base = f"rounds/{round_key(r)}/{site}"
-        manifest = self.get_json(f"{base}.json")
-        payload = self.get(f"{base}.bin")
-        if sha256(payload) != manifest["sha256"]:
+        manifest = self.contribution_meta(r, site)
+        payload = self.contribution_payload(r, site)
+        if sha256(payload) != manifest.get("sha256"):
             raise StoreError(f"store: checksum mismatch in contribution of {site} to round {r}")
         return payload, manifest
 
     def contribution_meta(self, r: int, site: str) -> dict:
-        return self.get_json(f"rounds/{round_key(r)}/{site}.json")
+        """A contribution's manifest, signed by the member it names; StoreError if not."""
+        key = f"rounds/{round_key(r)}/{site}.json"
+        body = self._from_member(self.get_json(key), "contribution", site, key)
+        if not isinstance(body, dict) or body.get("site", site) != site or \
+                body.get("round", r) != r:
+            raise StoreError(f"store: the manifest {key} is not signed by {site} for round {r}")
+        return body
 
     def contribution_payload(self, r: int, site: str) -> bytes:
         """The payload as stored now (checked by whoever uses it against a sha256)."""
@@ -244,28 +277,40 @@ class RunStore(ObjectStore):
             return None
 
     def put_result(self, r: int, site: str, result: dict) -> None:
-        self.put_json(f"rounds/{round_key(r)}/results/{site}.json", dict(result, site=site, round=r))
+        self.put_json(f"rounds/{round_key(r)}/results/{site}.json",
+                      self._by_member("result", dict(result, site=site, round=r)))
 
     def results(self, r: int) -> dict[str, dict]:
-        base = f"rounds/{round_key(r)}/results"
-        out = {n[:-5]: self._json_or_none(f"{base}/{n}") for n in self.listdir(base)
-               if n.endswith(".json")}
-        return {s: v for s, v in out.items() if isinstance(v, dict)}
+        """The hash each member says it ended round r with: signed by that member."""
+        base, out = f"rounds/{round_key(r)}/results", {}
+        for n in self.listdir(base):
+            if n.endswith(".json"):
+                key = f"{base}/{n}"
+                v = self._from_member(self._json_or_none(key), "result", n[:-5], key)
+                if isinstance(v, dict) and v.get("site", n[:-5]) == n[:-5] and v.get("round", r) == r:
+                    out[n[:-5]] = v
+        return out
 
     # -- sites: heartbeats, liveness, commands, events -----------------------------------
 
-    def beat(self, site: str, beat: dict) -> None:
-        self.put_json(f"sites/{site}/heartbeat", dict(beat, site=site, at=time.time()))
+    def beat(self, site: str, beat: dict, signer: ControlKey | None = None) -> None:
+        """The site's heartbeat, signed with its member key (`signer`: the controller
+        marking a member it replaced, with that member's key)."""
+        self.put_json(f"sites/{site}/heartbeat",
+                      self._by_member("heartbeat", dict(beat, site=site, at=time.time()), signer))
 
     def heartbeat(self, site: str) -> dict | None:
-        """A site's last heartbeat, validated (records.Heartbeat), or None."""
+        """A site's last heartbeat, signed by it and validated (records.Heartbeat), or None."""
         key = f"sites/{site}/heartbeat"
-        return records.as_dict(records.parse(Heartbeat, self._json_or_none(key), key))
+        raw = self._json_or_none(key)
+        body = None if raw is None else self._from_member(raw, "heartbeat", site, key)
+        return records.as_dict(records.parse(Heartbeat, body, key))
 
-    def alive(self, site: str, state: str, **info: Any) -> None:
+    def alive(self, site: str, state: str, signer: ControlKey | None = None, **info: Any) -> None:
         """Liveness, written every second or so by a site's agent (and by DiLoCo
-        when it runs outside an agent): who is there and in what state."""
-        self.put_json(f"sites/{site}/alive", dict(info, site=site, state=state, at=time.time()))
+        when it runs outside an agent): who is there and in what state. Signed as beat()."""
+        self.put_json(f"sites/{site}/alive", self._by_member(
+            "alive", dict(info, site=site, state=state, at=time.time()), signer))
 
     def liveness(self) -> dict[str, dict]:
         """Every site's last liveness record (age = time.time() - record['at']),
@@ -273,7 +318,9 @@ class RunStore(ObjectStore):
         out = {}
         for name in self.listdir("sites"):
             key = f"sites/{name}/alive"
-            rec = records.parse(Liveness, self._json_or_none(key), key)
+            raw = self._json_or_none(key)
+            body = None if raw is None else self._from_member(raw, "alive", name, key)
+            rec = records.parse(Liveness, body, key)
             if rec is not None and rec.site == name:
                 out[name] = records.as_dict(rec)
         return out
@@ -347,7 +394,7 @@ class RunStore(ObjectStore):
     def switch(self, url: str) -> None:
         """Point this object at another copy of the run store, in place, so every
         component of a process that shares it follows at once."""
-        self.__init__(url, control=self.control, site_key=self.site_key, **self._kwargs)
+        self.__init__(url, **self._keys(), **self._kwargs)
 
     def request_switch(self, to: str, at_round: int) -> None:
         """Ask every site to publish round `at_round` and later to the store at `to`."""
@@ -390,7 +437,7 @@ class RunStore(ObjectStore):
         req = self.switch_request()
         if not req or (before_round is not None and before_round < req.at_round):
             return False
-        target = RunStore(req.to, control=self.control, site_key=self.site_key, **self._kwargs)
+        target = RunStore(req.to, **self._keys(), **self._kwargs)
         while not target.switch_ready(req.at_round):
             if not wait or should_stop():
                 return False

@@ -1,0 +1,61 @@
+"""The run's members and their public keys: `control/roster.json`, signed with the
+run's control key, which the controller rewrites whenever a member joins (a
+launch, a migrated member `name~k`).
+
+Each member (a recipe site, or a migrated one) has its own Ed25519 key, made by
+the controller; its private half reaches only that member's nodes, in their
+boot data (`GEOTRAIN_MEMBER_KEY`). What a member says about itself — its
+heartbeat and liveness, its contributions' manifests, the hash it ended a
+round with — counts only when signed with its key, so no other writer of the
+store can speak for it (geotrain/store/control.py has the envelope).
+
+A reader keeps the last roster that verified; it reads the store again only
+when it meets a member it does not know (at most every REFRESH_S), so a roster
+later removed or overwritten by a forger changes nothing it already knows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from geotrain.store import records
+from geotrain.store.control import ControlKey, ForgedRecord
+
+KEY = "control/roster.json"
+REFRESH_S = 2.0
+
+
+class Roster:
+    def __init__(self, store) -> None:
+        self.store = store
+        self._keys: dict[str, ControlKey] = {}
+        self._read_at = -REFRESH_S
+        self._lock = threading.Lock()
+
+    def key(self, member: str) -> ControlKey | None:
+        with self._lock:
+            if member not in self._keys and time.monotonic() - self._read_at >= REFRESH_S:
+                self._read_at = time.monotonic()
+                body = self.store._opened(KEY, "roster")
+                members = body.get("members") if isinstance(body, dict) else None
+                if isinstance(members, dict):
+                    for name, text in members.items():
+                        try:
+                            self._keys.setdefault(name, ControlKey.from_public(text))
+                        except (ForgedRecord, ValueError, TypeError):
+                            records.report(KEY, f"{name!r} has no valid key")
+            return self._keys.get(member)
+
+    def open(self, raw: Any, kind: str, member: str, where: str) -> Any:
+        """The body of `raw` if `member` signed it as a `kind` record; else None (reported)."""
+        key = self.key(member)
+        if key is None:
+            records.report(where, f"{member!r} is not on the run's roster")
+            return None
+        try:
+            return key.open(raw, kind)
+        except ForgedRecord as e:
+            records.report(where, f"not signed by {member}: {e}")
+            return None
