@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -81,10 +82,24 @@ def preflight(recipe: Recipe, recipe_path: str) -> None:
         bundle.prepare(recipe, recipe_path)
 
 
-def run_info(run_id: str, recipe: Recipe, url: str, created_at: float) -> dict:
-    """What run.json holds: the sites read their recipe (roster, data, code) from it."""
+def run_info(run_id: str, recipe: Recipe, url: str, created_at: float,
+             initial: str | None) -> dict:
+    """What run.json holds: the sites read their recipe (roster, data, code) from it, and
+    the hash of round 0's model (the built-in trainer's; a user's entrypoint commits its
+    own), so that round 0 too is what the operator signed."""
     return {"id": run_id, "name": recipe.name, "created_at": created_at, "version": __version__,
-            "recipe": recipe.to_dict(), "members": [s.name for s in recipe.sites], "store": url}
+            "recipe": recipe.to_dict(), "members": [s.name for s in recipe.sites], "store": url,
+            "initial_hash": initial}
+
+
+def initial_hash(recipe: Recipe) -> str | None:
+    """The params hash of the built-in trainer's round-0 model (None with an entrypoint)."""
+    if recipe.train.entrypoint:
+        return None
+    from geotrain.sync.diloco import params_hash
+    from geotrain.train.trainer import initial_state
+
+    return params_hash(initial_state(recipe))
 
 
 def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> str:
@@ -100,11 +115,12 @@ def create_run(recipe: Recipe, recipe_path: str, home: Path | None = None) -> st
     key = ControlKey.generate()
     store = RunStore(url, control=key, site_key=None)
     members = [s.name for s in recipe.sites]
-    store.write_run(run_info(run_id, recipe, url, time.time()))
-    if not recipe.train.entrypoint:  # a user's own model commits its round 0 from the sites
-        params = initial_state(recipe)
+    params = None if recipe.train.entrypoint else initial_state(recipe)  # a user's model:
+    digest = None if params is None else params_hash(params)  # the sites commit round 0
+    store.write_run(run_info(run_id, recipe, url, time.time(), digest))
+    if params is not None:
         store.commit_global(0, {"model.safetensors": encode(params)},
-                            {"hash": params_hash(params), "members": members})
+                            {"hash": digest, "members": members})
     db = StateDB(home)
     db.add_run(run_id, recipe.name, recipe_path, recipe.to_dict(), url, recipe.train.rounds,
                [{"name": s.name, "provider": s.provider, "region": s.region} for s in recipe.sites])
@@ -143,16 +159,16 @@ def control_key(db: StateDB, row: dict) -> ControlKey:
     return key
 
 
-def signed_run_json(store: RunStore, info: dict) -> bytes | None:
+def signed_run_json(store: RunStore, info: Callable[[], dict]) -> bytes | None:
     """run.json's bytes if the store's control key signed them; else None, after writing
-    `info` there, signed (run.json was changed in the store, or is from before runs
+    `info()` there, signed (run.json was changed in the store, or is from before runs
     were signed)."""
     try:
         raw = store.get("run.json")
         store.control.open(json.loads(raw), "run")
         return raw
     except (FileNotFoundError, ValueError, ForgedRecord):
-        store.write_run(info)
+        store.write_run(info())
         return None
 
 
@@ -342,8 +358,8 @@ class Kept:
                        "signed; put it back", key=key)
 
     def _verified_run_json(self, row: dict) -> bytes:
-        raw = signed_run_json(self.store, run_info(self.run_id, self.recipe, row["store"],
-                                                   row["created_at"]))
+        raw = signed_run_json(self.store, lambda: run_info(
+            self.run_id, self.recipe, row["store"], row["created_at"], initial_hash(self.recipe)))
         if raw is None:
             self.event("restored", "run.json in the run store was not signed with this run's "
                        "control key; rewrote it from the state db", key="run.json")

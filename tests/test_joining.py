@@ -86,3 +86,17 @@ def test_results_from_non_members_or_malformed_do_not_vote(trained, tmp_path):
     # A tie between members is no agreement: the joiner looks further back.
     copy.put_result(3, "a", {"hash": "1" * 64})
     assert "ended it with" in state_problem(copy, 3, hashes[3], manifest, member)
+
+
+def test_round_zero_must_be_the_model_the_run_was_launched_with(trained):
+    url, _ = trained
+    store = RunStore(url)
+    files, manifest = store.read_global(0)
+    digest = manifest["hash"]
+    member = lambda s: s in ("a", "b")  # noqa: E731
+    assert state_problem(store, 0, digest, manifest, member, initial_hash=digest) is None
+    # A round 0 rewritten consistently (manifest and model agree) is still not the signed one.
+    why = state_problem(store, 0, "1" * 64, dict(manifest, hash="1" * 64), member, initial_hash=digest)
+    assert "the run was launched with" in why
+    # Without a signed hash (a user's entrypoint commits its own round 0): its manifest only.
+    assert state_problem(store, 0, "1" * 64, dict(manifest, hash="1" * 64), member) is None

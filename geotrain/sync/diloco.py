@@ -225,7 +225,8 @@ class DiLoCo:
                 files, manifest = store.read_global(r)
                 params = decode(files["model.safetensors"])
                 momentum = decode(files["outer.safetensors"]) if "outer.safetensors" in files else {}
-                why = state_problem(store, r, params_hash(params), manifest, self.exchange.is_member)
+                why = state_problem(store, r, params_hash(params), manifest, self.exchange.is_member,
+                                    self.exchange.initial_hash)
             except (StoreError, KeyError, ValueError, RuntimeError) as e:  # unreadable: as bad
                 why = f"unreadable ({str(e)[:200]})"
             if why is None:

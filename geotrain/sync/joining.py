@@ -13,7 +13,8 @@ adopting it the site checks it:
 A commit that fails is reported (a `rejected-state` event) and the next older
 one is tried; the rounds between are then replayed from their decisions and
 contributions, each re-checked as any merge is. Round 0, which no site merges,
-has only its own hash to go by. What this does not stop: a writer who rewrites
+must have the hash the signed run.json names (the built-in trainer's model; a
+user's entrypoint commits its own round 0, which has only its manifest). What this does not stop: a writer who rewrites
 a commit *and* every site's result for it (results are not signed per site;
 docs/security.md).
 """
@@ -30,9 +31,12 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def state_problem(store, r: int, digest: str, manifest: dict,
-                  is_member: Callable[[str], bool]) -> str | None:
+                  is_member: Callable[[str], bool], initial_hash: str | None = None) -> str | None:
     """Why the state committed for round r (whose params hash to `digest`) must not be
-    adopted, or None."""
+    adopted, or None. `initial_hash`: round 0's hash as the signed run.json gives it."""
+    if r == 0 and initial_hash is not None and digest != initial_hash:
+        return f"its model hashes to {digest[:12]}, not to the {initial_hash[:12]} the run was " \
+               "launched with (run.json)"
     if manifest.get("hash") != digest:
         return f"its model hashes to {digest[:12]}, not to the {str(manifest.get('hash'))[:12]} " \
                "its manifest records"

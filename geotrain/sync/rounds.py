@@ -126,8 +126,10 @@ class RoundExchange:
                  window_s: float = 600.0, join_wait_s: float = 60.0, liveness_s: float = 4.0,
                  reject_norm_factor: float = 10.0, lookback: int = 3, poll_s: float = 0.05,
                  takeover_s: float = 10.0, state_every: int = 1, final_round: int | None = None,
-                 roster: Iterable[str] | None = None, max_tokens: Mapping[str, float] | None = None):
+                 roster: Iterable[str] | None = None, max_tokens: Mapping[str, float] | None = None,
+                 initial_hash: str | None = None):
         self.store, self.site = store, site
+        self.initial_hash = initial_hash  # round 0's, from the signed run.json (joining.py)
         # The run's sites (the recipe's names): only they and their migrated
         # members `name~k` (k >= 1) may contribute; None: anyone (a user's script).
         self.roster = None if roster is None else frozenset(roster)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from geotrain.errors import StoreError
 from geotrain.recipe import Recipe
 from geotrain.store import RunStore
 from geotrain.sync import compression
@@ -99,7 +100,17 @@ def make_exchange(recipe: Recipe, store: RunStore, site: str,
                          join_wait_s=s.join_wait_s, liveness_s=s.liveness_timeout_s,
                          reject_norm_factor=s.reject_norm_factor, state_every=s.state_every,
                          final_round=recipe.train.rounds,
-                         roster=[x.name for x in recipe.sites], max_tokens=max_tokens)
+                         roster=[x.name for x in recipe.sites], max_tokens=max_tokens,
+                         initial_hash=_initial_hash(store))
+
+
+def _initial_hash(store: RunStore) -> str | None:
+    """Round 0's hash as run.json (signed by the operator) names it; None without one."""
+    try:
+        value = store.read_run().get("initial_hash")
+    except StoreError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
