@@ -17,7 +17,8 @@ import threading
 import time
 
 from geotrain.site.notice_server import PROVIDERS, NoticeServer
-from geotrain.site.preemption import GceWatcher, NoticeThread, watcher_for
+from geotrain.site.preemption import NoticeThread, watcher_for
+from providers.gcp.watcher import GceWatcher
 
 
 def trial(provider: str, rng: random.Random) -> float:

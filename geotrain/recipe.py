@@ -26,11 +26,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo
 from pydantic import field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from geotrain.errors import RecipeError
+from providers.aws import options as aws_options
+from providers.aws.options import AwsOptions
+from providers.azure import options as azure_options
+from providers.azure.options import AzureOptions
+from providers.gcp import options as gcp_options
+from providers.gcp.options import GcpOptions
+from providers.options import PATTERN_HINTS, OptionsSpec, invalid
 
 SLUG = r"^[a-z0-9][a-z0-9-]*$"
 STORE_SCHEMES = ("file", "s3", "gs", "az")
@@ -58,17 +64,14 @@ def default_home() -> Path:
     return Path(os.environ.get("GEOTRAIN_HOME") or "~/.geotrain").expanduser().absolute()
 
 
-def _invalid(message: str, *at: str | int) -> PydanticCustomError:
-    """A validation error at `at`, a path below the validated model's own location."""
-    return PydanticCustomError("geotrain", message, {"at": at})
+_invalid = invalid  # a validation error at a path below the model's own location
 
 
 def _base_dir(info: ValidationInfo) -> Path:
     return Path((info.context or {}).get("base_dir") or Path.cwd()).absolute()
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+_Spec = OptionsSpec  # every section: extra keys refused, frozen, no inf/nan
 
 
 class ModelSpec(_Spec):
@@ -270,132 +273,10 @@ PROVIDER_NAMES = ("local", "aws", "gcp", "azure")
 Provider = Literal["local", "aws", "gcp", "azure"]
 GPU_REQ = r"^[A-Za-z0-9]+(:[1-9][0-9]*)?$"
 
-# Identifiers the provider options accept, each with the message a mismatch gets.
-AWS_SUBNET = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$"
-AWS_AMI = r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$"
-AWS_PROFILE = r"^(arn:aws[a-z-]*:iam::[0-9]{12}:instance-profile/[A-Za-z0-9_+=,.@/-]+|[A-Za-z0-9_+=,.@-]+)$"
-GCP_ACCOUNT = r"^(default|[a-z0-9][a-z0-9._-]*@[a-z0-9.-]+\.[a-z]+)$"
-GCP_ACCELERATOR = r"^[a-z0-9-]+(:[1-9][0-9]*)?$"
-AZURE_ID = r"^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
-AZURE_IDENTITY = (r"(?i)^(system|/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
-                  r"Microsoft\.ManagedIdentity/userAssignedIdentities/[^/\s]+)$")
-AZURE_SUBNET = (r"(?i)^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
-                r"Microsoft\.Network/virtualNetworks/[^/\s]+/subnets/[^/\s]+$")
-AZURE_IMAGE = r"(?i)^([^:/\s]+:[^:/\s]+:[^:/\s]+:[^:/\s]+|/subscriptions/[^/\s]+/resourceGroups/\S+)$"
-_PATTERN_HINTS = {
-    AWS_SUBNET: "expected a subnet id, 'subnet-' and 8 or 17 hex digits, e.g. "
-                "'subnet-0123456789abcdef0'",
-    AWS_AMI: "expected an AMI id, 'ami-' and 8 or 17 hex digits, e.g. 'ami-0123456789abcdef0'",
-    AWS_PROFILE: "expected an IAM instance profile name, e.g. 'geotrain-node', or its ARN",
-    GCP_ACCOUNT: "expected a service account email, e.g. "
-                 "'geotrain-node@PROJECT.iam.gserviceaccount.com'",
-    GCP_ACCELERATOR: "expected 'TYPE[:COUNT]', e.g. 'nvidia-tesla-t4:2'",
-    AZURE_IDENTITY: "expected 'system' or the resource id of a user-assigned managed identity, "
-                    "'/subscriptions/SUB/resourceGroups/RG/providers/Microsoft.ManagedIdentity/"
-                    "userAssignedIdentities/NAME'",
-    AZURE_SUBNET: "expected a subnet's resource id, '/subscriptions/SUB/resourceGroups/RG/"
-                  "providers/Microsoft.Network/virtualNetworks/VNET/subnets/NAME'",
-    AZURE_IMAGE: "expected a marketplace image 'publisher:offer:sku:version' or an image's "
-                 "resource id '/subscriptions/…'",
-}
-STORE_CREDENTIALS = (
-    "Cross-cloud store access for a run store on another cloud than this placement: for a gs:// "
-    "store the path of a GCP workload-identity-federation credential config (no key in it), for "
-    "an s3:// store the ARN of an AWS role the node assumes by web identity, for an az:// store "
-    "the client id of an Azure app with a federated credential. Required by `geotrain launch` "
-    "when the store is on another cloud. Used on the node so far only by a GCP node writing an "
-    "s3:// store (it assumes the role with its service account's identity token); other "
-    "combinations are checked here but their nodes stop at boot saying it is not supported yet.")
-
-
-def _disk(default: int) -> Any:
-    return Field(default, ge=8, le=65536, description="Boot disk size in GB.")
-
-
-def _public_ip() -> Any:
-    return Field(False, description="Give each node a public IP. Off by default: nodes reach the "
-                 "store and package mirrors outbound (NAT / default outbound access) and nothing "
-                 "reaches them; no port is opened either way.")
-
-
-class AwsOptions(_Spec):
-    """How AWS nodes are made: their identity, network, image and disk (recipe key `aws`)."""
-
-    instance_profile: str | None = Field(
-        None, pattern=AWS_PROFILE, max_length=2048, description="IAM instance profile (name or ARN) the nodes run "
-        "as; it must allow the run store's bucket (infra/aws/README.md: 'geotrain-node'). "
-        "Required for an s3:// store.")
-    subnets: list[Annotated[str, Field(pattern=AWS_SUBNET)]] = Field(
-        [], description="Subnet ids to launch into, tried in the order of `zones` (one per zone); "
-        "empty: the default VPC's default subnets. Regional: needs the placement's `region`.")
-    image: str | None = Field(None, pattern=AWS_AMI, description="AMI id; default the newest AWS "
-                              "Deep Learning AMI (PyTorch, Ubuntu 22.04). Regional: needs the "
-                              "placement's `region`.")
-    disk_gb: int = _disk(100)
-    public_ip: bool = _public_ip()
-    store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
-
-
-class GcpOptions(_Spec):
-    """How GCP nodes are made: their service account, network, image and disk (recipe key `gcp`)."""
-
-    service_account: str | None = Field(
-        None, pattern=GCP_ACCOUNT, description="Service account email the nodes run as, with the "
-        "single scope devstorage.read_write (infra/gcp/README.md: 'geotrain-node@PROJECT.iam."
-        "gserviceaccount.com'); none: the nodes get no service account. Required for a gs:// "
-        "store.")
-    network: str | None = Field(None, min_length=1, description="VPC network, e.g. "
-                                "'global/networks/geotrain'; default 'global/networks/default'.")
-    subnetwork: str | None = Field(None, min_length=1, description="Subnetwork, e.g. "
-                                   "'regions/us-central1/subnetworks/geotrain'. Regional: needs "
-                                   "the placement's `region`.")
-    image: str | None = Field(None, min_length=1, description="Boot image or image family, e.g. "
-                              "'projects/P/global/images/family/F'; default the Deep Learning VM "
-                              "family pytorch-latest-gpu.")
-    accelerator: str | None = Field(None, pattern=GCP_ACCELERATOR, description="GPUs to attach "
-                                    "to N1 machine types, 'TYPE[:COUNT]' (COUNT defaults to "
-                                    "`workers`); A2/A3/A4/G2 types carry theirs.")
-    disk_gb: int = _disk(100)
-    public_ip: bool = _public_ip()
-    store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
-
-
-class AzureOptions(_Spec):
-    """How Azure VMs are made: their identity, network, image and disk (recipe key `azure`)."""
-
-    identity: str | None = Field(
-        None, pattern=AZURE_IDENTITY, description="Managed identity of the VMs: 'system' (a "
-        "system-assigned identity per VM) or the resource id of a user-assigned identity that "
-        "holds Storage Blob Data Contributor on the run container (infra/azure/README.md). "
-        "Required for an az:// store.")
-    store_scope: str | None = Field(
-        None, pattern=AZURE_ID, description="Resource id of the run store's container; with "
-        "identity 'system', launch grants each VM's identity Storage Blob Data Contributor there "
-        "and terminate revokes it.")
-    subnet: str | None = Field(None, pattern=AZURE_SUBNET, description="Resource id of an "
-                               "existing subnet for the nodes (the site's NSG then goes on their "
-                               "NICs); default a new VNet per site. Regional: needs the "
-                               "placement's `region`.")
-    image: str | None = Field(None, pattern=AZURE_IMAGE, description="Marketplace image "
-                              "'publisher:offer:sku:version' or an image's resource id; default "
-                              "microsoft-dsvm:ubuntu-hpc:2204:latest.")
-    disk_gb: int = _disk(128)
-    public_ip: bool = _public_ip()
-    store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
-
-    @model_validator(mode="after")
-    def _scope_needs_system_identity(self) -> AzureOptions:
-        if self.store_scope and self.identity != "system":
-            raise _invalid("only with identity 'system': launch grants the VMs' own identities "
-                           "access there; grant a user-assigned identity yourself "
-                           "(infra/azure/README.md)", "store_scope")
-        return self
-
-
 ProviderOptions = AwsOptions | GcpOptions | AzureOptions
 OPTIONS = {"aws": AwsOptions, "gcp": GcpOptions, "azure": AzureOptions}
 # Options tied to one region (an id that exists only there).
-REGIONAL = {"aws": ("subnets", "image"), "gcp": ("subnetwork",), "azure": ("subnet",)}
+REGIONAL = {"aws": aws_options.REGIONAL, "gcp": gcp_options.REGIONAL, "azure": azure_options.REGIONAL}
 INHERIT = ("A candidate on the same provider as the site inherits each of the site's options it "
            "does not set itself, except those tied to a region (aws subnets and image, gcp "
            "subnetwork, azure subnet) when its region differs; a candidate on another provider "
@@ -422,7 +303,7 @@ def _check_options(p: Placement | SiteSpec) -> None:
                            "none", name)
         for field in REGIONAL[name]:
             if getattr(opts, field) and p.region is None:
-                raise _invalid(f"is tied to one region: give this placement a `region`",
+                raise _invalid("is tied to one region: give this placement a `region`",
                                name, field)
 
 
@@ -767,8 +648,8 @@ def _message(err: dict, loc: tuple) -> str:
         return f"must be at most {ctx['max_length']} characters (got {len(got)})"
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == GPU_REQ:
         return f"expected 'MODEL:COUNT' GPUs per node, e.g. 'A100:8' or 'L4:1' (got {_show(got)})"
-    if kind == "string_pattern_mismatch" and ctx.get("pattern") in _PATTERN_HINTS:
-        return f"{_PATTERN_HINTS[ctx['pattern']]} (got {_show(got)})"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in PATTERN_HINTS:
+        return f"{PATTERN_HINTS[ctx['pattern']]} (got {_show(got)})"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "entrypoint":
         return f"must be 'module:function', e.g. 'mypkg.train:main' (got {_show(got)})"
     if kind == "string_pattern_mismatch":

@@ -1,9 +1,14 @@
 """Providers: the places a site can be put, behind one small function set.
 
-Every provider module (`providers/local.py`, `aws.py`, `gcp.py`, `azure.py`) is a
-`Provider`: it implements exactly the functions the `Provider` protocol below
+Every provider is a package (`providers/local/`, `aws/`, `gcp/`, `azure/`) holding
+all it knows of its cloud: provisioning in its `__init__.py`, which is a
+`Provider` — it implements exactly the functions the `Provider` protocol below
 declares, with the same signatures (tests/test_provider_contract.py checks), and
-says "see providers/__init__.py" instead of repeating their docstrings. What a
+says "see providers/__init__.py" instead of repeating their docstrings — its
+recipe options (`options.py`: identity, network, image, disk; shared parts in
+providers/options.py), the node-side preemption watcher for its metadata service
+(`watcher.py`, run by geotrain/site/preemption.py) and its public price sources
+(`catalog.py`, for `geotrain catalog refresh`). What a
 provider can do beyond that it declares in its `Capabilities`; callers ask those
 instead of testing the provider's name. Callers never import a provider module
 directly: they call `get(name)`, which imports it on first use, so a cloud SDK is
@@ -65,7 +70,7 @@ class SitePlan:
     # geotrain's own settings for the site, none a secret (log_dir, data_site, ...).
     options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     owner: str | None = None  # the launching operator's owner id, tagged on every node
-    # The recipe's typed options for this provider (geotrain/recipe.py AwsOptions,
+    # The recipe's typed options for this provider (providers/<cloud>/options.py AwsOptions,
     # GcpOptions, AzureOptions): node identity, network, image, disk. None: the
     # provider's defaults (and always for `local`).
     provider_options: ProviderOptions | None = None

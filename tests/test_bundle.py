@@ -33,8 +33,8 @@ def test_wheel_is_the_running_source_reproducible_and_built_outside_the_tree(tmp
     assert bundle.build_wheel(tmp_path / "a").path == a.path  # cached by source hash
     assert sorted(p.name for p in ROOT.iterdir()) == before  # no build/ or egg-info left here
     names = zipfile.ZipFile(a.path).namelist()
-    for f in ("geotrain/bundle.py", "geotrain/site/agent.py", "providers/aws.py",
-              "geotrain/catalog/aws.json"):
+    for f in ("geotrain/bundle.py", "geotrain/site/agent.py", "providers/aws/__init__.py",
+              "providers/aws/watcher.py", "geotrain/catalog/aws.json"):
         assert f in names, f
     assert (ROOT / "geotrain" / "bundle.py").read_bytes() == \
         zipfile.ZipFile(a.path).read("geotrain/bundle.py")

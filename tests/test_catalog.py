@@ -15,6 +15,8 @@ import pytest
 
 from geotrain import catalog
 from geotrain.catalog import refresh
+from providers.aws import catalog as aws_prices
+from providers.azure import catalog as azure_prices
 from tests.helpers import geotrain_cmd, geotrain_home  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
@@ -140,19 +142,19 @@ AZURE_ITEMS = [
 
 
 def test_parse_aws_offer_keeps_linux_shared_on_demand_only():
-    got = refresh.parse_aws_offer(aws_offer("us-east-1", {"g5.12xlarge": 5.5}), {"g5.12xlarge"})
+    got = aws_prices.parse_aws_offer(aws_offer("us-east-1", {"g5.12xlarge": 5.5}), {"g5.12xlarge"})
     assert got == {"g5.12xlarge": {"on_demand": 5.5, "vcpus": 48.0, "memory_gib": 192.0, "gpus": 4.0}}
 
 
 def test_parse_aws_spot_maps_old_region_names_and_skips_na():
-    got = refresh.parse_aws_spot(SPOT_JS)
+    got = aws_prices.parse_aws_spot(SPOT_JS)
     assert got[("us-east-1", "g5.12xlarge")] == 1.75 and got[("us-west-2", "g5.12xlarge")] == 1.9
     assert ("us-east-1", "p3.2xlarge") not in got
-    assert refresh.parse_aws_spot(SPOT_JS[len("callback("):-2]) == got  # plain JSON too
+    assert aws_prices.parse_aws_spot(SPOT_JS[len("callback("):-2]) == got  # plain JSON too
 
 
 def test_parse_azure_items_splits_spot_and_skips_windows_and_low_priority():
-    got = refresh.parse_azure_items(AZURE_ITEMS)
+    got = azure_prices.parse_azure_items(AZURE_ITEMS)
     assert got[("eastus", "Standard_NC24ads_A100_v4")] == catalog.Price(3.5, 1.2)
     assert got[("westus3", "Standard_NC4as_T4_v3")] == catalog.Price(0.5, 0.2)
     assert got[("japaneast", "Standard_ND96asr_v4")] == catalog.Price(30.0, None)

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from geotrain.errors import ProviderError
-from geotrain.site import preemption
 from geotrain.site.notice_server import NoticeServer
-from geotrain.site.preemption import (AwsWatcher, AzureWatcher, GceWatcher, Notice, NoticeThread,
-                                      watch_from_env, watcher_for)
+from geotrain.site.preemption import Notice, NoticeThread, watch_from_env, watcher_for
+from providers.aws import watcher as aws_watcher
+from providers.aws.watcher import AwsWatcher
+from providers.azure.watcher import AzureWatcher
+from providers.gcp.watcher import GceWatcher
 from tests.helpers import control_key_option, geotrain_home, http, member_key_of, wait_for  # noqa: F401
 
 PROVIDERS = ["aws", "gcp", "azure"]
@@ -94,7 +96,7 @@ def test_aws_token_handshake_is_enforced(server: NoticeServer):
 
 
 class WatcherClock:
-    """time for geotrain.site.preemption: monotonic() stands still (at the real
+    """time for providers/aws/watcher.py: monotonic() stands still (at the real
     reading when it was made) and moves only when told to; everything else is the
     real clock."""
 
@@ -122,7 +124,7 @@ def test_aws_token_refetched_on_401_and_refreshed_before_ttl(server: NoticeServe
 
     with NoticeServer("aws") as s2:             # refreshed before the TTL runs out
         clock = WatcherClock()
-        monkeypatch.setattr(preemption, "time", clock)
+        monkeypatch.setattr(aws_watcher, "time", clock)
         # A 600 s TTL: the server never expires it during the test; the watcher's
         # own clock is moved past its refresh point (a tenth of the TTL before the end).
         w2 = AwsWatcher(s2.url, token_ttl_s=600)

@@ -91,7 +91,7 @@ def test_the_capabilities_of_each_provider():
     caps = {name: providers.capabilities_of(name) for name in providers.PROVIDERS}
     assert [n for n, c in caps.items() if c.runs_here] == ["local"]
     assert [n for n, c in caps.items() if c.fault_seams] == ["local"]
-    assert [n for n, c in caps.items() if c.console] == ["aws", "gcp"]
+    assert [n for n, c in caps.items() if c.console] == ["aws", "gcp", "azure"]
     assert all(c.spot and c.multi_node and c.preemption_notice and c.gpus
                for n, c in caps.items() if n != "local")
 

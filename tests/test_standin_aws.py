@@ -25,7 +25,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from geotrain.site.preemption import AwsWatcher
+from providers.aws.watcher import AwsWatcher
 from tests.fakes.ec2_boot import Ec2Booter, Imds, S3IdentityProxy, sigv4_key_id
 from tests.fakes.node import node_image, tagged_pids
 

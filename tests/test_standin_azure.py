@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from geotrain.site.preemption import AzureWatcher, NoticeThread
+from geotrain.site.preemption import NoticeThread
+from providers.azure.watcher import AzureWatcher
 from tests.fakes.arm_server import FakeArm
 from tests.fakes.azure_boot import BootConfig
 from tests.fakes.node import node_image, tagged_pids
@@ -97,7 +98,8 @@ class Clients:
         self.compute = ComputeManagementClient(cred, arm.subscription, **kw)
         self.resource.resource_groups.create_or_update(GROUP, {"location": "eastus"})
 
-    def create(self, name: str, identity: dict | None, custom: str = CUSTOM_DATA):
+    def create(self, name: str, identity: dict | None, custom: str = CUSTOM_DATA,
+               boot_diagnostics: bool = False):
         body = {"location": "eastus", "zones": ["1"], "tags": {"geotrain-site": "east"},
                 "properties": {
                     "hardwareProfile": {"vmSize": "Standard_D2s_v5"},
@@ -111,6 +113,8 @@ class Clients:
                     "priority": "Spot", "evictionPolicy": "Delete"}}
         if identity:
             body["identity"] = identity
+        if boot_diagnostics:
+            body["properties"]["diagnosticsProfile"] = {"bootDiagnostics": {"enabled": True}}
         return self.compute.virtual_machines.begin_create_or_update(GROUP, name, body).result()
 
 
@@ -250,3 +254,28 @@ def test_booting_is_opt_in(monkeypatch):
             arm.node("vm-plain")
     finally:
         arm.stop()
+
+
+def test_the_provider_reads_a_vms_console_through_boot_diagnostics(fake, clients, monkeypatch):
+    """providers.azure.console: retrieveBootDiagnosticsData through the real compute client,
+    then the serial log's SAS URL: what the node printed, such as the one line a node that
+    cannot use the run store prints (the controller reports it as the site's loss)."""
+    import providers.azure as az
+    from geotrain.site.node_info import fatal_line
+    from providers import Node
+
+    monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", fake.subscription)
+    monkeypatch.setenv("GEOTRAIN_ARM_ENDPOINT", fake.base_url)
+    monkeypatch.setenv("GEOTRAIN_ARM_CA_BUNDLE", str(fake.ca_path))
+    said = "geotrain node: fatal: cannot use the run store az://acct/runs/r1: no managed identity"
+    script = f"#!/bin/bash\necho booting\necho '{said}'\nsleep infinity\n"
+    vm = clients.create("vm-diag", None, custom=script, boot_diagnostics=True)
+    node = Node("r1", "east", "azure", vm.id, "running", region="eastus")
+    assert az.capabilities().console
+    text = wait_for(lambda: (c := az.console(node)) and said in c and c, 60)
+    assert fatal_line(text) == said.split("fatal: ", 1)[1]
+    # Without boot diagnostics ARM refuses, and the provider says so (the controller then
+    # reads nothing: a console that cannot be read is no verdict).
+    bare = clients.create("vm-nodiag", None, custom=script)
+    with pytest.raises(Exception, match="Boot diagnostics are not enabled"):
+        az.console(Node("r1", "east", "azure", bare.id, "running", region="eastus"))

@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 
-from geotrain.site.preemption import GceWatcher, NoticeThread
+from geotrain.site.preemption import NoticeThread
+from providers.gcp.watcher import GceWatcher
 from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
 from tests.fakes.node import node_image, tagged_pids

@@ -1,7 +1,8 @@
 """Preemption watchers: learn from the cloud's metadata service that this VM is going away.
 
-One watcher per provider, each a `poll()` that makes one bounded check of the
-documented endpoint and returns a `Notice` or None:
+One watcher per provider, in its provider's package (providers/<cloud>/watcher.py),
+each a `poll()` that makes one bounded check of the documented endpoint and
+returns a `Notice` or None:
 
 - aws    IMDSv2 (session token, refreshed before its TTL runs out and re-fetched
          on 401): ``spot/instance-action`` → kind "preempt"; a rebalance
@@ -27,13 +28,10 @@ notice"; the thread backs off and keeps trying.
 
 from __future__ import annotations
 
-import email.utils
 import http.client
-import json
 import logging
 import os
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -52,8 +50,6 @@ AZURE_API = "2020-07-01"
 REQUEST_TIMEOUT_S = 2.0
 # Kinds that only warn; every other kind means the VM is about to go.
 WARNINGS = frozenset({"rebalance", "freeze"})
-_AZURE_KINDS = {"Preempt": "preempt", "Terminate": "terminate", "Reboot": "reboot",
-                "Redeploy": "redeploy", "Freeze": "freeze"}
 # Metadata endpoints are link-local: never ask an HTTP(S)_PROXY for them.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -135,129 +131,6 @@ class _Base:
         return False
 
 
-class AwsWatcher(_Base):
-    """EC2 IMDSv2: spot instance-action and rebalance recommendation."""
-    provider = "aws"
-
-    def __init__(self, endpoint: str, token_ttl_s: int = 21600):
-        super().__init__(endpoint)
-        self.token_ttl_s = token_ttl_s
-        self._token: str | None = None
-        self._token_expires = 0.0  # monotonic
-
-    def _fetch_token(self) -> str:
-        status, _, body = _request("PUT", f"{self.endpoint}/latest/api/token",
-                                   {"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)})
-        if status != 200:
-            raise OSError(f"token request answered {status}")
-        # Refresh a tenth of the TTL (at most a minute) before it runs out.
-        self._token_expires = time.monotonic() + self.token_ttl_s - min(60.0, self.token_ttl_s / 10)
-        self._token = body.decode().strip()
-        return self._token
-
-    def _get(self, path: str) -> tuple[int, bytes]:
-        if self._token is None or time.monotonic() >= self._token_expires:
-            self._fetch_token()
-        url = f"{self.endpoint}{path}"
-        status, _, body = _request("GET", url, {"X-aws-ec2-metadata-token": self._token})
-        if status == 401:  # expired or revoked: a fresh token, then once more
-            self._fetch_token()
-            status, _, body = _request("GET", url, {"X-aws-ec2-metadata-token": self._token})
-        return status, body
-
-    def _check(self) -> Notice | None:
-        status, body = self._get("/latest/meta-data/spot/instance-action")
-        if status == 200:
-            doc = json.loads(body)
-            return Notice("aws", "preempt", _parse_iso(doc["time"]),
-                          f"spot instance-action: {doc['action']} at {doc['time']}")
-        if status != 404:
-            raise OSError(f"instance-action answered {status}")
-        status, body = self._get("/latest/meta-data/events/recommendations/rebalance")
-        if status == 200:
-            doc = json.loads(body)
-            return Notice("aws", "rebalance", None, f"rebalance recommendation at {doc['noticeTime']}")
-        if status != 404:
-            raise OSError(f"rebalance answered {status}")
-        return None
-
-
-class GceWatcher(_Base):
-    """GCE metadata `instance/preempted`, watched with a hanging GET."""
-    provider = "gcp"
-    interval_s = 0.0
-
-    def __init__(self, endpoint: str, wait_s: float = 30.0):
-        super().__init__(endpoint)
-        self.wait_s = wait_s
-        self._etag: str | None = None
-
-    def _check(self) -> Notice | None:
-        url = f"{self.endpoint}/computeMetadata/v1/instance/preempted"
-        timeout = REQUEST_TIMEOUT_S
-        if self._etag is not None:  # the first read is plain; after it, wait for a change
-            wait = max(1, round(self.wait_s))
-            url += f"?wait_for_change=true&last_etag={self._etag}&timeout_sec={wait}"
-            timeout += self.wait_s
-        status, headers, body = _request("GET", url, {"Metadata-Flavor": "Google"}, timeout=timeout)
-        if status != 200:
-            raise OSError(f"preempted answered {status}")
-        self._etag = headers.get("ETag") or self._etag
-        if body.decode().strip().upper() == "TRUE":
-            return Notice("gcp", "preempt", time.time() + GCE_NOTICE_S, "instance/preempted is TRUE")
-        return None
-
-
-class AzureWatcher(_Base):
-    """Azure Scheduled Events for this VM."""
-    provider = "azure"
-    _ORDER = ("preempt", "terminate", "redeploy", "reboot", "freeze")  # most urgent first
-
-    def __init__(self, endpoint: str, vm_name: str | None = None):
-        super().__init__(endpoint)
-        self.vm_name = vm_name
-
-    def _url(self, path: str, **params: str) -> str:
-        query = "&".join(f"{k}={v}" for k, v in {"api-version": AZURE_API, **params}.items())
-        return f"{self.endpoint}{path}?{query}"
-
-    def _check(self) -> Notice | None:
-        if self.vm_name is None:
-            status, _, body = _request("GET", self._url("/metadata/instance/compute/name", format="text"),
-                                       {"Metadata": "true"})
-            if status != 200:
-                raise OSError(f"compute/name answered {status}")
-            self.vm_name = body.decode().strip()
-        status, _, body = _request("GET", self._url("/metadata/scheduledevents"), {"Metadata": "true"})
-        if status != 200:
-            raise OSError(f"scheduledevents answered {status}")
-        ours = []
-        for ev in json.loads(body).get("Events", []):
-            kind = _AZURE_KINDS.get(ev.get("EventType"))
-            if kind and self.vm_name in ev.get("Resources", []):
-                ours.append((self._ORDER.index(kind), kind, ev))
-        if not ours:
-            return None
-        _, kind, ev = min(ours, key=lambda o: o[0])
-        not_before = ev.get("NotBefore") or ""
-        deadline = email.utils.parsedate_to_datetime(not_before).timestamp() if not_before else time.time()
-        return Notice("azure", kind, deadline,
-                      f"{ev['EventType']} {ev.get('EventStatus', '')} not before {not_before or 'now'}",
-                      event_id=ev["EventId"])
-
-    def acknowledge(self, notice: Notice) -> bool:
-        if not notice.event_id:
-            return False
-        body = json.dumps({"StartRequests": [{"EventId": notice.event_id}]}).encode()
-        try:
-            status, _, _ = _request("POST", self._url("/metadata/scheduledevents"),
-                                    {"Metadata": "true", "Content-Type": "application/json"}, data=body)
-        except OSError as e:
-            log.warning("could not acknowledge Azure event %s: %s", notice.event_id, e)
-            return False
-        return status == 200
-
-
 def _parse_iso(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -267,6 +140,8 @@ def watcher_for(provider: str, endpoint: str | None = None, vm_name: str | None 
 
     `local` with an endpoint reads it in the AWS IMDSv2 format: run the local
     provider's `NoticeServer("aws")` there."""
+    from providers.aws.watcher import AwsWatcher  # each cloud's watcher lives with its provider
+
     if provider == "local":
         return AwsWatcher(endpoint) if endpoint else None
     if provider not in DEFAULT_ENDPOINTS:
@@ -276,7 +151,11 @@ def watcher_for(provider: str, endpoint: str | None = None, vm_name: str | None 
     if provider == "aws":
         return AwsWatcher(endpoint)
     if provider == "gcp":
+        from providers.gcp.watcher import GceWatcher
+
         return GceWatcher(endpoint)
+    from providers.azure.watcher import AzureWatcher
+
     return AzureWatcher(endpoint, vm_name)
 
 

@@ -147,6 +147,7 @@ class FakeArm:
         self.boot = boot
         self._booter: Booter | None = Booter(boot) if boot else None
         self.node_tokens: dict[str, str] = {}  # identity principal id -> its IMDS token
+        self.console_sas: dict[str, str] = {}  # a boot-diagnostics SAS token -> its VM's id
         self.token = "fake-arm-" + secrets.token_hex(8)
         self.identity_header = secrets.token_hex(8)
         self.requests: list[Recorded] = []
@@ -588,6 +589,8 @@ class _ArmHandler(_Base):
         raw = self.rfile.read(length) if length else b""
         body = json.loads(raw) if raw else None
         fake.requests.append(Recorded(self.command, url.path, parse_qs(url.query), body))
+        if url.path.startswith("/_console/"):  # a SAS URL: its token is the credential
+            return self._console(url.path.rsplit("/", 1)[-1])
         if self.headers.get("Authorization") != f"Bearer {fake.token}":
             return self._send(401, {"error": {"code": "AuthenticationFailed",
                                               "message": "Authentication failed."}})
@@ -617,6 +620,8 @@ class _ArmHandler(_Base):
             if lrest[2] != "providers" or len(rest) < 5:
                 raise ArmError(404, "InvalidResourceType", f"Unknown path {url.path}")
             tail = rest[3:]  # ns, type, name[, childtype, childname]
+            if self.command == "POST" and lrest[-1] == "retrievebootdiagnosticsdata":
+                return self._boot_diagnostics("/" + "/".join(segs[:-1]))
             rtype = TYPES.get("/".join([tail[0]] + tail[1::2]).lower())
             if rtype is None:
                 raise ArmError(404, "InvalidResourceType", f"The resource type of {url.path} is not served here.")
@@ -634,6 +639,39 @@ class _ArmHandler(_Base):
             self._resource(rid, group, rtype, tail[-1], body)
         except ArmError as e:
             self._send(e.status, {"error": {"code": e.code, "message": e.message}})
+
+    def _boot_diagnostics(self, rid: str) -> None:
+        """virtualMachines/retrieveBootDiagnosticsData: SAS URLs of the VM's boot logs
+        (here a URL on this server, whose random token stands for the SAS)."""
+        fake = self.fake
+        with fake._lock:
+            vm = fake._res.get(rid.lower())
+            if vm is None:
+                raise ArmError(404, "ResourceNotFound", f"The Resource '{rid}' was not found.")
+            diag = vm["properties"].get("diagnosticsProfile", {}).get("bootDiagnostics", {})
+            if not diag.get("enabled"):
+                raise ArmError(409, "OperationNotAllowed",
+                               "Boot diagnostics are not enabled for this virtual machine.")
+            sas = secrets.token_urlsafe(16)
+            fake.console_sas[sas] = rid.lower()
+        self._send(200, {"consoleScreenshotBlobUri": f"{fake.base_url}/_console/{sas}.bmp",
+                         "serialConsoleLogBlobUri": f"{fake.base_url}/_console/{sas}"})
+
+    def _console(self, sas: str) -> None:
+        """The serial console log a SAS URL names: what the booted node printed (1 MiB tail)."""
+        fake = self.fake
+        with fake._lock:
+            rid = fake.console_sas.get(sas)
+            node = fake._booter.nodes.get(rid) if rid and fake._booter else None
+        if rid is None:
+            return self._send(403, {"error": {"code": "AuthenticationFailed",
+                                              "message": "Signature not valid."}})
+        text = node.console.read_bytes()[-2**20:] if node is not None and node.console.exists() else b""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text)
 
     def _role_assignment(self, path: str, body: dict | None) -> None:
         """Microsoft.Authorization/roleAssignments at any scope (synchronous, like ARM)."""
@@ -703,4 +741,4 @@ class _ArmHandler(_Base):
                                           "Retry-After": "0"})
         raise ArmError(405, "MethodNotAllowed", self.command)
 
-    do_GET = do_PUT = do_DELETE = do_HEAD = do_PATCH = _route
+    do_GET = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_POST = _route

@@ -41,7 +41,7 @@ Settings come from the environment, all shown by `check()`:
     GEOTRAIN_ARM_ENDPOINT    ARM base URL override (tests: a local TLS server)
     GEOTRAIN_ARM_CA_BUNDLE   PEM to verify that endpoint with (connection_verify)
 
-The recipe's typed options are `SitePlan.provider_options` (geotrain/recipe.py
+The recipe's typed options are `SitePlan.provider_options` (providers/azure/options.py
 `AzureOptions`). Internal plan options: max_price, subnet_prefix (default
 10.42.0.0/24, for the VNet geotrain makes), ssh_public_key (default: a key whose
 private half is thrown away, so nobody can log in).
@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
-from geotrain.recipe import AzureOptions
+from providers.azure.options import AzureOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 DEFAULT_ENDPOINT = "https://management.azure.com"
@@ -76,11 +76,13 @@ BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
 AUTHZ_API = "2022-04-01"
 POLL_INTERVAL_S = 5.0  # between LRO polls; tests set 0
 ADMIN = "geotrain"
+CONSOLE_BYTES = 64 * 1024  # the tail of a serial console log that `console` returns
 
 
 def capabilities() -> Capabilities:
-    # Azure announces spot eviction >= 30 s ahead through Scheduled Events.
-    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True)
+    # Azure announces spot eviction >= 30 s ahead through Scheduled Events; boot
+    # diagnostics (managed storage) keep each VM's serial console log.
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True)
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,9 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
                           "publicKeys": [{"path": f"/home/{ADMIN}/.ssh/authorized_keys", "keyData": key}]}}},
         "networkProfile": {"networkInterfaces": [
             {"id": nic_id, "properties": {"primary": True, "deleteOption": "Delete"}}]},
+        # Boot diagnostics in managed storage (no storageUri): the serial console log that
+        # `console` reads, where a node that cannot boot says why.
+        "diagnosticsProfile": {"bootDiagnostics": {"enabled": True}},
     }
     if plan.spot:
         props.update(priority="Spot", evictionPolicy="Delete",
@@ -468,6 +473,27 @@ def _teardown_listed(c: _Clients, rg: str, site: str, vms: list, keep_network: b
     if not any(True for _ in c.resource.resources.list_by_resource_group(rg)):
         c.resource.resource_groups.begin_delete(rg).result()
     return True
+
+
+def console(node: Node) -> str:
+    """The tail of the VM's serial console log (boot diagnostics: retrieveBootDiagnosticsData
+    gives a SAS URL of the log, valid 5 minutes, read here): where a node that cannot reach
+    the run store says why (geotrain/site/node_info.py)."""
+    import requests
+
+    c = _Clients()
+    parts = node.instance_id.split("/")
+    lower = [x.lower() for x in parts]
+    group, name = parts[lower.index("resourcegroups") + 1], parts[-1]
+    data = c.compute.virtual_machines.retrieve_boot_diagnostics_data(
+        group, name, sas_uri_expiration_time_in_minutes=5)
+    if not data.serial_console_log_blob_uri:
+        return ""
+    resp = requests.get(data.serial_console_log_blob_uri, timeout=30,
+                        verify=c.settings.ca_bundle or True)
+    if resp.status_code != 200:
+        raise ProviderError(f"azure: the serial console log of {name} answered {resp.status_code}")
+    return resp.content[-CONSOLE_BYTES:].decode("utf-8", "replace")
 
 
 def terminate(nodes: list[Node]) -> list[Node]:

@@ -27,7 +27,7 @@ Credentials' project — one source per process, so that `launch`, `query` and
 `terminate` always look in the same project; `check()` says which.
 
 Configuration (all non-secret): the recipe's typed options
-(`SitePlan.provider_options`, geotrain/recipe.py `GcpOptions`): `service_account`,
+(`SitePlan.provider_options`, providers/gcp/options.py `GcpOptions`): `service_account`,
 `network` (default `global/networks/default`; prefer a dedicated VPC: the
 default one ships allow-internal rules), `subnetwork`, `image` (default the Deep
 Learning VM family below), `accelerator` (`nvidia-tesla-t4:2`, TYPE[:COUNT],
@@ -51,7 +51,7 @@ import time
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
-from geotrain.recipe import GcpOptions
+from providers.gcp.options import GcpOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 ENDPOINT_ENV = "GEOTRAIN_GCE_ENDPOINT"

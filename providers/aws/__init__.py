@@ -18,7 +18,7 @@ the spot `instance-action` notice through it). Each node boots the script from
 `geotrain.bootstrap.render` as its user data; the site's Ray token exists only
 there.
 
-The recipe's typed options (`SitePlan.provider_options`, geotrain/recipe.py
+The recipe's typed options (`SitePlan.provider_options`, providers/aws/options.py
 `AwsOptions`): `instance_profile` (name or ARN; the nodes' only credentials, for
 the run store; see infra/aws/README.md), `subnets` (tried in `zones` order, one
 per zone), `image` (AMI id; skips the lookup below), `disk_gb` (the root
@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
-from geotrain.recipe import AwsOptions
+from providers.aws.options import AwsOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
 TAG_RUN, TAG_SITE, TAG_NODE = "geotrain-run", "geotrain-site", "geotrain-node"

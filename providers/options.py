@@ -1,0 +1,50 @@
+"""What the recipe's provider option blocks (`aws:`, `gcp:`, `azure:`) share: the
+model config, the error type recipe.py turns into one line, the disk and public-IP
+fields, the store-credentials text, and the hints that pattern errors get. Each
+provider's own options live in its package (providers/<cloud>/options.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+# Pattern -> what a value that does not match it should look like (recipe.py's messages).
+PATTERN_HINTS: dict[str, str] = {}
+
+STORE_CREDENTIALS = (
+    "Cross-cloud store access for a run store on another cloud than this placement: for a gs:// "
+    "store the path of a GCP workload-identity-federation credential config (no key in it), for "
+    "an s3:// store the ARN of an AWS role the node assumes by web identity, for an az:// store "
+    "the client id of an Azure app with a federated credential. Required by `geotrain launch` "
+    "when the store is on another cloud. Used on the node so far only by a GCP node writing an "
+    "s3:// store (it assumes the role with its service account's identity token); other "
+    "combinations are checked here but their nodes stop at boot saying it is not supported yet.")
+
+
+class OptionsSpec(BaseModel):
+    """The config every recipe section has (geotrain/recipe.py `_Spec`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def invalid(message: str, *at: str | int) -> PydanticCustomError:
+    """A validation error at `at`, a path below the validated model's own location."""
+    return PydanticCustomError("geotrain", message, {"at": at})
+
+
+def pattern(regex: str, hint: str) -> str:
+    """`regex`, with the hint a value that does not match it gets."""
+    PATTERN_HINTS[regex] = hint
+    return regex
+
+
+def disk(default: int) -> Any:
+    return Field(default, ge=8, le=65536, description="Boot disk size in GB.")
+
+
+def public_ip() -> Any:
+    return Field(False, description="Give each node a public IP. Off by default: nodes reach the "
+                 "store and package mirrors outbound (NAT / default outbound access) and nothing "
+                 "reaches them; no port is opened either way.")
