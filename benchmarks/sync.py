@@ -144,9 +144,10 @@ def parse_arm(text: str) -> tuple[str, str, dict]:
     return codec, text[len(codec):].lstrip("@"), extra
 
 
-def arm_specs(setup: dict, sites: int, codecs: list[str], hs: list[int]) -> list[dict]:
+def arm_specs(setup: dict, sites: int, codecs: list[str], hs: list[int],
+              ddp_optimizer: str = "adamw") -> list[dict]:
     base = dict(train_setup(setup), sites=sites)
-    specs = [dict(base, name="ddp", kind="ddp")]
+    specs = [dict(base, name="ddp", kind="ddp", optimizer=ddp_optimizer)]
     for h in hs:
         if setup["steps"] % h:
             raise SystemExit(f"--H {h} does not divide the {setup['steps']} steps")
@@ -174,7 +175,8 @@ def run_arm(spec: dict, work: Path) -> dict:
            "wall_s": max(r["wall_s"] for r in results), "process_wall_s": proc_wall,
            "compute_s": sum(r["compute_s"] for r in results) / len(results),
            "params": first["params"], "curve": first["curve"],
-           "codec": spec.get("codec"), "H": spec.get("H")}
+           "codec": spec.get("codec"), "H": spec.get("H"),
+           "optimizer": spec.get("optimizer", "adamw")}
     if spec["kind"] == "diloco":
         hashes = {r["hash"] for r in results}
         arm["bit_identical_sites"] = len(hashes) == 1
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--util-codec", default="int8")
     ap.add_argument("--topk-fraction", type=float, default=COMMON["topk_fraction"])
     ap.add_argument("--value-bits", type=int, default=COMMON["value_bits"], help="top-k value bits")
+    ap.add_argument("--ddp-optimizer", choices=("adamw", "muon"), default="adamw",
+                    help="the ddp arm's optimizer (muon: Muon for hidden matrices at its "
+                    "default lr, AdamW at the preset's lr for the rest)")
     ap.add_argument("--ddp-from", type=Path, help="take the ddp arm from an earlier run's JSON "
                     "(same preset and steps) instead of running it again: for sweeps")
     ap.add_argument("--torchft-python", help="a Python with torchft==0.2.0 installed")
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gt-bench-sync-") as tmp:
         work = Path(tmp)
         arms = []
-        for spec in arm_specs(setup, a.sites, codecs, hs):
+        for spec in arm_specs(setup, a.sites, codecs, hs, a.ddp_optimizer):
             if a.ddp_from and spec["kind"] == "ddp":  # a sweep against an earlier run's DDP
                 arms.append(next(x for x in json.loads(a.ddp_from.read_text())["arms"]
                                  if x["name"] == "ddp"))

@@ -48,7 +48,8 @@ def test_validate_prints_the_resolved_recipe(geotrain_home: Path):
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert [s["name"] for s in r["sites"]] == ["a", "b", "c"]
-    assert r["sync"]["outer_lr"] == 0.7 and r["store"]["url"] is None
+    assert r["sync"]["outer_lr"] == 1.0 and r["sync"]["outer_momentum"] == 0
+    assert r["store"]["url"] is None
 
 
 def test_schema_is_json_schema(geotrain_home: Path):
@@ -151,8 +152,12 @@ def test_down_after_the_controller_is_killed_mid_provision_leaves_nothing(tmp_pa
     out = run("launch", str(recipe), "--detach", "--json", home=geotrain_home)
     run_id = json.loads(out.stdout)["run"]
     controller = StateDB(geotrain_home).run(run_id)["controller_pid"]
+    from geotrain import procs
+
+    def agents() -> list[int]:  # a site's agent, not only its notice endpoint (started first)
+        return [p for p in tagged_processes(run_id) if procs.tags(p).get("GEOTRAIN_ROLE") == "agent"]
     try:
-        wait_for(lambda: tagged_processes(run_id), timeout=60, every=0.05)
+        wait_for(agents, timeout=60, every=0.05)
     finally:
         os.kill(controller, signal.SIGKILL)  # mid-provision: as soon as the first site exists
     p = run("down", run_id, "--json", home=geotrain_home)
