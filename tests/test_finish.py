@@ -24,7 +24,7 @@ from geotrain.recipe import loads
 from geotrain.store import RunStore
 from geotrain.train.entry import SiteContext, run_entrypoint
 from geotrain.train.trainer import WorkerPlace, train_site
-from tests.helpers import geotrain_cmd, geotrain_home, wait_for  # noqa: F401
+from tests.helpers import as_member, geotrain_cmd, geotrain_home, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,17 +43,12 @@ sites: [{name: a}, {name: b}]
 """
 
 
-def site_store(ctl: Controller, name: str) -> RunStore:
-    """The run store as site `name`'s nodes write it: signed with its member key."""
-    return RunStore(ctl.store.url, member_key=ctl._member_key(name))
-
-
 def run_sites(ctl: Controller, train) -> tuple[dict, list, list]:
     """Start both sites in threads; returns (results, errors, threads), filled as they end."""
     results, errors = {}, []
 
     def site(i: int, name: str) -> None:
-        store = site_store(ctl, name)
+        store = as_member(ctl, name)
         try:
             stop_beats = threading.Event()
 
@@ -68,7 +63,7 @@ def run_sites(ctl: Controller, train) -> tuple[dict, list, list]:
             errors.append(e)
 
     for name in ("a", "b"):
-        site_store(ctl, name).alive(name, "starting")
+        as_member(ctl, name).alive(name, "starting")
     threads = [threading.Thread(target=site, args=(i, n), daemon=True) for i, n in enumerate("ab")]
     for t in threads:
         t.start()
@@ -105,7 +100,7 @@ def test_the_built_in_trainer_ends_at_the_chosen_round(tmp_path: Path, geotrain_
     recipe = loads(BUILTIN)
     ctl = Controller(create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home), geotrain_home)
     results, errors, threads = run_sites(
-        ctl, lambda i, n: train_site(recipe, site_store(ctl, n), WorkerPlace(n, i, 2, 0, 1)))
+        ctl, lambda i, n: train_site(recipe, as_member(ctl, n), WorkerPlace(n, i, 2, 0, 1)))
     last = finish_after_round_2(ctl, threads)
     store = assert_ends_at(ctl, last, results, errors)
     assert results["a"]["round"] == results["b"]["round"] == last
@@ -125,7 +120,7 @@ def test_a_users_own_loop_ends_at_the_chosen_round(tmp_path: Path, geotrain_home
     recipe = loads(USER)
     ctl = Controller(create_run(recipe, str(tmp_path / "r.yaml"), geotrain_home), geotrain_home)
     results, errors, threads = run_sites(
-        ctl, lambda i, n: run_entrypoint(SiteContext(recipe, site_store(ctl, n), n, i, 2, 0, 1)))
+        ctl, lambda i, n: run_entrypoint(SiteContext(recipe, as_member(ctl, n), n, i, 2, 0, 1)))
     last = finish_after_round_2(ctl, threads)
     assert_ends_at(ctl, last, results, errors)
     assert results["a"]["round"] == results["b"]["round"] == last
