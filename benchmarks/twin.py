@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import AWS_AMIS, MOTO_SERVER, free_port, wait_for_port  # noqa: E402
 from tests.emulators import stop as stop_process  # noqa: E402
 from tests.fakes.aws_faults import FaultProxy  # noqa: E402
-from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy, StsWebIdentity  # noqa: E402
+from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity  # noqa: E402
+from tests.fakes.ec2_boot import Ec2Booter  # noqa: E402
 from tests.fakes.gce_boot import BootConfig  # noqa: E402
 from tests.fakes.gce_server import FakeGCE  # noqa: E402
 from tests.fakes.node import node_image, tagged_pids  # noqa: E402

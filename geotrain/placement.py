@@ -9,6 +9,10 @@ site fails with a `CapacityError` whose `tried` lists every attempt and why. Any
 provider error is recorded the same way and raised at once: it is not a question of
 room, and the next placement would most likely fail alike.
 
+Each placement's `SitePlan.workers` is the site's `workers` with `auto` made the
+type's GPU count from the catalog; an explicit count above it fails the site at once
+(`WorkersError`, recorded like a provider error).
+
 The record of what was tried is stored with the site (`sites.placements_tried`) and
 shown by `geotrain status`.
 """
@@ -22,8 +26,9 @@ from pathlib import Path
 
 import providers
 from geotrain.errors import CapacityError, GeotrainError
-from geotrain.plan import Catalogs, resolve
+from geotrain.plan import Catalogs, resolve, workers_on
 from geotrain.recipe import Placement, SiteSpec
+from geotrain.site.devices import WorkersError
 from geotrain.state import StateDB, owner_id
 
 
@@ -43,15 +48,18 @@ class Attempt:
                 f"{self.error}")
 
 
-def concrete(p: Placement, site: SiteSpec, cats: Catalogs) -> tuple[Placement, float]:
-    """The placement with the catalog's choice of type/region filled in, and its $/h
+def concrete(p: Placement, site: SiteSpec, cats: Catalogs) -> tuple[Placement, float, int]:
+    """The placement with the catalog's choice of type/region filled in, its $/h
     (× nodes; 0 where the catalog has no price: the provider, not the catalog, decides
-    whether the type exists)."""
+    whether the type exists) and the workers per node (plan.workers_on; raises
+    WorkersError for more than the type's GPUs)."""
     c = resolve(p, site, cats)
+    workers = workers_on(site, c)
     if providers.capabilities_of(p.provider).runs_here:
-        return p, c.usd_per_hour or 0.0
+        # The local provider does not use the count; the site agent counts this machine's GPUs.
+        return p, c.usd_per_hour or 0.0, 1 if workers == "auto" else int(workers)
     return (p.model_copy(update={"instance_type": c.instance_type or p.instance_type,
-                                 "region": c.region or p.region}), c.usd_per_hour or 0.0)
+                                 "region": c.region or p.region}), c.usd_per_hour or 0.0, int(workers))
 
 
 def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
@@ -62,14 +70,19 @@ def launch_site(db: StateDB, run_id: str, site: SiteSpec, *, store_url: str,
     owner = owner_id(db.path.parent)  # tagged on every node: down --orphans sweeps only ours
     tried: list[Attempt] = []
     for wanted in site.placements():
-        p, usd_per_hour = concrete(wanted, site, cats)
+        try:
+            p, usd_per_hour, workers = concrete(wanted, site, cats)
+        except WorkersError as e:  # more workers than the type has GPUs: not a capacity question
+            tried.append(_attempt(wanted, str(e)))
+            _record(db, run_id, site.name, tried)
+            raise
         if not providers.capabilities_of(p.provider).runs_here and p.instance_type is None:
             tried.append(_attempt(p, f"no catalog instance type has {site.gpu}"))
             _record(db, run_id, site.name, tried)
             continue
         plan = providers.SitePlan(
             run_id=run_id, site=site.name, provider=p.provider, store_url=store_url,
-            region=p.region, zones=tuple(p.zones), nodes=site.nodes, workers=site.workers,
+            region=p.region, zones=tuple(p.zones), nodes=site.nodes, workers=workers,
             instance_type=p.instance_type, spot=p.spot, options=options, owner=owner,
             provider_options=p.options(), member_key=member_key)
         row = db.add_node(run_id, site.name, p.provider, p.region)  # before the provider call

@@ -20,6 +20,11 @@ It then estimates what the run costs:
   (conservatively assuming the store is in another region). This machine's own egress
   is not priced.
 
+A site's `workers: auto` becomes its chosen type's GPU count per node (1 on a type
+without GPUs); a local site keeps `auto`, as only its agent can count this machine's
+GPUs. An explicit `workers` above the GPU count of any candidate's type is a
+`WorkersError` (geotrain/site/devices.py) naming the site and the type.
+
 A site with no available candidate is a `PlanError` naming the site.
 """
 
@@ -33,6 +38,7 @@ import providers
 from geotrain import catalog
 from geotrain.errors import GeotrainError
 from geotrain.recipe import Placement, Recipe, SiteSpec
+from geotrain.site import devices
 
 # Bytes on the wire per parameter for the dense codecs (geotrain/sync/compression.py: int8
 # and int4 add one bf16 scale per block of 64, ~3 %); top-k is `bytes_per_param`'s formula.
@@ -83,11 +89,11 @@ class Candidate:
 class SitePlanned:
     name: str
     nodes: int
-    workers: int
+    workers: int | str  # per node on the chosen candidate; 'auto' where only the site can count
     candidates: tuple[Candidate, ...]
 
     def chosen(self) -> Candidate:
-        return next(c for c in self.candidates if c.available)
+        return chosen(self.candidates)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class Plan:
     catalog: dict[str, str | None]
 
     def to_dict(self) -> dict:
-        return {"sites": [{"name": s.name, "nodes": s.nodes,
+        return {"sites": [{"name": s.name, "nodes": s.nodes, "workers": s.workers,
                            "candidates": [{**asdict(c), "zones": list(c.zones)}
                                           for c in s.candidates]} for s in self.sites],
                 "usd_per_hour": self.usd_per_hour, "hours": self.hours,
@@ -177,7 +183,23 @@ def plan_site(site: SiteSpec, cats: Catalogs) -> SitePlanned:
         why = "; ".join(f"{c.provider}/{c.region or '*'}: {c.reason}" for c in candidates)
         raise PlanError(f"site {site.name!r}: no candidate is available in the catalog ({why}); "
                         "pick an instance type and region that `geotrain catalog show` lists")
-    return SitePlanned(site.name, site.nodes, site.workers, candidates)
+    workers = [workers_on(site, c) for c in candidates]  # checks each type's GPUs
+    return SitePlanned(site.name, site.nodes, workers[candidates.index(chosen(candidates))],
+                       candidates)
+
+
+def chosen(candidates: tuple[Candidate, ...]) -> Candidate:
+    return next(c for c in candidates if c.available)
+
+
+def workers_on(site: SiteSpec, c: Candidate) -> int | str:
+    """The site's workers per node on candidate `c`: `auto` as the type's GPU count (1
+    without GPUs), an explicit count checked against it (WorkersError when above). A
+    candidate on this machine keeps `auto`: its site agent counts the GPUs."""
+    if providers.capabilities_of(c.provider).runs_here:
+        return site.workers
+    return devices.resolve_workers(site.workers, c.gpus,
+                                   f"site {site.name!r}: instance type {c.instance_type}")
 
 
 def options_of(p: Placement) -> dict:

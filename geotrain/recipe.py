@@ -39,6 +39,7 @@ from providers.gcp.options import GcpOptions
 from providers.options import PATTERN_HINTS, OptionsSpec, invalid
 
 SLUG = r"^[a-z0-9][a-z0-9-]*$"
+MAX_WORKERS = 64  # per node
 STORE_SCHEMES = ("file", "s3", "gs", "az")
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -163,6 +164,13 @@ class TrainSpec(_Spec):
     seed: int = Field(0, description="Seed for model init and data order.")
     eval_batches: int = Field(8, ge=1, description="Batches per evaluation.")
     threads: int = Field(1, ge=1, description="torch threads per worker.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Floats of the forward pass and loss (torch autocast); parameters, "
+        "gradients and optimizer state stay fp32. 'auto': bf16 on a GPU that has it natively "
+        "(Ampere and newer), fp32 anywhere else (the CPU included); 'fp16' adds a loss scaler "
+        "(geotrain/train/precision.py).")
+    compile: bool = Field(False, description="Run the built-in model through torch.compile: "
+                          "faster steps after a first step that compiles (tens of seconds).")
     hours: float | None = Field(None, gt=0, description="Expected wall-clock hours of the run, "
                                 "for `geotrain plan`'s cost estimate; None derives it from the "
                                 "tokens and the catalog's per-GPU throughput table.")
@@ -243,6 +251,13 @@ class SyncSpec(_Spec):
                              "last round; the rounds between commit only their decision and hash, "
                              "and a site that joins replays them from the contributions. Cuts "
                              "store traffic when payloads are small (int4, topk).")
+    offload: Literal["auto", True, False] = Field(
+        "auto", description="Where a site keeps its copies of the model (the round-start "
+        "snapshot; the anchors of overlapped rounds) and the codec's error-feedback residual: "
+        "true puts them in pinned CPU memory so the GPU holds only what training needs; false "
+        "keeps them on the GPU (4 bytes per parameter each, no copies at a round's end); "
+        "'auto' is true when the model trains on a GPU. The same bits either way; no effect on "
+        "a CPU model. The global parameters and outer momentum always stay on the CPU.")
 
 
 class StoreSpec(_Spec):
@@ -359,8 +374,10 @@ class SiteSpec(_Spec):
     provider: Provider = Field(
         "local", description="Where the site runs; 'local' is processes on this machine.")
     region: str | None = Field(None, description="Provider region; None lets the planner choose.")
-    workers: int = Field(1, ge=1, le=64, description="Ray actors in the site's data-parallel "
-                         "group (one per GPU on a cloud node).")
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+        "auto", description="Ray actors per node in the site's data-parallel group, each on "
+        "one GPU: 'auto' is one per GPU of the node (1 on a node without GPUs); a number must "
+        "not exceed the node's GPUs where it has some.")
     zones: list[Annotated[str, Field(min_length=1)]] = Field(
         [], description="Zones to try in order; empty lets the provider choose.")
     instance_type: str | None = Field(None, min_length=1, description="Provider instance type; "
@@ -376,6 +393,24 @@ class SiteSpec(_Spec):
     candidates: list[Placement] = Field(
         [], description="Fallback placements, tried in order when the ones before have no "
                         "capacity; `gpu` applies to them too. " + INHERIT)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        # One message for the int-or-'auto' union instead of one per branch.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WORKERS):
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            raise _invalid(f"must be {'>= 1' if v < 1 else f'<= {MAX_WORKERS}'} (got {v})")
+        raise _invalid(f"expected 'auto' (one worker per GPU) or a number from 1 to {MAX_WORKERS} "
+                       f"(got {_show(v)})")
+
+    def most_workers(self) -> int:
+        """Workers per node at most: `workers`, or a bound for 'auto' that every site
+        agrees on (geotrain/site/devices.py AUTO_WORKERS_BOUND)."""
+        from geotrain.site.devices import most_workers
+
+        return most_workers(self.workers)
 
     @model_validator(mode="after")
     def _own_provider_options(self) -> SiteSpec:

@@ -195,7 +195,13 @@ def final_summary(store: RunStore, recipe: Recipe, run: dict, last_round: int) -
                         "hash": m["hash"], "members": m.get("members"),
                         "results": {s: v.get("hash") for s, v in store.results(r).items()}})
     t = recipe.train
-    tokens = last_round * t.inner_steps * t.batch_size * t.seq_len * sum(s.workers for s in recipe.sites)
+    # Ranks per site as its agent counted them (its last `group` event: `workers: auto` is
+    # known only there); the recipe's count where there is none. An estimate, not a record.
+    ranks = {e["source"]: e.get("world", 1) for e in store.events([s.name for s in recipe.sites])
+             if e.get("kind") == "group"}
+    per_round = sum(ranks.get(s.name, (1 if s.workers == "auto" else s.workers) * s.nodes)
+                    for s in recipe.sites)
+    tokens = last_round * t.inner_steps * t.batch_size * t.seq_len * per_round
     summary = {"run": run["id"], "rounds": last_round,
                "eval_loss": (store.read_eval(last_round) or {}).get("eval_loss"),
                "hash": manifest["hash"], "tokens": tokens, "wall_s": time.time() - run["started_at"],

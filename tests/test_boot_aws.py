@@ -22,11 +22,12 @@ import boto3
 import pytest
 
 from geotrain.site.node_info import fatal_line
-from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy
+from tests.cloud_helpers import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, tagged, \
+    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.fakes.aws_identity import S3IdentityProxy
+from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
-from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, tagged, \
-    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600  # a hang detector, not a speed bound

@@ -24,11 +24,11 @@ import pytest
 import yaml
 
 from geotrain.site.node_info import fatal_line
+from tests.cloud_helpers import ROOT, cli, cli_json, gcp_env, wait_succeeded
 from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
-from tests.test_cloud_e2e import ROOT, cli, cli_json, gcp_env, wait_succeeded
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600  # a hang detector, not a speed bound

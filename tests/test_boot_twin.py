@@ -18,13 +18,14 @@ from __future__ import annotations
 import pytest
 
 from geotrain.site.node_info import fatal_line
-from tests.fakes.ec2_boot import Ec2Booter, S3IdentityProxy, StsWebIdentity
+from tests.cloud_helpers import BUCKET, PROFILE, aws_env, cli, cli_json, gcp_env, \
+    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity
+from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
-from tests.test_cloud_e2e import BUCKET, PROFILE, aws_env, cli, cli_json, gcp_env, \
-    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600

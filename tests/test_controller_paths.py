@@ -1,11 +1,12 @@
 """The controller's paths of consequence, driven tick by tick without a site:
-the replacement limit, the drain wait, resume's refusals and adoption, every
-way a migration can fail, a migration between providers, and `geotrain logs`.
+the replacement limit, the drain wait, resume's refusals and adoption, and
+`geotrain logs`. Every way a migration can fail, and a migration between
+providers: tests/test_controller_migrate.py.
 
 Providers are faked (`Cloud`: which nodes each one holds, every terminate
-call); sites are played by writing what their agents would write in the run
-store. No test waits for a timeout to pass: the time a limit is measured from
-is set in the past instead.
+call; tests/controller_fakes.py); sites are played by writing what their agents
+would write in the run store. No test waits for a timeout to pass: the time a
+limit is measured from is set in the past instead.
 """
 
 from __future__ import annotations
@@ -19,149 +20,15 @@ from pathlib import Path
 
 import pytest
 
-import geotrain.controller as controller_mod
-import geotrain.migrate as migrate_mod
-import providers
 from geotrain.controller import DRAIN_WAIT_S, Controller
+from geotrain.errors import GeotrainError, RunNotFound
 from geotrain.runs import prepare_resume
-from geotrain.errors import GeotrainError, RunNotFound, StoreError
-from geotrain.migrate import DRAIN_TIMEOUT_S, JOIN_TIMEOUT_S, request_site_migration, request_store_migration
-from geotrain.recipe import Placement
 from providers import Node
-from tests.fake_controller import Ticked, tiny_run
+from tests.controller_fakes import (Cloud, Faked, cli, cloud, ctl, launched, live_pid,  # noqa: F401 - fixtures
+                                    one_line_error, run_id)
 from tests.helpers import as_member, geotrain_cmd, geotrain_home, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Cloud:
-    """Every provider at once, faked: the nodes each holds, each terminate call."""
-
-    def __init__(self):
-        self.held: list[Node] = []
-        self.terminated: list[tuple[str, str, str]] = []  # (provider, member, instance id)
-
-    def get(self, name: str):
-        if name not in providers.PROVIDERS:
-            raise ValueError(f"unknown provider {name!r}")
-        cloud = self
-
-        class Provider:
-            @staticmethod
-            def query(run_id, site=None, regions=None):
-                return [n for n in cloud.held if n.provider == name and n.run_id == run_id
-                        and (site is None or n.site == site)]
-
-            @staticmethod
-            def terminate(nodes):
-                for n in nodes:
-                    cloud.terminated.append((name, n.site, n.instance_id))
-                gone = {n.instance_id for n in nodes}
-                cloud.held = [n for n in cloud.held if n.instance_id not in gone]
-                return nodes
-        return Provider
-
-    def holds(self, member: str) -> list[str]:
-        return [n.instance_id for n in self.held if n.site == member]
-
-
-class Faked(Ticked):
-    """A controller whose launches are recorded and answered by `Cloud`."""
-
-    def __init__(self, run_id: str, home: Path, cloud: Cloud):
-        super().__init__(run_id, home)
-        self.cloud = cloud
-        self.launches: list[tuple[str, str, str, str | None]] = []  # (site, member, provider, region)
-        self.dead_on_launch: set[str] = set()  # sites whose node is gone as soon as launched
-
-    def _launch_spec(self, name, spec):
-        self.launches.append((name, spec.name, spec.provider, spec.region))
-        row = self.db.add_node(self.run_id, spec.name, spec.provider, spec.region)
-        node = Node(self.run_id, spec.name, spec.provider, f"{spec.provider}-{row}", "running",
-                    pid=100000 + row, region=spec.region)
-        self.db.update_node(row, instance_id=node.instance_id, state="running")
-        if name not in self.dead_on_launch:
-            self.cloud.held.append(node)
-        return [node], Placement(provider=spec.provider, region=spec.region,
-                                 instance_type=spec.instance_type, spot=spec.spot)
-
-    def step(self) -> None:
-        """What one tick of `watch` does for migrations."""
-        self._poll_requests()
-        self._advance_migrations()
-        self._advance_store_migration()
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        return [e for e in self.store.events([]) if kind is None or e["kind"] == kind]
-
-    def node_rows(self, member: str) -> list[str]:
-        return [r["state"] for r in self.db.nodes(self.run_id) if r["site"] == member]
-
-
-@pytest.fixture
-def cloud(monkeypatch: pytest.MonkeyPatch) -> Cloud:
-    c = Cloud()
-    monkeypatch.setattr(providers, "get", c.get)
-    monkeypatch.setattr(controller_mod, "POLL_S", 0.01)
-    return c
-
-
-@pytest.fixture
-def run_id(geotrain_home: Path, tmp_path: Path) -> str:
-    return tiny_run(geotrain_home, tmp_path, "paths", liveness_timeout_s=60, boot_timeout_s=600)
-
-
-@pytest.fixture
-def ctl(run_id: str, geotrain_home: Path, cloud: Cloud) -> Faked:
-    return Faked(run_id, geotrain_home, cloud)
-
-
-@pytest.fixture
-def launched(ctl: Faked) -> Faked:
-    """Both sites launched, their nodes up."""
-    ctl.provision()
-    assert [x[:2] for x in ctl.launches] == [("a", "a"), ("b", "b")]
-    return ctl
-
-
-@pytest.fixture
-def live_pid():
-    """A real process that is not this one, to stand for a live controller."""
-    proc = subprocess.Popen(["sleep", "60"])
-    try:
-        yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(geotrain_cmd(*args), capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(p: subprocess.CompletedProcess) -> str:
-    """A user's mistake: exit 1, one line on stderr, no traceback."""
-    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stdout + p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    return lines[0]
-
-
-def accept(ctl: Faked, r: int, *members: str) -> None:
-    """Round r decided as a site's RoundExchange decides it: `members` accepted."""
-    ctl.store.decide_members(r, {"accepted": [{"site": m, "round": r, "sha256": "0" * 64, "tokens": 64.0,
-                                               "norm": 1.0} for m in members],
-                                 "rejected": [], "decided_by": "b", "decided_at": time.time()})
-
-
-def copied(ctl: Faked) -> None:
-    """The store move asked for is started, its copy has ended, and the controller has seen it."""
-    ctl._poll_requests()
-    assert [e["kind"] for e in ctl.events()][-1] == "migrate-store-started"
-    ctl.store_move["thread"].join(60)
-    assert not ctl.store_move["thread"].is_alive()
-    ctl._advance_store_migration()
 
 
 # -- supervision ----------------------------------------------------------------------
@@ -302,147 +169,6 @@ def test_resume_keeps_a_done_site_and_adopts_a_live_one(ctl: Faked):
     assert ctl.events("site-launched") == [] and ctl.cloud.terminated == []
     ctl.tick("a")  # a done site is never judged lost
     assert ctl.launches == [] and ctl.events("site-lost") == []
-
-
-# -- migrate: every way it can fail -----------------------------------------------------
-
-
-def test_migrating_an_unknown_site_or_one_already_moving_fails_and_changes_nothing(launched: Faked):
-    ctl = launched
-    request_site_migration(ctl.db, ctl.run_id, "zz", "local")
-    ctl.step()
-    [e] = ctl.events("migrate-failed")
-    assert e["site"] == "zz" and e["error"] == "no site 'zz' in this run; sites: a, b"
-    assert ctl.migrating == {} and len(ctl.launches) == 2
-
-    request_site_migration(ctl.db, ctl.run_id, "a", "local")
-    ctl.step()
-    assert ctl.migrating["a"]["new"] == "a~1" and ctl.launches[-1][:2] == ("a", "a~1")
-    request_site_migration(ctl.db, ctl.run_id, "a", "local")
-    ctl.step()
-    second = ctl.events("migrate-failed")[1:]
-    assert [(e["site"], e["error"]) for e in second] == [("a", "site a is already being migrated")]
-    assert len(ctl.launches) == 3 and len(ctl.events("migrate-started")) == 1
-
-
-@pytest.mark.parametrize("how", ["new member failed", "join timeout"])
-def test_an_aborted_migration_terminates_the_new_member_and_the_old_goes_on(launched: Faked, how):
-    ctl = launched
-    old = ctl.cloud.holds("a")
-    request_site_migration(ctl.db, ctl.run_id, "a", "local")
-    ctl.step()
-    new = ctl.cloud.holds("a~1")
-    ctl.step()  # neither failed nor late: still joining
-    assert ctl.migrating["a"]["phase"] == "joining" and ctl.events("migrate-failed") == []
-    if how == "new member failed":
-        as_member(ctl, "a~1").beat("a~1", {"state": "failed", "error": "CUDA out of memory"})
-        why = "the new member failed"
-    else:
-        ctl.migrating["a"]["t0"] = time.time() - JOIN_TIMEOUT_S - 1
-        why = f"it did not join a round within {JOIN_TIMEOUT_S:g} s"
-    ctl.step()
-    [e] = ctl.events("migrate-failed")
-    assert (e["site"], e["error"]) == ("a", why) and "a goes on" in e["message"]
-    assert ctl.migrating == {} and ctl.member["a"] == "a"
-    assert ctl.cloud.terminated == [("local", "a~1", new[0])]
-    assert ctl.cloud.holds("a") == old and ctl.node_rows("a") == ["running"]
-    assert ctl.node_rows("a~1") == ["terminated"]
-    assert ctl.store.commands("a") == []  # the old member was never told to stop
-    assert ctl.events("site-migrated") == []
-
-
-def test_an_old_member_that_does_not_leave_is_terminated_after_the_drain_timeout(launched: Faked):
-    ctl = launched
-    old = ctl.cloud.holds("a")
-    request_site_migration(ctl.db, ctl.run_id, "a", "local")
-    ctl.step()
-    accept(ctl, 1, "b", "a~1")
-    ctl.step()
-    [joined] = ctl.events("migrate-joined")
-    assert joined["round"] == 1 and ctl.migrating["a"]["phase"] == "draining"
-    assert [c.command for c in ctl.store.commands("a")] == ["stop"]
-    ctl.step()  # still leaving, within DRAIN_TIMEOUT_S
-    assert ctl.cloud.terminated == [] and "a" in ctl.migrating
-    ctl.migrating["a"]["drain_at"] = time.time() - DRAIN_TIMEOUT_S - 1
-    ctl.step()
-    assert ctl.cloud.terminated == [("local", "a", old[0])] and ctl.migrating == {}
-    assert ctl.member["a"] == "a~1" and ctl.node_rows("a") == ["terminated"]
-    assert [e["member"] for e in ctl.events("site-migrated")] == ["a~1"]
-
-
-def test_a_store_move_near_the_last_round_is_refused(launched: Faked, tmp_path):
-    ctl = launched
-    accept(ctl, 1, "a", "b")
-    accept(ctl, 2, "a", "b")  # decided up to 2: a move could start at round 4 of 3
-    request_store_migration(ctl.db, ctl.run_id, f"file://{tmp_path / 'elsewhere'}")
-    copied(ctl)
-    [e] = ctl.events("migrate-failed")
-    assert e["error"] == "too late" and e["message"] == "too close to the end of the run to move the store"
-    assert ctl.store_move is None and ctl.store.switch_request() is None
-    assert ctl.db.run(ctl.run_id)["store"] == ctl.store.url and "elsewhere" not in ctl.store.url
-
-
-def test_a_failed_store_copy_leaves_the_run_on_its_store(launched: Faked, tmp_path, monkeypatch):
-    ctl = launched
-
-    def broken(src, dst, **kw):
-        raise StoreError("store: write refused by the backend")
-    monkeypatch.setattr("geotrain.store_copy.copy_run", broken)
-    to = f"file://{tmp_path / 'elsewhere'}"
-    request_store_migration(ctl.db, ctl.run_id, to)
-    copied(ctl)
-    [e] = ctl.events("migrate-failed")
-    assert e["store"] == to and e["error"] == "store: write refused by the backend"
-    assert "the run goes on in the old store" in e["message"]
-    assert ctl.store_move is None and ctl.store.switch_request() is None
-    assert ctl.db.run(ctl.run_id)["store"] == ctl.store.url and "elsewhere" not in ctl.store.url
-    assert ctl.events("store-migrated") == []
-
-
-def test_migrate_refuses_a_malformed_target_or_store_url(run_id, geotrain_home, live_pid):
-    Controller(run_id, geotrain_home).db.update_run(run_id, state="running", controller_pid=live_pid)
-    line = one_line_error(cli("migrate", run_id, "--site", "a", "--to", "mars:olympus"))
-    assert "--to 'mars:olympus': expected PROVIDER[:REGION[:INSTANCE]]" in line
-    line = one_line_error(cli("migrate", run_id, "--store", "ftp://somewhere/runs"))
-    assert "unsupported URL scheme 'ftp'" in line and "file://, s3://, gs://, az://" in line
-    assert Controller(run_id, geotrain_home).db.take_requests(run_id) == []  # nothing was asked
-
-
-# -- migrate between providers ----------------------------------------------------------
-
-
-def test_a_site_migrates_from_local_to_aws(launched: Faked, geotrain_home, monkeypatch):
-    ctl = launched
-    monkeypatch.setattr(migrate_mod, "DRAIN_TIMEOUT_S", 0.0)  # the old member is not waited for
-    old = ctl.cloud.holds("a")
-    request_site_migration(ctl.db, ctl.run_id, "a", "aws:us-west-2:g5.xlarge")
-    ctl.step()
-    assert ctl.launches[-1] == ("a", "a~1", "aws", "us-west-2")
-    [started] = ctl.events("migrate-started")
-    assert started["member"] == "a~1" and started["to"]["provider"] == "aws"
-    new = ctl.cloud.holds("a~1")
-    as_member(ctl, "a~1").beat("a~1", {"state": "training", "first_step_at": time.time()})
-    accept(ctl, 1, "a", "b")  # a round without the new member does not count
-    ctl.step()
-    assert ctl.migrating["a"]["phase"] == "joining"
-    accept(ctl, 2, "a~1", "b")
-    ctl.step()
-    assert ctl.migrating["a"]["joined"] == 2 and ctl.cloud.terminated == []
-    ctl.step()
-    assert ctl.cloud.terminated == [("local", "a", old[0])]  # through the old provider
-    assert ctl.cloud.holds("a~1") == new and new[0].startswith("aws-")
-    row = {s["name"]: s for s in ctl.db.sites(ctl.run_id)}["a"]
-    assert (row["provider"], row["region"], row["member"]) == ("aws", "us-west-2", "a~1")
-    assert json.loads(row["placement"])["instance_type"] == "g5.xlarge"
-    [e] = ctl.events("site-migrated")
-    assert e["site"] == "a" and e["member"] == "a~1" and "aws/us-west-2" in e["message"]
-    assert e["join_s"] >= 0 and e["seconds"] >= e["join_s"] and e["downtime_s"] == 0.0
-    assert e["overlap_s"] >= 0  # the new member trained before the old one was told to stop
-    assert ctl._site_alive("a") and ctl.node_rows("a") == ["terminated"]
-    # A controller started now (resume) knows the site by its new member and placement.
-    again = Faked(ctl.run_id, geotrain_home, ctl.cloud)
-    assert again.member["a"] == "a~1" and again._spec("a").provider == "aws"
-    assert again._spec("a").name == "a~1" and again._providers_of("a") == ["aws"]
 
 
 # -- logs -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from geotrain.sync import compression
 from geotrain.sync.diloco import RoundExchange, model_params
 from geotrain.sync.rounds import MAX_TOKENS, member_base
 from geotrain.train.model import build
-from tests.test_sync import CFG, commit_start, run_sites
+from tests.sync_helpers import CFG, commit_start, run_sites
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from geotrain.store import RunStore, round_key
 from geotrain.sync.diloco import DiLoCo, RoundExchange, encode, params_hash
 from geotrain.sync.joining import state_problem
 from geotrain.train.model import build
-from tests.test_sync import CFG, commit_start, run_sites
+from tests.sync_helpers import CFG, commit_start, run_sites
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)

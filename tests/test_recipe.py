@@ -59,7 +59,7 @@ def test_valid_recipe_loads_and_round_trips(tmp_path: Path):
     assert r.data.paths == [str(tmp_path / "corpus/*.txt"), "/abs/data/**/*.md"]
     assert r.train.betas == (0.8, 0.9)
     assert [(s.name, s.provider, s.region, s.workers) for s in r.sites] == [
-        ("a", "local", None, 1), ("b", "aws", "us-east-1", 4)]
+        ("a", "local", None, "auto"), ("b", "aws", "us-east-1", 4)]
     assert r.store_root() == "s3://bucket/geotrain"
     d = r.to_dict()
     assert json.loads(json.dumps(d)) == d
@@ -75,16 +75,17 @@ def test_defaults_are_as_documented():
     assert r.train.model_dump() == dict(
         rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), optimizer="adamw",
-        muon_lr=0.02, seed=0, eval_batches=8, threads=1, hours=None, entrypoint=None, code_dir=None)
+        muon_lr=0.02, seed=0, eval_batches=8, threads=1, precision="auto", compile=False,
+        hours=None, entrypoint=None, code_dir=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, topk_chunk=4096, error_decay=1.0, overlap=False,
                                        round_seconds=None,
                                        round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
                                        boot_timeout_s=1800, max_replacements=10,
-                                       reject_norm_factor=10, state_every=1)
+                                       reject_norm_factor=10, state_every=1, offload="auto")
     assert r.store.url is None
-    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers=1,
+    assert r.sites[0].model_dump() == dict(name="a", provider="local", region=None, workers="auto",
                                            zones=[], instance_type=None, gpu=None, spot=False,
                                            nodes=1, aws=None, gcp=None, azure=None,
                                            candidates=[])
@@ -148,8 +149,8 @@ MISTAKES = {
         TOP + "train:\n  rounds: 3\n  inner_stepz: 5\n" + SITES, 4, "train.inner_stepz",
         "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
         "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
-        "grad_clip, betas, optimizer, muon_lr, seed, eval_batches, threads, hours, entrypoint, "
-        "code_dir"),
+        "grad_clip, betas, optimizer, muon_lr, seed, eval_batches, threads, precision, compile, "
+        "hours, entrypoint, code_dir"),
     "unknown key, nothing close": (
         TOP + SITES + "    colour: eu\n", 4, "sites[0].colour",
         "unknown field 'colour'; valid fields: name, provider, region, workers, zones, "

@@ -26,7 +26,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from providers.aws.watcher import AwsWatcher
-from tests.fakes.ec2_boot import Ec2Booter, Imds, S3IdentityProxy, sigv4_key_id
+from tests.fakes.aws_identity import S3IdentityProxy, sigv4_key_id
+from tests.fakes.ec2_boot import Ec2Booter
+from tests.fakes.ec2_imds import Imds
 from tests.fakes.node import node_image, tagged_pids
 
 pytestmark = pytest.mark.timeout(180)

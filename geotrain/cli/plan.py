@@ -26,9 +26,9 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
     if as_json:
         print_json(p.to_dict())
         return
-    table = Table("site", "#", "provider", "region", "instance type", "GPUs", "spot", "$/h",
+    table = Table("site", "workers", "#", "provider", "region", "instance type", "GPUs", "spot", "$/h",
                   "available", "options", box=None, padding=(0, 2))
-    for col in table.columns[2:5]:
+    for col in table.columns[3:6]:
         col.no_wrap = True
     for site in p.sites:
         chosen = site.chosen()
@@ -36,7 +36,9 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
             gpus = f"{c.gpus * site.nodes}x {c.gpu}" if c.gpu else "-"
             mark = "[green]yes ◀[/]" if c is chosen else ("yes" if c.available else
                                                            f"[red]no[/] {c.reason}")
-            table.add_row(site.name if i == 0 else "", str(i + 1), c.provider, c.region or "-",
+            first = i == 0
+            table.add_row(site.name if first else "", str(site.workers) if first else "",
+                          str(i + 1), c.provider, c.region or "-",
                           c.instance_type or "-", gpus, "yes" if c.spot else "no",
                           fmt(c.usd_per_hour, ",.2f"), mark, c.options_text() or "-")
     out.print(table)

@@ -1,8 +1,10 @@
 """The site agent: what runs on a site's head node.
 
 It starts the site's own Ray cluster (bound to the site's private address,
-token authentication on), creates one TrainWorker per worker, forms their
-gloo group inside the site, runs the trainer, and watches the run store for
+token authentication on, with the node's GPUs), creates one TrainWorker per
+worker (`workers: auto`: one per GPU, each actor holding one; 1 on a node without
+GPUs), forms their group inside the site (NCCL when every rank has a usable CUDA
+device, else gloo: geotrain/site/devices.py), runs the trainer, and watches the run store for
 commands from the controller. It exits 0 when its share of the run is done
 (or it was told to stop, or the cloud announced a preemption: then it marks
 itself `preempting` and leaves at once), non-zero when training failed.
@@ -30,7 +32,7 @@ import traceback
 import geotrain
 from geotrain.errors import GeotrainError
 from geotrain.recipe import Recipe
-from geotrain.site import cluster
+from geotrain.site import cluster, devices
 from geotrain.site.preemption import Notice, watch_from_env
 from geotrain.store import RunStore
 
@@ -99,28 +101,47 @@ def _on_sigterm(signum, frame):
     raise Stopped(f"signal {signum}")
 
 
-def start_ray(workers: int, host: str, temp_dir: str | None) -> None:
+def start_ray(workers: int, host: str, temp_dir: str | None, gpus: int = 0) -> None:
+    """A one-node site's Ray: a CPU per worker and the node's `gpus`."""
     import ray
 
-    ray.init(address="local", num_cpus=workers, include_dashboard=False,
+    ray.init(address="local", num_cpus=workers, num_gpus=gpus, include_dashboard=False,
              object_store_memory=OBJECT_STORE_BYTES, _node_ip_address=host,
              _temp_dir=temp_dir, log_to_driver=True, configure_logging=False)
 
 
-def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None,
-              data_site: str | None = None, node_index: int = 0, nodes: int = 1,
-              ray_port: int = cluster.DEFAULT_BASE_PORT) -> int:
-    """Run one site. `site` is this member's name in the store; `data_site` the
-    recipe site whose data shard it trains (they differ for a migrated site's
-    replacement, which runs beside the old member until that one drains).
-    With `nodes` > 1 this is node `node_index` of the site; node 0 leads."""
+def form_local_group(store_url: str, site: str, data_site: str, workers: int, gpus: int,
+                     temp_dir: str) -> cluster.Group:
+    """`workers` TrainWorkers on this one node, each with one of its GPUs when it
+    has `gpus`, in one group whose rendezvous is a FileStore under `temp_dir`."""
     import ray
 
     from geotrain.site.worker import TrainWorker
 
+    actors = [TrainWorker.options(num_gpus=1 if gpus else 0).remote(
+        store_url, site, rank, workers, data_site) for rank in range(workers)]
+    ranks = ray.get([a.where.remote() for a in actors])
+    backend, reason = devices.choose_backend(ranks)
+    rendezvous = os.path.join(temp_dir, "group-rendezvous")
+    sizes = ray.get([a.join.remote(rendezvous, backend) for a in actors])
+    assert sizes == [workers] * workers, sizes
+    return cluster.Group(tuple(actors), tuple(ranks), backend, reason)
+
+
+def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str | None = None,
+              data_site: str | None = None, node_index: int = 0, nodes: int = 1,
+              ray_port: int = cluster.DEFAULT_BASE_PORT, gpus: int | None = None) -> int:
+    """Run one site. `site` is this member's name in the store; `data_site` the
+    recipe site whose data shard it trains (they differ for a migrated site's
+    replacement, which runs beside the old member until that one drains).
+    With `nodes` > 1 this is node `node_index` of the site; node 0 leads.
+    `gpus` is the node's GPU count for Ray; None: what torch sees here."""
+    import ray
+
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="gt-site-")
+    gpus = devices.gpus_on_this_node() if gpus is None else gpus
     if node_index > 0:
-        return run_node(store_url, site, host, temp_dir, data_site, node_index, ray_port)
+        return run_node(store_url, site, host, temp_dir, data_site, node_index, ray_port, gpus)
     try:  # the first reads and the first write: what this node's identity must allow
         store = RunStore(store_url)
         recipe = Recipe.model_validate(store.read_run()["recipe"])
@@ -143,24 +164,23 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         # GEOTRAIN_PROVIDER / GEOTRAIN_METADATA_ENDPOINT say where to watch; `notices.fired`
         # is the hook a drain step reads.
         notices = watch_from_env()
+        per_node = devices.resolve_workers(spec.workers, gpus, f"site {data_site!r}: this node")
         t0 = time.time()
         if nodes > 1:
-            head = cluster.start_head(host, ray_port, spec.workers, temp_dir)
+            head = cluster.start_head(host, ray_port, per_node, temp_dir, gpus)
             cluster.lead(store, site, host, ray_port, nodes)
         else:
-            start_ray(spec.workers, host, temp_dir)
-        store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s ({nodes} node(s))",
-                    seconds=time.time() - t0, nodes=nodes)
+            start_ray(per_node, host, temp_dir, gpus)
+        store.event(site, "ray", f"Ray cluster up in {time.time() - t0:.1f} s ({nodes} node(s), "
+                    f"{gpus} GPU(s) per node)", seconds=time.time() - t0, nodes=nodes, gpus=gpus)
         if nodes > 1:
-            workers = cluster.form_group(store_url, site, data_site, spec.workers, nodes)
-            places = ray.get([w.where.remote() for w in workers])
-            store.event(site, "group", f"gloo group of {len(workers)} ranks on {nodes} nodes",
-                        world=len(workers), nodes=nodes, ranks=places)
+            group = cluster.form_group(store_url, site, data_site, per_node, nodes, gpus)
         else:
-            world = spec.workers
-            workers = [TrainWorker.remote(store_url, site, rank, world, data_site) for rank in range(world)]
-            rendezvous = os.path.join(temp_dir, "gloo-rendezvous")
-            ray.get([w.join.remote(rendezvous) for w in workers])
+            group = form_local_group(store_url, site, data_site, per_node, gpus, temp_dir)
+        workers = group.actors
+        store.event(site, "group", f"{group.backend} group of {len(workers)} rank(s) on {nodes} "
+                    f"node(s): {group.reason}", world=len(workers), nodes=nodes,
+                    backend=group.backend, reason=group.reason, ranks=list(group.ranks))
         pending = [w.train.remote() for w in workers]
         liveness.state = "running"
         results = []
@@ -217,7 +237,7 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
 
 
 def run_node(store_url: str, site: str, host: str, temp_dir: str, data_site: str | None,
-             node_index: int, ray_port: int) -> int:
+             node_index: int, ray_port: int, gpus: int = 0) -> int:
     """Node `node_index` > 0 of a multi-node site: join the head's Ray cluster
     and stay until the head goes away, the site is done, or a stop (command or
     SIGTERM). Its workers are placed and driven by node 0."""
@@ -228,7 +248,9 @@ def run_node(store_url: str, site: str, host: str, temp_dir: str, data_site: str
     signal.signal(signal.SIGTERM, _on_sigterm)
     stop = lambda: store.commanded(site, "stop", since=started)  # noqa: E731
     try:
-        why = cluster.run_member(store, site, host, ray_port, node_index, spec.workers, temp_dir, stop)
+        per_node = devices.resolve_workers(spec.workers, gpus, f"site {spec.name!r}: node {node_index}")
+        why = cluster.run_member(store, site, host, ray_port, node_index, per_node, temp_dir, stop,
+                                 gpus=gpus)
         log.info("node %d left: %s", node_index, why)
         return 0
     except (Stopped, KeyboardInterrupt) as e:

@@ -10,8 +10,12 @@ writer of the store forges is ignored). Nodes 1..N-1 wait for that record, join 
 with the same token, and stay until the head goes away, the site's run is over
 or they are told to stop. Node 0 waits (bounded) until all N nodes have joined,
 places `workers` TrainWorker actors on each node (a custom resource
-`geotrain_node_<i>` per node pins them) and forms one gloo group across all of
-them through a TCPStore that rank 0 opens on its node's private address.
+`geotrain_node_<i>` per node pins them; on nodes with GPUs each also takes one of
+Ray's GPUs, so the nodes are assumed alike: one instance type) and forms one group
+across all of them — NCCL when every rank has a usable CUDA device, else gloo
+(geotrain/site/devices.py) — through a TCPStore that rank 0 opens on its node's
+private address. GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME name the interface that
+holds that address, so the group's traffic stays on the site's private network.
 
 Ports, node i of a site with base port B (the plan option `ray_port`, default
 6379): GCS B on the head; node manager, object manager, metrics export,
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 
 from geotrain import procs
 from geotrain.errors import GeotrainError
+from geotrain.site import devices
 from geotrain.store import RunStore
 from geotrain.store.records import SiteState
 
@@ -76,6 +81,16 @@ class RayPorts:
                    min_worker=o + 20, max_worker=o + 99)
 
 
+@dataclass(frozen=True)
+class Group:
+    """A site's TrainWorkers, in rank order, and how their process group was formed."""
+
+    actors: tuple
+    ranks: tuple[dict, ...]  # each rank's TrainWorker.where(): node, pid, device
+    backend: str  # "nccl" or "gloo"
+    reason: str  # why that backend (devices.choose_backend)
+
+
 def node_resource(index: int) -> str:
     return f"geotrain_node_{index}"
 
@@ -102,14 +117,17 @@ def _secure_env(host: str) -> None:
 
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray read its config at import; make this process see it too
-    if not os.environ.get("GLOO_SOCKET_IFNAME") and (ifname := interface_for(host)):
-        os.environ["GLOO_SOCKET_IFNAME"] = ifname  # Ray's workers inherit it
+    ifname = interface_for(host)
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if not os.environ.get(name) and ifname:
+            os.environ[name] = ifname  # Ray's workers inherit it
 
 
 def start_node(host: str, ports: RayPorts, index: int, cpus: int, temp_dir: str,
-               head_address: str | None = None):
-    """Start this node's Ray processes: the head when `head_address` is None,
-    else a node joining it. Returns the `ray._private.node.Node` that owns them."""
+               head_address: str | None = None, gpus: int = 0):
+    """Start this node's Ray processes, with `gpus` GPUs for its workers: the head
+    when `head_address` is None, else a node joining it. Returns the
+    `ray._private.node.Node` that owns them."""
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
@@ -119,7 +137,8 @@ def start_node(host: str, ports: RayPorts, index: int, cpus: int, temp_dir: str,
         object_manager_port=ports.object_manager, metrics_export_port=ports.metrics_export,
         metrics_agent_port=ports.metrics_agent, dashboard_agent_listen_port=ports.dashboard_agent,
         runtime_env_agent_port=ports.runtime_env_agent, min_worker_port=ports.min_worker,
-        max_worker_port=ports.max_worker, num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES,
+        max_worker_port=ports.max_worker, num_cpus=cpus, num_gpus=gpus,
+        object_store_memory=OBJECT_STORE_BYTES,
         resources={node_resource(index): float(cpus)}, temp_dir=temp_dir, include_dashboard=False,
         gcs_server_port=ports.gcs if head_address is None else None, gcs_address=head_address)
     # shutdown_at_exit=False keeps the agent's own SIGTERM handling; the reaper
@@ -192,25 +211,30 @@ def wait_for_nodes(n: int, timeout_s: float = JOIN_TIMEOUT_S, site: str = "",
         time.sleep(0.5)
 
 
-def form_group(store_url: str, site: str, data_site: str, workers: int, nodes: int) -> list:
-    """`workers` TrainWorkers on each of `nodes` nodes, ranks node-major, in
-    one gloo group whose rendezvous is a TCPStore on rank 0's private address."""
+def form_group(store_url: str, site: str, data_site: str, workers: int, nodes: int,
+               gpus: int = 0) -> Group:
+    """`workers` TrainWorkers on each of `nodes` nodes, ranks node-major, each
+    with one GPU when the nodes have `gpus`, in one group whose rendezvous is a
+    TCPStore on rank 0's private address."""
     import ray
 
     from geotrain.site.worker import TrainWorker
 
     world = workers * nodes
-    actors = [TrainWorker.options(resources={node_resource(r // workers): 1}).remote(
+    actors = [TrainWorker.options(resources={node_resource(r // workers): 1},
+                                  num_gpus=1 if gpus else 0).remote(
         store_url, site, r, world, data_site) for r in range(world)]
+    ranks = ray.get([a.where.remote() for a in actors])
+    backend, reason = devices.choose_backend(ranks)
     host, port = ray.get(actors[0].open_rendezvous.remote())
-    sizes = ray.get([a.join_tcp.remote(host, port) for a in actors])
+    sizes = ray.get([a.join_tcp.remote(host, port, backend) for a in actors])
     assert sizes == [world] * world, sizes
-    return actors
+    return Group(tuple(actors), tuple(ranks), backend, reason)
 
 
-def start_head(host: str, base_port: int, workers: int, temp_dir: str):
+def start_head(host: str, base_port: int, workers: int, temp_dir: str, gpus: int = 0):
     """Node 0: start the head's Ray processes. Stop them with `stop_node`."""
-    return start_node(host, RayPorts.for_node(base_port, 0), 0, workers, temp_dir)
+    return start_node(host, RayPorts.for_node(base_port, 0), 0, workers, temp_dir, gpus=gpus)
 
 
 def lead(store: RunStore, site: str, host: str, base_port: int, nodes: int,
@@ -232,7 +256,8 @@ def head_down(store: RunStore, site: str) -> None:
 
 
 def run_member(store: RunStore, site: str, host: str, base_port: int, index: int, workers: int,
-               temp_dir: str, should_stop=lambda: False, timeout_s: float = JOIN_TIMEOUT_S) -> str:
+               temp_dir: str, should_stop=lambda: False, timeout_s: float = JOIN_TIMEOUT_S,
+               gpus: int = 0) -> str:
     """Node `index` > 0: wait for the head's record, join it, stay until the
     head goes away, the site is finished or `should_stop()`. Returns why it left."""
     deadline = time.monotonic() + timeout_s
@@ -250,7 +275,8 @@ def run_member(store: RunStore, site: str, host: str, base_port: int, index: int
                                "that node 0 booted")
         time.sleep(0.5)
     address = rec.address
-    node = start_node(host, RayPorts.for_node(base_port, index), index, workers, temp_dir, address)
+    node = start_node(host, RayPorts.for_node(base_port, index), index, workers, temp_dir, address,
+                      gpus)
     log.info("node %d joined the site's Ray head at %s", index, address)
     lost_since = None
     try:

@@ -29,6 +29,14 @@ min(|x|, |scale|), and <= |scale|/2 but for opposite-sign values beyond 1.5·|sc
 What top-k drops or rounds away stays in the site's residual e and is sent
 in a later round: x' = x + β·e, send C(x'), e <- x' - decode(C(x')).
 
+Encoding runs on the device the tensors are on (a GPU encodes its own
+pseudo-gradient; only the packed arrays come to the CPU) and gives the same
+bytes on every device (geotrain/sync/quant.py says how). With `offload` (on by
+default) the residual lives in host memory, one buffer per tensor reused every
+round — pinned when the tensors come from a GPU, so the copies each way are
+fast — and the GPU holds it only while encoding; without it, the residual stays
+on the tensors' device. Decoding, of untrusted bytes, runs on the CPU.
+
 Wire format, little-endian:
 
     b"GTC" | version u8 | header_len u32 | crc32(header + body) u32 |
@@ -294,10 +302,14 @@ class Codec:
     with `state_dict` / `load_state_dict`."""
 
     def __init__(self, name: str, *, topk_fraction: float, chunk: int, value_bits: int,
-                 block: int, error_feedback: bool, error_decay: float = 1.0):
+                 block: int, error_feedback: bool, error_decay: float = 1.0,
+                 offload: bool = True):
         self.name, self.chunk, self.value_bits, self.block = name, chunk, value_bits, block
         self.topk_fraction, self.error_feedback, self.error_decay = (
             topk_fraction, error_feedback, error_decay)
+        # Residuals in host buffers updated in place (pinned for GPU tensors),
+        # or where the tensors are: see the module docstring.
+        self.offload = offload
         self.k = min(chunk, math.ceil(topk_fraction * chunk))
         self._residual: Tensors = {}
 
@@ -327,64 +339,93 @@ class Codec:
         return len(_pack(self._header(entries), [])) + body
 
     def encode(self, tensors: Tensors) -> bytes:
+        """The payload of these tensors (any device, any float dtype); folds in
+        and updates the error-feedback residual. A tensor that cannot be sent
+        raises CodecError before anything changes."""
+        names = sorted(tensors)
+        for name in names:
+            self._check(name, tensors[name])
         entries, parts = [], []
         updated: Tensors = {}
-        for name in sorted(tensors):
+        pinned: set[torch.device] = set()   # GPUs that copy into pinned buffers
+        for name in names:
             t = tensors[name]
-            if not (t.is_floating_point()):
-                raise CodecError(f"tensor {name!r} has dtype {t.dtype}; codecs send floating-point "
-                                 f"pseudo-gradients")
-            x = t.detach().to("cpu", torch.float32).reshape(-1)
-            if not quant.all_finite(x):
-                raise CodecError(f"tensor {name!r} holds NaN or inf; a site must not publish "
-                                 f"a non-finite pseudo-gradient")
+            x = t.detach().to(torch.float32).reshape(-1)
             e = self._residual.get(name) if self.error_feedback else None
-            if e is not None and e.shape != t.shape:
-                raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)} but its "
-                                 f"error-feedback residual has {tuple(e.shape)}; "
-                                 f"reset() the codec or load a matching state")
+            if e is not None:
+                e = e.reshape(-1).to(x.device, non_blocking=True)
             mode = self.mode(x.numel())
-            arrays, residual = self._encode_one(x, None if e is None else e.reshape(-1), mode)
+            arrays, residual = self._encode_one(x, e, mode)
             entries.append([name, list(t.shape), mode])
             parts.extend(np.ascontiguousarray(a) for a in arrays)
-            if self.error_feedback:
+            if not self.error_feedback:
+                continue
+            if self.offload:   # into this tensor's host buffer, in place
+                buf = self._host_buffer(name, t.shape, pin=x.is_cuda)
+                buf.view(-1).copy_(residual, non_blocking=True)
+                if x.is_cuda:
+                    pinned.add(x.device)
+            else:
                 updated[name] = residual.view(t.shape)
+        for device in pinned:   # the residual copies land before anyone reads the buffers
+            torch.cuda.synchronize(device)
         payload = _pack(self._header(entries), parts)
         self._residual.update(updated)   # only once the whole payload is built
         return payload
 
+    def _check(self, name: str, t: torch.Tensor) -> None:
+        if not (t.is_floating_point()):
+            raise CodecError(f"tensor {name!r} has dtype {t.dtype}; codecs send floating-point "
+                             f"pseudo-gradients")
+        if not quant.all_finite(t.detach().to(torch.float32)):
+            raise CodecError(f"tensor {name!r} holds NaN or inf; a site must not publish "
+                             f"a non-finite pseudo-gradient")
+        e = self._residual.get(name) if self.error_feedback else None
+        if e is not None and e.shape != t.shape:
+            raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)} but its "
+                             f"error-feedback residual has {tuple(e.shape)}; "
+                             f"reset() the codec or load a matching state")
+
+    def _host_buffer(self, name: str, shape: torch.Size, pin: bool) -> torch.Tensor:
+        """The host buffer holding `name`'s residual, allocated once (pinned for
+        a GPU tensor's) and then reused: its old value was read before this."""
+        buf = self._residual.get(name)
+        if buf is None or buf.device.type != "cpu" or (pin and not buf.is_pinned()):
+            buf = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+            self._residual[name] = buf
+        return buf
+
     def _encode_one(self, x: torch.Tensor, e: torch.Tensor | None, mode: str
                     ) -> tuple[list[np.ndarray], torch.Tensor | None]:
-        """The body sections of x' = x + β·e, and (with error feedback) the new
-        residual x' - x_hat, computed with the same ops as decode()."""
+        """The body sections of x' = x + β·e (computed on x's device, then
+        brought to the CPU), and (with error feedback) the new residual
+        x' - x_hat on x's device, computed with the same ops as decode()."""
         if e is not None and mode not in _TOPK:
-            x = x.add(e, alpha=self.error_decay)
+            x = quant.add_scaled(x, e, self.error_decay)
         if mode == "f32":
-            return [x.numpy()], torch.zeros_like(x) if self.error_feedback else None
+            return [x.cpu().numpy()], torch.zeros_like(x) if self.error_feedback else None
         if mode in ("b8", "b4"):
             bits = 8 if mode == "b8" else 4
             q, scale = quant.block_encode(x, self.block, bits)
             codes = q if bits == 8 else quant.pack4(q)
             residual = x - quant.block_decode(q, scale, self.block) if self.error_feedback else None
-            return [scale.view(torch.int16).numpy(), codes.numpy()], residual
+            return [scale.view(torch.int16).cpu().numpy(), codes.cpu().numpy()], residual
         n = x.numel()
         nc = math.ceil(n / self.chunk)
-        rows = torch.empty(nc * self.chunk, dtype=torch.float32)   # ours: overwritten below
-        rows[:n] = x
+        rows = x.new_empty(nc * self.chunk)   # ours: overwritten below
+        rows[:n] = x if e is None else quant.add_scaled(x, e, self.error_decay)
         rows[n:] = 0
-        if e is not None:
-            rows[:n].add_(e, alpha=self.error_decay)
         idx, q, scale = quant.topk_encode_(rows.view(nc, self.chunk), self.k, self.value_bits)
-        index = idx.to(torch.int32).numpy().astype(_TOPK[mode][0])
-        return [scale.view(torch.int16).numpy(), index,
-                quant.pack(q, self.value_bits).numpy()], rows[:n]
+        index = idx.to(torch.int32).cpu().numpy().astype(_TOPK[mode][0])
+        return [scale.view(torch.int16).cpu().numpy(), index,
+                quant.pack(q, self.value_bits).cpu().numpy()], rows[:n]
 
     def decode(self, data: bytes, expect: Expected | None = None) -> Tensors:
         return decode(data, expect)
 
     def state_dict(self) -> Tensors:
-        """The error-feedback residuals (empty without error feedback)."""
-        return {n: e.clone() for n, e in self._residual.items()}
+        """The error-feedback residuals as fp32 CPU tensors (empty without error feedback)."""
+        return {n: e.to("cpu", copy=True) for n, e in self._residual.items()}
 
     def load_state_dict(self, state: Tensors) -> None:
         loaded = {}
@@ -401,11 +442,12 @@ class Codec:
 
 def make_codec(name: str, *, topk_fraction: float = 0.01, chunk: int = 4096,
                value_bits: int = 4, block: int = 64, error_feedback: bool | None = None,
-               error_decay: float = 1.0) -> Codec:
+               error_decay: float = 1.0, offload: bool = True) -> Codec:
     """A codec by name (see CODECS). `value_bits` (2, 4 or 8) is for top-k values;
     `chunk` (top-k) sets the index width: one byte up to 256, else two;
     `block` is the int8/int4 scale block; `error_feedback` defaults to on for
-    topk only; `error_decay` (β, SparseLoCo) scales the residual carried in."""
+    topk only; `error_decay` (β, SparseLoCo) scales the residual carried in;
+    `offload` keeps the residual in host memory (see the module docstring)."""
     if name not in CODECS:
         raise CodecError(f"unknown codec {name!r}; valid: {', '.join(CODECS)}")
     if not 0 < topk_fraction <= 1:
@@ -420,4 +462,4 @@ def make_codec(name: str, *, topk_fraction: float = 0.01, chunk: int = 4096,
         raise CodecError(f"error_decay is {error_decay}; it must be in [0, 1]")
     ef = (name == "topk") if error_feedback is None else bool(error_feedback)
     return Codec(name, topk_fraction=topk_fraction, chunk=chunk, value_bits=value_bits,
-                 block=block, error_feedback=ef, error_decay=error_decay)
+                 block=block, error_feedback=ef, error_decay=error_decay, offload=offload)

@@ -17,6 +17,10 @@ its parameters, where anchor_r is what it had when it published round r.
 Compute waits only when an exchange takes longer than a whole round. With
 `overlap=False` (or an instant exchange and zero delay) this is plain DiLoCo.
 
+On a GPU the pseudo-gradient is computed and encoded there; with `offload`
+(the default on a GPU) the site's copies of the model and the codec's residual
+live in pinned host memory instead (geotrain/sync/offload.py).
+
 In a user's own loop:
 
     exchange = RoundExchange(RunStore(url), site="a")
@@ -43,6 +47,7 @@ from safetensors.torch import save as st_save
 
 from geotrain.errors import StoreError
 from geotrain.sync.joining import state_problem, states_newest_first
+from geotrain.sync.offload import ModelCopies, on_cuda
 from geotrain.sync.rounds import ContributionChanged, RoundExchange, SyncError
 
 Tensors = dict[str, torch.Tensor]
@@ -139,7 +144,8 @@ class DiLoCo:
                  round_seconds: float | None = None, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, overlap: bool | int = False,
                  on_commit: Callable[[int, Tensors], dict] | None = None,
-                 should_stop: Callable[[], bool] = lambda: False, liveness: bool = True):
+                 should_stop: Callable[[], bool] = lambda: False, liveness: bool = True,
+                 offload: bool | None = None):
         if not inner_steps and not round_seconds:
             raise ValueError("DiLoCo needs inner_steps or round_seconds to end a round")
         self.model, self.inner_optimizer, self.exchange = model, inner_optimizer, exchange
@@ -151,6 +157,12 @@ class DiLoCo:
         # Beat sites/<site>/alive from a thread (a geotrain site agent does it
         # itself; a user's own script gets it here).
         self.liveness = liveness
+        # Where the copies of the model and the codec residual live; None: on
+        # when the model is on a GPU (geotrain/sync/offload.py).
+        self.offload = on_cuda(model) if offload is None else bool(offload)
+        self._copies = ModelCopies(model, self.offload)
+        if exchange is not None:
+            exchange.codec.offload = self.offload
         self._closing = threading.Event()
         self.round = 0            # the newest global round applied to the model
         self.training_round = 1   # the round the current inner steps will be published to
@@ -194,7 +206,7 @@ class DiLoCo:
             load_params(self.model, self.global_params)
         self._broadcast_model()
         if self.rank == 0:
-            self._start = model_params(self.model)
+            self._start = self._copies.of_model()
         self._round_t0 = time.monotonic()
         return self
 
@@ -274,23 +286,23 @@ class DiLoCo:
         result = None
         if publish_only:
             if self.rank == 0 and self._steps:
-                local = model_params(self.model)
                 r = self.exchange.first_open_round(self.training_round)
-                delta = {n: self._start[n] - local[n] for n in local}
+                delta = self._copies.delta(self._start)
                 self.bytes_sent += self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
             return None
         if self.rank == 0:
-            local = model_params(self.model)
+            local = self._copies.of_model()
             r = self.exchange.first_open_round(self.training_round)
             # A store migration switches every site at the same round boundary.
             if self.exchange.store.follow_switch(before_round=r, wait=True,
                                                  should_stop=self.should_stop):
                 r = self.exchange.first_open_round(self.training_round)
-            delta = {n: self._start[n] - local[n] for n in local}
+            delta = self._copies.delta(self._start)   # == start - local, on the model's device
             self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
+            del delta
             self.bytes_sent += self._sent[r]
             self._anchors[r] = local
-            self._start = {n: t.clone() for n, t in local.items()}
+            self._start = self._copies.copy(local, into=self._start)
             self.training_round = r + 1
             with self._cv:
                 self._queued = r
@@ -323,18 +335,21 @@ class DiLoCo:
             if merged.round == just_published:
                 # Nothing trained since we published: take the global state exactly.
                 load_params(self.model, merged.params)
-                self._start = {n: t.clone() for n, t in merged.params.items()}
+                self._start = self._copies.copy(merged.params, into=self._start)
             else:
                 # Keep the progress made since: shift everything by global - anchor
                 # (or by how far the global moved, for a round we were not in).
                 base = anchor if anchor is not None else self.global_params
-                correction = {n: merged.params[n] - base[n] for n in merged.params}
+                correction = {n: merged.params[n].to(base[n].device) - base[n]
+                              for n in merged.params}
                 with torch.no_grad():
                     for n, p in self.model.named_parameters():
                         p.add_(correction[n].to(p.device, p.dtype))
                 for t in [self._start, *self._anchors.values()]:
                     for n in t:
-                        t[n].add_(correction[n])
+                        t[n].add_(correction[n].to(t[n].device))
+            if anchor is not None:
+                self._copies.release(anchor)
             self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum
             self.bytes_received += merged.received
             result = RoundResult(merged.round, merged.hash, self._sent.pop(merged.round, 0),

@@ -1,9 +1,16 @@
 """The tensor-level kernels behind the pseudo-gradient codecs.
 
 `geotrain/sync/compression.py` owns the wire format and the error-feedback
-state; this file only turns a flat fp32 CPU tensor into small integer tensors
-and back. Every function is vectorised (no Python loop over blocks or chunks)
-and deterministic: the same input gives the same output bits.
+state; this file only turns a flat fp32 tensor into small integer tensors and
+back. Every function is vectorised (no Python loop over blocks or chunks)
+and deterministic: the same input gives the same output bits — on any device.
+The encoders run where their input lives (a GPU encodes a GPU's
+pseudo-gradient) and give exactly the bits the CPU gives, because they use only
+correctly rounded element-wise ops (no division by a host scalar, which CUDA
+turns into a multiplication by its reciprocal; no fused multiply-add, which
+some kernels use and others do not), order-free reductions (max, min, count),
+and a top-k selection whose ties are settled the CPU's way (topk_indices).
+Decoding runs on the CPU only.
 
 Scales are stored as bfloat16 (2 bytes, the full fp32 exponent range, so a
 block of 1e-9 values does not underflow as it would in fp16), rounded *up*
@@ -39,12 +46,34 @@ CODE_RANGE = {8: (-127, 127), 4: (-7, 7), 2: (-1, 2)}   # the integer codes each
 
 def bf16_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     """absmax / qmax as bfloat16, rounded up so the stored scale never clips."""
-    exact = absmax.to(torch.float32) / qmax
+    # A divisor on the tensor's own device: CUDA replaces division by a host
+    # scalar with a multiplication by its reciprocal, which may differ in the last bit.
+    exact = absmax.to(torch.float32) / absmax.new_full((), qmax, dtype=torch.float32)
     scale = exact.to(torch.bfloat16)
     bits = scale.view(torch.int16)
     # Scales are >= 0: the next representable bf16 above is the next bit pattern.
     bits = torch.where(scale.to(torch.float32) < exact, bits + 1, bits)
     return bits.view(torch.bfloat16)
+
+
+def add_scaled(x: torch.Tensor, e: torch.Tensor, beta: float) -> torch.Tensor:
+    """x + beta·e in fp32 with a single rounding (as a fused multiply-add), the
+    same bits on every device and CPU: x.add(e, alpha=beta) fuses on AVX2,
+    AVX-512 and CUDA but not in torch's portable CPU kernel, so it is computed
+    here exactly. beta·e is exact in float64 (24 + 24 bits); the sum is rounded
+    to odd in float64 (TwoSum gives its error), and rounding that to fp32 is
+    rounding the exact sum (Boldo & Melquiond: 53 >= 24 + 2 bits)."""
+    if beta == 1.0:
+        return x + e                    # 1·e is exact: nothing to fuse
+    b = torch.tensor(beta, dtype=torch.float32).item()   # the fp32 alpha a kernel uses
+    x64, p = x.double(), e.double() * b
+    s = x64 + p
+    bb = s - x64
+    err = (x64 - (s - bb)) + (p - bb)   # s + err == x + beta·e exactly
+    even = (s.view(torch.int64) & 1) == 0
+    towards = torch.copysign(torch.full_like(s, math.inf), err)
+    s = torch.where((err != 0) & even, torch.nextafter(s, towards), s)
+    return s.to(torch.float32)
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -84,7 +113,7 @@ def pack4(q: torch.Tensor) -> torch.Tensor:
     the first value in the low nibble; an odd count is padded with code 8 (0)."""
     u = (q.reshape(-1) + 8).view(torch.uint8)
     if u.numel() % 2:
-        u = torch.cat([u, torch.full((1,), 8, dtype=torch.uint8)])
+        u = torch.cat([u, u.new_full((1,), 8)])
     return u[0::2] | (u[1::2] << 4)
 
 
@@ -101,7 +130,7 @@ def pack2(q: torch.Tensor) -> torch.Tensor:
     first value in the lowest two bits; the tail is padded with code 1 (0)."""
     u = (q.reshape(-1) + 1).view(torch.uint8)
     if u.numel() % 4:
-        u = torch.cat([u, torch.ones(4 - u.numel() % 4, dtype=torch.uint8)])
+        u = torch.cat([u, u.new_ones(4 - u.numel() % 4)])
     u = u.view(-1, 4)
     return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
 
@@ -142,6 +171,21 @@ def block_decode(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tens
 
 # ---- chunked top-k with quantised values ----
 
+def topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [nc, k] of the k largest values in each row of `mag` [nc, chunk]
+    (finite), ascending. The same on every device: a row whose k-th largest
+    value is not tied has one answer; where it is tied (a zero-padded tail
+    chunk, repeated magnitudes) each kernel may keep other tied positions, so
+    those rows are chosen by the CPU kernel wherever the data lives."""
+    _, idx = mag.topk(k, dim=1, sorted=False)
+    kth = mag.gather(1, idx).amin(dim=1, keepdim=True)
+    tied = ((mag >= kth).sum(dim=1) > k).nonzero().squeeze(1)
+    if tied.numel():
+        _, picked = mag[tied].cpu().topk(k, dim=1, sorted=False)
+        idx[tied] = picked.to(idx.device)
+    return idx.sort(dim=1).values   # canonical order: same set -> same bytes
+
+
 def topk_encode_(rows: torch.Tensor, k: int, bits: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 rows [nc, chunk] -> (indices int64 [nc, k] ascending within each
@@ -164,11 +208,11 @@ def topk_encode_(rows: torch.Tensor, k: int, bits: int
     residual. The symmetric grid wins only when nearly every kept value is
     close to the absmax (k = 3 in a chunk of 256, normal data: 0.14 against 0.25).
     """
-    _, idx = rows.abs().topk(k, dim=1, sorted=False)
-    idx, _ = idx.sort(dim=1)            # canonical order: same set -> same bytes
+    idx = topk_indices(rows.abs(), k)
     vals = rows.gather(1, idx)
     scale = bf16_scale(vals.abs().amax(dim=1), QMAX[bits])
     if bits == 2:
+        # argmax keeps the first of tied maxima on every device (documented).
         top = vals.gather(1, vals.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         scale = torch.where(top < 0, -scale, scale)
     q = _quantise(vals, scale, bits)
@@ -178,7 +222,7 @@ def topk_encode_(rows: torch.Tensor, k: int, bits: int
 
 def topk_decode(idx: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 chunk: int, n: int) -> torch.Tensor:
-    """Indices [nc, k] + codes [nc, k] + scales [nc] -> fp32 [n], zero where not kept."""
+    """Indices [nc, k] + codes [nc, k] + scales [nc] -> fp32 [n], zero where not kept (CPU)."""
     out = torch.zeros(scale.numel(), chunk, dtype=torch.float32)
     out.scatter_(1, idx, _dequantise(q, scale))
     return out.view(-1)[:n]

@@ -181,8 +181,15 @@ def configure_optimizer(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "base_lr": lr},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr},
     ]
-    fused = True if params and all(p.is_cuda for p in params) else None  # None: torch's default
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused_for(p.device for p in params))
+
+
+def fused_for(devices: Iterable[torch.device]) -> bool | None:
+    """AdamW's `fused` for parameters on these devices: True (a few kernels for
+    the whole step, no host sync under an fp16 scaler) when all are CUDA, None
+    (torch's default; on the CPU the same bits as ever) otherwise."""
+    devices = list(devices)
+    return True if devices and all(d.type == "cuda" for d in devices) else None
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:

@@ -41,6 +41,7 @@ Settings come from the environment, all shown by `check()`:
     GEOTRAIN_ARM_ENDPOINT    ARM base URL override (tests: a local TLS server)
     GEOTRAIN_ARM_CA_BUNDLE   PEM to verify that endpoint with (connection_verify)
 
+The group, NSG, VNet and the store role assignment are made in providers/azure/network.py.
 The recipe's typed options are `SitePlan.provider_options` (providers/azure/options.py
 `AzureOptions`). Internal plan options: max_price, subnet_prefix (default
 10.42.0.0/24, for the VNet geotrain makes), ssh_public_key (default: a key whose
@@ -54,26 +55,22 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import uuid
 from dataclasses import dataclass
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
-from providers.azure.options import AzureOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
+from providers.azure.network import (AUTHZ_API, BLOB_CONTRIBUTOR, DEFAULT_PREFIX,  # noqa: F401 - re-exported
+                                     ensure_network, ensure_nsg, grant_store, group_name,
+                                     revoke_store, site_options, site_tags, subnet_prefix)
 
 DEFAULT_ENDPOINT = "https://management.azure.com"
 SCOPE = "https://management.azure.com/.default"
 # Ubuntu 22.04 with NVIDIA drivers, CUDA and InfiniBand (Azure HPC image).
 DEFAULT_IMAGE = "microsoft-dsvm:ubuntu-hpc:2204:latest"
-DEFAULT_PREFIX = "10.42.0.0/24"
 CAPACITY_CODES = frozenset({"AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest",
                             "OverconstrainedZonalAllocationRequest", "SkuNotAvailable",
                             "OperationNotAllowed", "QuotaExceeded"})
-# Built-in "Storage Blob Data Contributor"; granted to each node's identity on
-# the option store_scope (the ARM id of the run store's container).
-BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
-AUTHZ_API = "2022-04-01"
 POLL_INTERVAL_S = 5.0  # between LRO polls; tests set 0
 ADMIN = "geotrain"
 CONSOLE_BYTES = 64 * 1024  # the tail of a serial console log that `console` returns
@@ -140,48 +137,6 @@ def check() -> CredentialCheck:
     return CredentialCheck("azure", True, f"{settings.describe()}; {groups} resource group(s) visible")
 
 
-def _group(run_id: str) -> str:
-    return f"geotrain-{run_id}"
-
-
-def _tags(plan: SitePlan) -> dict[str, str]:
-    tags = {"geotrain-run": plan.run_id, "geotrain-site": plan.site}
-    if plan.owner:  # the launching GEOTRAIN_HOME's owner id (down --orphans)
-        tags["geotrain-owner"] = plan.owner
-    return tags
-
-
-def _assignment_url(c: _Clients, scope: str, vm_id: str) -> str:
-    # A name derived from (scope, VM): creating it twice is harmless and
-    # terminate can find it again without remembering anything.
-    name = uuid.uuid5(uuid.NAMESPACE_URL, f"{scope.lower()}|{vm_id.lower()}")
-    return (f"{c.settings.endpoint}{scope}/providers/Microsoft.Authorization/roleAssignments/"
-            f"{name}?api-version={AUTHZ_API}")
-
-
-def _grant_store(c: _Clients, scope: str, vm) -> None:
-    from azure.core.exceptions import HttpResponseError
-    from azure.core.rest import HttpRequest
-
-    role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
-    body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
-                           "principalType": "ServicePrincipal"}}
-    resp = c.resource.send_request(HttpRequest("PUT", _assignment_url(c, scope, vm.id), json=body))
-    if resp.status_code not in (200, 201):
-        raise HttpResponseError(response=resp)
-
-
-def _revoke_store(c: _Clients, vm) -> None:
-    from azure.core.exceptions import HttpResponseError
-    from azure.core.rest import HttpRequest
-
-    scope = (vm.tags or {}).get("geotrain-store-scope")
-    if scope:
-        resp = c.resource.send_request(HttpRequest("DELETE", _assignment_url(c, scope, vm.id)))
-        if resp.status_code not in (200, 204, 404):
-            raise HttpResponseError(response=resp)
-
-
 def _error_code(e: Exception) -> str | None:
     err = getattr(e, "error", None)
     return getattr(err, "code", None) or getattr(e, "error_code", None)
@@ -194,78 +149,22 @@ def _provider_error(what: str, e: Exception) -> ProviderError:
                          f"{str(message).splitlines()[0][:300]}")
 
 
-def _options(plan: SitePlan) -> AzureOptions:
-    return plan.provider_options or AzureOptions()
-
-
 def open_ports(plan: SitePlan) -> None:
     """Create or update the site's NSG: its own subnet prefix in, nothing else."""
     c = _Clients()
-    _ensure_nsg(c, plan, _prefix(c, plan))
-
-
-def _prefix(c: _Clients, plan: SitePlan) -> str:
-    """The address prefix of the site's subnet: the recipe's existing one, or ours."""
-    subnet = _options(plan).subnet
-    if not subnet:
-        return plan.option("subnet_prefix", DEFAULT_PREFIX)
-    parts = subnet.split("/")  # /subscriptions/S/resourceGroups/RG/providers/.../VNET/subnets/N
-    found = c.network.subnets.get(parts[4], parts[8], parts[10])
-    return found.address_prefix or found.address_prefixes[0]
-
-
-def _ensure_nsg(c: _Clients, plan: SitePlan, prefix: str) -> str:
-    rule = {"protocol": "*", "sourcePortRange": "*", "destinationPortRange": "*",
-            "destinationAddressPrefix": prefix, "direction": "Inbound"}
-    body = {"location": plan.region, "tags": _tags(plan), "properties": {"securityRules": [
-        {"name": "geotrain-intra-site", "properties": {
-            **rule, "sourceAddressPrefix": prefix, "access": "Allow", "priority": 100,
-            "description": "the site's own nodes (Ray, its agents, gloo) and nothing else"}},
-        {"name": "geotrain-deny-inbound", "properties": {
-            **rule, "destinationAddressPrefix": "*", "sourceAddressPrefix": "*",
-            "access": "Deny", "priority": 4096,
-            "description": "everything else, before Azure's AllowVnetInBound/AzureLoadBalancer"}},
-    ]}}
-    return c.network.network_security_groups.begin_create_or_update(
-        _group(plan.run_id), f"gt-{plan.site}-nsg", body).result().id
-
-
-def _ensure_network(c: _Clients, plan: SitePlan) -> tuple[str, str | None]:
-    """Resource group, NSG, VNet + subnet of the site: (subnet id, the NSG id for the
-    NICs when the subnet is the recipe's own, else None)."""
-    rg = _group(plan.run_id)
-    from azure.core.exceptions import ResourceNotFoundError
-    try:
-        c.resource.resource_groups.get(rg)
-    except ResourceNotFoundError:
-        c.resource.resource_groups.create_or_update(
-            rg, {"location": plan.region, "tags": {"geotrain-run": plan.run_id, **(
-                {"geotrain-owner": plan.owner} if plan.owner else {})}})
-    prefix = _prefix(c, plan)
-    nsg_id = _ensure_nsg(c, plan, prefix)
-    if _options(plan).subnet:  # the recipe's subnet: the NSG goes on each NIC
-        return _options(plan).subnet, nsg_id
-    vnet = c.network.virtual_networks.begin_create_or_update(rg, f"gt-{plan.site}-vnet", {
-        "location": plan.region, "tags": _tags(plan),
-        "properties": {"addressSpace": {"addressPrefixes": [prefix]}, "subnets": [
-            {"name": "site", "properties": {
-                "addressPrefix": prefix, "networkSecurityGroup": {"id": nsg_id},
-                # Outbound only (pip, the store); new VNets default to none.
-                "defaultOutboundAccess": True,
-                "serviceEndpoints": [{"service": "Microsoft.Storage"}]}}]}}).result()
-    return f"{vnet.id}/subnets/site", None
+    ensure_nsg(c, plan, subnet_prefix(c, plan))
 
 
 def _image(plan: SitePlan) -> dict:
     """The imageReference: a marketplace URN (the recipe checked its form) or an image id."""
-    image = _options(plan).image or DEFAULT_IMAGE
+    image = site_options(plan).image or DEFAULT_IMAGE
     if image.startswith("/"):
         return {"id": image}
     return dict(zip(("publisher", "offer", "sku", "version"), image.split(":")))
 
 
 def _identity(plan: SitePlan) -> dict | None:
-    identity = _options(plan).identity
+    identity = site_options(plan).identity
     if identity is None:
         return None
     if identity == "system":
@@ -291,7 +190,7 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
         "hardwareProfile": {"vmSize": plan.instance_type},
         "storageProfile": {"imageReference": _image(plan), "osDisk": {
             "name": f"{name}-osdisk", "createOption": "FromImage", "deleteOption": "Delete",
-            "diskSizeGB": _options(plan).disk_gb,
+            "diskSizeGB": site_options(plan).disk_gb,
             "managedDisk": {"storageAccountType": "Premium_LRS"}}},
         "osProfile": {"computerName": name, "adminUsername": ADMIN,
                       "customData": base64.b64encode(boot.encode()).decode(),
@@ -306,9 +205,9 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
     if plan.spot:
         props.update(priority="Spot", evictionPolicy="Delete",
                      billingProfile={"maxPrice": float(plan.option("max_price", "-1"))})
-    tags = _tags(plan)
-    if _options(plan).store_scope:
-        tags["geotrain-store-scope"] = _options(plan).store_scope
+    tags = site_tags(plan)
+    if site_options(plan).store_scope:
+        tags["geotrain-store-scope"] = site_options(plan).store_scope
     body = {"location": plan.region, "tags": tags, "properties": props}
     if _identity(plan):
         body["identity"] = _identity(plan)
@@ -319,13 +218,13 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
 
 def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
                   nic_nsg: str | None) -> list[Node]:
-    rg, ray_token, key = _group(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
+    rg, ray_token, key = group_name(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
     nics = []
     for i in range(plan.nodes):
         ipcfg = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
-        if _options(plan).public_ip:
+        if site_options(plan).public_ip:
             pip = c.network.public_ip_addresses.begin_create_or_update(rg, f"gt-{plan.site}-{i}-ip", {
-                "location": plan.region, "tags": _tags(plan), "sku": {"name": "Standard"},
+                "location": plan.region, "tags": site_tags(plan), "sku": {"name": "Standard"},
                 **({"zones": [zone]} if zone else {}),
                 "properties": {"publicIPAllocationMethod": "Static"}}).result()
             ipcfg["publicIPAddress"] = {"id": pip.id}
@@ -333,16 +232,16 @@ def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
         if nic_nsg:
             nic["networkSecurityGroup"] = {"id": nic_nsg}
         nics.append(c.network.network_interfaces.begin_create_or_update(rg, f"gt-{plan.site}-{i}-nic", {
-            "location": plan.region, "tags": _tags(plan), "properties": nic}))
+            "location": plan.region, "tags": site_tags(plan), "properties": nic}))
     nics = [p.result() for p in nics]
     pollers = [c.compute.virtual_machines.begin_create_or_update(
         rg, f"gt-{plan.site}-{i}",
         _vm_body(plan, i, zone, nics[i].id, bootstrap.render(plan, i, ray_token), key))
         for i in range(plan.nodes)]
     vms = [p.result() for p in pollers]  # raises on the first failed one
-    if _options(plan).store_scope:  # only with identity 'system' (the recipe checks)
+    if site_options(plan).store_scope:  # only with identity 'system' (the recipe checks)
         for vm in vms:
-            _grant_store(c, _options(plan).store_scope, vm)
+            grant_store(c, site_options(plan).store_scope, vm)
     ips = [n.ip_configurations[0].private_ip_address for n in nics]
     return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
             for vm, ip in zip(vms, ips)]
@@ -357,7 +256,7 @@ def launch(plan: SitePlan) -> list[Node]:
     c = _Clients()
     tried: list[str] = []
     try:
-        subnet_id, nic_nsg = _ensure_network(c, plan)
+        subnet_id, nic_nsg = ensure_network(c, plan)
         for zone in plan.zones or (None,):
             tried.append(f"azure:{plan.region}/{zone or '-'}")
             try:
@@ -408,7 +307,7 @@ def query(run_id: str, site: str | None = None, regions: list[str] | None = None
 
     c = _Clients()
     try:
-        return _nodes(c, list(c.compute.virtual_machines.list(_group(run_id))), run_id, site)
+        return _nodes(c, list(c.compute.virtual_machines.list(group_name(run_id))), run_id, site)
     except ResourceNotFoundError:
         return []
     except HttpResponseError as e:
@@ -430,7 +329,7 @@ def _teardown_site(c: _Clients, run_id: str, site: str, keep_network: bool = Fal
     Returns whether the site is gone."""
     from azure.core.exceptions import ResourceNotFoundError
 
-    rg = _group(run_id)
+    rg = group_name(run_id)
     mine = lambda r: (r.tags or {}).get("geotrain-site") == site  # noqa: E731
     try:
         vms = [vm for vm in c.compute.virtual_machines.list(rg) if mine(vm)]
@@ -452,7 +351,7 @@ def _teardown_listed(c: _Clients, rg: str, site: str, vms: list, keep_network: b
     wanted = {i.lower() for i in vm_ids} if vm_ids is not None else None
     doomed = [vm for vm in vms if wanted is None or vm.id.lower() in wanted]
     for vm in doomed:
-        _revoke_store(c, vm)
+        revoke_store(c, vm)
     for poller in [c.compute.virtual_machines.begin_delete(rg, vm.name) for vm in doomed]:
         poller.result()
     if len(doomed) < len(vms):

@@ -31,7 +31,8 @@ Configuration (all non-secret): the recipe's typed options
 `network` (default `global/networks/default`; prefer a dedicated VPC: the
 default one ships allow-internal rules), `subnetwork`, `image` (default the Deep
 Learning VM family below), `accelerator` (`nvidia-tesla-t4:2`, TYPE[:COUNT],
-COUNT defaulting to the plan's workers, for N1-style machine types; A2/A3/A4/G2
+COUNT defaulting to the plan's workers (1 for `workers: auto`: an N1 type has no GPUs
+of its own in the catalog), for N1-style machine types; A2/A3/A4/G2
 machine types carry their GPUs implicitly), `disk_gb`, `public_ip`.
     $GEOTRAIN_GCE_ENDPOINT  e.g. http://127.0.0.1:PORT: send every Compute
                       Engine call there (tests); `check()` shows it.
@@ -251,7 +252,8 @@ def _accelerators(plan: SitePlan, api: _Api, zone: str) -> list:
     kind, _, count = spec.partition(":")
     return [api.v1.AcceleratorConfig(
         accelerator_type=f"projects/{api.project}/zones/{zone}/acceleratorTypes/{kind}",
-        accelerator_count=int(count or plan.workers))]  # default: one GPU per worker
+        # Default: one GPU per worker (plan.workers is a number: placement.py resolved `auto`).
+        accelerator_count=int(count or plan.workers))]
 
 
 def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):

@@ -32,7 +32,7 @@ class GcpOptions(OptionsSpec):
                               "family pytorch-latest-gpu.")
     accelerator: str | None = Field(None, pattern=GCP_ACCELERATOR, description="GPUs to attach "
                                     "to N1 machine types, 'TYPE[:COUNT]' (COUNT defaults to "
-                                    "`workers`); A2/A3/A4/G2 types carry theirs.")
+                                    "the site's `workers`, 1 for 'auto'); A2/A3/A4/G2 types carry theirs.")
     disk_gb: int = disk(100)
     public_ip: bool = public_ip()
     store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)

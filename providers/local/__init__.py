@@ -125,7 +125,8 @@ def launch(plan: SitePlan) -> list[Node]:
                RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONUNBUFFERED="1",
                # Without this Ray swaps 127.0.0.1 for the machine's external
                # address and listens there; with it every Ray port is loopback.
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo")
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", GLOO_SOCKET_IFNAME="lo",
+               NCCL_SOCKET_IFNAME="lo")
     env.pop("RAY_ADDRESS", None)
     env.pop("GEOTRAIN_PROVIDER", None)
     env.pop("GEOTRAIN_OWNER", None)

@@ -35,6 +35,8 @@ operation that leaves the VM in provisioningState Failed, like ARM.
 
 Every request is recorded (`requests`) with its JSON body. `resources()` lists
 every resource of every kind the server holds.
+This module holds the state and ARM's rules (`FakeArm`); the HTTP routes that read
+and change it, and the TLS certificate, are in tests/fakes/arm_routes.py.
 
 Booting (opt-in: `FakeArm(boot=BootConfig(image_bin, workdir, node_env))` or
 `enable_boot(config)`; tests/fakes/azure_boot.py): when a VM's creation operation
@@ -56,7 +58,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime
 import ipaddress
 import itertools
 import json
@@ -64,20 +65,14 @@ import secrets
 import ssl
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
-from tests.fakes.azure_boot import AzureImds, BootConfig, Booter, azure_env
+from tests.fakes.arm_routes import ArmError, ArmHandler, IdentityHandler, Recorded, handler, self_signed
+from tests.fakes.azure_boot import AzureImds, BootConfig, Booter, azure_env, vm_imds
 
-TYPES = {t.lower(): t for t in (
-    "Microsoft.Network/virtualNetworks", "Microsoft.Network/virtualNetworks/subnets",
-    "Microsoft.Network/networkSecurityGroups", "Microsoft.Network/networkInterfaces",
-    "Microsoft.Network/publicIPAddresses", "Microsoft.Compute/virtualMachines",
-    "Microsoft.Compute/disks")}
 CAPACITY_MESSAGES = {
     "ZonalAllocationFailed": "Allocation failed. We do not have sufficient capacity for the "
     "requested VM size in this zone. Read more about improving likelihood of allocation success "
@@ -93,53 +88,13 @@ CAPACITY_MESSAGES = {
 
 
 @dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict
-    body: dict | None
-
-
-@dataclass
 class Failure:
     code: str
     via: str  # "sync" | "async"
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-class ArmError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(status, code, message)
-        self.status, self.code, self.message = status, code, message
-
-
 class FakeArm:
-    """The server's state and behaviour; the HTTP handlers below only route."""
+    """The server's state and behaviour; the HTTP handlers (tests/fakes/arm_routes.py) only route."""
 
     def __init__(self, subscription: str = "00000000-0000-0000-0000-0000000000aa",
                  boot: BootConfig | None = None):
@@ -164,12 +119,12 @@ class FakeArm:
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> "FakeArm":
-        self.ca_path, key_path = _self_signed(Path(self._tmp.name))
-        arm = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, _ArmHandler))
+        self.ca_path, key_path = self_signed(Path(self._tmp.name))
+        arm = ThreadingHTTPServer(("127.0.0.1", 0), handler(self, ArmHandler))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.ca_path, key_path)
         arm.socket = ctx.wrap_socket(arm.socket, server_side=True)
-        ident = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, _IdentityHandler))
+        ident = ThreadingHTTPServer(("127.0.0.1", 0), handler(self, IdentityHandler))
         self._servers = [arm, ident]
         for server in self._servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -231,45 +186,7 @@ class FakeArm:
             if vm is None or self._booter is None or rid.lower() in self._booter.metadata:
                 return
             props = vm["properties"]
-            identity = vm.get("identity") or {}
-            kind = identity.get("type") or ""
-            identities, client_ids, defaults = {}, {}, []
-            if "SystemAssigned" in kind and identity.get("principalId"):
-                token = self.node_tokens.setdefault(
-                    identity["principalId"], "eyJ0eXAiOiJKV1QifQ.node-" + secrets.token_urlsafe(24))
-                client_ids[token] = vm["_client_id"]
-                identities.update({identity["principalId"].lower(): token,
-                                   vm["_client_id"].lower(): token})
-                defaults.append(token)
-            if "UserAssigned" in kind:
-                for uid, info in (identity.get("userAssignedIdentities") or {}).items():
-                    token = self.node_tokens.setdefault(
-                        info["principalId"], "eyJ0eXAiOiJKV1QifQ.node-" + secrets.token_urlsafe(24))
-                    client_ids[token] = info["clientId"]
-                    identities.update({uid.lower(): token, info["principalId"].lower(): token,
-                                       info["clientId"].lower(): token})
-                    if "SystemAssigned" not in kind:
-                        defaults.append(token)
-            default = None
-            if len(defaults) == 1:
-                identities[""] = defaults[0]
-                default = "one"
-            elif defaults:
-                default = "ambiguous"
-            tags = vm.get("tags") or {}
-            compute = {
-                "name": vm["name"], "vmId": props["vmId"], "location": vm["location"],
-                "zone": (vm.get("zones") or [""])[0], "resourceGroupName": vm["_group"],
-                "subscriptionId": self.subscription, "resourceId": vm["id"],
-                "vmSize": props.get("hardwareProfile", {}).get("vmSize", ""),
-                "priority": props.get("priority", ""), "evictionPolicy": props.get("evictionPolicy", ""),
-                "osType": "Linux", "provider": "Microsoft.Compute", "azEnvironment": "AzurePublicCloud",
-                "osProfile": {k: props.get("osProfile", {}).get(k, "")
-                              for k in ("computerName", "adminUsername")},
-                "tags": ";".join(f"{k}:{v}" for k, v in tags.items()),
-                "tagsList": [{"name": k, "value": v} for k, v in tags.items()]}
-            imds = AzureImds(compute=compute, identities=identities, default_identity=default,
-                             client_ids=client_ids)
+            imds = vm_imds(vm, self.subscription, self.token_for)
             custom = props.get("osProfile", {}).get("customData")
             script = base64.b64decode(custom).decode() if custom else None
             self._booter.boot(rid.lower(), imds, script,
@@ -543,202 +460,3 @@ def _refers_to(res: dict, rid: str) -> bool:
     return f'"{rid.lower()}"' in text and res["id"].lower() != rid.lower()
 
 
-def _handler(fake: FakeArm, base: type) -> type:
-    return type(base.__name__, (base,), {"fake": fake})
-
-
-class _Base(BaseHTTPRequestHandler):
-    fake: FakeArm
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, status: int, body: dict | None = None, headers: dict | None = None) -> None:
-        data = b"" if body is None else json.dumps(body).encode()
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if body is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("x-ms-request-id", str(uuid.uuid4()))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-
-class _IdentityHandler(_Base):
-    """The App Service managed-identity token endpoint (api-version 2019-08-01)."""
-
-    def do_GET(self) -> None:
-        query = parse_qs(urlsplit(self.path).query)
-        if self.headers.get("X-IDENTITY-HEADER") != self.fake.identity_header:
-            return self._send(401, {"statusCode": 401, "message": "X-IDENTITY-HEADER missing or wrong"})
-        self.fake.token_requests += 1
-        self._send(200, {"access_token": self.fake.token, "expires_on": str(int(time.time()) + 3600),
-                         "resource": query.get("resource", [""])[0], "token_type": "Bearer",
-                         "client_id": "00000000-0000-0000-0000-00000000c11d"})
-
-
-class _ArmHandler(_Base):
-    def _route(self) -> None:
-        fake = self.fake
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        body = json.loads(raw) if raw else None
-        fake.requests.append(Recorded(self.command, url.path, parse_qs(url.query), body))
-        if url.path.startswith("/_console/"):  # a SAS URL: its token is the credential
-            return self._console(url.path.rsplit("/", 1)[-1])
-        if self.headers.get("Authorization") != f"Bearer {fake.token}":
-            return self._send(401, {"error": {"code": "AuthenticationFailed",
-                                              "message": "Authentication failed."}})
-        segs = url.path.strip("/").split("/")
-        low = [s.lower() for s in segs]
-        try:
-            if low[0] == "_ops":
-                status, out = fake.poll(segs[1])
-                hdr = {"Location": f"{fake.base_url}{url.path}", "Retry-After": "0"} if status == 202 else {}
-                return self._send(status, out, hdr)
-            if "microsoft.authorization" in low and "roleassignments" in low:
-                return self._role_assignment(url.path, body)
-            if low[:1] != ["subscriptions"] or len(low) < 3 or segs[1] != fake.subscription:
-                raise ArmError(404, "SubscriptionNotFound", f"The subscription '{segs[1:2]}' could not be found.")
-            rest, lrest = segs[2:], low[2:]
-            if lrest == ["resourcegroups"] and self.command == "GET":
-                return self._send(200, {"value": list(fake._groups.values())})
-            if lrest[0] == "providers":  # subscription-wide list of one type
-                return self._send(200, {"value": fake.list_type("/".join(rest[1:3]), None)})
-            if lrest[0] != "resourcegroups" or len(rest) < 2:
-                raise ArmError(404, "InvalidResourceType", f"Unknown path {url.path}")
-            group = rest[1]
-            if len(rest) == 2:
-                return self._group(group, body)
-            if lrest[2:] == ["resources"]:
-                return self._send(200, {"value": fake.list_group(group)})
-            if lrest[2] != "providers" or len(rest) < 5:
-                raise ArmError(404, "InvalidResourceType", f"Unknown path {url.path}")
-            tail = rest[3:]  # ns, type, name[, childtype, childname]
-            if self.command == "POST" and lrest[-1] == "retrievebootdiagnosticsdata":
-                return self._boot_diagnostics("/" + "/".join(segs[:-1]))
-            rtype = TYPES.get("/".join([tail[0]] + tail[1::2]).lower())
-            if rtype is None:
-                raise ArmError(404, "InvalidResourceType", f"The resource type of {url.path} is not served here.")
-            if len(tail) % 2 == 0:  # a collection
-                if self.command != "GET":
-                    raise ArmError(405, "MethodNotAllowed", self.command)
-                items = fake.list_type(rtype, group)
-                if len(tail) == 4:
-                    parent = "/".join(segs[:-1]).lower()
-                    items = [i for i in items if i["id"].lower().startswith("/" + parent + "/")]
-                return self._send(200, {"value": items})
-            parts = rtype.split("/")
-            rid = (f"/subscriptions/{fake.subscription}/resourceGroups/{group}/providers/{parts[0]}/"
-                   + "/".join(f"{t}/{n}" for t, n in zip(parts[1:], tail[2::2])))
-            self._resource(rid, group, rtype, tail[-1], body)
-        except ArmError as e:
-            self._send(e.status, {"error": {"code": e.code, "message": e.message}})
-
-    def _boot_diagnostics(self, rid: str) -> None:
-        """virtualMachines/retrieveBootDiagnosticsData: SAS URLs of the VM's boot logs
-        (here a URL on this server, whose random token stands for the SAS)."""
-        fake = self.fake
-        with fake._lock:
-            vm = fake._res.get(rid.lower())
-            if vm is None:
-                raise ArmError(404, "ResourceNotFound", f"The Resource '{rid}' was not found.")
-            diag = vm["properties"].get("diagnosticsProfile", {}).get("bootDiagnostics", {})
-            if not diag.get("enabled"):
-                raise ArmError(409, "OperationNotAllowed",
-                               "Boot diagnostics are not enabled for this virtual machine.")
-            sas = secrets.token_urlsafe(16)
-            fake.console_sas[sas] = rid.lower()
-        self._send(200, {"consoleScreenshotBlobUri": f"{fake.base_url}/_console/{sas}.bmp",
-                         "serialConsoleLogBlobUri": f"{fake.base_url}/_console/{sas}"})
-
-    def _console(self, sas: str) -> None:
-        """The serial console log a SAS URL names: what the booted node printed (1 MiB tail)."""
-        fake = self.fake
-        with fake._lock:
-            rid = fake.console_sas.get(sas)
-            node = fake._booter.nodes.get(rid) if rid and fake._booter else None
-        if rid is None:
-            return self._send(403, {"error": {"code": "AuthenticationFailed",
-                                              "message": "Signature not valid."}})
-        text = node.console.read_bytes()[-2**20:] if node is not None and node.console.exists() else b""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(text)))
-        self.end_headers()
-        self.wfile.write(text)
-
-    def _role_assignment(self, path: str, body: dict | None) -> None:
-        """Microsoft.Authorization/roleAssignments at any scope (synchronous, like ARM)."""
-        fake, key = self.fake, path.lower()
-        with fake._lock:
-            if self.command == "PUT":
-                principal = body["properties"]["principalId"]
-                known = {(r.get("identity") or {}).get("principalId") for r in fake._res.values()}
-                if principal not in known:
-                    raise ArmError(400, "PrincipalNotFound", f"Principal {principal} does not exist "
-                                   "in the directory.")
-                scope = path.split("/providers/Microsoft.Authorization/")[0]
-                res = {"id": path, "name": path.rsplit("/", 1)[1], "_group": "",
-                       "type": "Microsoft.Authorization/roleAssignments",
-                       "properties": {**body["properties"], "scope": scope}}
-                status = 200 if key in fake._res else 201
-                fake._res[key] = res
-                return self._send(status, fake._render(res))
-            res = fake._res.get(key)
-            if self.command == "GET":
-                if res is None:
-                    raise ArmError(404, "RoleAssignmentNotFound", "The role assignment does not exist.")
-                return self._send(200, fake._render(res))
-            if self.command == "DELETE":
-                if res is None:
-                    return self._send(204)
-                del fake._res[key]
-                return self._send(200, fake._render(res))
-        raise ArmError(405, "MethodNotAllowed", self.command)
-
-    def _group(self, group: str, body: dict | None) -> None:
-        fake = self.fake
-        if self.command == "PUT":
-            status, out = fake.put_group(group, body or {})
-            return self._send(status, out)
-        if self.command in ("GET", "HEAD"):
-            g = fake._groups.get(group.lower())
-            if g is None:
-                raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{group}' could not be found.")
-            return self._send(204 if self.command == "HEAD" else 200, None if self.command == "HEAD" else g)
-        if self.command == "DELETE":
-            fake.delete_group(group)
-            return self._send(202, None, {"Location": f"{fake.base_url}/_ops/{fake.new_op('location')}",
-                                          "Retry-After": "0"})
-        raise ArmError(405, "MethodNotAllowed", self.command)
-
-    def _resource(self, rid: str, group: str, rtype: str, name: str, body: dict | None) -> None:
-        fake = self.fake
-        if self.command == "GET":
-            return self._send(200, fake.get(rid))
-        if self.command == "PUT":
-            out, error = fake.put(rid, group, rtype, name, body or {})
-            out["properties"]["provisioningState"] = "Creating"
-            boot = None
-            if rtype == "Microsoft.Compute/virtualMachines" and not error and fake._booter:
-                boot = lambda: fake._boot(out["id"])  # noqa: E731 - once provisioned
-            op = fake.new_op("async", error, boot)
-            return self._send(201, out, {"Azure-AsyncOperation": f"{fake.base_url}/_ops/{op}",
-                                         "Retry-After": "0"})
-        if self.command == "DELETE":
-            fake._group(group)
-            existed = rid.lower() in fake._res
-            fake.delete(rid)
-            if not existed:
-                return self._send(204)
-            return self._send(202, None, {"Location": f"{fake.base_url}/_ops/{fake.new_op('location')}",
-                                          "Retry-After": "0"})
-        raise ArmError(405, "MethodNotAllowed", self.command)
-
-    do_GET = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_POST = _route

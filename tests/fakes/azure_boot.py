@@ -19,6 +19,8 @@ the real one.
 
 `schedule(event_type)` adds an event naming this VM (`preempt()` = "Preempt", with a
 NotBefore 30 s ahead, as Azure gives Spot VMs).
+`vm_imds(vm, ...)` builds the one a VM held by the ARM stand-in gets: its compute
+document and the tokens of its identities.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.gce_boot import BootConfig, Booter, serve, stop_servers
 
-__all__ = ["AzureImds", "BootConfig", "Booter", "azure_env"]
+__all__ = ["AzureImds", "BootConfig", "Booter", "azure_env", "vm_imds"]
 
 NOTICE_S = 30  # Azure: Spot eviction events are announced at least 30 s ahead
 
@@ -212,6 +215,50 @@ class _ImdsHandler(BaseHTTPRequestHandler):
         with imds._lock:
             doc = {"DocumentIncarnation": imds.incarnation, "Events": copy.deepcopy(imds.events)}
         self._send(200, doc)
+
+
+def vm_imds(vm: dict, subscription: str, token_for: Callable[[str], str]) -> AzureImds:
+    """The IMDS stand-in (not started) of a VM the ARM stand-in holds: `vm` is its record
+    there (with `_group` and `_client_id`, which ARM does not show), `token_for(principal
+    id)` the token of each of its identities."""
+    props = vm["properties"]
+    identity = vm.get("identity") or {}
+    kind = identity.get("type") or ""
+    identities, client_ids, defaults = {}, {}, []
+    if "SystemAssigned" in kind and identity.get("principalId"):
+        token = token_for(identity["principalId"])
+        client_ids[token] = vm["_client_id"]
+        identities.update({identity["principalId"].lower(): token,
+                           vm["_client_id"].lower(): token})
+        defaults.append(token)
+    if "UserAssigned" in kind:
+        for uid, info in (identity.get("userAssignedIdentities") or {}).items():
+            token = token_for(info["principalId"])
+            client_ids[token] = info["clientId"]
+            identities.update({uid.lower(): token, info["principalId"].lower(): token,
+                               info["clientId"].lower(): token})
+            if "SystemAssigned" not in kind:
+                defaults.append(token)
+    default = None
+    if len(defaults) == 1:
+        identities[""] = defaults[0]
+        default = "one"
+    elif defaults:
+        default = "ambiguous"
+    tags = vm.get("tags") or {}
+    compute = {
+        "name": vm["name"], "vmId": props["vmId"], "location": vm["location"],
+        "zone": (vm.get("zones") or [""])[0], "resourceGroupName": vm["_group"],
+        "subscriptionId": subscription, "resourceId": vm["id"],
+        "vmSize": props.get("hardwareProfile", {}).get("vmSize", ""),
+        "priority": props.get("priority", ""), "evictionPolicy": props.get("evictionPolicy", ""),
+        "osType": "Linux", "provider": "Microsoft.Compute", "azEnvironment": "AzurePublicCloud",
+        "osProfile": {k: props.get("osProfile", {}).get(k, "")
+                      for k in ("computerName", "adminUsername")},
+        "tags": ";".join(f"{k}:{v}" for k, v in tags.items()),
+        "tagsList": [{"name": k, "value": v} for k, v in tags.items()]}
+    return AzureImds(compute=compute, identities=identities, default_identity=default,
+                     client_ids=client_ids)
 
 
 def azure_env(imds: AzureImds) -> dict[str, str]:

@@ -1,0 +1,128 @@
+"""What an Azure site's nodes may reach: its resource group, NSG, VNet and subnet, and
+the role assignment that lets a VM's managed identity read and write the run store.
+
+The layout these build (names, tags, rules) is described in providers/azure/__init__.py,
+which calls them while launching and tearing down a site; the SDK's management clients
+come in as `c` (its `_Clients`), so importing this module loads no Azure SDK.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+from providers import SitePlan
+from providers.azure.options import AzureOptions
+
+if TYPE_CHECKING:
+    from providers.azure import _Clients
+
+DEFAULT_PREFIX = "10.42.0.0/24"
+# Built-in "Storage Blob Data Contributor"; granted to each node's identity on
+# the option store_scope (the ARM id of the run store's container).
+BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+AUTHZ_API = "2022-04-01"
+
+
+def group_name(run_id: str) -> str:
+    """The resource group that holds every resource of run `run_id`."""
+    return f"geotrain-{run_id}"
+
+
+def site_tags(plan: SitePlan) -> dict[str, str]:
+    """The tags on every resource of the plan's site."""
+    tags = {"geotrain-run": plan.run_id, "geotrain-site": plan.site}
+    if plan.owner:  # the launching GEOTRAIN_HOME's owner id (down --orphans)
+        tags["geotrain-owner"] = plan.owner
+    return tags
+
+
+def site_options(plan: SitePlan) -> AzureOptions:
+    """The recipe's `azure:` block for the site, or its defaults."""
+    return plan.provider_options or AzureOptions()
+
+
+def subnet_prefix(c: _Clients, plan: SitePlan) -> str:
+    """The address prefix of the site's subnet: the recipe's existing one, or ours."""
+    subnet = site_options(plan).subnet
+    if not subnet:
+        return plan.option("subnet_prefix", DEFAULT_PREFIX)
+    parts = subnet.split("/")  # /subscriptions/S/resourceGroups/RG/providers/.../VNET/subnets/N
+    found = c.network.subnets.get(parts[4], parts[8], parts[10])
+    return found.address_prefix or found.address_prefixes[0]
+
+
+def ensure_nsg(c: _Clients, plan: SitePlan, prefix: str) -> str:
+    """Create or update the site's NSG (`prefix` in, every other inbound denied); its id."""
+    rule = {"protocol": "*", "sourcePortRange": "*", "destinationPortRange": "*",
+            "destinationAddressPrefix": prefix, "direction": "Inbound"}
+    body = {"location": plan.region, "tags": site_tags(plan), "properties": {"securityRules": [
+        {"name": "geotrain-intra-site", "properties": {
+            **rule, "sourceAddressPrefix": prefix, "access": "Allow", "priority": 100,
+            "description": "the site's own nodes (Ray, its agents, gloo) and nothing else"}},
+        {"name": "geotrain-deny-inbound", "properties": {
+            **rule, "destinationAddressPrefix": "*", "sourceAddressPrefix": "*",
+            "access": "Deny", "priority": 4096,
+            "description": "everything else, before Azure's AllowVnetInBound/AzureLoadBalancer"}},
+    ]}}
+    return c.network.network_security_groups.begin_create_or_update(
+        group_name(plan.run_id), f"gt-{plan.site}-nsg", body).result().id
+
+
+def ensure_network(c: _Clients, plan: SitePlan) -> tuple[str, str | None]:
+    """Resource group, NSG, VNet + subnet of the site: (subnet id, the NSG id for the
+    NICs when the subnet is the recipe's own, else None)."""
+    rg = group_name(plan.run_id)
+    from azure.core.exceptions import ResourceNotFoundError
+    try:
+        c.resource.resource_groups.get(rg)
+    except ResourceNotFoundError:
+        c.resource.resource_groups.create_or_update(
+            rg, {"location": plan.region, "tags": {"geotrain-run": plan.run_id, **(
+                {"geotrain-owner": plan.owner} if plan.owner else {})}})
+    prefix = subnet_prefix(c, plan)
+    nsg_id = ensure_nsg(c, plan, prefix)
+    if site_options(plan).subnet:  # the recipe's subnet: the NSG goes on each NIC
+        return site_options(plan).subnet, nsg_id
+    vnet = c.network.virtual_networks.begin_create_or_update(rg, f"gt-{plan.site}-vnet", {
+        "location": plan.region, "tags": site_tags(plan),
+        "properties": {"addressSpace": {"addressPrefixes": [prefix]}, "subnets": [
+            {"name": "site", "properties": {
+                "addressPrefix": prefix, "networkSecurityGroup": {"id": nsg_id},
+                # Outbound only (pip, the store); new VNets default to none.
+                "defaultOutboundAccess": True,
+                "serviceEndpoints": [{"service": "Microsoft.Storage"}]}}]}}).result()
+    return f"{vnet.id}/subnets/site", None
+
+
+def _assignment_url(c: _Clients, scope: str, vm_id: str) -> str:
+    # A name derived from (scope, VM): creating it twice is harmless and
+    # terminate can find it again without remembering anything.
+    name = uuid.uuid5(uuid.NAMESPACE_URL, f"{scope.lower()}|{vm_id.lower()}")
+    return (f"{c.settings.endpoint}{scope}/providers/Microsoft.Authorization/roleAssignments/"
+            f"{name}?api-version={AUTHZ_API}")
+
+
+def grant_store(c: _Clients, scope: str, vm) -> None:
+    """Give the VM's system identity Storage Blob Data Contributor on `scope`."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
+    body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
+                           "principalType": "ServicePrincipal"}}
+    resp = c.resource.send_request(HttpRequest("PUT", _assignment_url(c, scope, vm.id), json=body))
+    if resp.status_code not in (200, 201):
+        raise HttpResponseError(response=resp)
+
+
+def revoke_store(c: _Clients, vm) -> None:
+    """Remove what `grant_store` gave the VM (the scope is in its tag geotrain-store-scope)."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    scope = (vm.tags or {}).get("geotrain-store-scope")
+    if scope:
+        resp = c.resource.send_request(HttpRequest("DELETE", _assignment_url(c, scope, vm.id)))
+        if resp.status_code not in (200, 204, 404):
+            raise HttpResponseError(response=resp)

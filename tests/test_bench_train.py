@@ -1,0 +1,44 @@
+"""The training-speed benchmark (benchmarks/train.py) end to end on this CPU,
+at its smallest: the JSON it writes, FLOPs per token by the formula it states,
+and figures that are real measurements (positive, finite, shares in [0, 1)).
+
+    python -m pytest tests/test_bench_train.py -q
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_cpu_rows_write_the_documented_json(tmp_path):
+    out = tmp_path / "train.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks/train.py"), "--out", str(out),
+                        "--presets", "tiny", "--precisions", "fp32,bf16", "--steps", "3",
+                        "--warmup", "1", "--rounds", "2", "--inner-steps", "2"],
+                       capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["baseline"]["fp32_matmul_tflops"] > 0
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "bf16"}
+    for r in rows.values():
+        assert r["preset"] == "tiny" and "skipped" not in r
+        # tiny: 4 layers, d_model 128, seq_len 128; position embeddings (128 x 128) are a lookup.
+        n = r["params"] - 128 * 128
+        assert r["flops_per_token"] == 6 * n + 12 * 4 * 128 * 128
+        assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12
+                                         / r["peak_tflops"])
+        assert r["peak_source"].startswith("measured")
+        assert 0 <= r["outside_share"] < 1 and r["rounds"] == 2 and r["round_wall_s"] > 0
+        assert math.isfinite(r["loss"]) and 4.0 < r["loss"] < math.log(256) + 0.5
+    # Same model, data and steps: bf16 autocast moves the loss only a little.
+    assert rows["bf16"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=0.02)
