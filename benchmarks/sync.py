@@ -123,10 +123,21 @@ def train_setup(setup: dict) -> dict:
                            if k not in ("H", "util_rounds", "util_ddp_steps")})
 
 
-# Per-arm settings after the codec: "int8:olr=0.9:om=0.8", "topk@0.03:om=0:ed=0.95".
+def schedule(value: str) -> str:
+    """An outer lr schedule's name, checked now rather than in every site process."""
+    from geotrain.sync.schedule import SCHEDULES
+    if value not in SCHEDULES:
+        raise SystemExit(f"outer lr schedule {value!r}; valid: {', '.join(SCHEDULES)}")
+    return value
+
+
+# Per-arm settings after the codec: "int8:olr=0.9:om=0.8", "topk@0.03:om=0:ed=0.95",
+# "none:olr=1:om=0:olrs=cosine:olrmin=0.1:olrw=2" (the recipe's outer_lr_* fields).
 ARM_KNOBS = {"olr": ("outer_lr", float), "om": ("outer_momentum", float), "ilr": ("lr", float),
              "ed": ("error_decay", float), "bits": ("value_bits", int), "se": ("state_every", int),
-             "ch": ("topk_chunk", int), "opt": ("optimizer", str), "mlr": ("muon_lr", float)}
+             "ch": ("topk_chunk", int), "opt": ("optimizer", str), "mlr": ("muon_lr", float),
+             "olrs": ("outer_lr_schedule", schedule), "olrmin": ("outer_lr_min_ratio", float),
+             "olrw": ("outer_lr_warmup", int)}
 
 
 def parse_arm(text: str) -> tuple[str, str, dict]:
@@ -277,7 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sites", type=int, default=4)
     ap.add_argument("--codecs", default="none,int8,topk",
                     help="DiLoCo arms, comma-separated: a codec, topk@F keeps the fraction F, "
-                         "then optional :olr=, :om= (outer lr, momentum), :ilr= (inner lr), "
+                         "then optional :olr=, :om= (outer lr, momentum), :olrs= (outer lr "
+                         "schedule: constant, cosine), :olrmin= (cosine's floor as a share of "
+                         "olr), :olrw= (outer warmup rounds), :ilr= (inner lr), "
                          ":ed= (error-feedback decay), :bits= (top-k value bits), "
                          ":se= (commit the global state every se rounds)")
     ap.add_argument("--H", default=None, help="inner steps per round, comma-separated")

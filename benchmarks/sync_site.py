@@ -30,6 +30,7 @@ import torch.distributed as dist
 from geotrain.store import RunStore
 from geotrain.sync.compression import make_codec
 from geotrain.sync.diloco import DiLoCo, RoundExchange
+from geotrain.sync.schedule import OuterLR
 from geotrain.train import data as D
 from geotrain.train.model import GPTConfig, build, configure_optimizer, lr_at
 from geotrain.train.muon import configure_muon
@@ -127,7 +128,10 @@ def run(spec: dict, index: int) -> dict:
             chunk=spec.get("topk_chunk", 4096), value_bits=spec.get("value_bits", 4),
             error_decay=spec.get("error_decay", 1.0)),
             liveness_s=30.0, state_every=spec.get("state_every", 1), final_round=steps // spec["H"])
-        diloco = DiLoCo(model, opt, exchange, inner_steps=spec["H"], outer_lr=spec["outer_lr"],
+        outer_lr = OuterLR(spec["outer_lr"], steps // spec["H"],
+                           spec.get("outer_lr_schedule", "constant"),
+                           spec.get("outer_lr_warmup", 0), spec.get("outer_lr_min_ratio", 0.1))
+        diloco = DiLoCo(model, opt, exchange, inner_steps=spec["H"], outer_lr=outer_lr,
                         outer_momentum=spec["outer_momentum"], overlap=spec.get("overlap", False))
         wait_for_all(store, site, n)
         diloco.__enter__()

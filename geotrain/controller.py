@@ -208,7 +208,7 @@ class Controller(Migrations, Kept):
         live = [n for p in self._providers_of(name) for n in self._query(p, member)]
         if fresh and live:
             self.nodes[name] = live
-            self.launched_at[name] = time.time()
+            self.launched_at[name] = alive["at"]  # its beats are this incarnation's
             self.event("site-adopted", f"site {name} still running; adopted", site=name)
             return True
         for p in self._providers_of(name):
@@ -272,9 +272,11 @@ class Controller(Migrations, Kept):
             del self.draining[name]
             self.replace(name, "preempted", announce=False)
             return
-        # No beat yet from the agent now launched: none at all, or only the mark
-        # `replace` left over the previous incarnation's record.
-        booting = (not alive and not hb) or (alive or {}).get("state") == "replaced"
+        # No beat yet from the agent now launched: none at all, only the mark `replace`
+        # left over the previous incarnation's record, or a record older than this
+        # launch (the incarnation before a `resume`).
+        booting = (not alive and not hb) or (alive or {}).get("state") == "replaced" \
+            or (alive or {}).get("at", 0.0) < self.launched_at.get(name, 0.0)
         if not self._site_alive(name):
             time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
             if (self.store.heartbeat(self.member[name]) or {}).get("state") in ("done", "failed"):

@@ -75,10 +75,22 @@ _NOT_TRANSIENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirect
                   NotADirectoryError)
 
 
+def is_access_denied(e: BaseException) -> bool:
+    """True for a refusal of this identity: PermissionError (s3fs, adlfs, local
+    files), gcsfs's 403 (a plain `OSError("Forbidden: ...")`), or a 401/403
+    HTTP error of any library."""
+    if isinstance(e, PermissionError):
+        return True
+    if type(e) is OSError and str(e).startswith("Forbidden:"):
+        return True
+    code = getattr(e, "code", None) or getattr(e, "status_code", None)
+    return code in (401, 403) and "Invalid Credentials" not in str(e)  # gcsfs renews those
+
+
 def is_transient(e: BaseException) -> bool:
     """True for a storage failure worth retrying: I/O, connection and timeout
     errors, and the libraries' own network errors and 429/5xx answers."""
-    if isinstance(e, _NOT_TRANSIENT):
+    if isinstance(e, _NOT_TRANSIENT) or is_access_denied(e):
         return False
     if isinstance(e, (OSError, TimeoutError, ConnectionError)):
         return True
@@ -107,9 +119,10 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_dela
             return fn()
         except (FileNotFoundError, FileExistsError):
             raise
-        except PermissionError as e:
-            raise StoreError(f"store: {what} was refused (access denied): {e}") from e
         except Exception as e:  # noqa: BLE001 - classified just below
+            if is_access_denied(e):
+                first = " ".join(str(e).split())[:500]
+                raise StoreError(f"store: {what} was refused (access denied): {first}") from e
             if not is_transient(e):
                 raise
             if i == policy.attempts - 1:

@@ -4,11 +4,19 @@ own service account (a token from its metadata server; the operator's credential
 cannot sign a URL) → installs, verified → trains to the end on the GCS emulator.
 
 Like tests/test_boot_aws.py, nothing of the test process reaches the node but the
-stand-in network (the emulator's address) and its metadata server; its image has
-geotrain's dependencies, not geotrain.
+stand-in network and its metadata server; its image has geotrain's dependencies, not
+geotrain. The store is the GCS emulator behind an identity proxy (tests/fakes/
+gcs_identity.py): it accepts a node's requests only with a token the node's own
+metadata server issued to a service account granted on the bucket, and the operator's
+own token (the fake's API token, which the CLI's google-auth fetches from the fake's
+metadata server). A node whose account is not granted is refused by the store and
+reported on its site, not left hanging (a site with no service account at all is refused
+by launch itself).
 
-Not yet here: the GCS emulator accepts any token, so a node without store access is
-not refused by the store (the AWS test covers that path through an identity proxy).
+The first tests check the proxy and the per-instance tokens alone (seconds); the boot
+tests take minutes.
+
+Run: .venv/bin/python -m pytest -q tests/test_boot_gcp.py
 """
 
 from __future__ import annotations
@@ -18,63 +26,201 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+import geotrain.store.objects  # noqa: F401 - gcsfs must not probe for HNS on the emulator
 from geotrain.site.node_info import fatal_line
 from tests.cloud_helpers import ROOT, cli, cli_json, gcp_env, wait_succeeded
-from tests.fakes.gce_boot import BootConfig
+from tests.fakes.gce_boot import BootConfig, GceInstanceMetadata
 from tests.fakes.gce_server import FakeGCE
+from tests.fakes.gcs_identity import GcsIdentityProxy
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PATIENCE_S = 600  # a hang detector, not a speed bound
-ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"
+ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"  # granted on the bucket
+OUTSIDER = "someone-else@my-project.iam.gserviceaccount.com"  # a real account, not granted
+READ_WRITE = "https://www.googleapis.com/auth/devstorage.read_write"
+ZONE = "us-central1-a"
 NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def gcs(url: str, token: str | None, path: str, method: str = "GET") -> tuple[int, dict]:
+    """(status, JSON body) of one raw GCS JSON API call through `url`."""
+    req = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" else None,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read() or b"{}")
+
+
+def gcsfs_as(url: str, token: str):
+    import gcsfs
+    from google.oauth2.credentials import Credentials
+
+    return gcsfs.GCSFileSystem(endpoint_url=url, token=Credentials(token), skip_instance_cache=True)
+
+
+@pytest.fixture
+def store(gcs_emulator):
+    """(proxy in front of the emulator, the FakeGCE issuing tokens, bucket); ACCOUNT granted."""
+    fake = FakeGCE()
+    proxy = GcsIdentityProxy(gcs_emulator.endpoint, fake.token_info,
+                             grants={gcs_emulator.bucket: {ACCOUNT}}, allowed_tokens={fake.token})
+    try:
+        yield proxy, fake, gcs_emulator.bucket
+    finally:
+        proxy.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_store_takes_granted_accounts_and_the_operator_only(store):
+    proxy, fake, bucket = store
+    granted, _ = fake.issue_token(ACCOUNT, f"{ZONE}/node-a", [READ_WRITE])
+    outsider, _ = fake.issue_token(OUTSIDER, f"{ZONE}/node-b", [READ_WRITE])
+    key = f"{bucket}/proxy-check/hello.txt"
+    node = gcsfs_as(proxy.url, granted)
+    node.pipe(key, b"hello" * 1000)
+    assert node.cat(key) == b"hello" * 1000
+    assert gcsfs_as(proxy.url, fake.token).cat(key) == b"hello" * 1000  # the operator
+    assert not proxy.denied()
+    assert {(r["email"], r["instance"]) for r in proxy.requests} == {
+        (ACCOUNT, f"{ZONE}/node-a"), ("operator", None)}
+
+    # Not granted: 403, which gcsfs raises at once (no retry), naming who and what.
+    with pytest.raises(OSError, match="Forbidden") as refused:
+        gcsfs_as(proxy.url, outsider).cat(key)
+    assert OUTSIDER in str(refused.value) and "storage.objects.get" in str(refused.value)
+    [denial] = proxy.denied()
+    assert (denial["email"], denial["instance"], denial["status"]) == (OUTSIDER, f"{ZONE}/node-b", 403)
+    status, doc = gcs(proxy.url, outsider, f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name=x",
+                      "POST")
+    assert status == 403 and doc["error"]["errors"][0]["reason"] == "forbidden"
+    assert "storage.objects.create" in doc["error"]["message"]
+    # Revoked: the same token is refused from then on.
+    proxy.revoke(bucket, ACCOUNT)
+    assert gcs(proxy.url, granted, f"/storage/v1/b/{bucket}/o")[0] == 403
+    proxy.grant(bucket, ACCOUNT)
+    assert gcs(proxy.url, granted, f"/storage/v1/b/{bucket}/o")[0] == 200
+
+    # No token, a token nobody issued, an expired one: 401, as GCS answers.
+    expired, _ = fake.issue_token(ACCOUNT, f"{ZONE}/node-a", [READ_WRITE], lifetime_s=0)
+    for token in (None, "ya29.made-up", expired):
+        status, doc = gcs(proxy.url, token, f"/storage/v1/b/{bucket}/o")
+        assert status == 401 and doc["error"]["code"] == 401, (token, doc)
+    # Granted, but the token's scopes do not cover storage.
+    no_scope, _ = fake.issue_token(ACCOUNT, f"{ZONE}/node-a", ["https://www.googleapis.com/auth/compute"])
+    assert gcs(proxy.url, no_scope, f"/storage/v1/b/{bucket}/o")[0] == 403
+    # The emulator saw none of the refused calls: the object is still the one written.
+    assert gcsfs_as(proxy.url, fake.token).ls(f"{bucket}/proxy-check") == [key]
+
+
+@pytest.mark.timeout(60)
+def test_each_instance_gets_its_own_token_until_it_nears_expiry():
+    fake = FakeGCE(token_lifetime_s=3600)
+    servers = []
+
+    def metadata(name: str) -> GceInstanceMetadata:
+        md = GceInstanceMetadata(
+            name=name, instance_id=str(len(servers)), zone=ZONE, project=fake.project,
+            project_number=fake.project_number, machine_type="g2-standard-4", attributes={},
+            service_account=ACCOUNT, scopes=[READ_WRITE], token=None,
+            mint=lambda: fake.issue_token(ACCOUNT, f"{ZONE}/{name}", [READ_WRITE])).start()
+        servers.append(md)
+        return md
+
+    def token(md) -> dict:
+        req = urllib.request.Request(f"{md.url}/computeMetadata/v1/instance/service-accounts/"
+                                     "default/token", headers={"Metadata-Flavor": "Google"})
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=10) as r:
+            return json.load(r)
+    try:
+        node_a, node_b = metadata("node-a"), metadata("node-b")
+        a, b = token(node_a), token(node_b)
+        assert a["access_token"] != b["access_token"] != fake.token
+        assert 3500 < a["expires_in"] <= 3600
+        assert fake.token_info(a["access_token"])["instance"] == f"{ZONE}/node-a"
+        assert fake.token_info(b["access_token"])["email"] == ACCOUNT
+        assert token(node_a)["access_token"] == a["access_token"]  # handed out again while fresh
+        # A token with under GCE's 5 minutes of reuse left is replaced at the next ask.
+        fake.token_lifetime_s = 60
+        node_c = metadata("node-c")
+        c = token(node_c)
+        assert c["expires_in"] <= 60 and token(node_c)["access_token"] != c["access_token"]
+        assert fake.token_for(ACCOUNT) == list(fake.access_tokens)[-1]
+        assert fake.token_info("ya29.made-up") is None
+    finally:
+        for md in servers:
+            md.stop()
 
 
 @pytest.fixture
 def cloud(gcs_emulator, tmp_path):
-    """(env for the CLI, home, fake GCE that boots, the emulator's bucket)."""
-    node_env = {**NODE_NET, **gcs_emulator.env}  # the route to "GCS"
-    fake = FakeGCE(boot=BootConfig(node_image(tmp_path / "image"), tmp_path / "nodes", node_env))
+    """(env for the CLI, home, fake GCE that boots, the store's identity proxy, bucket):
+    operator and nodes reach the emulator only through the proxy, ACCOUNT granted."""
+    fake = FakeGCE()
+    proxy = GcsIdentityProxy(gcs_emulator.endpoint, fake.token_info,
+                             grants={gcs_emulator.bucket: {ACCOUNT}}, allowed_tokens={fake.token})
+    route = {"STORAGE_EMULATOR_HOST": proxy.url}  # the route to "GCS"
+    fake.enable_boot(BootConfig(node_image(tmp_path / "image"), tmp_path / "nodes",
+                                {**NODE_NET, **route}))
     fake.start()
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "GOOGLE_", "GCE_", "AZURE_", "GEOTRAIN_", "IDENTITY_",
                                 "MSI_", "STORAGE_EMULATOR"))}
     env.update(GEOTRAIN_HOME=str(home), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
-               NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1", **gcp_env(fake),
-               **gcs_emulator.env)
+               NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1", **gcp_env(fake), **route)
     try:
-        yield env, home, fake, gcs_emulator.bucket
+        yield env, home, fake, proxy, gcs_emulator.bucket
     finally:
         fake.stop()
+        proxy.close()
 
 
-def test_a_gce_node_fetches_with_its_service_account_installs_and_trains(cloud, tmp_path):
-    env, home, fake, bucket = cloud
-    recipe = {"name": "boot-gcp",
-              "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
-              "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
-                        "warmup_steps": 1, "eval_batches": 1},
-              "store": {"url": f"gs://{bucket}/runs"},
-              "sync": {"max_replacements": 0},
-              "sites": [{"name": "west", "provider": "gcp", "region": "us-central1",
-                         "zones": ["us-central1-a"], "instance_type": "g2-standard-4",
-                         "gcp": {"service_account": ACCOUNT}}]}
+def recipe(bucket: str, account: str | None) -> dict:
+    return {"name": "boot-gcp",
+            "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
+            "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
+                      "warmup_steps": 1, "eval_batches": 1},
+            "store": {"url": f"gs://{bucket}/runs"},
+            "sync": {"boot_timeout_s": 1800, "max_replacements": 0},
+            "sites": [{"name": "west", "provider": "gcp", "region": "us-central1",
+                       "zones": [ZONE], "instance_type": "g2-standard-4",
+                       "gcp": {"service_account": account} if account else {}}]}
+
+
+def launch(env: dict, spec: dict, tmp_path: Path) -> str:
     path = tmp_path / "boot.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    t0 = time.monotonic()
-    run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
 
-    def booted():
-        with fake._lock:
-            return next(iter(fake._booter.nodes.values()), None)
-    node = wait_for(booted, 120, every=0.5)
+
+def booted(fake: FakeGCE):
+    with fake._lock:
+        return next(iter(fake._booter.nodes.values()), None)
+
+
+def events(env: dict, run_id: str) -> list[dict]:
+    return [json.loads(line) for line in cli(env, "logs", run_id, "--json").stdout.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_gce_node_fetches_with_its_service_account_installs_and_trains(cloud, tmp_path):
+    env, home, fake, proxy, bucket = cloud
+    t0 = time.monotonic()
+    run_id = launch(env, recipe(bucket, ACCOUNT), tmp_path)
+    node = wait_for(lambda: booted(fake), 120, every=0.5)
     # What the controller reads when a node cannot boot: its console, through the API
     # (in a process of its own: google-auth fixes the metadata address at import).
     read_console = ("import sys, providers; gcp = providers.get('gcp'); "
@@ -96,9 +242,54 @@ def test_a_gce_node_fetches_with_its_service_account_installs_and_trains(cloud, 
     startup = next(item["value"] for item in body["metadata"]["items"]
                    if item["key"] == "startup-script")
     assert f"WHEEL_URL=gs://{bucket}/runs/{run_id}/_boot/" in startup
-    events = [json.loads(line) for line in cli(env, "logs", run_id, "--json").stdout.splitlines()]
-    [starting] = [e for e in events if e["kind"] == "starting"]
+    [starting] = [e for e in events(env, run_id) if e["kind"] == "starting"]
     assert starting["geotrain"].startswith(str(Path(node.root) / "opt" / "geotrain"))
+    # Everything the node did in the store it did with tokens its own metadata server
+    # issued to it as ACCOUNT (the proxy refuses any other).
+    instance = f"{ZONE}/{body['name']}"
+    by_node = [r for r in proxy.requests if r["email"] != "operator"]
+    assert by_node and {(r["email"], r["instance"]) for r in by_node} == {(ACCOUNT, instance)}
+    assert any(r["method"] == "POST" for r in by_node)  # it wrote, not only read
+    assert not proxy.denied(), proxy.denied()
     cli(env, "down", run_id, timeout=120)
     wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
     print(f"\nboot-gcp: launch to succeeded {time.monotonic() - t0:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_node_whose_account_cannot_use_the_store_is_reported_not_silent(cloud, tmp_path):
+    """The node runs as a service account that is not granted on the bucket (launch
+    refuses a GCP site with none at all before creating anything): the store answers
+    403, the node says so on its console, the controller reads it there and the site is
+    lost with that reason — long before boot_timeout_s (1800 s here)."""
+    env, home, fake, proxy, bucket = cloud
+    run_id = launch(env, recipe(bucket, OUTSIDER), tmp_path)
+    node = wait_for(lambda: booted(fake), 120, every=0.5)
+    wait_for(lambda: fatal_line(node.console_text()), PATIENCE_S, every=0.5)
+    printed = time.monotonic()
+    said = fatal_line(node.console_text())
+    assert said.startswith("could not fetch geotrain-0.1.0-py3-none-any.whl from the run store"), said
+    assert "HTTP Error 403" in said, said
+    # The store itself refused it, knowing whose token it was, and let nothing through.
+    by_node = [r for r in proxy.requests if r["email"] != "operator"]
+    assert by_node and all(r["denied"] for r in by_node), by_node
+    assert {(r["email"], r["status"]) for r in by_node} == {(OUTSIDER, 403)}, by_node
+
+    def lost():
+        found = [e for e in events(env, run_id) if e["kind"] == "site-lost"]
+        return found[0] if found else None
+    event = wait_for(lost, PATIENCE_S, every=0.5)
+    reported_s = time.monotonic() - printed
+    assert event["reason"] == f"node failed to boot: {said}", event
+    # The site's state says why too (what `geotrain status` shows).
+    [site] = wait_for(lambda: (lambda s: s["sites"] if s["sites"][0]["lost"] else None)(
+        cli_json(env, "status", run_id)), PATIENCE_S, every=0.5)
+    assert site["lost"]["reason"] == event["reason"], site
+    # max_replacements 0: the run fails, saying why.
+    s = wait_for(lambda: (lambda s: s if s["state"] == "failed" else None)(cli_json(env, "status", run_id)),
+                 PATIENCE_S, every=1.0)
+    assert "could not fetch" in s["error"], s
+    cli(env, "down", run_id, timeout=120)
+    wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
+    print(f"\nnot granted: reported {reported_s:.1f} s after the node printed it")

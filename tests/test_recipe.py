@@ -77,7 +77,9 @@ def test_defaults_are_as_documented():
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), optimizer="adamw",
         muon_lr=0.02, seed=0, eval_batches=8, threads=1, precision="auto", compile=False,
         hours=None, entrypoint=None, code_dir=None)
-    assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7, outer_momentum=0.9,
+    assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7,
+                                       outer_lr_schedule="constant", outer_lr_min_ratio=0.1,
+                                       outer_lr_warmup=0, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, topk_chunk=4096, error_decay=1.0, overlap=False,
                                        round_seconds=None,

@@ -37,6 +37,29 @@ def test_injected_errors_are_the_kinds_backends_raise():
     assert not is_transient(type("HttpError", (Exception,), {"code": 400})())
 
 
+def test_a_refusal_is_access_denied_at_once_on_every_backend():
+    """gcsfs turns GCS's 403 into a plain OSError("Forbidden: ..."); azure-core and
+    gcsfs carry 401/403 as a status code; s3fs raises PermissionError. None is
+    retried; each is a StoreError saying access was denied, with the store's words."""
+    calls = []
+    refusals = [OSError("Forbidden: b/runs/x/run.json\nnode@p.iam lacks storage.objects.get"),
+                type("HttpResponseError", (Exception,), {"status_code": 403})("AuthorizationFailure"),
+                PermissionError("Access Denied")]
+    for refusal in refusals:
+        assert not is_transient(refusal)
+
+        def refuse(refusal=refusal):
+            calls.append(1)
+            raise refusal
+        calls.clear()
+        with pytest.raises(StoreError, match=r"run\.json was refused \(access denied\)") as e:
+            retry(refuse, "reading run.json", policy=FAST)
+        assert len(calls) == 1 and str(refusal).split()[0] in str(e.value)
+    # An expired gcsfs token is renewed by gcsfs itself, and other OSErrors stay transient.
+    assert is_transient(OSError("connection reset"))
+    assert not is_transient(type("HttpError", (Exception,), {"code": 401})("Invalid Credentials"))
+
+
 @pytest.mark.parametrize("scheme", ["file", "s3"])
 def test_bursts_are_absorbed(store_urls, scheme):
     plan = FaultPlan(rate=0.3, burst=3, seed=7, after=0.3)

@@ -64,6 +64,25 @@ def test_a_silent_site_is_lost_and_replaced_once(ctl: Supervised):
     assert "never booted" in lost[-1]["message"]
 
 
+def test_a_site_launched_again_after_resume_is_booting_not_silent(ctl: Supervised):
+    """`resume` after everything died launches every site again while the store still
+    holds the dead incarnation's last liveness record, 'running' and old: that record
+    says nothing about the agent just launched, which is booting until it beats."""
+    as_member(ctl, "a").alive("a", "running", pid=1)
+    as_member(ctl, "a").beat("a", {"state": "training", "first_step_at": time.time()})
+    time.sleep(1.3)  # the old record is now older than liveness_timeout_s
+    ctl.launched_at["a"] = time.time()  # launched again by the resumed controller
+    time.sleep(1.3)  # ... and past liveness_timeout_s since that launch, still no beat
+    ctl.tick()
+    assert ctl.launches == []
+    as_member(ctl, "a").alive("a", "starting", pid=2)  # the new agent's first beat
+    ctl.tick()
+    assert ctl.launches == []
+    time.sleep(1.3)  # and now it falls silent: lost, as any site
+    ctl.tick()
+    assert ctl.launches == ["a"]
+
+
 def test_a_preempted_sites_record_is_not_read_as_its_replacements(ctl: Supervised):
     as_member(ctl, "a").alive("a", "preempting", pid=1)
     as_member(ctl, "a").beat("a", {"state": "preempting", "first_step_at": time.time() - 5})

@@ -139,8 +139,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
     import ray
 
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="gt-site-")
-    gpus = devices.gpus_on_this_node() if gpus is None else gpus
     if node_index > 0:
+        gpus = devices.gpus_on_this_node() if gpus is None else gpus
         return run_node(store_url, site, host, temp_dir, data_site, node_index, ray_port, gpus)
     try:  # the first reads and the first write: what this node's identity must allow
         store = RunStore(store_url)
@@ -164,6 +164,8 @@ def run_agent(store_url: str, site: str, host: str = "127.0.0.1", temp_dir: str 
         # GEOTRAIN_PROVIDER / GEOTRAIN_METADATA_ENDPOINT say where to watch; `notices.fired`
         # is the hook a drain step reads.
         notices = watch_from_env()
+        # After the first beat: counting GPUs imports torch, which takes seconds.
+        gpus = devices.gpus_on_this_node() if gpus is None else gpus
         per_node = devices.resolve_workers(spec.workers, gpus, f"site {data_site!r}: this node")
         t0 = time.time()
         if nodes > 1:

@@ -137,11 +137,13 @@ class DiLoCo:
     """Wraps a model and its inner optimizer; call `step(tokens)` after each
     inner step. With torch.distributed initialised (several workers in one
     site, gradients all-reduced inside it) rank 0 alone talks to the store and
-    broadcasts parameters to the others at round boundaries."""
+    broadcasts parameters to the others at round boundaries. `outer_lr` is a
+    number, or the lr of round r as a function of r (geotrain/sync/schedule.py)."""
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer,
                  exchange: RoundExchange | None, inner_steps: int | None = 50, *,
-                 round_seconds: float | None = None, outer_lr: float = 0.7,
+                 round_seconds: float | None = None,
+                 outer_lr: float | Callable[[int], float] = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, overlap: bool | int = False,
                  on_commit: Callable[[int, Tensors], dict] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, liveness: bool = True,
@@ -403,7 +405,8 @@ class DiLoCo:
             return self._take_committed(r, decision, e)
         if parts:
             grad = weighted_mean([(f"{e.round:09d}/{e.site}", d, e.tokens) for e, d in parts])
-            outer_step(params, grad, momentum, self.outer_lr, self.outer_momentum, self.nesterov)
+            lr = self.outer_lr(r) if callable(self.outer_lr) else self.outer_lr
+            outer_step(params, grad, momentum, lr, self.outer_momentum, self.nesterov)
         digest = params_hash(params)
         store, site = self.exchange.store, self.exchange.site
         store.put_result(r, site, {"hash": digest})

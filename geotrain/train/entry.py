@@ -43,6 +43,7 @@ import torch
 from geotrain.recipe import Recipe
 from geotrain.store import RunStore
 from geotrain.sync.diloco import DiLoCo, encode, load_params, model_params, params_hash
+from geotrain.sync.schedule import OuterLR
 from geotrain.train import precision as P
 from geotrain.train.model import apply_lr_schedule, build_optimizer
 
@@ -108,7 +109,8 @@ class SiteContext:
     def diloco(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                evaluate: Callable[[torch.nn.Module], float] | None = None, **overrides) -> DiLoCo:
         """A DiLoCo configured from the recipe's train/sync sections around your model.
-        `evaluate(model) -> loss` is run on the committed global state each round."""
+        `evaluate(model) -> loss` is run on the committed global state each round; the
+        outer lr follows the recipe's `sync.outer_lr_schedule` over `train.rounds`."""
         from geotrain.train.trainer import make_exchange
 
         # Your loop counts its own tokens (diloco.step(tokens=...)), so only the
@@ -135,7 +137,7 @@ class SiteContext:
             return {"eval_loss": loss}
 
         s, t = self.recipe.sync, self.recipe.train
-        kwargs = dict(round_seconds=s.round_seconds, outer_lr=s.outer_lr,
+        kwargs = dict(round_seconds=s.round_seconds, outer_lr=OuterLR.of(s, t.rounds),
                       outer_momentum=s.outer_momentum, nesterov=s.nesterov, overlap=s.overlap,
                       on_commit=on_commit, should_stop=self.should_stop, liveness=False,
                       offload=None if s.offload == "auto" else s.offload)

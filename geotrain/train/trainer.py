@@ -30,6 +30,7 @@ from geotrain.store import RunStore
 from geotrain.sync import compression
 from geotrain.sync.diloco import DiLoCo, RoundExchange, load_params, model_params
 from geotrain.sync.rounds import TOKEN_SLACK
+from geotrain.sync.schedule import OuterLR
 from geotrain.train import data as D
 from geotrain.train import precision as P
 from geotrain.train.model import GPT, apply_lr_schedule, build, build_optimizer, config_for
@@ -263,7 +264,7 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
         return {"eval_loss": loss}
 
     diloco = DiLoCo(model, inner, exchange, None if sync.round_seconds else t.inner_steps,
-                    round_seconds=sync.round_seconds, outer_lr=sync.outer_lr,
+                    round_seconds=sync.round_seconds, outer_lr=OuterLR.of(sync, t.rounds),
                     outer_momentum=sync.outer_momentum, nesterov=sync.nesterov,
                     overlap=sync.overlap, on_commit=on_commit, should_stop=should_stop,
                     offload=None if sync.offload == "auto" else sync.offload,

@@ -16,6 +16,8 @@ one carrying `X-Forwarded-For` is refused, like the real one; every answer carri
     /computeMetadata/v1/instance/service-accounts/...  only with a serviceAccounts entry
         ( /, default/, default/email, default/aliases, default/scopes, default/token,
           default/identity?audience=A: an identity token whose claims `claims_of` gives )
+        the token is the fixed `token`, or, with `mint`, one from mint() handed out
+        again until it has under TOKEN_REUSE_S left (how FakeGCE gives each instance its own)
     /computeMetadata/v1/project/project-id | numeric-project-id
     /computeMetadata/v1/universe/universe-domain
 
@@ -44,6 +46,7 @@ from tests.fakes.node import BootedNode
 
 FLAVOR = {"Metadata-Flavor": "Google"}
 MAX_HANG_S = 600.0  # a hanging GET without timeout_sec is bounded anyway
+TOKEN_REUSE_S = 300.0  # GCE hands out its cached token until it has 5 minutes left
 
 
 @dataclass
@@ -100,12 +103,15 @@ class GceInstanceMetadata:
 
     def __init__(self, *, name: str, instance_id: str, zone: str, project: str,
                  project_number: str, machine_type: str, attributes: dict[str, str],
-                 service_account: str | None, scopes: list[str], token: str | None):
+                 service_account: str | None, scopes: list[str], token: str | None,
+                 mint: Callable[[], tuple[str, float]] | None = None):
         self.name, self.instance_id, self.zone = name, instance_id, zone
         self.project, self.project_number = project, project_number
         self.machine_type = machine_type
         self.attributes = dict(attributes)
         self.service_account, self.scopes, self.token = service_account, scopes, token
+        self.mint = mint  # () -> (token, expires_at): a fresh access token
+        self.token_expires_at = 0.0  # of the token mint() gave last
         self.preempted = False
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query)
         self.token_requests = 0
@@ -293,7 +299,13 @@ class _GceMetadataHandler(BaseHTTPRequestHandler):
             return self._send(404, "not found", "text/html")
         with md._cond:
             md.token_requests += 1
-        self._send(200, json.dumps({"access_token": md.token, "expires_in": 3599,
+            if md.mint is None:  # a fixed token, always fresh
+                token, left = md.token, 3599
+            else:
+                if md.token is None or md.token_expires_at - time.time() < TOKEN_REUSE_S:
+                    md.token, md.token_expires_at = md.mint()
+                token, left = md.token, int(md.token_expires_at - time.time())
+        self._send(200, json.dumps({"access_token": token, "expires_in": max(left, 0),
                                     "token_type": "Bearer"}), "application/json")
 
 

@@ -35,15 +35,21 @@ RUNNING, it gets its own metadata server (`metadata_server(name)`) and its
     GEOTRAIN_METADATA_ENDPOINT=http://127.0.0.1:<port>  NO_PROXY=127.0.0.1,localhost
     + BootConfig.node_env
 
-The instance's service account (its `serviceAccounts[0]`, "default" meaning
-`service_account`) gets the token `token_for(email)`; without a serviceAccounts entry
-there is no `service-accounts/` in its metadata. `preempt(name)` sets its `preempted` to
-TRUE; deleting the instance stops its node (its whole process tree) and its metadata
-server; `stop()` stops every one.
+An instance with a service account (its `serviceAccounts[0]`, "default" meaning
+`service_account`) gets access tokens of its own from its metadata server: each random,
+issued to that instance and account with its scopes, valid `token_lifetime_s` (a cached
+one is handed out again until it has under 5 minutes left, as GCE does). The fake records
+every one (`access_tokens`); `token_info(token)` says whose a token is while it is valid
+(what Google's tokeninfo endpoint answers; tests/fakes/gcs_identity.py asks it), and
+`token_for(email)` is the newest one an instance running as `email` got. Without a
+serviceAccounts entry there is no `service-accounts/` in its metadata (404, no token).
+`preempt(name)` sets its `preempted` to TRUE; deleting the instance stops its node (its
+whole process tree) and its metadata server; `stop()` stops every one.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 import threading
@@ -67,6 +73,15 @@ class Failure:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class AccessToken:
+    """An OAuth access token a booted instance's metadata server handed out."""
+    email: str  # the service account it acts as
+    instance: str  # "<zone>/<name>" of the instance that was given it
+    scopes: tuple[str, ...]
+    expires_at: float  # time.time() seconds
+
+
 @dataclass
 class FakeGCE:
     project: str = "geotrain-test"
@@ -83,7 +98,8 @@ class FakeGCE:
     inserted: dict = field(default_factory=dict)  # zone -> successful inserts so far
     boot: BootConfig | None = None  # set: instances boot (see the module docstring)
     project_number: str = "210987654321"
-    sa_tokens: dict = field(default_factory=dict)  # service account email -> its node token
+    access_tokens: dict = field(default_factory=dict)  # token -> AccessToken, every one issued
+    token_lifetime_s: float = 3600.0  # how long an instance's access token is valid
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -140,13 +156,35 @@ class FakeGCE:
         self.boot = config
         self._booter = Booter(config)
 
-    def token_for(self, email: str) -> str:
-        """The access token the metadata server gives an instance running as `email`."""
+    def issue_token(self, email: str, instance: str, scopes: list[str] | tuple[str, ...] = (),
+                    lifetime_s: float | None = None) -> tuple[str, float]:
+        """A new access token for `email` on `instance` ("<zone>/<name>"): (token, expires_at).
+        What a booted instance's metadata server calls when it needs one."""
+        token = "ya29.node-" + secrets.token_urlsafe(24)
+        expires_at = time.time() + (self.token_lifetime_s if lifetime_s is None else lifetime_s)
         with self._lock:
-            return self._token_for(email)
+            self.access_tokens[token] = AccessToken(email, instance, tuple(scopes), expires_at)
+        return token, expires_at
 
-    def _token_for(self, email: str) -> str:
-        return self.sa_tokens.setdefault(email, "ya29.node-" + secrets.token_urlsafe(24))
+    def token_info(self, token: str) -> dict | None:
+        """Whose access token this is, as Google's tokeninfo endpoint answers
+        ({"email", "scope", "expires_in"} plus the fake's "instance"); None for a token
+        no instance was given or one that has expired."""
+        with self._lock:
+            issued = self.access_tokens.get(token)
+        left = issued.expires_at - time.time() if issued else 0
+        if left <= 0:
+            return None
+        return {"email": issued.email, "scope": " ".join(issued.scopes), "expires_in": int(left),
+                "instance": issued.instance}
+
+    def token_for(self, email: str) -> str:
+        """The newest access token an instance running as `email` was given."""
+        with self._lock:
+            found = [t for t, issued in self.access_tokens.items() if issued.email == email]
+        if not found:
+            raise KeyError(f"no instance running as {email!r} has asked for a token")
+        return found[-1]
 
     def _key(self, name: str, zone: str | None) -> tuple[str, str]:
         found = [k for k in (self._booter.metadata if self._booter else {})
@@ -189,18 +227,18 @@ class FakeGCE:
         items = {i["key"]: i.get("value", "") for i in
                  (inst.get("metadata") or {}).get("items", [])}
         account = (inst.get("serviceAccounts") or [None])[0]
-        email = token = None
+        email = mint = None
         scopes: list[str] = []
         if account:
             email = account.get("email") or "default"
             email = self.service_account if email == "default" else email
-            token = self._token_for(email)
             scopes = list(account.get("scopes") or [])
+            mint = functools.partial(self.issue_token, email, f"{zone}/{name}", tuple(scopes))
         machine = inst.get("machineType", "").rsplit("/", 1)[-1]
         md = GceInstanceMetadata(name=name, instance_id=inst["id"], zone=zone,
                                  project=self.project, project_number=self.project_number,
                                  machine_type=machine, attributes=items, service_account=email,
-                                 scopes=scopes, token=token)
+                                 scopes=scopes, token=None, mint=mint)
         self._booter.boot((zone, name), md, items.get("startup-script"),
                           f"gce-{name}-{inst['id']}-{secrets.token_hex(3)}",
                           f"{name}-{inst['id']}", gce_env)

@@ -1,0 +1,227 @@
+"""Google identity checks in front of the GCS emulator, for tests: who may use the store.
+
+gcp-storage-emulator accepts any request, token or not. `GcsIdentityProxy` stands in
+front of it and forwards a request (unchanged: method, path, headers, body) only when
+its `Authorization: Bearer` token is
+
+- one an instance's metadata server issued (FakeGCE.token_info, tests/fakes/gce_server.py:
+  valid, not expired) to a service account granted on the request's bucket (`grants`,
+  bucket -> member emails, what a bucket IAM binding of roles/storage.objectAdmin says),
+  with a storage OAuth scope; or
+- one of `allowed_tokens` (the operator's own test credentials).
+
+Everything else is answered as GCS answers it, in its JSON error format: 401 for no
+token or a token nobody issued or that expired ("Invalid Credentials"; gcsfs retries that
+a few times as a possibly expired token, then raises), 403 when the account is not
+granted or the token lacks a storage scope (gcsfs raises `OSError("Forbidden: ...")` at
+once, with the message, which names the account and the permission). Each request is
+recorded in `requests` as {"method", "path", "bucket", "email", "instance", "status",
+"denied"} (email "operator" for an allowed token; instance the "<zone>/<name>" a node's
+token was issued to); `denied()` lists the refusals.
+
+Bodies are small in these tests (a wheel, tiny checkpoints), so each is read whole and
+relayed with a Content-Length, either way.
+
+    proxy = GcsIdentityProxy(emulator.endpoint, fake_gce.token_info,
+                             grants={bucket: {node_account}}, allowed_tokens={fake_gce.token})
+    node_env["STORAGE_EMULATOR_HOST"] = proxy.url
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from tests.fakes.gce_boot import serve, stop_servers
+
+HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te",
+                         "upgrade", "expect", "proxy-authorization", "proxy-authenticate", "trailer",
+                         "content-length"})
+READ_SCOPES = frozenset({"https://www.googleapis.com/auth/devstorage.read_only"})
+WRITE_SCOPES = frozenset({"https://www.googleapis.com/auth/devstorage.read_write",
+                          "https://www.googleapis.com/auth/devstorage.full_control",
+                          "https://www.googleapis.com/auth/cloud-platform"})
+BUCKET_IN_PATH = re.compile(r"/b/([-.\w]+)(?=/|$)")
+
+
+def gcs_error(status: int, message: str, reason: str, **extra: str) -> bytes:
+    """GCS's JSON API error document."""
+    return json.dumps({"error": {"code": status, "message": message,
+                                 "errors": [{"message": message, "domain": "global", "reason": reason,
+                                             **extra}]}}).encode()
+
+
+def buckets_of(method: str, path: str, body: bytes) -> set[str]:
+    """The buckets a request touches: the JSON API's `/b/<bucket>` (under /storage/v1,
+    /upload/storage/v1, /download/storage/v1 or bare), every sub-request's in a batch,
+    else the XML API's first path segment. Empty: a project-level call (list or create
+    buckets) or the emulator's own health check."""
+    if path.startswith("/batch/"):
+        return set(BUCKET_IN_PATH.findall(body.decode("utf-8", "replace")))
+    found = BUCKET_IN_PATH.findall(path)
+    if found:
+        return set(found)
+    first = path.strip("/").split("/", 1)[0]
+    return {first} if first and first not in ("b", "storage", "upload", "download") else set()
+
+
+def permission(method: str, path: str) -> str:
+    """The IAM permission GCS checks for a request (what its 403 message names)."""
+    if path.startswith("/batch/"):
+        return "storage.objects.delete"
+    if re.search(r"/b/[-.\w]+/o/.", path):  # one object
+        if re.search(r"/(copyTo|rewriteTo|compose)/", path) or path.endswith("/compose"):
+            return "storage.objects.create"
+        return {"GET": "storage.objects.get", "HEAD": "storage.objects.get",
+                "DELETE": "storage.objects.delete"}.get(method, "storage.objects.update")
+    if re.search(r"/b/[-.\w]+/o$", path):  # the bucket's objects
+        return "storage.objects.list" if method == "GET" else "storage.objects.create"
+    if BUCKET_IN_PATH.search(path):
+        return "storage.buckets.get" if method == "GET" else "storage.buckets.update"
+    return "storage.buckets.list" if method == "GET" else "storage.buckets.create"
+
+
+class GcsIdentityProxy:
+    """Forwards GCS requests to `upstream_url` only for a caller allowed on the bucket
+    (see the module docstring). `token_info(token)` -> {"email", "scope", ...} or None
+    is the issuer's verdict on a token (FakeGCE.token_info)."""
+
+    def __init__(self, upstream_url: str, token_info: Callable[[str], dict | None],
+                 grants: dict[str, set[str]] | None = None, allowed_tokens: set[str] | None = None):
+        up = urlsplit(upstream_url)
+        self.upstream = (up.hostname, up.port or 80)
+        self.token_info = token_info
+        self.grants: dict[str, set[str]] = {b: set(m) for b, m in (grants or {}).items()}
+        self.allowed_tokens: set[str] = set(allowed_tokens or ())
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = serve(self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def grant(self, bucket: str, email: str) -> None:
+        with self.lock:
+            self.grants.setdefault(bucket, set()).add(email)
+
+    def revoke(self, bucket: str, email: str) -> None:
+        with self.lock:
+            self.grants.get(bucket, set()).discard(email)
+
+    def denied(self) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["denied"]]
+
+    def close(self) -> None:
+        stop_servers(self._server)
+        self._server = None
+
+    def check(self, method: str, path: str, authorization: str | None,
+              body: bytes) -> tuple[dict, tuple[int, bytes] | None]:
+        """(caller, refusal): caller is {"email", "instance"} (email "operator" for an
+        allowed token, None when unknown); refusal is (status, GCS error document), or
+        None to forward."""
+        nobody = {"email": None, "instance": None}
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip() if scheme == "Bearer" else ""
+        perm = permission(method, path)
+        if not token:
+            message = (f"Anonymous caller does not have {perm} access to the Google Cloud Storage "
+                       f"object. Permission '{perm}' denied on resource (or it may not exist).")
+            return nobody, (401, gcs_error(401, message, "required", locationType="header",
+                                           location="Authorization"))
+        with self.lock:
+            if token in self.allowed_tokens:
+                return {"email": "operator", "instance": None}, None
+        info = self.token_info(token)
+        if info is None:  # never issued, or expired
+            return nobody, (401, gcs_error(401, "Invalid Credentials", "authError",
+                                           locationType="header", location="Authorization"))
+        email, scopes = info["email"], set(info.get("scope", "").split())
+        caller = {"email": email, "instance": info.get("instance")}
+        reading = perm in ("storage.objects.get", "storage.objects.list", "storage.buckets.get")
+        if not scopes & (WRITE_SCOPES | (READ_SCOPES if reading else frozenset())):
+            return caller, (403, gcs_error(403, "Provided scope(s) are not authorized",
+                                          "insufficientPermissions"))
+        buckets = buckets_of(method, path, body)
+        with self.lock:
+            refused = sorted(b for b in buckets if email not in self.grants.get(b, ()))
+        if not buckets or refused:
+            where = (f"the Google Cloud Storage bucket {refused[0]!r}" if refused
+                     else "the Google Cloud project")
+            return caller, (403, gcs_error(
+                403, f"{email} does not have {perm} access to {where}. Permission '{perm}' "
+                "denied on resource (or it may not exist).", "forbidden"))
+        return caller, None
+
+    def _record(self, method: str, path: str, body: bytes, caller: dict, status: int,
+                denied: bool) -> None:
+        bucket = ",".join(sorted(buckets_of(method, path, body))) or None
+        with self.lock:
+            self.requests.append({"method": method, "path": path, "bucket": bucket, **caller,
+                                  "status": status, "denied": denied})
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = []
+                while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in HOP_HEADERS or (self.command == "HEAD" and
+                                                        k.lower() == "content-length"):
+                        self.send_header(k, v)
+                if self.command != "HEAD" and status not in (204, 304):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _relay(self):
+                path = urlsplit(self.path).path
+                body = self._body()
+                caller, refusal = proxy.check(self.command, path, self.headers.get("Authorization"), body)
+                if refusal is not None:
+                    status, doc = refusal
+                    proxy._record(self.command, path, body, caller, status, True)
+                    return self._answer(status, [("Content-Type", "application/json; charset=UTF-8")],
+                                        doc)
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+                try:
+                    conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for k, v in self.headers.items():  # Host too: the emulator builds URLs from it
+                        if k.lower() not in HOP_HEADERS:
+                            conn.putheader(k, v)
+                    conn.putheader("Content-Length", str(len(body)))
+                    conn.endheaders(body)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    proxy._record(self.command, path, body, caller, resp.status, False)
+                    self._answer(resp.status, resp.getheaders(), data)
+                except OSError:  # the client or the emulator went away
+                    self.close_connection = True
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _relay
+
+        return Handler
