@@ -172,6 +172,20 @@ def signed_run_json(store: RunStore, info: Callable[[], dict]) -> bytes | None:
         return None
 
 
+def _site_ranks(store: RunStore, recipe: Recipe) -> dict[str, int]:
+    """Ranks per site as its agent counted them (its last `group` event: `workers: auto`
+    is known only there), for the summary's token estimate. Site-written, so only a
+    whole number within what the site could run counts; anything else is ignored."""
+    bound = {s.name: s.most_workers() * s.nodes for s in recipe.sites}
+    ranks: dict[str, int] = {}
+    for e in store.events(list(bound)):
+        site, world = e.get("source"), e.get("world")
+        if e.get("kind") == "group" and site in bound and type(world) is int \
+                and 1 <= world <= bound[site]:
+            ranks[site] = world
+    return ranks
+
+
 def final_summary(store: RunStore, recipe: Recipe, run: dict, last_round: int) -> tuple[bytes, dict]:
     """(the final model's bytes, final/summary.json) of a run that ended at `last_round`:
     its committed state, once it checks against what the sites ended that round with
@@ -195,10 +209,7 @@ def final_summary(store: RunStore, recipe: Recipe, run: dict, last_round: int) -
                         "hash": m["hash"], "members": m.get("members"),
                         "results": {s: v.get("hash") for s, v in store.results(r).items()}})
     t = recipe.train
-    # Ranks per site as its agent counted them (its last `group` event: `workers: auto` is
-    # known only there); the recipe's count where there is none. An estimate, not a record.
-    ranks = {e["source"]: e.get("world", 1) for e in store.events([s.name for s in recipe.sites])
-             if e.get("kind") == "group"}
+    ranks = _site_ranks(store, recipe)
     per_round = sum(ranks.get(s.name, (1 if s.workers == "auto" else s.workers) * s.nodes)
                     for s in recipe.sites)
     tokens = last_round * t.inner_steps * t.batch_size * t.seq_len * per_round

@@ -141,3 +141,26 @@ def test_declared_gpus_one_per_worker_and_cpu_torch_forms_a_gloo_group(monkeypat
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_summarys_rank_count_takes_only_plausible_group_events(tmp_path):
+    """The final summary estimates tokens from each site's `group` event (an `auto`
+    site's worker count is known only on its node). Those events are site-written:
+    a world that is not a whole number within what the site could run, or a site
+    that is not the run's, is ignored, never a crash or a figure it dictates."""
+    from geotrain.runs import _site_ranks
+    from geotrain.store import RunStore
+
+    recipe = loads("name: x\nsites:\n  - {name: a, provider: local}\n"
+                   "  - {name: b, provider: local, workers: 2}\n  - {name: c, provider: local}\n")
+    store = RunStore("file://" + str(tmp_path))
+    store.event("a", "group", world=3)
+    for forged in ("4", 1e9, 3.0, -1, 0, None, 10 ** 6, True):
+        store.event("b", "group", world=forged)
+    store.event("c", "group", world=2)
+    store.append_jsonl("sites/c/events.jsonl",  # written as another, not the run's, site
+                       {"at": 0.0, "source": "zz", "kind": "group", "message": "", "world": 5})
+    ranks = _site_ranks(store, recipe)
+    # a: 3 of at most 16 ('auto'); b: nothing plausible (2 workers x 1 node at most; True
+    # is a bool, not a count); c: its own event, the forged source ignored.
+    assert ranks == {"a": 3, "c": 2}
