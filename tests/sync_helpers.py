@@ -1,6 +1,7 @@
 """What the DiLoCo test files (tests/test_sync*.py) share: a tiny model, a batch and an
 inner step, the committed round 0, the check that two trainings agree, sites trained in
-threads through one run store, and a contribution published by hand."""
+threads through one run store, a contribution published by hand, and a one-site run
+store ready for the built-in trainer."""
 
 import threading
 
@@ -87,3 +88,16 @@ def run_sites(url, specs, rounds, h, overlap=False, exchange_cls=RoundExchange, 
 
 def publish(store, r, site, delta, tokens=16.0):
     RoundExchange(store, site).publish(r, delta, tokens=tokens, steps=1, base_round=r - 1)
+
+
+def one_site_store(recipe, tmp_path) -> RunStore:
+    """A file:// run store for site 'a' alone, with the recipe's round 0 committed and
+    the site beating: what `trainer.train_site` needs to run without a controller."""
+    from geotrain.train.trainer import initial_state
+
+    store = RunStore(f"file://{tmp_path}")
+    params = initial_state(recipe)
+    store.commit_global(0, {"model.safetensors": encode(params)},
+                        {"hash": params_hash(params), "members": ["a"]})
+    store.alive("a", "running")
+    return store

@@ -17,6 +17,7 @@ from geotrain.recipe import loads
 from geotrain.train import model as M
 from geotrain.train.entry import SiteContext
 from geotrain.train.muon import Muon, configure_muon, orthogonalize, split_params
+from tests.sync_helpers import one_site_store
 
 SITES = "sites: [{name: a}]\n"
 
@@ -263,8 +264,6 @@ sites: [{name: a}]
 def test_the_trainer_trains_the_tiny_gpt_with_muon(tmp_path, monkeypatch):
     """One site, two rounds of four steps through train_site: the trainer builds
     Muon from the recipe, schedules it, and the committed model has learned."""
-    from geotrain.store import RunStore
-    from geotrain.sync.diloco import encode, params_hash
     from geotrain.train import trainer
 
     built = []
@@ -275,11 +274,7 @@ def test_the_trainer_trains_the_tiny_gpt_with_muon(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "build_optimizer", spy)
     recipe = loads(MUON_RUN)
-    store = RunStore(f"file://{tmp_path}")
-    params = trainer.initial_state(recipe)
-    store.commit_global(0, {"model.safetensors": encode(params)},
-                        {"hash": params_hash(params), "members": ["a"]})
-    store.alive("a", "running")
+    store = one_site_store(recipe, tmp_path)
     out = trainer.train_site(recipe, store, trainer.WorkerPlace("a", 0, 1, 0, 1))
     assert out["round"] == 2 and store.committed_rounds() == [0, 1, 2]
     (opt,) = built

@@ -22,12 +22,12 @@ from geotrain.recipe import loads
 from geotrain.recipe.sections import SyncSpec
 from geotrain.store import RunStore
 from geotrain.sync import compression
-from geotrain.sync.diloco import DiLoCo, RoundExchange, decode, encode, outer_step, params_hash
+from geotrain.sync.diloco import DiLoCo, RoundExchange, decode, outer_step, params_hash
 from geotrain.sync.schedule import OuterLR
 from geotrain.train import trainer
 from geotrain.train.entry import SiteContext
 from geotrain.train.model import build
-from tests.sync_helpers import CFG, batch, commit_start, train_step
+from tests.sync_helpers import CFG, batch, commit_start, one_site_store, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -189,11 +189,7 @@ sites: [{name: a}]
 
 def test_the_trainer_applies_the_recipes_schedule(tmp_path):
     recipe = loads(RUN)
-    store = RunStore(f"file://{tmp_path}")
-    params = trainer.initial_state(recipe)
-    store.commit_global(0, {"model.safetensors": encode(params)},
-                        {"hash": params_hash(params), "members": ["a"]})
-    store.alive("a", "running")
+    store = one_site_store(recipe, tmp_path)
     out = trainer.train_site(recipe, store, trainer.WorkerPlace("a", 0, 1, 0, 1))
     assert out["round"] == 3
     hashes = [store.global_manifest(r)["hash"] for r in (1, 2, 3)]

@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from geotrain.recipe import loads
-from geotrain.store import RunStore
-from geotrain.sync.diloco import encode, params_hash
 from geotrain.train import model as M
 from geotrain.train import precision as P
 from geotrain.train import trainer
 from geotrain.train.entry import SiteContext
+from tests.sync_helpers import one_site_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,11 +180,7 @@ sites: [{name: a}]
 def _site(tmp_path, rounds: int, steps: int, lr: float, extra: str = "precision: fp32"):
     recipe = loads(RUN.replace("ROUNDS", str(rounds)).replace("STEPS", str(steps))
                    .replace("LR", str(lr)).replace("EXTRA", extra))
-    store = RunStore(f"file://{tmp_path}")
-    params = trainer.initial_state(recipe)
-    store.commit_global(0, {"model.safetensors": encode(params)},
-                        {"hash": params_hash(params), "members": ["a"]})
-    store.alive("a", "running")
+    store = one_site_store(recipe, tmp_path)
     return recipe, store
 
 
