@@ -132,12 +132,13 @@ def schedule(value: str) -> str:
 
 
 # Per-arm settings after the codec: "int8:olr=0.9:om=0.8", "topk@0.03:om=0:ed=0.95",
-# "none:olr=1:om=0:olrs=cosine:olrmin=0.1:olrw=2" (the recipe's outer_lr_* fields).
+# "none:olr=1:om=0:olrs=cosine:olrmin=0.1:olrw=2" (the recipe's outer_lr_* fields),
+# "int8:fr=4" (sync.fragments: each round syncs a quarter of the model).
 ARM_KNOBS = {"olr": ("outer_lr", float), "om": ("outer_momentum", float), "ilr": ("lr", float),
              "ed": ("error_decay", float), "bits": ("value_bits", int), "se": ("state_every", int),
              "ch": ("topk_chunk", int), "opt": ("optimizer", str), "mlr": ("muon_lr", float),
              "olrs": ("outer_lr_schedule", schedule), "olrmin": ("outer_lr_min_ratio", float),
-             "olrw": ("outer_lr_warmup", int)}
+             "olrw": ("outer_lr_warmup", int), "fr": ("fragments", int)}
 
 
 def parse_arm(text: str) -> tuple[str, str, dict]:

@@ -9,6 +9,9 @@ is the same for every arm: model, data shard, batch stream, lr schedule, steps.
 
 Every site counts what it computes (forward, backward, clip, inner optimizer
 step) apart from everything else, so `compute_s / wall_s` is its utilisation.
+With `step_s` each inner step is padded (slept) to last that long and counts as
+compute: a modelled accelerator, for utilisation at a large model's step time
+(benchmarks/sync_scaled.py).
 Latency is modelled, not emulated (netem is unavailable here): a store request
 waits `rtt_s` before it is sent (one round trip per request), and a DDP
 all-reduce waits (N-1)·rtt_s after it returns (a ring all-reduce is 2(N-1)
@@ -113,8 +116,9 @@ def run(spec: dict, index: int) -> dict:
                                cfg.context, spec["eval_batches"])
     tokens_per_step = spec["batch"] * cfg.context * n   # every site's, i.e. global
     rtt = spec.get("rtt_s", 0.0)
+    step_s = spec.get("step_s", 0.0)  # pad each inner step to this long (0: as measured)
     out = {"site": index, "params": numel, "compute_s": 0.0, "bytes_sent": 0, "bytes_received": 0,
-           "curve": []}
+           "curve": [], "overrun_steps": 0}
 
     diloco = None
     if spec["kind"] == "ddp":
@@ -132,7 +136,8 @@ def run(spec: dict, index: int) -> dict:
                            spec.get("outer_lr_schedule", "constant"),
                            spec.get("outer_lr_warmup", 0), spec.get("outer_lr_min_ratio", 0.1))
         diloco = DiLoCo(model, opt, exchange, inner_steps=spec["H"], outer_lr=outer_lr,
-                        outer_momentum=spec["outer_momentum"], overlap=spec.get("overlap", False))
+                        outer_momentum=spec["outer_momentum"], overlap=spec.get("overlap", False),
+                        fragments=spec.get("fragments", 1))
         wait_for_all(store, site, n)
         diloco.__enter__()
 
@@ -153,7 +158,7 @@ def run(spec: dict, index: int) -> dict:
             x, y = batches.next()
             _, loss = model(x, y)
             loss.backward()
-            out["compute_s"] += time.perf_counter() - t0
+            step_compute = time.perf_counter() - t0
             if diloco is None:
                 flat = torch.cat([p.grad.reshape(-1) for p in grads])
                 dist.all_reduce(flat)
@@ -170,7 +175,14 @@ def run(spec: dict, index: int) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
-            out["compute_s"] += time.perf_counter() - t0
+            step_compute += time.perf_counter() - t0
+            if step_s and step_compute > step_s:
+                out["overrun_steps"] += 1   # the CPU was slower than the modelled step
+            elif step_s:
+                # A modelled accelerator: the step lasts step_s, as a large model's would.
+                time.sleep(step_s - step_compute)
+                step_compute = step_s
+            out["compute_s"] += step_compute
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"site {index}: non-finite loss at step {step}")
             if diloco is None:

@@ -12,7 +12,8 @@ It then estimates what the run costs:
   `GPU_TFLOPS × MFU / (6 × params)` tokens/s, a round lasts as long as the slowest site's
   `inner_steps`, and sync time is ignored (it overlaps little; add it via `train.hours`).
 - **egress**: every round each site uploads its pseudo-gradient and downloads the other
-  M−1 (params × `bytes_per_param(sync)` each). The store lives with one
+  M−1 (params × `bytes_per_param(sync)` each, ÷ `sync.fragments`: with fragment sync a
+  round carries one fragment of the model). The store lives with one
   provider (from its URL scheme; `file://` is this machine). Bytes that leave a provider
   are that provider's egress: a site's upload to a store elsewhere costs the site's
   internet egress rate, a download from a store elsewhere the store provider's default
@@ -245,7 +246,7 @@ def store_provider(recipe: Recipe) -> str:
 def egress(recipe: Recipe, chosen: list[Candidate], params: int,
            cats: Catalogs) -> tuple[float, float]:
     """(bytes, USD) the run's sync traffic moves and costs over all rounds."""
-    payload = params * bytes_per_param(recipe.sync)
+    payload = params * bytes_per_param(recipe.sync) / recipe.sync.fragments
     others = len(chosen) - 1
     store = store_provider(recipe)
     per_round_bytes, per_round_usd = 0.0, 0.0

@@ -46,7 +46,8 @@ def assert_same_training(name, p, q, step):
     assert torch.allclose(p, q, atol=1e-6, rtol=0), f"step {step}: {name} diverged"
 
 
-def run_sites(url, specs, rounds, h, overlap=False, exchange_cls=RoundExchange, **exchange_kw):
+def run_sites(url, specs, rounds, h, overlap=False, exchange_cls=RoundExchange, fragments=1,
+              **exchange_kw):
     """Train sites in threads; specs: {name: (data seed, batch size)}.
 
     Liveness is not what these runs test: a site counts as alive for 60 s after
@@ -62,7 +63,8 @@ def run_sites(url, specs, rounds, h, overlap=False, exchange_cls=RoundExchange, 
             opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
             exchange = exchange_cls(RunStore(url), name, poll_s=0.01, **exchange_kw)
             gen = torch.Generator().manual_seed(seed)
-            with DiLoCo(model, opt, exchange, inner_steps=h, overlap=overlap) as diloco:
+            with DiLoCo(model, opt, exchange, inner_steps=h, overlap=overlap,
+                        fragments=fragments) as diloco:
                 while diloco.training_round <= rounds:
                     x, y = batch(gen, b=batch_size)
                     train_step(model, opt, x, y)

@@ -254,7 +254,7 @@ def test_contributions_must_have_the_models_names_shapes_and_dtypes(tmp_path):
     assert "missing" in rejected["missing"]
     # The exchange's own check covers dtypes (and a decode that bypasses the codec's).
     with pytest.raises(Exception, match="float16"):
-        ex._check_tensors({"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(3)})
+        ex._check_tensors({"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(3)}, 1)
 
 
 def test_a_decompression_bomb_is_rejected_before_it_inflates():

@@ -82,7 +82,7 @@ def test_defaults_are_as_documented():
                                        outer_lr_warmup=0, outer_momentum=0.9,
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, topk_chunk=4096, error_decay=1.0, overlap=False,
-                                       round_seconds=None,
+                                       fragments=1, round_seconds=None,
                                        round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
                                        boot_timeout_s=1800, max_replacements=10,
                                        reject_norm_factor=10, state_every=1, offload="auto")

@@ -214,6 +214,13 @@ class SyncSpec(_Spec):
     overlap: bool = Field(False, description="Train the next round while this round's exchange "
                           "runs; its merge is applied one round late, keeping local progress. "
                           "Hides slow links; at small scale it costs some loss (see docs/benchmarks.md).")
+    fragments: int = Field(
+        1, ge=1, description="Fragment sync (Streaming DiLoCo): cut the model into this many "
+        "contiguous parts of about equal size; round r syncs only part (r - 1) % fragments, "
+        "so each exchange carries 1/fragments of the bytes while the other parts keep "
+        "training. Each part then syncs every fragments rounds: set train.inner_steps to "
+        "H / fragments to keep its sync period at H steps. 1: the whole model every round. "
+        "At most the model's number of parameter tensors (geotrain/sync/fragments.py).")
     round_seconds: float | None = Field(
         None, gt=0, description="End rounds by wall time instead of inner_steps, so slow and fast "
         "sites meet together; contributions are weighted by tokens trained.")

@@ -17,6 +17,11 @@ its parameters, where anchor_r is what it had when it published round r.
 Compute waits only when an exchange takes longer than a whole round. With
 `overlap=False` (or an instant exchange and zero delay) this is plain DiLoCo.
 
+With `fragments=P` > 1 (Streaming DiLoCo) round r publishes and merges only
+fragment (r - 1) % P of the model (geotrain/sync/fragments.py); the other
+tensors keep their round-start snapshot, so their progress is sent on their own
+turn, and a landing merge shifts them only by how far the global state moved.
+
 On a GPU the pseudo-gradient is computed and encoded there; with `offload`
 (the default on a GPU) the site's copies of the model and the codec's residual
 live in pinned host memory instead (geotrain/sync/offload.py).
@@ -46,8 +51,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from geotrain.errors import StoreError
+from geotrain.sync.fragments import Fragments
 from geotrain.sync.joining import state_problem, states_newest_first
 from geotrain.sync.offload import ModelCopies, on_cuda
+from geotrain.sync.outer import outer_step, weighted_mean
 from geotrain.sync.rounds import ContributionChanged, RoundExchange, SyncError
 
 Tensors = dict[str, torch.Tensor]
@@ -85,32 +92,6 @@ def load_params(model: torch.nn.Module, params: Tensors) -> None:
             p.copy_(params[n].to(p.device, p.dtype))
 
 
-def outer_step(params: Tensors, grad: Tensors, momentum_buf: Tensors,
-               lr: float, momentum: float, nesterov: bool) -> None:
-    """One outer SGD step in place: buf = mu*buf + g; d = g + mu*buf (Nesterov)
-    or buf; theta -= lr*d. With momentum 0, d = g."""
-    for name, g in grad.items():
-        if momentum:
-            buf = momentum_buf.setdefault(name, torch.zeros_like(g))
-            buf.mul_(momentum).add_(g)
-            d = g + momentum * buf if nesterov else buf
-        else:
-            d = g
-        params[name].sub_(lr * d)
-
-
-def weighted_mean(parts: list[tuple[str, Tensors, float]]) -> Tensors:
-    """Sum of w_i/W * delta_i, always in key order so every site gets the same bits."""
-    parts = sorted(parts, key=lambda p: p[0])
-    total = sum(w for _, _, w in parts)
-    out: Tensors = {}
-    for _, delta, w in parts:
-        for name, t in delta.items():
-            scaled = t.to(torch.float32) * (w / total)
-            out[name] = out[name] + scaled if name in out else scaled
-    return out
-
-
 @dataclass
 class RoundResult:
     round: int
@@ -138,7 +119,9 @@ class DiLoCo:
     inner step. With torch.distributed initialised (several workers in one
     site, gradients all-reduced inside it) rank 0 alone talks to the store and
     broadcasts parameters to the others at round boundaries. `outer_lr` is a
-    number, or the lr of round r as a function of r (geotrain/sync/schedule.py)."""
+    number, or the lr of round r as a function of r (geotrain/sync/schedule.py).
+    `fragments`: how many parts of the model take turns, one per round (module
+    docstring); ValueError if the model has fewer tensors."""
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer,
                  exchange: RoundExchange | None, inner_steps: int | None = 50, *,
@@ -147,7 +130,7 @@ class DiLoCo:
                  outer_momentum: float = 0.9, nesterov: bool = True, overlap: bool | int = False,
                  on_commit: Callable[[int, Tensors], dict] | None = None,
                  should_stop: Callable[[], bool] = lambda: False, liveness: bool = True,
-                 offload: bool | None = None):
+                 offload: bool | None = None, fragments: int = 1):
         if not inner_steps and not round_seconds:
             raise ValueError("DiLoCo needs inner_steps or round_seconds to end a round")
         self.model, self.inner_optimizer, self.exchange = model, inner_optimizer, exchange
@@ -163,6 +146,7 @@ class DiLoCo:
         # when the model is on a GPU (geotrain/sync/offload.py).
         self.offload = on_cuda(model) if offload is None else bool(offload)
         self._copies = ModelCopies(model, self.offload)
+        self.fragments = Fragments.of_model(model, fragments)
         if exchange is not None:
             exchange.codec.offload = self.offload
         self._closing = threading.Event()
@@ -197,7 +181,7 @@ class DiLoCo:
             # Contributions must decode to exactly this model's tensors (names,
             # shapes; fp32 as every codec decodes), checked before any merge.
             self.exchange.expect({n: (tuple(p.shape), torch.float32)
-                                  for n, p in self.model.named_parameters()})
+                                  for n, p in self.model.named_parameters()}, self.fragments)
             self._catch_up()
             self._thread = threading.Thread(target=self._merger, name="diloco-merger", daemon=True)
             self._thread.start()
@@ -289,7 +273,7 @@ class DiLoCo:
         if publish_only:
             if self.rank == 0 and self._steps:
                 r = self.exchange.first_open_round(self.training_round)
-                delta = self._copies.delta(self._start)
+                delta = self._copies.delta(self._start, self._part(r))
                 self.bytes_sent += self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
             return None
         if self.rank == 0:
@@ -299,12 +283,13 @@ class DiLoCo:
             if self.exchange.store.follow_switch(before_round=r, wait=True,
                                                  should_stop=self.should_stop):
                 r = self.exchange.first_open_round(self.training_round)
-            delta = self._copies.delta(self._start)   # == start - local, on the model's device
+            delta = self._copies.delta(self._start, self._part(r))   # == start - local
             self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
             del delta
             self.bytes_sent += self._sent[r]
             self._anchors[r] = local
-            self._start = self._copies.copy(local, into=self._start)
+            # Only the tensors just sent start over; the others keep accumulating.
+            self._start = self._copies.copy(local, into=self._start, names=self._part(r))
             self.training_round = r + 1
             with self._cv:
                 self._queued = r
@@ -334,21 +319,29 @@ class DiLoCo:
             waited = time.monotonic() - t0
             self.wait_s += waited
             anchor = self._anchors.pop(merged.round, None)
-            if merged.round == just_published:
-                # Nothing trained since we published: take the global state exactly.
-                load_params(self.model, merged.params)
-                self._start = self._copies.copy(merged.params, into=self._start)
-            else:
-                # Keep the progress made since: shift everything by global - anchor
-                # (or by how far the global moved, for a round we were not in).
-                base = anchor if anchor is not None else self.global_params
-                correction = {n: merged.params[n].to(base[n].device) - base[n]
-                              for n in merged.params}
-                with torch.no_grad():
-                    for n, p in self.model.named_parameters():
+            # The tensors we published in this round (none if we were not in it).
+            sent = frozenset() if anchor is None else self.fragments.names(merged.round)
+            # Nothing trained since we published them: take their global state exactly.
+            exact = sent if merged.round == just_published else frozenset()
+            # The others keep the progress made since: shift them by global - anchor
+            # for what we sent, else by how far the global moved (0 if it did not).
+            correction = {}
+            for n in merged.params:
+                if n not in exact:
+                    base = anchor if n in sent else self.global_params
+                    correction[n] = merged.params[n].to(base[n].device) - base[n]
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in exact:
+                        p.copy_(merged.params[n].to(p.device, p.dtype))
+                    else:
                         p.add_(correction[n].to(p.device, p.dtype))
-                for t in [self._start, *self._anchors.values()]:
-                    for n in t:
+            if exact:
+                self._start = self._copies.copy(merged.params, into=self._start,
+                                                names=self._part(merged.round))
+            for t in [self._start, *self._anchors.values()]:
+                for n in t:
+                    if n in correction:
                         t[n].add_(correction[n].to(t[n].device))
             if anchor is not None:
                 self._copies.release(anchor)
@@ -358,6 +351,10 @@ class DiLoCo:
                                  merged.received, waited, merged.members, merged.rejected)
             self.history.append(result)
         return result
+
+    def _part(self, r: int) -> frozenset[str] | None:
+        """The tensors round r syncs; None: all of them (no fragments)."""
+        return None if self.fragments.count == 1 else self.fragments.names(r)
 
     def _wait_merged(self, r: int) -> _Merged:
         with self._cv:

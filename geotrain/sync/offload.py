@@ -23,6 +23,8 @@ identically), and never travel to the GPU but through load_params.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 Tensors = dict[str, torch.Tensor]
@@ -67,13 +69,16 @@ class ModelCopies:
         self._sync()
         return out
 
-    def copy(self, src: Tensors, into: Tensors) -> Tensors:
+    def copy(self, src: Tensors, into: Tensors, names: Collection[str] | None = None) -> Tensors:
         """A copy of `src` (copies of the same model, or global parameters):
-        written over `into` with offload, else fresh on each parameter's device."""
+        written over `into` with offload, else fresh on each parameter's device.
+        With `names`, only those tensors are copied; `into` keeps the others."""
         if not self.offload:
-            return {n: src[n].to(p.device, torch.float32, copy=True) for n, p in self._params()}
+            return {n: src[n].to(p.device, torch.float32, copy=True)
+                    if names is None or n in names else into[n] for n, p in self._params()}
         for n, t in into.items():
-            t.copy_(src[n], non_blocking=True)
+            if names is None or n in names:
+                t.copy_(src[n], non_blocking=True)
         self._sync()
         return into
 
@@ -81,9 +86,10 @@ class ModelCopies:
         if self.offload:
             self._free.append(copies)
 
-    def delta(self, start: Tensors) -> Tensors:
-        """The pseudo-gradient start - params, fp32, on the parameters' device."""
+    def delta(self, start: Tensors, names: Collection[str] | None = None) -> Tensors:
+        """The pseudo-gradient start - params, fp32, on the parameters' device
+        (of the tensors in `names` only, if given)."""
         out = {n: start[n].to(p.device, non_blocking=True) - p.to(torch.float32)
-               for n, p in self._params()}
+               for n, p in self._params() if names is None or n in names}
         self._sync()   # `start` may be overwritten as soon as this returns
         return out

@@ -10,8 +10,9 @@ A round r is a transaction in the store:
    from a member of the run (the recipe's sites and their migrated members
    `name~k`), a sane manifest (tokens finite, > 0, at most what the site can
    train in a round), checksum, decodable within the model's size, exactly
-   the model's tensor names, shapes and dtypes, finite, norm not far above
-   the site's own recent norms nor the round's median (3+) — and
+   the tensor names, shapes and dtypes the round syncs (the model's, or its
+   fragment's: geotrain/sync/fragments.py), finite, norm not far above the
+   site's own recent norms (of the same fragment) nor the round's median (3+) — and
    creates `rounds/r/members.json` with a conditional create. First writer
    wins; every site then uses exactly that decision, so they merge the same
    inputs in the same order and end with bit-identical global parameters.
@@ -44,6 +45,8 @@ from geotrain.errors import GeotrainError, StoreError
 from geotrain.store import RunStore, sha256
 from geotrain.store.records import SiteState
 from geotrain.sync import compression
+from geotrain.sync.fragments import Fragments
+from geotrain.sync.norms import NORM_HISTORY, norm_history, norm_outlier, tensor_norm
 
 Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("geotrain.sync")
@@ -62,11 +65,6 @@ MAX_TOKENS = 1e15
 # round's last partial step or a few extra tokens, and still keeps one member
 # from outweighing the others by more than 2x its real share.
 TOKEN_SLACK = 2.0
-# The per-site norm check (works with two sites): a site's norm may be at most
-# max(reject_norm_factor, NORM_HISTORY_MIN_FACTOR) x the median of the last
-# NORM_HISTORY norms accepted from it (its member names share one history).
-NORM_HISTORY = 5
-NORM_HISTORY_MIN_FACTOR = 4.0
 _MEMBER = re.compile(r"(?P<base>[^~/]+)(?:~(?P<gen>[1-9][0-9]{0,8}))?")
 _SHA = re.compile(r"[0-9a-f]{64}")
 
@@ -114,11 +112,6 @@ class Entry:
         return cls(d["site"], int(d["round"]), d["sha256"], float(d["tokens"]))
 
 
-def tensor_norm(t: Tensors) -> float:
-    """L2 norm over all tensors, in float64 and name order (deterministic)."""
-    return math.sqrt(sum(float(t[n].double().pow(2).sum()) for n in sorted(t)))
-
-
 class RoundExchange:
     """The store side of rounds for one site (used by rank 0 of the site only)."""
 
@@ -138,6 +131,7 @@ class RoundExchange:
         # The model's tensors, name -> (shape, dtype), set by DiLoCo (`expect`):
         # a contribution must decode to exactly these.
         self.spec: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        self.fragments: Fragments | None = None  # which of them round r syncs (`expect`)
         # Which rounds commit the full global state; the same on every site, so a
         # takeover commits the same bytes as the decider would have.
         self.state_every, self.final_round = state_every, final_round
@@ -155,11 +149,25 @@ class RoundExchange:
 
     # -- checking contributions ----------------------------------------------------------
 
-    def expect(self, spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    def expect(self, spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+               fragments: Fragments | None = None) -> None:
         """The model's tensors (name -> (shape, dtype) of the decoded
-        pseudo-gradient): contributions with other names, shapes or dtypes are
-        rejected, and decoding is bounded by them."""
+        pseudo-gradient) and, with fragment sync, which of them each round syncs:
+        contributions with other names, shapes or dtypes are rejected, and
+        decoding is bounded by them."""
         self.spec = {n: (tuple(int(d) for d in s), dt) for n, (s, dt) in spec.items()}
+        self.fragments = fragments if fragments is not None and fragments.count > 1 else None
+
+    def _spec(self, r: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+        """The tensors a contribution to round r must hold."""
+        if self.spec is None or self.fragments is None:
+            return self.spec
+        names = self.fragments.names(r)
+        return {n: v for n, v in self.spec.items() if n in names}
+
+    def _norm_key(self, site: str, r: int) -> str:
+        base = member_base(site)
+        return base if self.fragments is None else self.fragments.norm_key(base, r)
 
     def is_member(self, name: str) -> bool:
         """Whether `name` may contribute: a site of the run or a migrated member of one."""
@@ -185,65 +193,35 @@ class RoundExchange:
                            f"can train in a round")
         return tokens, sha
 
-    def _check_tensors(self, delta: Tensors) -> None:
-        """The decoded tensors are exactly the model's (names, shapes, dtypes)."""
-        if self.spec is None:
+    def _check_tensors(self, delta: Tensors, r: int) -> None:
+        """The decoded tensors are exactly those round r syncs (names, shapes, dtypes)."""
+        spec = self._spec(r)
+        if spec is None:
             return
-        missing, extra = sorted(self.spec.keys() - delta.keys()), sorted(delta.keys() - self.spec.keys())
+        missing, extra = sorted(spec.keys() - delta.keys()), sorted(delta.keys() - spec.keys())
         if missing or extra:
-            raise Rejected(f"tensors differ from the model's: missing {missing[:3]}, "
-                           f"unknown {extra[:3]}")
+            what = "the model's" if self.fragments is None else \
+                f"round {r}'s, {self.fragments.describe(r)}"
+            raise Rejected(f"tensors differ from {what}: missing {missing[:3]}, unknown {extra[:3]}")
         for n in sorted(delta):
-            shape, dtype = self.spec[n]
+            shape, dtype = spec[n]
             if tuple(delta[n].shape) != shape or delta[n].dtype != dtype:
                 raise Rejected(f"tensor {n!r} is {list(delta[n].shape)} {delta[n].dtype}; the "
                                f"model's is {list(shape)} {dtype}")
 
-    def _decode(self, payload: bytes) -> Tensors:
-        """Decode bounded by the model's spec; CodecError or Rejected if it does not fit."""
-        shapes = None if self.spec is None else {n: s for n, (s, _) in self.spec.items()}
-        delta = compression.decode(payload, shapes)
-        self._check_tensors(delta)
+    def _decode(self, payload: bytes, r: int) -> Tensors:
+        """Decode a contribution to round r bounded by the tensors it must hold;
+        CodecError or Rejected if it does not fit."""
+        spec = self._spec(r)
+        shapes = None if spec is None else {n: s for n, (s, _) in spec.items()}
+        try:
+            delta = compression.decode(payload, shapes)
+        except compression.CodecError as e:
+            if self.fragments is None:
+                raise
+            raise Rejected(f"{e} (round {r} syncs {self.fragments.describe(r)})") from None
+        self._check_tensors(delta, r)
         return delta
-
-    def _norm_history(self, r: int) -> dict[str, list[list[float]]]:
-        """Each site's last accepted [norm, tokens] pairs, as the newest decision
-        before r recorded them (malformed entries are dropped)."""
-        def ok(v) -> bool:
-            return (isinstance(v, list) and len(v) == 2 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                for x in v) and v[0] >= 0 and v[1] > 0)
-        for q in range(r - 1, max(0, r - 1 - self.lookback), -1):
-            m = self.store.members(q)
-            if m is None or not isinstance(m.get("norms"), dict):
-                continue
-            return {s: [[float(x) for x in v] for v in h if ok(v)][-NORM_HISTORY:]
-                    for s, h in m["norms"].items() if isinstance(h, list)}
-        return {}
-
-    def _norm_outlier(self, norm: float, tokens: float, past: list[list[float]]) -> str | None:
-        """Why `norm` is a sudden jump for a site with this history, or None.
-
-        Conservative, so that honest work is never rejected: only an upward
-        jump counts (norms fall as training goes on and lr decays; a drained
-        site sends a short round); a site's first contribution has no history
-        and passes; the factor is at least NORM_HISTORY_MIN_FACTOR because lr
-        warmup makes norms grow: with linear warmup a round's mean lr is < 3x
-        the previous round's (rounds 1, 2: (H+1)/2 vs (3H+1)/2 steps of lr/W)
-        and < 3x the median of the rounds before; AdamW's first steps (|update|
-        = lr per value) only make early norms larger. And the norm must be out
-        of line both in total and per token: a round that trained more (a
-        first `round_seconds` round cut short by start-up, then full ones)
-        has a larger norm but not a larger norm per token."""
-        if not past:
-            return None
-        f = max(self.reject_norm_factor, NORM_HISTORY_MIN_FACTOR)
-        median = statistics.median(n for n, _ in past)
-        per_token = statistics.median(n / t for n, t in past)
-        if median > 0 and norm > f * median and norm / tokens > f * per_token:
-            return (f"norm {norm:.3g} > {f:g} x median {median:.3g} of the last {len(past)} "
-                    f"accepted (and {f:g} x their median per token)")
-        return None
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -346,7 +324,7 @@ class RoundExchange:
         accepted, rejected, norms = [], [], {}
         # Each site's own recent norms: a sudden jump is an outlier even with two
         # sites (the round's median below needs 3+). See _norm_outlier.
-        history = self._norm_history(r)
+        history = norm_history(self.store, r, self.lookback)
         self._read_for[r] = 0
         for q, site in candidates:
             try:
@@ -357,13 +335,14 @@ class RoundExchange:
                 self._read_for[r] += len(payload) if site != self.site else 0
                 if sha256(payload) != sha:
                     raise Rejected("checksum mismatch: the payload is not the one its manifest names")
-                delta = self._decode(payload)
+                delta = self._decode(payload, q)
                 if not all(torch.isfinite(t).all() for t in delta.values()):
                     raise Rejected("non-finite values")
                 norm = tensor_norm(delta)
                 if not math.isfinite(norm):
                     raise Rejected("non-finite norm")
-                why = self._norm_outlier(norm, tokens, history.get(member_base(site), []))
+                why = norm_outlier(norm, tokens, history.get(self._norm_key(site, q), []),
+                                   self.reject_norm_factor)
                 if why:
                     raise Rejected(f"{why} from {member_base(site)}")
             except (Rejected, StoreError, compression.CodecError, OSError, ValueError) as e:
@@ -385,8 +364,8 @@ class RoundExchange:
                     keep.append(e)
             accepted = keep
         for e in sorted(accepted, key=lambda e: (e["round"], e["site"])):
-            base = member_base(e["site"])
-            history[base] = (history.get(base, []) + [[e["norm"], e["tokens"]]])[-NORM_HISTORY:]
+            key = self._norm_key(e["site"], e["round"])
+            history[key] = (history.get(key, []) + [[e["norm"], e["tokens"]]])[-NORM_HISTORY:]
         decision = {"accepted": accepted, "rejected": rejected, "decided_by": self.site,
                     "decided_at": time.time(), "norms": history}
         decision, won = self.store.decide_members(r, decision)
@@ -431,7 +410,7 @@ class RoundExchange:
                                                   f"{e.site} (round {e.round}) changed after it was "
                                                   f"accepted")
                     received += len(payload) if e.site != self.site else 0
-                    delta = self._decode(payload)
+                    delta = self._decode(payload, e.round)
                     if not all(torch.isfinite(t).all() for t in delta.values()):
                         raise Rejected("non-finite values")
             except (Rejected, compression.CodecError) as err:

@@ -140,7 +140,7 @@ class SiteContext:
         kwargs = dict(round_seconds=s.round_seconds, outer_lr=OuterLR.of(s, t.rounds),
                       outer_momentum=s.outer_momentum, nesterov=s.nesterov, overlap=s.overlap,
                       on_commit=on_commit, should_stop=self.should_stop, liveness=False,
-                      offload=None if s.offload == "auto" else s.offload)
+                      offload=None if s.offload == "auto" else s.offload, fragments=s.fragments)
         kwargs.update(overrides)
         return DiLoCo(model, optimizer, exchange, None if s.round_seconds else t.inner_steps, **kwargs)
 

@@ -268,7 +268,7 @@ def train_site(recipe: Recipe, store: RunStore, place: WorkerPlace,
                     outer_momentum=sync.outer_momentum, nesterov=sync.nesterov,
                     overlap=sync.overlap, on_commit=on_commit, should_stop=should_stop,
                     offload=None if sync.offload == "auto" else sync.offload,
-                    liveness=False)  # the site agent beats
+                    fragments=sync.fragments, liveness=False)  # the site agent beats
     total_steps = t.rounds * t.inner_steps
     tokens_per_step = t.batch_size * t.seq_len * place.world
     meter, drain = Meter(device, tokens_per_step), Agreement(place, drain_requested)
