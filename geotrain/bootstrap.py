@@ -39,9 +39,29 @@ def render(plan, node_index: int, ray_token: str) -> str:
               # The member's private signing key: a secret, like the Ray token.
               "member_key": plan.member_key or ""}
     values.update({k: plan.option(k) or "" for k in BUNDLE_KEYS})
+    # An az:// store's storage account (its URL names only the container).
+    values["store_account"] = plan.option("store_account") or ""
     values["store_role_arn"] = store_role_arn(plan)
+    values["access_grace_s"] = str(access_grace_s(plan))
     return string.Template(template_text()).substitute(
         {k: shlex.quote(v) for k, v in values.items()})
+
+
+# How long a node keeps asking when the store refuses it: an Azure role assignment that
+# launch makes for a VM's own identity, right after creating the VM, takes minutes to
+# apply (Azure documents up to about 10 minutes).
+ROLE_APPLY_S = 600
+
+
+def access_grace_s(plan) -> int:
+    """Seconds the boot fetch keeps retrying a 401/403 before it gives up: ROLE_APPLY_S
+    when launch grants the store to the VM's own identity as it creates it (Azure,
+    `identity: system` with `store_scope`); 0 otherwise, so a node without access is
+    reported at once."""
+    opts = plan.provider_options
+    if plan.provider == "azure" and opts is not None and getattr(opts, "store_scope", None):
+        return ROLE_APPLY_S
+    return 0
 
 
 def store_role_arn(plan) -> str:

@@ -317,12 +317,14 @@ def publish(store, bundle: Bundle) -> None:
 
 def boot_options(store, bundle: Bundle, ttl_s: int = URL_TTL_S) -> tuple[tuple[str, str], ...]:
     """The SitePlan options the boot script reads: where to GET each object and its
-    sha256 (`wheel_*`, `requirements_*`, `code_*`). A signed URL; on a gs:// store
-    whose operator credentials cannot sign (user credentials, the emulator), the
-    object's gs:// URL, which a GCE node reads with its own service account."""
+    sha256 (`wheel_*`, `requirements_*`, `code_*`). A signed URL; on a gs:// or az://
+    store whose operator credentials cannot sign (a user's or a managed identity's
+    token, no account key), the object's gs:// or az:// URL, which a GCE or Azure node
+    reads with its own identity. An az:// store adds `store_account`, its storage
+    account (the URL names only the container)."""
     from geotrain.errors import StoreError
 
-    out = []
+    out = [("store_account", store.azure_account)] if store.azure_account else []
     for role, a in (("wheel", bundle.wheel), ("requirements", bundle.requirements),
                     ("code", bundle.code)):
         if a is None:
@@ -330,7 +332,7 @@ def boot_options(store, bundle: Bundle, ttl_s: int = URL_TTL_S) -> tuple[tuple[s
         try:
             url = store.sign(a.key, ttl_s)
         except StoreError:
-            if store.scheme != "gs":
+            if store.scheme not in ("gs", "az"):
                 raise
             url = store.object_url(a.key)
         out += [(f"{role}_url", url), (f"{role}_sha256", a.sha256), (f"{role}_name", a.name)]

@@ -17,6 +17,7 @@ import fsspec
 
 from geotrain.errors import StoreError
 from geotrain.store import SCHEMES, join
+from geotrain.store.objects import backend_options
 from geotrain.store_retry import RetryPolicy, is_transient, retry
 
 _CONTAINER = {"s3": "bucket", "gs": "bucket", "az": "container"}
@@ -51,6 +52,9 @@ def _endpoint(scheme: str) -> str:
     if blob:
         return f"{blob} (from AZURE_STORAGE_CONNECTION_STRING)"
     account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    endpoint = os.environ.get("AZURE_STORAGE_SERVICE_ENDPOINT")
+    if endpoint:
+        return f"{endpoint} (from AZURE_STORAGE_SERVICE_ENDPOINT)"
     return f"account {account}" if account else "Azure Blob Storage"
 
 
@@ -110,7 +114,7 @@ def check_writable(root: str) -> None:
     if scheme == "s3":
         options["config_kwargs"] = {"retries": {"max_attempts": 2}, "connect_timeout": 5}
     try:
-        fs, base = fsspec.core.url_to_fs(root.rstrip("/"), **options)
+        fs, base = fsspec.core.url_to_fs(root.rstrip("/"), **backend_options(scheme), **options)
         if scheme == "s3":
             fs.retries = 1  # s3fs's own loop around botocore's (a class attribute)
         path = join(base, f".geotrain-probe-{uuid.uuid4().hex[:12]}")

@@ -90,7 +90,7 @@ def test_an_unreachable_store_is_a_fatal_line_not_a_hang(tmp_path, served, monke
     req = bundle.write_requirements(tmp_path / "cache")
     # Nothing is served under these names: every fetch gets a 404 (the retries back off).
     script = bootstrap.render(_plan(url + "/gone", wheel, req, wheel.sha256), 0, "t" * 64)
-    script = script.replace("range(6)", "range(2)")  # two tries, not six, for the test
+    script = script.replace("attempt < 6", "attempt < 2")  # two tries, not six, for the test
     node = BootedNode("i-unreachable", script, tmp_path / "node", node_image(tmp_path / "image"))
     node.start()
     try:
@@ -100,3 +100,63 @@ def test_an_unreachable_store_is_a_fatal_line_not_a_hang(tmp_path, served, monke
             node.console_text()
     finally:
         node.stop()
+
+
+SCOPE = ("/subscriptions/0000/resourceGroups/store/providers/Microsoft.Storage/storageAccounts/"
+         "acct/blobServices/default/containers/runs")
+
+
+def test_a_role_granted_at_launch_is_waited_for_other_refusals_are_final(tmp_path, served):
+    """An Azure VM whose own identity launch grants the store right after creating it
+    is refused until the assignment applies (minutes on Azure): its fetch keeps asking,
+    saying why, and boots once the store lets it in. Everywhere else a refusal is final
+    at once, so a node without access is reported, not left retrying."""
+    from providers.azure.options import AzureOptions
+
+    root, url = served
+    wheel = bundle.build_wheel(tmp_path / "cache")
+    req = bundle.write_requirements(tmp_path / "cache")
+    (root / wheel.name).write_bytes(wheel.path.read_bytes())
+    (root / "requirements.txt").write_bytes(req.path.read_bytes())
+    refusals = {"left": 2}
+
+    class Refusing(SimpleHTTPRequestHandler):
+        def do_GET(self):  # the first two requests: Azure's 403 for a role not yet applied
+            if refusals["left"] > 0:
+                refusals["left"] -= 1
+                body = (b"<?xml version=\"1.0\"?><Error><Code>AuthorizationPermissionMismatch"
+                        b"</Code><Message>This request is not authorized.</Message></Error>")
+                self.send_response(403)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Refusing, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    here = f"http://127.0.0.1:{server.server_port}"
+    plan = _plan(here, wheel, req, wheel.sha256)
+    azure = SitePlan("run-1", "a", "azure", "az://runs/run-1", options=plan.options,
+                     provider_options=AzureOptions(identity="system", store_scope=SCOPE))
+    assert bootstrap.access_grace_s(azure) == bootstrap.ROLE_APPLY_S
+    assert bootstrap.access_grace_s(plan) == 0   # AWS: a refusal is final
+    assert bootstrap.access_grace_s(SitePlan("run-1", "a", "azure", "az://runs/run-1", options=(
+        ("wheel_url", here),), provider_options=AzureOptions(identity="system"))) == 0
+    script = bootstrap.render(azure, 0, "t" * 64).replace("time.sleep(15)", "time.sleep(0.2)")
+    node = BootedNode("i-role", script, tmp_path / "node", node_image(tmp_path / "image"))
+    node.start()
+    try:
+        wait_for(lambda: "verified" in node.console_text() or not node.running(), 120, every=0.2)
+        console = node.console_text()
+        assert f"{wheel.name} verified" in console, console
+        assert console.count("can take minutes to apply: retrying") == 2, console
+        assert "AuthorizationPermissionMismatch" in console and fatal_line(console) is None
+    finally:
+        node.stop()
+        server.shutdown()
+        server.server_close()
+    assert tagged_pids("i-role") == []

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,8 +42,34 @@ ENDPOINT_ENV = {
            "AWS_DEFAULT_REGION"),
     "gs": ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT"),
     "az": ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-           "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ANON", "AZURE_CLIENT_ID", "AZURE_TENANT_ID"),
+           "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ANON", "AZURE_STORAGE_SERVICE_ENDPOINT",
+           "AZURE_CLIENT_ID", "AZURE_TENANT_ID"),
 }
+
+
+def backend_options(scheme: str, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """fsspec options a backend's library does not take from the environment itself.
+
+    az://: adlfs reads the account (AZURE_STORAGE_ACCOUNT_NAME) but not the blob
+    endpoint, which it makes https://ACCOUNT.blob.core.windows.net. A blob endpoint in
+    AZURE_STORAGE_SERVICE_ENDPOINT (the name the az CLI reads; a private endpoint, a
+    sovereign cloud, a local stand-in) becomes its `account_host`, unless a connection
+    string names the endpoint. It must be https: a token is never sent in the clear."""
+    endpoint = environ.get("AZURE_STORAGE_SERVICE_ENDPOINT") or ""
+    if scheme != "az" or not endpoint or environ.get("AZURE_STORAGE_CONNECTION_STRING"):
+        return {}
+    proto, _, host = endpoint.partition("://")
+    if proto.lower() != "https" or not host.strip("/"):
+        raise StoreError(f"store: AZURE_STORAGE_SERVICE_ENDPOINT {endpoint!r} is not an https:// "
+                         "blob endpoint, e.g. https://ACCOUNT.blob.core.windows.net")
+    return {"account_host": host.strip("/")}
+
+
+def azure_account(fs: Any) -> str | None:
+    """The storage account an adlfs file system uses (from its options, the
+    environment or its connection string); None if it has none."""
+    client = getattr(fs, "service_client", None)
+    return getattr(fs, "account_name", None) or getattr(client, "account_name", None) or None
 
 
 def sha256(data: bytes) -> str:
@@ -79,7 +105,10 @@ class ObjectStore:
                              + ", ".join(f"{s}://" for s in SCHEMES))
         self.url = url.rstrip("/")
         self.scheme = scheme
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{**backend_options(scheme),
+                                                                **storage_options})
+        # An az:// URL names a container, not its account: a cloud node is told it.
+        self.azure_account = azure_account(self.fs) if scheme == "az" else None
         self.local = scheme == "file"
         self._sources: dict[str, str] = {}
         if retry_policy is None and os.environ.get("GEOTRAIN_STORE_RETRY"):

@@ -49,7 +49,9 @@ environment
     + BootConfig.node_env
 
 A VM with an `identity` (SystemAssigned and/or UserAssigned) gets IMDS tokens
-`token_for(principal id)`; without one IMDS refuses a token. `preempt(name)` schedules a
+(`token_for(principal id)` is the newest, `token_info(token)` whose one is while it is
+valid, `tokens.lifetime_s` how long); without one IMDS refuses a token. A user-assigned
+identity has the same principal and client id on every VM (`user_identity(id)`). `preempt(name)` schedules a
 Preempt event for it; deleting the VM or its resource group stops its node (its whole
 process tree) and its IMDS; `stop()` stops every one.
 """
@@ -71,7 +73,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from tests.fakes.arm_routes import ArmError, ArmHandler, IdentityHandler, Recorded, handler, self_signed
-from tests.fakes.azure_boot import AzureImds, BootConfig, Booter, azure_env, vm_imds
+from tests.fakes.azure_boot import AzureImds, BootConfig, Booter, NodeTokens, azure_env, vm_imds
 
 CAPACITY_MESSAGES = {
     "ZonalAllocationFailed": "Allocation failed. We do not have sufficient capacity for the "
@@ -101,7 +103,7 @@ class FakeArm:
         self.subscription = subscription
         self.boot = boot
         self._booter: Booter | None = Booter(boot) if boot else None
-        self.node_tokens: dict[str, str] = {}  # identity principal id -> its IMDS token
+        self.tokens = NodeTokens()  # what the VMs' IMDS stand-ins issued
         self.console_sas: dict[str, str] = {}  # a boot-diagnostics SAS token -> its VM's id
         self.token = "fake-arm-" + secrets.token_hex(8)
         self.identity_header = secrets.token_hex(8)
@@ -148,10 +150,19 @@ class FakeArm:
         self._booter = Booter(config)
 
     def token_for(self, principal_id: str) -> str:
-        """The access token IMDS gives a VM for the identity `principal_id`."""
-        with self._lock:
-            return self.node_tokens.setdefault(principal_id, "eyJ0eXAiOiJKV1QifQ.node-"
-                                               + secrets.token_urlsafe(24))
+        """The newest access token a VM's IMDS gave for the identity `principal_id`."""
+        return self.tokens.newest(principal_id)
+
+    def token_info(self, token: str) -> dict | None:
+        """Whose IMDS token this is while it is valid (NodeTokens.info), else None."""
+        return self.tokens.info(token)
+
+    @staticmethod
+    def user_identity(resource_id: str) -> tuple[str, str]:
+        """(principal id, client id) of a user-assigned identity: fixed by its resource id."""
+        key = resource_id.lower()
+        return (str(uuid.uuid5(uuid.NAMESPACE_URL, key + "#principal")),
+                str(uuid.uuid5(uuid.NAMESPACE_URL, key + "#client")))
 
     def _vm_key(self, name: str, group: str | None) -> str:
         found = [k for k in (self._booter.metadata if self._booter else {})
@@ -186,7 +197,7 @@ class FakeArm:
             if vm is None or self._booter is None or rid.lower() in self._booter.metadata:
                 return
             props = vm["properties"]
-            imds = vm_imds(vm, self.subscription, self.token_for)
+            imds = vm_imds(vm, self.subscription, self.tokens)
             custom = props.get("osProfile", {}).get("customData")
             script = base64.b64decode(custom).decode() if custom else None
             self._booter.boot(rid.lower(), imds, script,
@@ -371,9 +382,8 @@ class FakeArm:
             res["identity"].update(principalId=str(uuid.uuid4()), tenantId=str(uuid.uuid4()))
             res["_client_id"] = str(uuid.uuid4())  # not in the VM's JSON; IMDS tells it
         if "identity" in res and "UserAssigned" in res["identity"].get("type", ""):
-            for info in (res["identity"].get("userAssignedIdentities") or {}).values():
-                info.setdefault("principalId", str(uuid.uuid4()))
-                info.setdefault("clientId", str(uuid.uuid4()))
+            for uid, info in (res["identity"].get("userAssignedIdentities") or {}).items():
+                info["principalId"], info["clientId"] = self.user_identity(uid)
         os_disk = props.setdefault("storageProfile", {}).setdefault("osDisk", {})
         disk_name = os_disk.get("name") or f"{res['name']}_OsDisk_1_{secrets.token_hex(16)}"
         disk_id = f"{res['id'].rsplit('/providers/', 1)[0]}/providers/Microsoft.Compute/disks/{disk_name}"

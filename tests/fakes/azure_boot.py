@@ -12,7 +12,9 @@ the real one.
          network: interface[0].ipv4.ipAddress[0].privateIpAddress = 127.0.0.1
     GET  /metadata/identity/oauth2/token?resource=R[&client_id|object_id|msi_res_id]
          only when the VM has an identity (SystemAssigned and/or UserAssigned); else
-         400 {"error": "invalid_request", "error_description": "Identity not found"}
+         400 {"error": "invalid_request", "error_description": "Identity not found"}.
+         A token (`NodeTokens`) is for one identity and resource, valid `lifetime_s`; a
+         cached one is handed out again until it has under 5 minutes left.
     GET  /metadata/scheduledevents      {"DocumentIncarnation", "Events": [...]}
     POST /metadata/scheduledevents      {"StartRequests": [{"EventId"}]}: acknowledged
                                         events turn Started (`acknowledged`)
@@ -20,7 +22,8 @@ the real one.
 `schedule(event_type)` adds an event naming this VM (`preempt()` = "Preempt", with a
 NotBefore 30 s ahead, as Azure gives Spot VMs).
 `vm_imds(vm, ...)` builds the one a VM held by the ARM stand-in gets: its compute
-document and the tokens of its identities.
+document and its identities. `NodeTokens.info(token)` says whose a token is while it is
+valid (tests/fakes/azure_identity.py asks it, as Azure Storage checks a token).
 """
 
 from __future__ import annotations
@@ -28,31 +31,89 @@ from __future__ import annotations
 import copy
 import email.utils
 import json
+import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.gce_boot import BootConfig, Booter, serve, stop_servers
 
-__all__ = ["AzureImds", "BootConfig", "Booter", "azure_env", "vm_imds"]
+__all__ = ["AzureImds", "BootConfig", "Booter", "NodeTokens", "azure_env", "vm_imds"]
 
 NOTICE_S = 30  # Azure: Spot eviction events are announced at least 30 s ahead
+REUSE_S = 300  # a cached token with less left than this is replaced at the next ask
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    principal_id: str
+    client_id: str
+    vm: str            # the VM's name
+    resource: str      # the audience it was asked for
+    expires_at: float
+
+
+class NodeTokens:
+    """Every access token the VMs' IMDS stand-ins issued (shared by one ARM stand-in)."""
+
+    def __init__(self, lifetime_s: float = 86399.0):
+        self.lifetime_s = lifetime_s
+        self.issued: dict[str, IssuedToken] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, principal_id: str, client_id: str, vm: str, resource: str,
+              lifetime_s: float | None = None) -> tuple[str, float]:
+        """A new token: (token, expires_at)."""
+        token = "eyJ0eXAiOiJKV1QifQ.node-" + secrets.token_urlsafe(24)
+        expires_at = time.time() + (self.lifetime_s if lifetime_s is None else lifetime_s)
+        with self._lock:
+            self.issued[token] = IssuedToken(principal_id, client_id, vm, resource, expires_at)
+        return token, expires_at
+
+    def get(self, principal_id: str, client_id: str, vm: str, resource: str) -> tuple[str, float]:
+        """What IMDS answers: the cached token for this identity and resource while it has
+        REUSE_S left, else a new one."""
+        with self._lock:
+            for token, t in reversed(self.issued.items()):
+                if (t.principal_id, t.vm, t.resource) == (principal_id, vm, resource) \
+                        and t.expires_at - time.time() > REUSE_S:
+                    return token, t.expires_at
+        return self.issue(principal_id, client_id, vm, resource)
+
+    def info(self, token: str) -> dict | None:
+        """Whose token this is ({"principal_id", "client_id", "vm", "resource",
+        "expires_on"}); None for one never issued or expired."""
+        with self._lock:
+            t = self.issued.get(token)
+        if t is None or t.expires_at <= time.time():
+            return None
+        return {"principal_id": t.principal_id, "client_id": t.client_id, "vm": t.vm,
+                "resource": t.resource, "expires_on": int(t.expires_at)}
+
+    def newest(self, principal_id: str) -> str:
+        """The newest token issued to `principal_id`."""
+        with self._lock:
+            found = [k for k, t in self.issued.items() if t.principal_id == principal_id]
+        if not found:
+            raise KeyError(f"no VM has asked for a token of {principal_id!r}")
+        return found[-1]
 
 
 class AzureImds:
     """The IMDS one booted VM sees. `identities` maps what a token request may name
     (client id, object/principal id, resource id; "" for the default one) to the
-    token for it; empty: the VM has no identity."""
+    principal id of that identity; empty: the VM has no identity. `tokens` issues them."""
 
     def __init__(self, *, compute: dict, identities: dict[str, str],
-                 default_identity: str | None, client_ids: dict[str, str]):
+                 default_identity: str | None, client_ids: dict[str, str], tokens: NodeTokens):
         self.compute = compute
-        self.identities = identities          # selector -> token ("" -> the default identity)
+        self.identities = identities          # selector -> principal id ("" -> the default one)
         self.default_identity = default_identity  # None: none, "ambiguous": several user-assigned
-        self.client_ids = client_ids          # token -> client id it belongs to
+        self.client_ids = client_ids          # principal id -> its client id
+        self.tokens = tokens
         self.events: list[dict] = []
         self.acknowledged: list[str] = []
         self.incarnation = 1
@@ -186,17 +247,18 @@ class _ImdsHandler(BaseHTTPRequestHandler):
             return self._send(400, {"error": "invalid_request", "error_description":
                                     "Multiple user assigned identities exist, please specify the "
                                     "clientId / resourceId of the identity in the token request"})
-        token = imds.identities.get(selectors[0].lower() if selectors else "")
-        if token is None:
+        principal = imds.identities.get(selectors[0].lower() if selectors else "")
+        if principal is None:
             return self._send(400, {"error": "invalid_request",
                                     "error_description": "Identity not found"})
         with imds._lock:
             imds.token_requests += 1
-        now = int(time.time())
-        self._send(200, {"access_token": token, "client_id": imds.client_ids[token],
-                         "expires_in": "86399", "expires_on": str(now + 86399),
-                         "ext_expires_in": "86399", "not_before": str(now),
-                         "resource": resource, "token_type": "Bearer"})
+        client_id = imds.client_ids[principal]
+        token, expires_at = imds.tokens.get(principal, client_id, imds.compute["name"], resource)
+        now, left = int(time.time()), str(max(0, int(expires_at - time.time())))
+        self._send(200, {"access_token": token, "client_id": client_id, "expires_in": left,
+                         "expires_on": str(int(expires_at)), "ext_expires_in": left,
+                         "not_before": str(now), "resource": resource, "token_type": "Bearer"})
 
     def _events(self, raw: bytes) -> None:
         imds = self.imds
@@ -217,28 +279,27 @@ class _ImdsHandler(BaseHTTPRequestHandler):
         self._send(200, doc)
 
 
-def vm_imds(vm: dict, subscription: str, token_for: Callable[[str], str]) -> AzureImds:
+def vm_imds(vm: dict, subscription: str, tokens: NodeTokens) -> AzureImds:
     """The IMDS stand-in (not started) of a VM the ARM stand-in holds: `vm` is its record
-    there (with `_group` and `_client_id`, which ARM does not show), `token_for(principal
-    id)` the token of each of its identities."""
+    there (with `_group` and `_client_id`, which ARM does not show); `tokens` issues the
+    tokens of its identities."""
     props = vm["properties"]
     identity = vm.get("identity") or {}
     kind = identity.get("type") or ""
     identities, client_ids, defaults = {}, {}, []
     if "SystemAssigned" in kind and identity.get("principalId"):
-        token = token_for(identity["principalId"])
-        client_ids[token] = vm["_client_id"]
-        identities.update({identity["principalId"].lower(): token,
-                           vm["_client_id"].lower(): token})
-        defaults.append(token)
+        principal = identity["principalId"]
+        client_ids[principal] = vm["_client_id"]
+        identities.update({principal.lower(): principal, vm["_client_id"].lower(): principal})
+        defaults.append(principal)
     if "UserAssigned" in kind:
         for uid, info in (identity.get("userAssignedIdentities") or {}).items():
-            token = token_for(info["principalId"])
-            client_ids[token] = info["clientId"]
-            identities.update({uid.lower(): token, info["principalId"].lower(): token,
-                               info["clientId"].lower(): token})
+            principal = info["principalId"]
+            client_ids[principal] = info["clientId"]
+            identities.update({uid.lower(): principal, principal.lower(): principal,
+                               info["clientId"].lower(): principal})
             if "SystemAssigned" not in kind:
-                defaults.append(token)
+                defaults.append(principal)
     default = None
     if len(defaults) == 1:
         identities[""] = defaults[0]
@@ -258,7 +319,7 @@ def vm_imds(vm: dict, subscription: str, token_for: Callable[[str], str]) -> Azu
         "tags": ";".join(f"{k}:{v}" for k, v in tags.items()),
         "tagsList": [{"name": k, "value": v} for k, v in tags.items()]}
     return AzureImds(compute=compute, identities=identities, default_identity=default,
-                     client_ids=client_ids)
+                     client_ids=client_ids, tokens=tokens)
 
 
 def azure_env(imds: AzureImds) -> dict[str, str]:
