@@ -27,8 +27,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def accept(ctl: Faked, r: int, *members: str) -> None:
-    """Round r decided as a site's RoundExchange decides it: `members` accepted."""
-    ctl.store.decide_members(r, {"accepted": [{"site": m, "round": r, "sha256": "0" * 64, "tokens": 64.0,
+    """Round r decided as a site's RoundExchange decides it (signed by b): `members` accepted."""
+    as_member(ctl, "b").decide_members(r, {"accepted": [{"site": m, "round": r, "sha256": "0" * 64, "tokens": 64.0,
                                                "norm": 1.0} for m in members],
                                  "rejected": [], "decided_by": "b", "decided_at": time.time()})
 

@@ -10,7 +10,9 @@ run's prefix (what any node of any site has) does what it can:
 - a `stop` for both sites, unsigned; a `drain` MAC'ed with another site's
   secret; the last round set to 2 (`control/finish.json`), unsigned; a store
   switch to a store it controls, with that store marked ready; a head record
-  for site a naming its own address; run.json replaced by a recipe of its own.
+  for site a naming its own address; run.json replaced by a recipe of its own;
+  a decision for every round, planted before the sites decide it, that leaves
+  their work out, and a forged eval for every round.
 
 The run must finish every round, with the loss of a clean run of the same
 recipe (the same bits, since every forged thing is ignored), and its events
@@ -29,9 +31,10 @@ from pathlib import Path
 import pytest
 
 from geotrain.store import RunStore
-from geotrain.store.control import SiteKey
+from geotrain.store.control import ControlKey, SiteKey
+from geotrain.store.decisions import slot_key
 from geotrain.sync.diloco import decode
-from tests.helpers import geotrain_home, tagged_processes, wait_for  # noqa: F401
+from tests.helpers import control_key_option, geotrain_home, tagged_processes, wait_for  # noqa: F401
 from tests.test_chaos import PATIENCE_S, cli, status
 from tests.test_hostile_contributions import hostile_contributions
 
@@ -83,6 +86,10 @@ def intrude(store: RunStore, evil_url: str, stop: threading.Event, did: dict) ->
     whatever its signature, so they come after). `did` says what it got to do."""
     try:
         bad = hostile_contributions(decode(store.read_global(0)[0]["model.safetensors"]))
+        for q in range(1, ROUNDS + 1):  # unsigned decisions that drop both sites' work
+            drop = [{"site": s, "round": q, "reason": "forged"} for s in ("a", "b")]
+            did.setdefault("planted", []).append(q) if store.create(slot_key(q, 0), json.dumps(
+                {"round": q, "accepted": [], "rejected": drop, "decided_by": "a"}).encode()) else None
         r = 1
         while r <= ROUNDS and not stop.is_set():
             if "forged_at" not in did and all((store.heartbeat(s) or {}).get("state") == "training"
@@ -92,6 +99,7 @@ def intrude(store: RunStore, evil_url: str, stop: threading.Event, did: dict) ->
             if r == 1 or store.members(r - 1) is not None:
                 for name, (payload, meta) in bad.items():
                     store.put_contribution(r, name, payload, dict(meta, published_at=time.time()))
+                store.put_eval(r - 1, {"eval_loss": 0.001, "by": "a"})
                 did["rounds"] = r
                 r += 1
             time.sleep(0.05)
@@ -104,7 +112,10 @@ def test_a_hostile_writer_changes_nothing(tmp_path: Path, geotrain_home: Path):
     assert clean["state"] == "succeeded", clean
 
     run = launch(tmp_path, geotrain_home, "hostile")
-    store = RunStore(status(geotrain_home, run)["store"])
+    # Read as a site reads it (with the run's public control key); written as a forger.
+    public = ControlKey.from_public(control_key_option(geotrain_home, run)[1])
+    store = RunStore(status(geotrain_home, run)["store"], control=public, site_key=None,
+                     member_key=None)
     evil_url = "file://" + str(tmp_path / "evil-store")
     done, did = threading.Event(), {}
     thread = threading.Thread(target=intrude, args=(store, evil_url, done, did), daemon=True)
@@ -141,6 +152,10 @@ def test_a_hostile_writer_changes_nothing(tmp_path: Path, geotrain_home: Path):
     # Migrated-member names the run never had: nobody on the roster signed them (what each
     # payload would fail next, a bomb, a shape, NaN tokens, is tests/test_hostile_contributions.py).
     assert all("not signed by" in rejected[n] for n in rejected if n != "mallory"), rejected
+    # Each planted decision was passed over (reported) and the sites decided in the next slot.
+    passed = {e["round"] for e in events if e["kind"] == "rejected-decision" and e["slot"] == 0}
+    assert did["planted"] and set(did["planted"]) <= passed, (did["planted"], timeline)
+    assert all(h["eval_loss"] != 0.001 for h in store.read_final()["history"])  # no forged eval
     # The loss of a clean run of the same recipe: nothing forged changed a bit.
     assert s["eval_loss"] == pytest.approx(clean["eval_loss"], rel=0.02)
     wait_for(lambda: tagged_processes(run) == [], timeout=60)

@@ -7,6 +7,8 @@
 - geotrain/store/records.py — the typed, validated records that cross the store.
 - geotrain/store/control.py — the proofs that make a record count: the run's
   control key and a site's own secret.
+- geotrain/store/decisions.py — round decisions (a chain of slots) and evals,
+  signed by the member that wrote them.
 
 Run `python -m geotrain.store URL` to print a run store's summary.
 """

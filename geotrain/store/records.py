@@ -137,6 +137,15 @@ class SwitchReady(Record):
     at: Finite
 
 
+class EvalRecord(Record):
+    """`global/<round>/eval.json`: the eval of a committed round's global state, by the
+    member that committed it (signed by it: geotrain/store/decisions.py)."""
+
+    round: Count
+    by: SiteName | None = None
+    eval_loss: Finite | None = None
+
+
 def _address(v: str) -> str:
     host, sep, port = v.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:

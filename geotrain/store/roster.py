@@ -34,9 +34,11 @@ class Roster:
         self._read_at = -REFRESH_S
         self._lock = threading.Lock()
 
-    def key(self, member: str) -> ControlKey | None:
+    def key(self, member: str, fresh: bool = False) -> ControlKey | None:
+        """`member`'s public key, None if not on the roster; `fresh`: for a member not
+        known yet, read the roster again now, not at most every REFRESH_S."""
         with self._lock:
-            if member not in self._keys and time.monotonic() - self._read_at >= REFRESH_S:
+            if member not in self._keys and (fresh or time.monotonic() - self._read_at >= REFRESH_S):
                 self._read_at = time.monotonic()
                 body = self.store._opened(KEY, "roster")
                 members = body.get("members") if isinstance(body, dict) else None

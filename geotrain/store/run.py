@@ -15,8 +15,10 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/rounds/<round>/<site>.bin    a site's encoded pseudo-gradient
     <run>/rounds/<round>/<site>.json   its manifest (sha256, tokens, steps, codec), written after the payload
     <run>/rounds/<round>/results/<site>.json   the global hash the site ended the round with
-    <run>/rounds/<round>/_members.json who is in the round: created once, first writer wins
-    <run>/global/<round>/eval.json     the committer's eval of that global state
+    <run>/rounds/<round>/_members.json who is in the round, signed by its decider: created
+                                       once; if a forged record holds it, _members.1.json,
+                                       ... (the first valid one stands; geotrain/store/decisions.py)
+    <run>/global/<round>/eval.json     the committer's eval of that global state (signed)
     <run>/sites/<site>/heartbeat       last beat: step, round, loss, tokens/s, state
     <run>/sites/<site>/alive           liveness, every ~1 s: state, pid, time
     <run>/sites/<site>/head.json       a multi-node site's Ray head: private IP:port, state
@@ -31,7 +33,8 @@ records are parsed into the typed models of geotrain/store/records.py (one
 that does not parse is absent), and what changes the run counts only with the
 proof of geotrain/store/control.py — the run's control key (on a node: its
 public half, from the boot data) or the site's own secret; what a member says
-of itself (heartbeat, liveness, manifests, results) only with its own key. A reader with no
+of itself (heartbeat, liveness, manifests, results) and what it decides or
+evaluates for a round (decisions, evals) only with its own key. A reader with no
 key (a user's own script, the operator's tools) trusts its store.
 
 Multi-object units (a global round, a contribution) are written data first
@@ -53,6 +56,7 @@ from geotrain.errors import StoreError
 from geotrain.store import records
 from geotrain.store import roster
 from geotrain.store.control import MEMBER_KEY_ENV, ControlKey, ForgedRecord, SiteKey, unwrap
+from geotrain.store.decisions import Decisions
 from geotrain.store.objects import ObjectStore, join, round_key, sha256
 from geotrain.store.records import (Command, FinishRecord, HeadRecord, Heartbeat, Liveness,
                                     SwitchReady, SwitchRecord)
@@ -81,6 +85,7 @@ class RunStore(ObjectStore):
         self.member_key = ControlKey.from_env(MEMBER_KEY_ENV, private=True) \
             if member_key is _ENV else member_key
         self.roster = Roster(self)
+        self.decisions = Decisions(self)
 
     def _keys(self) -> dict[str, Any]:
         return {"control": self.control, "site_key": self.site_key, "member_key": self.member_key}
@@ -250,32 +255,30 @@ class RunStore(ObjectStore):
         return self.create(f"global/{round_key(0)}/_claim", site.encode())
 
     def decide_members(self, r: int, decision: dict) -> tuple[dict, bool]:
-        """Record who is in round r, once: the first writer wins. Returns the
-        decision that stands (this one or the earlier one) and whether this
-        call made it."""
-        key = f"rounds/{round_key(r)}/_members.json"
-        decision = dict(decision, round=r)
-        won = self.create(key, json.dumps(decision, sort_keys=True).encode())
-        return (decision if won else self.get_json(key)), won
+        """Record who is in round r, signed by this member (`decided_by`), in the first
+        free decision slot: the first valid decision stands. Returns the decision
+        that stands (this one or an earlier one) and whether this call made it;
+        decisions.SlotsTaken if forged records fill every slot (geotrain/store/decisions.py)."""
+        return self.decisions.decide(r, decision)
 
     def members(self, r: int) -> dict | None:
-        """Round r's membership decision, or None while it is open."""
-        try:
-            return self.get_json(f"rounds/{round_key(r)}/_members.json")
-        except FileNotFoundError:
-            return None
+        """Round r's membership decision (the first valid one), or None while it is open."""
+        return self.decisions.read(r)[0]
+
+    def rejected_decisions(self, r: int) -> dict[int, str]:
+        """Round r's decision slots seen holding an invalid record so far, with why."""
+        return self.decisions.rejected(r)
 
     def rounds_started(self) -> list[int]:
         return [int(n) for n in self.listdir("rounds") if n.isdigit()]
 
     def put_eval(self, r: int, record: dict) -> None:
-        self.put_json(f"global/{round_key(r)}/eval.json", dict(record, round=r))
+        """The committer's eval of round r (`by`: that member), signed with its key."""
+        self.decisions.put_eval(r, record)
 
     def read_eval(self, r: int) -> dict | None:
-        try:
-            return self.get_json(f"global/{round_key(r)}/eval.json")
-        except FileNotFoundError:
-            return None
+        """Round r's eval, if valid and signed by the member it names; else None."""
+        return self.decisions.read_eval(r)
 
     def put_result(self, r: int, site: str, result: dict) -> None:
         self.put_json(f"rounds/{round_key(r)}/results/{site}.json",

@@ -52,6 +52,7 @@ from safetensors.torch import save as st_save
 
 from geotrain.errors import StoreError
 from geotrain.sync.fragments import Fragments
+from geotrain.sync.commits import Commits
 from geotrain.sync.joining import state_problem, states_newest_first
 from geotrain.sync.offload import ModelCopies, on_cuda
 from geotrain.sync.outer import outer_step, weighted_mean
@@ -167,8 +168,9 @@ class DiLoCo:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._queued = 0  # highest round handed to the merger
-        self._commit_lock = threading.Lock()
-        self._uncommitted: dict[int, tuple] = {}
+        # Merged rounds are committed in a thread of their own (geotrain/sync/commits.py).
+        self._commits = Commits(exchange, on_commit, should_stop, self._notify) \
+            if exchange is not None else None
 
     @property
     def rank(self) -> int:
@@ -185,6 +187,7 @@ class DiLoCo:
             self._catch_up()
             self._thread = threading.Thread(target=self._merger, name="diloco-merger", daemon=True)
             self._thread.start()
+            self._commits.start()
             if self.liveness:
                 threading.Thread(target=self._beat, name="diloco-liveness", daemon=True).start()
         self._broadcast_round()
@@ -198,6 +201,8 @@ class DiLoCo:
 
     def __exit__(self, *exc) -> None:
         self._closing.set()
+        if self._commits is not None:
+            self._commits.close()
         if self._thread is not None:
             self._todo.put(None)
             self._thread.join(timeout=5)
@@ -359,6 +364,7 @@ class DiLoCo:
     def _wait_merged(self, r: int) -> _Merged:
         with self._cv:
             while r not in self._merged:
+                self._commits.check()
                 if self.should_stop():
                     raise SyncError(f"round {r}: stopped while waiting for the merge")
                 self._cv.wait(timeout=0.2)
@@ -379,7 +385,7 @@ class DiLoCo:
             try:
                 while g_round < target:
                     decision, won = self.exchange.decide(g_round + 1, self.should_stop,
-                                                         tick=self.settle_commits)
+                                                         tick=self._commits.wake)
                     merged = self._merge(g_round + 1, decision, won, params, momentum)
                     g_round, params, momentum = merged.round, merged.params, merged.momentum
                     with self._cv:
@@ -407,9 +413,7 @@ class DiLoCo:
         digest = params_hash(params)
         store, site = self.exchange.store, self.exchange.site
         store.put_result(r, site, {"hash": digest})
-        with self._commit_lock:
-            self._uncommitted[r] = (params, momentum, digest, decision, decided_by_me)
-        self.settle_commits()
+        self._commits.add(r, params, momentum, digest, decision, decided_by_me)
         members = [f"{e.site}@{e.round}" if e.round != r else e.site for e, _ in parts]
         rejected = [f"{e['site']}@{e['round']}" for e in decision.get("rejected", [])]
         return _Merged(r, params, momentum, digest, members, rejected, received)
@@ -438,24 +442,15 @@ class DiLoCo:
         rejected = [f"{e['site']}@{e['round']}" for e in decision.get("rejected", [])]
         return _Merged(r, params, momentum, digest, members, rejected, sum(map(len, files.values())))
 
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
     def settle_commits(self, wait: bool = False) -> None:
         """Commit the rounds we merged whose decider has not committed them (after
         the takeover delay), so committed rounds never have a gap. With `wait`,
         block until every round we merged is committed by someone."""
-        while True:
-            with self._commit_lock:
-                for r, (params, momentum, digest, decision, mine) in sorted(self._uncommitted.items()):
-                    if self.exchange.ensure_committed(r, params, momentum, digest, decision, mine):
-                        if self.on_commit:
-                            self.exchange.store.put_eval(
-                                r, dict(self.on_commit(r, params), by=self.exchange.site))
-                    if self.exchange.store.is_committed(r):
-                        del self._uncommitted[r]
-                if not wait or not self._uncommitted:
-                    return
-            if self.should_stop():
-                raise SyncError("stopped while waiting for the last rounds to be committed")
-            time.sleep(0.2)
+        self._commits.settle(wait)
 
     # -- inside a site -------------------------------------------------------------------
 

@@ -13,9 +13,11 @@ A round r is a transaction in the store:
    the tensor names, shapes and dtypes the round syncs (the model's, or its
    fragment's: geotrain/sync/fragments.py), finite, norm not far above the
    site's own recent norms (of the same fragment) nor the round's median (3+) — and
-   creates `rounds/r/members.json` with a conditional create. First writer
-   wins; every site then uses exactly that decision, so they merge the same
-   inputs in the same order and end with bit-identical global parameters.
+   creates `rounds/r/_members.json`, signed with its member key, with a
+   conditional create. First valid writer wins (a forged record in that slot is
+   passed over for the next: geotrain/store/decisions.py); every site then uses
+   exactly that decision, so they merge the same inputs in the same order and
+   end with bit-identical global parameters.
 3. A contribution that arrives after its round was decided is *carried*: the
    decision of a later round includes it (with its own token count), so no
    work is dropped. A contribution is in at most one decision.
@@ -33,18 +35,20 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 
-from geotrain.errors import GeotrainError, StoreError
+from geotrain.errors import StoreError
 from geotrain.store import RunStore, sha256
+from geotrain.store.decisions import SLOTS, SlotsTaken
 from geotrain.store.records import SiteState
 from geotrain.sync import compression
+from geotrain.sync.entries import (  # noqa: F401 - importable from here as before
+    _MEMBER, _SHA, MAX_TOKENS, TOKEN_SLACK, ContributionChanged, Entry, Rejected, SyncError,
+    _number, member_base)
 from geotrain.sync.fragments import Fragments
 from geotrain.sync.norms import NORM_HISTORY, norm_history, norm_outlier, tensor_norm
 
@@ -52,65 +56,13 @@ Tensors = dict[str, torch.Tensor]
 log = logging.getLogger("geotrain.sync")
 
 ACTIVE = tuple(s.value for s in SiteState.active())
-
-# Tokens a contribution may claim, whatever else is known: 1e15 is ~70x the
-# largest published pre-training corpus (~1.5e13 tokens), so no honest site
-# trains that much in one round, while every real count is far below it; with
-# the sites' float64 weights w/W it keeps a forged count from turning into
-# inf/NaN. When a site's steps per round are known (RoundExchange's
-# `max_tokens`, from the recipe) the bound is much tighter.
-MAX_TOKENS = 1e15
-# Slack on "what a site could have trained in a round": steps x tokens per step
-# is exact for the built-in trainer; x2 leaves room for a caller that counts a
-# round's last partial step or a few extra tokens, and still keeps one member
-# from outweighing the others by more than 2x its real share.
-TOKEN_SLACK = 2.0
-_MEMBER = re.compile(r"(?P<base>[^~/]+)(?:~(?P<gen>[1-9][0-9]{0,8}))?")
-_SHA = re.compile(r"[0-9a-f]{64}")
-
-
-class Rejected(Exception):
-    """A contribution fails a check; its message is the reason recorded."""
-
-
-def member_base(name: str) -> str:
-    """The site a member name stands for: 'a' for 'a' and for 'a~2' (a migrated site)."""
-    m = _MEMBER.fullmatch(name)
-    return m["base"] if m else name
-
-
-def _number(meta: dict, key: str) -> float:
-    v = meta.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise Rejected(f"manifest {key!r} is {v!r:.40}, not a number")
-    try:
-        return float(v)
-    except OverflowError:  # an int too large for a float
-        raise Rejected(f"manifest {key!r} is out of range") from None
-
-
-class SyncError(GeotrainError):
-    """A round could not complete (nobody decided it in time, or we were stopped)."""
-
-
-class ContributionChanged(SyncError):
-    """The store no longer holds the bytes a round's decision accepted (the
-    payload was rewritten, corrupted or removed after the decision)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One accepted contribution in a round's decision."""
-
-    site: str
-    round: int  # the round it was published to (< the decision's round when carried)
-    sha256: str
-    tokens: float
-
-    @classmethod
-    def of(cls, d: dict) -> Entry:
-        return cls(d["site"], int(d["round"]), d["sha256"], float(d["tokens"]))
-
+# A live decider gets this long to commit its round before another site does it too.
+TAKEOVER_LIVE_S = 1800.0
+# Polling while a round waits: every poll_s at first, then slower the longer the
+# wait (x1.5 per poll after POLL_FAST_S, up to POLL_MAX_S), so that a site waiting
+# minutes for a slow link's upload makes a few requests a second, not dozens.
+POLL_FAST_S = 2.0
+POLL_MAX_S = 1.0
 
 class RoundExchange:
     """The store side of rounds for one site (used by rank 0 of the site only)."""
@@ -139,6 +91,7 @@ class RoundExchange:
         self.window_s, self.join_wait_s, self.liveness_s = window_s, join_wait_s, liveness_s
         self.reject_norm_factor, self.lookback, self.poll_s = reject_norm_factor, lookback, poll_s
         self.takeover_s = takeover_s
+        self._liveness_read: tuple[float, dict] = (float("-inf"), {})
         # What this site read while deciding: (sha256, decoded) by (round, site).
         self._decoded: dict[tuple[int, str], tuple[str, Tensors]] = {}
         self._read_for: dict[int, int] = {}  # bytes the decider downloaded deciding round r
@@ -146,6 +99,7 @@ class RoundExchange:
         # starting (a launch or a resume); later, a starting site (a replacement)
         # joins the first open round and nobody waits for it.
         self.joined_round = 1
+        self._passed: set[tuple[int, int]] = set()  # (round, slot) of forged decisions reported
 
     # -- checking contributions ----------------------------------------------------------
 
@@ -269,10 +223,12 @@ class RoundExchange:
         """Wait until round r's membership is decided (deciding it ourselves if we
         get there first). Returns (decision, whether we made it). `tick` is
         called about once a second while waiting."""
-        last_tick = time.monotonic()
+        last_tick = started = time.monotonic()
+        poll = self.poll_s
         published_at: dict[str, float] = {}  # a manifest never changes once written: read it once
         while True:
             decision = self.store.members(r)
+            self._passed_over(r)
             if decision is not None:
                 return decision, False
             present = set(self.store.contributions(r))
@@ -291,7 +247,24 @@ class RoundExchange:
             if time.monotonic() - last_tick > 1.0:
                 tick()
                 last_tick = time.monotonic()
-            time.sleep(self.poll_s)
+            time.sleep(poll)
+            if time.monotonic() - started > POLL_FAST_S:
+                poll = min(max(poll, self.poll_s) * 1.5, max(POLL_MAX_S, self.poll_s))
+
+    def _passed_over(self, r: int) -> None:
+        """Report, once each, round r's decision slots that hold a forged record (the
+        sites decide in the next free one); SyncError once every slot does."""
+        bad = self.store.rejected_decisions(r)
+        for slot, why in sorted(bad.items()):
+            if (r, slot) not in self._passed:
+                self._passed.add((r, slot))
+                self.store.event(self.site, "rejected-decision", f"round {r}: passed over the "
+                                 f"record in decision slot {slot}: {why}", round=r, slot=slot,
+                                 reason=why[:300])
+        if len(bad) >= SLOTS:
+            raise SyncError(f"round {r}: all {SLOTS} decision slots hold records that are not "
+                            f"decisions signed by a member of the run (see the rejected-decision "
+                            f"events), so the sites cannot agree on this round")
 
     def _published_at(self, r: int, site: str) -> float:
         """When a contribution says it was published: a finite number, not in the
@@ -368,7 +341,12 @@ class RoundExchange:
             history[key] = (history.get(key, []) + [[e["norm"], e["tokens"]]])[-NORM_HISTORY:]
         decision = {"accepted": accepted, "rejected": rejected, "decided_by": self.site,
                     "decided_at": time.time(), "norms": history}
-        decision, won = self.store.decide_members(r, decision)
+        try:
+            decision, won = self.store.decide_members(r, decision)
+        except SlotsTaken as e:
+            self._passed_over(r)
+            raise SyncError(str(e)) from None
+        self._passed_over(r)
         if won:
             for e in rejected:
                 self.store.event(self.site, "rejected", f"round {r}: rejected the contribution "
@@ -388,7 +366,15 @@ class RoundExchange:
         (its sha256) are merged, whatever the manifest says now (tokens come from
         the decision); ContributionChanged if the store no longer holds them."""
         parts, received = [], self._read_for.pop(decision["round"], 0)
-        for e in sorted((Entry.of(d) for d in decision["accepted"]), key=lambda e: (e.round, e.site)):
+        entries = []
+        for d in decision["accepted"]:
+            try:
+                entries.append(Entry.of(d))
+            except ValueError as err:  # every site skips the same entry: they still agree
+                self.store.event(self.site, "rejected", f"round {decision['round']}: skipped an "
+                                 f"accepted entry of the decision: {err}", round=decision["round"],
+                                 reason=str(err)[:300], at_merge=True)
+        for e in sorted(entries, key=lambda e: (e.round, e.site)):
             # What we read while deciding counts only if it is what was accepted (a
             # site that lost the race to decide may have read other bytes).
             sha, delta = self._decoded.pop((e.round, e.site), (None, None))
@@ -430,12 +416,23 @@ class RoundExchange:
 
         files = {}
         if self.commits_state(r):
+            if params is None:  # geotrain/sync/commits.py keeps the state such a round needs
+                raise SyncError(f"round {r}: its commit needs the global state, which was not kept")
             files["model.safetensors"] = encode(params)
             if momentum:
                 files["outer.safetensors"] = encode(momentum)
         members = [e["site"] if e["round"] == r else f"{e['site']}@{e['round']}"
                    for e in decision["accepted"]]
         self.store.commit_global(r, files, {"hash": hash_, "members": members})
+
+    def _live(self, site) -> bool:
+        """Whether `site` beat within liveness_s in a state that is still at work."""
+        now = time.monotonic()
+        if now - self._liveness_read[0] > 2.0:  # the committer asks often: read every 2 s
+            self._liveness_read = (now, self.store.liveness())
+        alive = self._liveness_read[1].get(site) if isinstance(site, str) else None
+        return bool(alive) and time.time() - alive.get("at", 0) <= self.liveness_s \
+            and alive.get("state") in ACTIVE
 
     def commits_state(self, r: int) -> bool:
         """Whether round r's commit holds the global state, or only its hash and
@@ -454,11 +451,17 @@ class RoundExchange:
     def ensure_committed(self, r: int, params: Tensors, momentum: Tensors, hash_: str,
                          decision: dict, decided_by_me: bool) -> bool:
         """Commit round r if we decided it, or if its decider has not committed it
-        within takeover_s; True if this call committed it."""
+        within takeover_s and is no longer live (or, live, not within
+        TAKEOVER_LIVE_S: a large state takes minutes to upload, and every site
+        uploading the same bytes beside it would only slow it); True if this
+        call committed it."""
         if self.store.is_committed(r):
             return False
-        if not decided_by_me and time.time() - decision.get("decided_at", 0) < self.takeover_s:
-            return False
+        if not decided_by_me:
+            age = time.time() - decision.get("decided_at", 0)
+            if age < self.takeover_s or (age < TAKEOVER_LIVE_S
+                                         and self._live(decision.get("decided_by"))):
+                return False
         self.commit(r, params, momentum, hash_, decision)
         if not decided_by_me:
             self.store.event(self.site, "takeover", f"committed round {r} for "
