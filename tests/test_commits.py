@@ -19,7 +19,7 @@ from geotrain.store import RunStore
 from geotrain.sync.diloco import DiLoCo, RoundExchange
 from geotrain.train.model import build
 from tests.helpers import wait_for
-from tests.sync_helpers import CFG, batch, commit_start, train_step
+from tests.sync_helpers import CFG, batch, commit_start, publish, train_step
 
 pytestmark = pytest.mark.timeout(180)
 PATIENCE_S = 90  # a hang detector, not a speed bound
@@ -133,3 +133,42 @@ def test_a_live_decider_is_left_to_commit_its_round_a_gone_one_is_not(tmp_path):
     fresh = RoundExchange(store, "a", takeover_s=0.0, liveness_s=30.0)
     assert fresh.ensure_committed(2, params, {}, "h", dict(decision, round=2), decided_by_me=False)
     assert [e["round"] for e in store.events(["a"]) if e["kind"] == "takeover"] == [1, 2]
+
+
+def test_a_long_wait_for_a_round_polls_the_store_less_and_less(tmp_path, monkeypatch):
+    """Waiting minutes for a thin link's upload must not cost dozens of store requests
+    a second: the decider polls every poll_s for POLL_FAST_S, then ever slower, up to
+    POLL_MAX_S between polls. On a clock of our own, so the machine's speed is moot."""
+    import time as real_time
+
+    from geotrain.sync import rounds
+
+    class Clock:  # rounds' view of time: sleeping advances it, nothing else does
+        now = 0.0
+        sleeps: list[float] = []
+
+        @classmethod
+        def monotonic(cls):
+            return cls.now
+
+        @classmethod
+        def time(cls):
+            return real_time.time() + cls.now
+
+        @classmethod
+        def sleep(cls, s):
+            cls.sleeps.append(s)
+            cls.now += s
+
+    store = RunStore(f"file://{tmp_path}")
+    publish(store, 1, "a", {"w": torch.ones(3)})
+    ex = RoundExchange(store, "a", liveness_s=1e9, window_s=1e9)
+    store.alive("b", "training", training_round=1)  # live, never publishes
+    monkeypatch.setattr(rounds, "time", Clock)
+    with pytest.raises(rounds.SyncError, match="stopped while waiting"):
+        ex.decide(1, should_stop=lambda: Clock.now > 15)
+    fast = [s for s in Clock.sleeps if s == ex.poll_s]
+    assert fast and sum(fast) <= rounds.POLL_FAST_S + ex.poll_s
+    assert max(Clock.sleeps) == rounds.POLL_MAX_S
+    # 15 s of waiting: about 40 polls in the first 2 s, then about one a second.
+    assert len(Clock.sleeps) < 40 + 25, len(Clock.sleeps)
