@@ -172,3 +172,51 @@ def test_a_long_wait_for_a_round_polls_the_store_less_and_less(tmp_path, monkeyp
     assert max(Clock.sleeps) == rounds.POLL_MAX_S
     # 15 s of waiting: about 40 polls in the first 2 s, then about one a second.
     assert len(Clock.sleeps) < 40 + 25, len(Clock.sleeps)
+
+
+class HeldUploads(RunStore):
+    """A file:// run store whose upload of a contribution to round `held` waits for
+    `release`: a thin link's upload, as long as the test wants it."""
+
+    def __init__(self, url: str, held: int):
+        super().__init__(url)
+        self.held, self.release, self.holding = held, threading.Event(), threading.Event()
+
+    def put_contribution(self, r, site, payload, meta):
+        if r == self.held:
+            self.holding.set()
+            assert self.release.wait(PATIENCE_S), "the test never released the held upload"
+        return super().put_contribution(r, site, payload, meta)
+
+
+def test_with_overlap_a_slow_upload_does_not_stop_training(tmp_path):
+    """Overlapped, a round's contribution is encoded by the training thread and
+    uploaded in the background: training goes on into the next round while the
+    upload is still on the wire, and the result is the same as without the hold."""
+    runs = {}
+    for held in (2, None):
+        store = HeldUploads(f"file://{tmp_path / str(held)}", held=held)
+        model = build(CFG, seed=0)
+        commit_start(store, model)
+        store.alive("a", "running")
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        errors: list = []
+        diloco = DiLoCo(model, opt, RoundExchange(store, "a"), inner_steps=2, overlap=True,
+                        liveness=False)
+        with diloco:
+            worker = threading.Thread(target=_train, args=(diloco, model, opt, 4, errors),
+                                      daemon=True)
+            worker.start()
+            if held:
+                assert store.holding.wait(PATIENCE_S)
+                # Round 2's upload is held, yet training is into round 3 and beyond
+                # (its merge is due only at the end of round 3).
+                wait_for(lambda: diloco.training_round >= 3 or errors, PATIENCE_S)
+                assert not errors and store.contributions(2) == []
+                store.release.set()
+            worker.join(PATIENCE_S)
+            assert not worker.is_alive() and not errors, errors
+            diloco.finish()
+        assert store.committed_rounds() == [0, 1, 2, 3, 4]
+        runs[held] = [store.global_manifest(r)["hash"] for r in range(1, 5)]
+    assert runs[2] == runs[None]

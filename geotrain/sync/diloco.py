@@ -38,7 +38,6 @@ In a user's own loop:
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -47,8 +46,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from geotrain.errors import StoreError
 from geotrain.sync.fragments import Fragments
@@ -57,40 +54,12 @@ from geotrain.sync.joining import state_problem, states_newest_first
 from geotrain.sync.offload import ModelCopies, on_cuda
 from geotrain.sync.outer import outer_step, weighted_mean
 from geotrain.sync.rounds import ContributionChanged, RoundExchange, SyncError
+from geotrain.sync.state import decode, encode, load_params, model_params, params_hash
 
 Tensors = dict[str, torch.Tensor]
 
 __all__ = ["DiLoCo", "RoundExchange", "RoundResult", "SyncError", "decode", "encode",
            "load_params", "model_params", "outer_step", "params_hash", "weighted_mean"]
-
-
-def params_hash(params: Tensors) -> str:
-    """sha256 over names and raw bytes in name order: equal iff bit-identical."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        h.update(name.encode())
-        h.update(params[name].detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def encode(tensors: Tensors) -> bytes:
-    """Global state (model, outer momentum) as safetensors: lossless."""
-    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-
-
-def decode(data: bytes) -> Tensors:
-    return st_load(data)
-
-
-def model_params(model: torch.nn.Module) -> Tensors:
-    """fp32 CPU copies of the parameters (tied weights appear once)."""
-    return {n: p.detach().to("cpu", torch.float32).clone() for n, p in model.named_parameters()}
-
-
-def load_params(model: torch.nn.Module, params: Tensors) -> None:
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(params[n].to(p.device, p.dtype))
 
 
 @dataclass
@@ -168,6 +137,9 @@ class DiLoCo:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._queued = 0  # highest round handed to the merger
+        # With overlap the merger also uploads our contributions: the newest round
+        # whose upload was queued, and the newest one uploaded (under _cv).
+        self._upload_queued = self._uploaded = 0
         # Merged rounds are committed in a thread of their own (geotrain/sync/commits.py).
         self._commits = Commits(exchange, on_commit, should_stop, self._notify) \
             if exchange is not None else None
@@ -284,12 +256,25 @@ class DiLoCo:
         if self.rank == 0:
             local = self._copies.of_model()
             r = self.exchange.first_open_round(self.training_round)
-            # A store migration switches every site at the same round boundary.
+            # A store migration switches every site at the same round boundary; an
+            # upload queued for the store we are leaving goes there first.
+            self._wait_uploads_if_switching()
             if self.exchange.store.follow_switch(before_round=r, wait=True,
                                                  should_stop=self.should_stop):
                 r = self.exchange.first_open_round(self.training_round)
             delta = self._copies.delta(self._start, self._part(r))   # == start - local
-            self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps, self.round)
+            upload = None
+            if self.delay:
+                # Overlapped: encode here (the codec's residual goes round by round),
+                # upload in the background, so a thin link's upload does not stop
+                # training either.
+                payload = self.exchange.codec.encode(delta)
+                self._sent[r] = len(payload)
+                upload = (payload, self._tokens, self._steps, self.round)
+                self._upload_queued = r
+            else:
+                self._sent[r] = self.exchange.publish(r, delta, self._tokens, self._steps,
+                                                      self.round)
             del delta
             self.bytes_sent += self._sent[r]
             self._anchors[r] = local
@@ -298,7 +283,7 @@ class DiLoCo:
             self.training_round = r + 1
             with self._cv:
                 self._queued = r
-            self._todo.put(r)
+            self._todo.put((r, upload))
             result = self._apply_until(r if final else r - self.delay, just_published=r)
         self._steps = self._tokens = 0
         self._broadcast_round()
@@ -361,6 +346,20 @@ class DiLoCo:
         """The tensors round r syncs; None: all of them (no fragments)."""
         return None if self.fragments.count == 1 else self.fragments.names(r)
 
+    def _wait_uploads_if_switching(self) -> None:
+        """Before following a store switch, let queued uploads reach the store they
+        were meant for (only asks the store when one is still queued)."""
+        with self._cv:
+            if self._uploaded >= self._upload_queued:
+                return
+        if self.exchange.store.switch_request() is None:
+            return
+        with self._cv:
+            while self._uploaded < self._upload_queued:
+                if self.should_stop() or (self._thread and not self._thread.is_alive()):
+                    return
+                self._cv.wait(timeout=0.2)
+
     def _wait_merged(self, r: int) -> _Merged:
         with self._cv:
             while r not in self._merged:
@@ -379,10 +378,16 @@ class DiLoCo:
         """Resolve rounds in order, up to the newest one we published."""
         g_round, params, momentum = self.round, self.global_params, self.momentum
         while True:
-            target = self._todo.get()
-            if target is None:
+            item = self._todo.get()
+            if item is None:
                 return
+            target, upload = item
             try:
+                if upload is not None:
+                    self.exchange.upload(target, *upload)
+                    with self._cv:
+                        self._uploaded = target
+                        self._cv.notify_all()
                 while g_round < target:
                     decision, won = self.exchange.decide(g_round + 1, self.should_stop,
                                                          tick=self._commits.wake)

@@ -181,7 +181,10 @@ class RoundExchange:
 
     def publish(self, r: int, delta: Tensors, tokens: float, steps: int, base_round: int) -> int:
         """Encode and publish this site's contribution to round r; returns bytes written."""
-        payload = self.codec.encode(delta)
+        return self.upload(r, self.codec.encode(delta), tokens, steps, base_round)
+
+    def upload(self, r: int, payload: bytes, tokens: float, steps: int, base_round: int) -> int:
+        """Publish an encoded contribution (`codec.encode`, called in round order) to round r."""
         self.store.put_contribution(r, self.site, payload, {
             "tokens": tokens, "inner_steps": steps, "codec": self.codec.name,
             "base_round": base_round, "published_at": time.time()})
