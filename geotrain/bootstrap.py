@@ -17,9 +17,10 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "boot.sh.tmpl"
 
 
 # What the boot script downloads, each a signed URL + sha256 + file name set by
-# geotrain/bundle.py `boot_options` (code_* only when the recipe has an entrypoint).
+# geotrain/bundle.py `boot_options` (code_* only when the recipe has an entrypoint;
+# requirements_hashes "true" only when the requirements come from a lock with hashes).
 BUNDLE_KEYS = ("wheel_url", "wheel_sha256", "wheel_name", "requirements_url",
-               "requirements_sha256", "code_url", "code_sha256")
+               "requirements_sha256", "requirements_hashes", "code_url", "code_sha256")
 
 
 def template_text() -> str:

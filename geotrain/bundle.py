@@ -12,7 +12,10 @@ operator's machine:
 - **requirements.txt**: every distribution geotrain needs, transitively, pinned
   to the version installed here (`name==version`; a local label such as
   `+cpu` is dropped so a GPU node gets its platform's build of that version).
-  The node installs them with `--no-deps`: nothing beyond this list.
+  With `train.requirements_lock`, the lock's requirements instead, each with the
+  sha256 of every file of its version, once each of geotrain's pins is found there
+  at the version installed here (geotrain/lockfile.py); the node installs them with
+  `--require-hashes`, so any file it downloads must match the lock.
 - **the user's code** (when the recipe has `train.entrypoint`): a
   deterministic tar.gz of `train.code_dir` (default: the recipe's directory),
   without VCS folders, caches and virtual environments; refused above
@@ -80,6 +83,7 @@ class Bundle:
     wheel: Artifact
     requirements: Artifact
     code: Artifact | None
+    hashed: bool = False  # requirements from a lock with hashes: the node uses --require-hashes
 
     def artifacts(self) -> list[Artifact]:
         return [a for a in (self.wheel, self.requirements, self.code) if a is not None]
@@ -198,9 +202,9 @@ def _repack_installed(cache: Path) -> Artifact:
 
 # -- pinned requirements -------------------------------------------------------------
 
-def pins(dist: str = DIST) -> list[str]:
-    """`name==version` for every distribution `dist` needs on this platform, transitively,
-    as installed here (local version labels dropped), sorted; `dist` itself excluded."""
+def pinned_versions(dist: str = DIST) -> dict[str, str]:
+    """`{canonical name: version}` of every distribution `dist` needs on this platform,
+    transitively, as installed here (local version labels dropped); `dist` itself excluded."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
     from packaging.version import Version
@@ -223,12 +227,25 @@ def pins(dist: str = DIST) -> list[str]:
                       or any(req.marker.evaluate({"extra": e}) for e in (extras or {""})))
             if env_ok and canonicalize_name(req.name) not in seen:
                 todo.append((req.name, frozenset(req.extras)))
-    return [f"{n}=={v}" for n, v in sorted(seen.items())]
+    return dict(sorted(seen.items()))
 
 
-def write_requirements(cache: Path) -> Artifact:
-    text = ("# What a geotrain node installs (--no-deps): the operator's versions.\n"
-            + "\n".join(pins()) + "\n")
+def pins(dist: str = DIST) -> list[str]:
+    """`name==version` for each of `pinned_versions(dist)`, sorted."""
+    return [f"{n}=={v}" for n, v in pinned_versions(dist).items()]
+
+
+def write_requirements(cache: Path, lock: Path | None = None) -> Artifact:
+    """The node's requirements.txt: geotrain's pins by version, or with `lock` (the
+    recipe's `train.requirements_lock`) the lock's requirements with their hashes, once
+    every pin is found in it at this machine's version (geotrain/lockfile.py)."""
+    if lock is None:
+        text = ("# What a geotrain node installs (--no-deps): the operator's versions.\n"
+                + "\n".join(pins()) + "\n")
+    else:
+        from geotrain.lockfile import locked_requirements
+
+        text = locked_requirements(lock, pinned_versions(), DIST)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = cache / f"req-{digest}" / "requirements.txt"
     if not path.exists():
@@ -286,6 +303,12 @@ def code_dir_of(recipe, recipe_path: str | None) -> Path | None:
     return Path(recipe_path).resolve().parent if recipe_path else Path.cwd()
 
 
+def lock_of(recipe) -> Path | None:
+    """The recipe's `train.requirements_lock` (resolved at load), or None."""
+    lock = recipe.train.requirements_lock
+    return Path(lock) if lock else None
+
+
 # -- the whole bundle ---------------------------------------------------------------
 
 def needs_bundle(recipe) -> bool:
@@ -304,8 +327,10 @@ def cache_dir(home: Path | None = None) -> Path:
 def prepare(recipe, recipe_path: str | None, home: Path | None = None) -> Bundle:
     cache = cache_dir(home)
     code = code_dir_of(recipe, recipe_path)
-    return Bundle(wheel=build_wheel(cache), requirements=write_requirements(cache),
-                  code=pack_code(code, cache) if code else None)
+    lock = lock_of(recipe)
+    requirements = write_requirements(cache, lock)  # a lock that does not fit: refused first
+    return Bundle(wheel=build_wheel(cache), requirements=requirements,
+                  code=pack_code(code, cache) if code else None, hashed=lock is not None)
 
 
 def publish(store, bundle: Bundle) -> None:
@@ -336,6 +361,8 @@ def boot_options(store, bundle: Bundle, ttl_s: int = URL_TTL_S) -> tuple[tuple[s
                 raise
             url = store.object_url(a.key)
         out += [(f"{role}_url", url), (f"{role}_sha256", a.sha256), (f"{role}_name", a.name)]
+    if bundle.hashed:
+        out.append(("requirements_hashes", "true"))
     return tuple(out)
 
 

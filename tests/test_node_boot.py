@@ -9,6 +9,8 @@ tests/test_boot_aws.py.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -160,3 +162,70 @@ def test_a_role_granted_at_launch_is_waited_for_other_refusals_are_final(tmp_pat
         server.shutdown()
         server.server_close()
     assert tagged_pids("i-role") == []
+
+
+def _tiny_wheel(tmp_path: Path) -> Path:
+    """A three-line distribution built with setuptools: what a lock adds beyond the image."""
+    src = tmp_path / "tiny-src"
+    (src / "gt_tiny").mkdir(parents=True)
+    (src / "gt_tiny" / "__init__.py").write_text("ANSWER = 42\n")
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "gt-tiny"\nversion = "1.0"\n')
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--disable-pip-version-check", "--wheel-dir",
+                    str(wheels), str(src)], check=True, timeout=120)
+    (wheel,) = wheels.glob("gt_tiny-1.0-*.whl")
+    return wheel
+
+
+@pytest.mark.parametrize("tiny_hash_ok", [True, False], ids=["true-hash", "wrong-hash"])
+def test_a_lock_installs_only_files_with_its_hashes(tmp_path, served, tiny_hash_ok):
+    """With train.requirements_lock the node installs with --require-hashes. What the
+    image already has at the pinned version pip uses as it is, unchecked: every pin of
+    geotrain's here carries a made-up hash and the node still boots. What pip does
+    download is checked: a tiny package (from a local --find-links folder, no index)
+    installs with its true hash; with a wrong one the node prints one fatal line
+    naming it and installs nothing, not even the geotrain wheel."""
+    root, url = served
+    tiny = _tiny_wheel(tmp_path)
+    true = hashlib.sha256(tiny.read_bytes()).hexdigest()
+    tiny_hash = true if tiny_hash_ok else hashlib.sha256(b"something else").hexdigest()
+    lock = tmp_path / "lock.txt"
+    lock.write_text("".join(f"{n}=={v} \\\n    --hash=sha256:{'0' * 64}\n"  # the image's: skipped
+                            for n, v in bundle.pinned_versions().items())
+                    + f"gt-tiny==1.0 \\\n    --hash=sha256:{tiny_hash}\n    # the user's own\n")
+    wheel = bundle.build_wheel(tmp_path / "cache")
+    req = bundle.write_requirements(tmp_path / "cache", lock)
+    (root / wheel.name).write_bytes(wheel.path.read_bytes())
+    (root / "requirements.txt").write_bytes(req.path.read_bytes())
+    plan = _plan(url, wheel, req, wheel.sha256)
+    plan = SitePlan(plan.run_id, plan.site, plan.provider, plan.store_url,
+                    options=(*plan.options, ("requirements_hashes", "true")))
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tiny.parent)}
+    node = BootedNode(f"i-lock-{tiny_hash_ok}", bootstrap.render(plan, 0, "t" * 64),
+                      tmp_path / "node", node_image(tmp_path / "image"), env=env)
+    venv = tmp_path / "node" / "opt" / "geotrain"
+    node.start()
+    try:
+        if tiny_hash_ok:
+            wait_for(lambda: list(venv.glob(".installed-*")) or not node.running(), 150, every=0.2)
+            console = node.console_text()
+            installed = {p.name for p in venv.glob("lib/python*/site-packages/*")}
+            assert fatal_line(console) is None and list(venv.glob(".installed-*")), console
+            assert "gt_tiny" in installed and "geotrain" in installed, console
+        else:
+            why = wait_for(lambda: fatal_line(node.console_text()), 150, every=0.2)
+            wait_for(lambda: not node.running(), 60, every=0.2)
+            console = " ".join(node.console_text().split())
+            assert why == ("installing the pinned requirements failed: ERROR: THESE PACKAGES DO "
+                           "NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE: gt-tiny==1.0"), console
+            assert f"Expected sha256 {tiny_hash} Got {true}" in console, console
+            installed = {p.name for p in venv.glob("lib/python*/site-packages/*")}
+            assert "gt_tiny" not in installed and "geotrain" not in installed, installed
+            assert not list(venv.glob(".installed-*"))
+            assert node.proc.returncode != 0
+    finally:
+        node.stop()
+    assert tagged_pids(f"i-lock-{tiny_hash_ok}") == []

@@ -76,7 +76,8 @@ def test_defaults_are_as_documented():
         rounds=20, inner_steps=50, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1,
         warmup_steps=20, weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), optimizer="adamw",
         muon_lr=0.02, seed=0, eval_batches=8, threads=1, precision="auto", compile=False,
-        hours=None, entrypoint=None, code_dir=None)
+        hours=None, entrypoint=None, code_dir=None,
+        requirements_lock=None)
     assert r.sync.model_dump() == dict(algorithm="diloco", outer_lr=0.7,
                                        outer_lr_schedule="constant", outer_lr_min_ratio=0.1,
                                        outer_lr_warmup=0, outer_momentum=0.9,
@@ -152,7 +153,7 @@ MISTAKES = {
         "unknown field 'inner_stepz'; did you mean 'inner_steps'? valid fields: rounds, "
         "inner_steps, batch_size, seq_len, lr, min_lr_ratio, warmup_steps, weight_decay, "
         "grad_clip, betas, optimizer, muon_lr, seed, eval_batches, threads, precision, compile, "
-        "hours, entrypoint, code_dir"),
+        "hours, entrypoint, code_dir, requirements_lock"),
     "unknown key, nothing close": (
         TOP + SITES + "    colour: eu\n", 4, "sites[0].colour",
         "unknown field 'colour'; valid fields: name, provider, region, workers, zones, "

@@ -161,13 +161,21 @@ class TrainSpec(_Spec):
         None, min_length=1, description="Directory holding the code `entrypoint` imports, shipped "
         "to cloud nodes (packed, hashed, installed on each node); relative to the recipe's "
         "directory; default: the recipe's directory when `entrypoint` is set.")
+    requirements_lock: str | None = Field(
+        None, min_length=1, description="A requirements lock with hashes (`pip-compile "
+        "--generate-hashes`, `uv pip compile --generate-hashes`, `uv export --no-emit-project`) "
+        "that cloud nodes install with `pip --require-hashes`, so every file a node downloads "
+        "must match a sha256 in it; relative to the recipe's directory. Every line pins `==` "
+        "with at least one sha256; each distribution geotrain needs must be there at the "
+        "version installed here (launch refuses otherwise); your own dependencies may be "
+        "added. Default: nodes install geotrain's dependencies pinned by version only.")
 
-    @field_validator("code_dir")
+    @field_validator("code_dir", "requirements_lock")
     @classmethod
-    def _resolve_code_dir(cls, code_dir: str | None, info: ValidationInfo) -> str | None:
-        if code_dir is None:
+    def _resolve_path(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is None:
             return None
-        return os.path.normpath(_base_dir(info) / os.path.expanduser(code_dir))
+        return os.path.normpath(_base_dir(info) / os.path.expanduser(path))
 
     @model_validator(mode="after")
     def _code_dir_needs_entrypoint(self) -> TrainSpec:
