@@ -70,9 +70,14 @@ class Commits:
             decided_by_me: bool) -> None:
         """Round r is merged: commit it (in the thread, once started)."""
         with self._lock:
+            older = [q for q, e in self._pending.items() if q < r and e[0] is not None]
+        # One read of the run's last round (a store GET), outside the lock.
+        last = self.exchange.last_round() if older else None
+        with self._lock:
             self._pending[r] = [params, momentum, digest, decision, decided_by_me]
-            for q, entry in self._pending.items():
-                if q < r and entry[0] is not None and not self.exchange.commits_state(q):
+            for q in older:
+                entry = self._pending.get(q)
+                if entry is not None and not self.exchange.commits_state(q, last):
                     entry[0] = entry[1] = None
         self._wake.set()
 
