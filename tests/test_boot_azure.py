@@ -186,7 +186,9 @@ def cloud(azurite, tmp_path):
     container): operator and nodes reach Azurite only through the proxy, UAI granted."""
     fake = FakeArm()
     proxy = AzureIdentityProxy(azurite.endpoint, fake.token_info,
-                               grants={AZURITE_ACCOUNT: {PRINCIPAL}}, allowed_tokens={fake.token})
+                               grants={AZURITE_ACCOUNT: {PRINCIPAL}}, allowed_tokens={fake.token},
+                               # what launch grants through ARM, conditions included
+                               assignments=lambda: fake.resources("Microsoft.Authorization/roleAssignments"))
     fake.start()
     # The route to "Azure Storage": what a real VM gets from DNS and its image's CAs.
     trust = tmp_path / "ca.pem"
@@ -304,6 +306,39 @@ def test_a_vm_whose_identity_cannot_use_the_store_is_reported_not_silent(cloud, 
     cli(env, "down", run_id, timeout=120)
     wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
     print(f"\nnot granted: reported {reported_s:.1f} s after the node printed it")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_vm_granted_only_its_run_folder_by_launch_trains_to_the_end(cloud, tmp_path):
+    """identity: system + store_scope: launch grants the VM's own identity the run
+    store's container under a condition (its run's folder only, no delete); the store
+    enforces it (tests/fakes/azure_abac.py) and the run still trains to the end."""
+    from providers.azure.network import store_condition
+
+    env, home, fake, proxy, container = cloud
+    spec = recipe(container, "system")
+    spec["sites"][0]["azure"]["store_scope"] = (
+        f"/subscriptions/{fake.subscription}/resourceGroups/data/providers/Microsoft.Storage/"
+        f"storageAccounts/{AZURITE_ACCOUNT}/blobServices/default/containers/{container}")
+    run_id = launch(env, spec, tmp_path)
+    node, imds = wait_for(lambda: booted(fake), 120, every=0.5)
+    # Read while the VM lives: a finished run's nodes are terminated and their grants revoked.
+    [grant] = wait_for(lambda: fake.resources("Microsoft.Authorization/roleAssignments"), 120, every=0.2)
+    assert grant["properties"]["condition"] == store_condition(f"runs/{run_id}")
+    final = wait_succeeded(env, home, run_id, lambda: node.console_text()[-3000:], PATIENCE_S)
+    assert final["rounds_done"] == 2 and fatal_line(node.console_text()) is None
+    by_node = [r for r in proxy.requests if r["principal"] != "operator"]
+    assert by_node and {r["principal"] for r in by_node} == {grant["properties"]["principalId"]}
+    assert any(r["method"] == "PUT" and not r["denied"] for r in by_node)
+    # Everything it was allowed was in its own folder; it never asked to delete.
+    assert all(r["path"].startswith(f"/{AZURITE_ACCOUNT}/{container}/runs/{run_id}/") or
+               r["path"] == f"/{AZURITE_ACCOUNT}/{container}" for r in by_node if not r["denied"])
+    assert not [r for r in by_node if r["method"] == "DELETE"]
+    assert not proxy.condition_errors, proxy.condition_errors
+    cli(env, "down", run_id, timeout=120)
+    wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
+    assert not fake.resources("Microsoft.Authorization/roleAssignments")  # revoked with the VM
 
 
 def test_an_az_store_takes_its_blob_endpoint_from_the_environment_https_only(monkeypatch):

@@ -29,7 +29,8 @@ Every resource that takes tags carries `geotrain-run`, `geotrain-site` and
 store through their managed identity (`azure.identity`): a user-assigned one
 that already holds access to the store, or `system`; with `system` and
 `azure.store_scope` (the ARM id of the store's container) launch grants each
-VM's identity "Storage Blob Data Contributor" on that container alone, and
+VM's identity "Storage Blob Data Contributor" on that container, under a condition
+that keeps it to the run's own folder (plan.store_url) and allows no delete, and
 terminate revokes it (the scope is kept in the VM tag geotrain-store-scope);
 without it, grant access by hand (infra/azure/README.md). No storage key is
 ever sent.
@@ -62,7 +63,8 @@ from geotrain.errors import CapacityError, ProviderError
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 from providers.azure.network import (AUTHZ_API, BLOB_CONTRIBUTOR, DEFAULT_PREFIX,  # noqa: F401 - re-exported
                                      ensure_network, ensure_nsg, grant_store, group_name,
-                                     revoke_store, site_options, site_tags, subnet_prefix)
+                                     revoke_store, site_options, site_tags, store_prefix,
+                                     subnet_prefix)
 
 DEFAULT_ENDPOINT = "https://management.azure.com"
 SCOPE = "https://management.azure.com/.default"
@@ -219,6 +221,8 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
 def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
                   nic_nsg: str | None) -> list[Node]:
     rg, ray_token, key = group_name(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
+    scope = site_options(plan).store_scope  # only with identity 'system' (the recipe checks)
+    prefix = store_prefix(plan.store_url) if scope else None  # a bad URL fails before any VM
     nics = []
     for i in range(plan.nodes):
         ipcfg = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
@@ -239,9 +243,9 @@ def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
         _vm_body(plan, i, zone, nics[i].id, bootstrap.render(plan, i, ray_token), key))
         for i in range(plan.nodes)]
     vms = [p.result() for p in pollers]  # raises on the first failed one
-    if site_options(plan).store_scope:  # only with identity 'system' (the recipe checks)
+    if scope:
         for vm in vms:
-            grant_store(c, site_options(plan).store_scope, vm)
+            grant_store(c, scope, vm, prefix)
     ips = [n.ip_configurations[0].private_ip_address for n in nics]
     return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
             for vm, ip in zip(vms, ips)]

@@ -1,5 +1,6 @@
 """What an Azure site's nodes may reach: its resource group, NSG, VNet and subnet, and
-the role assignment that lets a VM's managed identity read and write the run store.
+the role assignment that lets a VM's managed identity read and write its run's part of
+the run store (and nothing else there: `store_condition`).
 
 The layout these build (names, tags, rules) is described in providers/azure/__init__.py,
 which calls them while launching and tearing down a site; the SDK's management clients
@@ -11,6 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING
 
+from geotrain.errors import ProviderError
 from providers import SitePlan
 from providers.azure.options import AzureOptions
 
@@ -19,8 +21,10 @@ if TYPE_CHECKING:
 
 DEFAULT_PREFIX = "10.42.0.0/24"
 # Built-in "Storage Blob Data Contributor"; granted to each node's identity on
-# the option store_scope (the ARM id of the run store's container).
+# the option store_scope (the ARM id of the run store's container), with a condition
+# (`store_condition`) that keeps it to the run's own blobs and takes delete away.
 BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
 AUTHZ_API = "2022-04-01"
 
 
@@ -103,14 +107,53 @@ def _assignment_url(c: _Clients, scope: str, vm_id: str) -> str:
             f"{name}?api-version={AUTHZ_API}")
 
 
-def grant_store(c: _Clients, scope: str, vm) -> None:
-    """Give the VM's system identity Storage Blob Data Contributor on `scope`."""
+def store_prefix(store_url: str) -> str:
+    """The run's folder inside its container, as Azure's blob path attribute spells it
+    (no container, no leading or trailing slash, not URL-encoded): `a/b/RUN` for
+    az://CONTAINER/a/b/RUN. It goes into a condition between single quotes, so it may
+    hold neither a quote nor a backslash, and it may not be empty (the container's root
+    is every run's)."""
+    scheme, _, rest = store_url.partition("://")
+    prefix = rest.partition("/")[2].strip("/")
+    if scheme not in ("az", "abfs") or not prefix or "'" in prefix or "\\" in prefix:
+        raise ProviderError(f"azure: cannot limit the nodes' store access to run store "
+                            f"{store_url!r}: the run's folder must be a non-empty path inside "
+                            f"an az:// container, without quotes or backslashes")
+    return prefix
+
+
+def store_condition(prefix: str) -> str:
+    """The role assignment condition (conditionVersion 2.0) that keeps Storage Blob Data
+    Contributor to the blobs under `prefix`/ (store_prefix) and allows no delete.
+
+    Read a blob, write one and create one (read NOT Blob.List, write, add/action) only
+    when the blob path starts with `prefix/`; List Blobs (read AND Blob.List: it has no
+    blob path, only the Request attribute blob prefix) only when the listing's prefix
+    does (a listing without one, of the whole container, is refused); delete and
+    move/action never. Every other action of the role passes the condition untouched.
+    """
+    assert prefix and "'" not in prefix and "\\" not in prefix, prefix  # store_prefix checked
+    under = f"'{prefix}/'"
+    return (
+        f"((!(ActionMatches{{'{BLOBS}/read'}} AND NOT SubOperationMatches{{'Blob.List'}})"
+        f" AND !(ActionMatches{{'{BLOBS}/write'}}) AND !(ActionMatches{{'{BLOBS}/add/action'}}))"
+        f" OR (@Resource[{BLOBS}:path] StringStartsWith {under}))"
+        f" AND ((!(ActionMatches{{'{BLOBS}/read'}} AND SubOperationMatches{{'Blob.List'}}))"
+        f" OR (@Request[{BLOBS}:prefix] StringStartsWith {under}))"
+        f" AND ((!(ActionMatches{{'{BLOBS}/delete'}}) AND !(ActionMatches{{'{BLOBS}/move/action'}})))")
+
+
+def grant_store(c: _Clients, scope: str, vm, prefix: str) -> None:
+    """Give the VM's system identity Storage Blob Data Contributor on `scope` under
+    `store_condition(prefix)`: its run's blobs only, no delete."""
     from azure.core.exceptions import HttpResponseError
     from azure.core.rest import HttpRequest
 
     role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
     body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
-                           "principalType": "ServicePrincipal"}}
+                           "principalType": "ServicePrincipal",
+                           "condition": store_condition(prefix), "conditionVersion": "2.0",
+                           "description": f"geotrain: this VM's run store folder {prefix}/ only, no delete"}}
     resp = c.resource.send_request(HttpRequest("PUT", _assignment_url(c, scope, vm.id), json=body))
     if resp.status_code not in (200, 201):
         raise HttpResponseError(response=resp)

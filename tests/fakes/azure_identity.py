@@ -9,8 +9,18 @@ when its `Authorization: Bearer` token is
 - one a VM's IMDS issued (the ARM stand-in's `token_info`, tests/fakes/azure_boot.py:
   valid, not expired) for the audience https://storage.azure.com to an identity
   granted on the request's storage account (`grants`: account -> principal or client
-  ids, what a "Storage Blob Data Contributor" role assignment says); or
+  ids, what an unconditioned "Storage Blob Data Contributor" role assignment on the
+  account says), or to one that a role assignment allows (`assignments`, below); or
 - one of `allowed_tokens` (the operator's own token).
+
+`assignments()` (e.g. the ARM stand-in's roleAssignments, so that a grant made through
+ARM reaches the store) lists role assignments {"properties": {"principalId",
+"roleDefinitionId", "scope", "condition", "conditionVersion"}}. One allows a request
+when its principal is the caller's, its scope holds the request's account (and
+container), its role has the request's action and its condition, if any, is true
+(tests/fakes/azure_abac.py: each request's data action and attributes, the condition
+evaluator). A condition the evaluator cannot read refuses the request and is kept in
+`condition_errors`.
 
 A forwarded request loses its bearer header and carries instead an account SAS made
 with Azurite's published development key (appended to its query), which Azurite
@@ -47,6 +57,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY
+from tests.fakes.azure_abac import ConditionError, allows, blob_request, scope_covers
 from tests.fakes.arm_routes import self_signed
 from tests.fakes.gce_boot import stop_servers
 
@@ -85,12 +96,15 @@ class AzureIdentityProxy:
     "client_id", "resource", "vm", ...} or None is the issuer's verdict on a token."""
 
     def __init__(self, upstream_url: str, token_info: Callable[[str], dict | None],
-                 grants: dict[str, set[str]] | None = None, allowed_tokens: set[str] | None = None):
+                 grants: dict[str, set[str]] | None = None, allowed_tokens: set[str] | None = None,
+                 assignments: Callable[[], list[dict]] | None = None):
         up = urlsplit(upstream_url)
         self.upstream = (up.hostname, up.port or 80)
         self.token_info = token_info
         self.grants: dict[str, set[str]] = {a: set(ids) for a, ids in (grants or {}).items()}
         self.allowed_tokens: set[str] = set(allowed_tokens or ())
+        self.assignments = assignments
+        self.condition_errors: list[str] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self._sas = account_sas()
@@ -124,10 +138,30 @@ class AzureIdentityProxy:
         self._server = None
         self._tmp.cleanup()
 
-    def check(self, account: str, authorization: str | None) -> tuple[dict, tuple[int, str, bytes] | None]:
-        """(caller, refusal): caller is {"principal", "client_id", "vm"} ("operator" for an
-        allowed token, None when unknown); refusal is (status, error code, XML document),
-        or None to forward."""
+    def _assigned(self, caller: dict, method: str, path: str, query: str) -> bool:
+        """Whether one of `assignments()` allows this request of the caller."""
+        if self.assignments is None:
+            return False
+        account, container, request = blob_request(method, path, query)
+        ids = {caller["principal"], caller["client_id"]} - {None}
+        for a in self.assignments():
+            props = a.get("properties") or {}
+            if props.get("principalId") not in ids or not scope_covers(props.get("scope", ""),
+                                                                        account, container):
+                continue
+            try:
+                if allows(props, request):
+                    return True
+            except ConditionError as e:
+                with self.lock:
+                    self.condition_errors.append(f"{e}: {props.get('condition')}")
+        return False
+
+    def check(self, account: str, authorization: str | None, method: str = "GET",
+              path: str = "", query: str = "") -> tuple[dict, tuple[int, str, bytes] | None]:
+        """(caller, refusal) for a request `method path?query` on `account`: caller is
+        {"principal", "client_id", "vm"} ("operator" for an allowed token, None when
+        unknown); refusal is (status, error code, XML document), or None to forward."""
         nobody = {"principal": None, "client_id": None, "vm": None}
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip() if scheme == "Bearer" else ""
@@ -152,7 +186,7 @@ class AzureIdentityProxy:
         with self.lock:
             granted = self.grants.get(account, set())
             ok = caller["principal"] in granted or caller["client_id"] in granted
-        if not ok:
+        if not ok and not self._assigned(caller, method, path or f"/{account}", query):
             return caller, (403, "AuthorizationPermissionMismatch", storage_error(
                 "AuthorizationPermissionMismatch",
                 "This request is not authorized to perform this operation using this permission."))
@@ -214,7 +248,8 @@ class AzureIdentityProxy:
                 url = urlsplit(self.path)
                 account = url.path.lstrip("/").split("/", 1)[0]
                 body = self._body()
-                caller, refusal = proxy.check(account, self.headers.get("Authorization"))
+                caller, refusal = proxy.check(account, self.headers.get("Authorization"),
+                                              self.command, url.path, url.query)
                 if refusal is not None:
                     status, code, doc = refusal
                     proxy._record(self.command, url.path, account, caller, status, True)
