@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import AWS_AMIS, MOTO_SERVER, free_port, wait_for_port  # noqa: E402
 from tests.emulators import stop as stop_process  # noqa: E402
 from tests.fakes.aws_faults import FaultProxy  # noqa: E402
-from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity  # noqa: E402
+from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_store  # noqa: E402
 from tests.fakes.ec2_boot import Ec2Booter  # noqa: E402
 from tests.fakes.gce_boot import BootConfig  # noqa: E402
 from tests.fakes.gce_server import FakeGCE  # noqa: E402
@@ -84,6 +84,13 @@ class Twin:
                 ROOT / "infra/aws/geotrain-node-trust.json").read_text())
             iam.create_instance_profile(InstanceProfileName=name)
             iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+        # The roles that may use the store carry the node policy, which the S3 stand-in enforces.
+        web = ROLE_ARN.rsplit("/", 1)[-1]
+        iam.create_role(RoleName=web, AssumeRolePolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
+                                                    "Principal": {"Federated": "accounts.google.com"}}]}))
+        for name in (PROFILE, web):
+            grant_store(iam, name, f"s3://{BUCKET}/runs")
         self.ec2 = boto3.client("ec2", **kw)
         self.ec2_proxy = FaultProxy(moto)
         self.s3 = S3IdentityProxy(moto)

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.fakes.aws_faults import FaultProxy
+from tests.fakes.aws_identity import grant_store
 from tests.helpers import geotrain_cmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYGEOTRAINE2E"
 ACCESS_KEY = "AKIAGEOTRAINE2EKEY01"
 OPEN = ("0.0.0.0/0", "::/0")
 PROFILE = "geotrain-node"  # the instance profile recipes/aws.yaml and multicloud.yaml name
+STORE_URL = f"s3://{BUCKET}/runs"  # the run store of the tests' AWS recipes
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -50,6 +52,9 @@ def aws_env(moto_server, tmp_path):
         ROOT / "infra/aws/geotrain-node-trust.json").read_text())
     iam.create_instance_profile(InstanceProfileName=PROFILE)
     iam.add_role_to_instance_profile(InstanceProfileName=PROFILE, RoleName=PROFILE)
+    # Its only policy: infra/aws/geotrain-node-policy.json for STORE_URL (what the
+    # stand-in S3, tests/fakes/aws_identity.py, enforces for the role's keys).
+    grant_store(iam, PROFILE, STORE_URL)
     proxy = FaultProxy(moto_server)
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items()

@@ -4,7 +4,10 @@ user data → installs geotrain from the run store → trains → `geotrain down
 The stand-in cloud (tests/fakes/ec2_boot.py) boots every instance moto creates as a
 process tree (tests/fakes/node.py) with that instance's IMDSv2; the node reaches the
 S3 store only through a proxy that accepts the credentials its instance profile's role
-was given, and only for roles allowed to use the store. Nothing of the test process
+was given, only for roles allowed to use the store, and only for what the role's IAM
+policy allows: infra/aws/geotrain-node-policy.json for the run store's prefix, no delete
+(tests/fakes/iam_eval.py). A run that succeeds with no request refused proves the nodes
+need nothing more. Nothing of the test process
 reaches a node: no credential, no geotrain (the node image has geotrain's dependencies,
 not geotrain), so a node trains only if its boot fetched, verified and installed the
 wheel the operator built.
@@ -22,8 +25,8 @@ import boto3
 import pytest
 
 from geotrain.site.node_info import fatal_line
-from tests.cloud_helpers import BUCKET, PROFILE, aws_env, cli, cli_json, controller_log, tagged, \
-    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.cloud_helpers import BUCKET, PROFILE, STORE_URL, aws_env, cli, cli_json, controller_log, \
+    tagged, wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
 from tests.fakes.aws_identity import S3IdentityProxy
 from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.node import node_image, tagged_pids
@@ -41,7 +44,7 @@ def recipe(profile: str) -> dict:
     return {"name": "boot-aws", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
             "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
                       "warmup_steps": 1, "eval_batches": 1},
-            "store": {"url": f"s3://{BUCKET}/runs"},
+            "store": {"url": STORE_URL},  # the one aws_env's node policy names
             "sync": {"boot_timeout_s": 1800, "max_replacements": 0},
             "sites": [{"name": "east", "provider": "aws", "region": "us-east-1",
                        "instance_type": "t3.large", "aws": {"instance_profile": profile}}]}
@@ -104,6 +107,8 @@ def test_a_node_boots_installs_from_the_store_and_trains(cloud, moto_server, tmp
     # refuses every other key): a node never sees the operator's.
     keys = {r["key_id"] for r in s3.requests if r["status"] < 400}
     assert keys == {role_key}
+    # ... and the node policy sufficed: nothing it asked for was refused or unjudgeable.
+    assert not s3.denied() and not s3.errors, (s3.denied()[:5], s3.errors[:5])
 
     # The run ended: its instance is gone and so is the node's whole process tree.
     assert tagged(moto_server, run_id, ["us-east-1"])["instances"] == {}

@@ -7,7 +7,8 @@ Like tests/test_boot_aws.py, nothing of the test process reaches the node but th
 stand-in network and its metadata server; its image has geotrain's dependencies, not
 geotrain. The store is the GCS emulator behind an identity proxy (tests/fakes/
 gcs_identity.py): it accepts a node's requests only with a token the node's own
-metadata server issued to a service account granted on the bucket, and the operator's
+metadata server issued to a service account granted on the bucket (by
+infra/gcp/run-bucket-policy.json: objects under the store's prefix only), and the operator's
 own token (the fake's API token, which the CLI's google-auth fetches from the fake's
 metadata server). A node whose account is not granted is refused by the store and
 reported on its site, not left hanging (a site with no service account at all is refused
@@ -38,6 +39,7 @@ from geotrain.site.node_info import fatal_line
 from tests.cloud_helpers import ROOT, cli, cli_json, gcp_env, wait_succeeded
 from tests.fakes.gce_boot import BootConfig, GceInstanceMetadata
 from tests.fakes.gce_server import FakeGCE
+from tests.fakes.gcs_iam import infra_policy
 from tests.fakes.gcs_identity import GcsIdentityProxy
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
@@ -47,6 +49,7 @@ ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"  # granted on the b
 OUTSIDER = "someone-else@my-project.iam.gserviceaccount.com"  # a real account, not granted
 READ_WRITE = "https://www.googleapis.com/auth/devstorage.read_write"
 ZONE = "us-central1-a"
+PREFIX = "runs"  # the run store's folder in the bucket: gs://<bucket>/runs
 NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
 
 
@@ -166,10 +169,12 @@ def test_each_instance_gets_its_own_token_until_it_nears_expiry():
 @pytest.fixture
 def cloud(gcs_emulator, tmp_path):
     """(env for the CLI, home, fake GCE that boots, the store's identity proxy, bucket):
-    operator and nodes reach the emulator only through the proxy, ACCOUNT granted."""
+    operator and nodes reach the emulator only through the proxy, ACCOUNT granted by
+    infra/gcp/run-bucket-policy.json itself (objects under PREFIX/ only, list on the
+    bucket), which the proxy enforces per object name."""
     fake = FakeGCE()
-    proxy = GcsIdentityProxy(gcs_emulator.endpoint, fake.token_info,
-                             grants={gcs_emulator.bucket: {ACCOUNT}}, allowed_tokens={fake.token})
+    proxy = GcsIdentityProxy(gcs_emulator.endpoint, fake.token_info, allowed_tokens={fake.token})
+    proxy.apply_policy(gcs_emulator.bucket, *infra_policy(gcs_emulator.bucket, PREFIX))
     route = {"STORAGE_EMULATOR_HOST": proxy.url}  # the route to "GCS"
     fake.enable_boot(BootConfig(node_image(tmp_path / "image"), tmp_path / "nodes",
                                 {**NODE_NET, **route}))
@@ -192,7 +197,7 @@ def recipe(bucket: str, account: str | None) -> dict:
             "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
             "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
                       "warmup_steps": 1, "eval_batches": 1},
-            "store": {"url": f"gs://{bucket}/runs"},
+            "store": {"url": f"gs://{bucket}/{PREFIX}"},
             "sync": {"boot_timeout_s": 1800, "max_replacements": 0},
             "sites": [{"name": "west", "provider": "gcp", "region": "us-central1",
                        "zones": [ZONE], "instance_type": "g2-standard-4",
@@ -250,7 +255,8 @@ def test_a_gce_node_fetches_with_its_service_account_installs_and_trains(cloud, 
     by_node = [r for r in proxy.requests if r["email"] != "operator"]
     assert by_node and {(r["email"], r["instance"]) for r in by_node} == {(ACCOUNT, instance)}
     assert any(r["method"] == "POST" for r in by_node)  # it wrote, not only read
-    assert not proxy.denied(), proxy.denied()
+    # ... and the prefix-scoped policy sufficed: nothing refused, nothing unjudgeable.
+    assert not proxy.denied() and not proxy.errors, (proxy.denied(), proxy.errors)
     cli(env, "down", run_id, timeout=120)
     wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
     print(f"\nboot-gcp: launch to succeeded {time.monotonic() - t0:.0f} s")

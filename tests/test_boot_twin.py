@@ -15,12 +15,15 @@ a cross-cloud migration, a node without store access, leftovers) is benchmarks/t
 
 from __future__ import annotations
 
+import json
+
+import boto3
 import pytest
 
 from geotrain.site.node_info import fatal_line
-from tests.cloud_helpers import BUCKET, PROFILE, aws_env, cli, cli_json, gcp_env, \
+from tests.cloud_helpers import PROFILE, STORE_URL, aws_env, cli, cli_json, gcp_env, \
     wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
-from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity
+from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_store
 from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
@@ -37,6 +40,14 @@ NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"
 @pytest.fixture
 def clouds(aws_env, moto_server, tmp_path):
     proxy, env, home = aws_env
+    # The web-identity role the GCP node assumes carries the same node policy.
+    iam = boto3.client("iam", endpoint_url=moto_server, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
+    iam.create_role(RoleName=ROLE_ARN.rsplit("/", 1)[-1], AssumeRolePolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{  # StsWebIdentity applies the trust itself
+            "Effect": "Allow", "Principal": {"Federated": "accounts.google.com"},
+            "Action": "sts:AssumeRoleWithWebIdentity"}]}))
+    grant_store(iam, ROLE_ARN.rsplit("/", 1)[-1], STORE_URL)
     s3 = S3IdentityProxy(moto_server)
     image = node_image(tmp_path / "image")
     gce_net = {**NODE_NET, "AWS_ENDPOINT_URL_S3": s3.url, "AWS_DEFAULT_REGION": "us-east-1",
@@ -64,7 +75,7 @@ def test_an_aws_and_a_gcp_node_train_one_model_through_an_s3_store(clouds, tmp_p
     recipe = {"name": "twin", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
               "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
                         "warmup_steps": 1, "eval_batches": 1},
-              "store": {"url": f"s3://{BUCKET}/runs"},
+              "store": {"url": STORE_URL},
               "sync": {"max_replacements": 0},
               "sites": [{"name": "east", "provider": "aws", "region": "us-east-1",
                          "instance_type": "t3.large", "aws": {"instance_profile": PROFILE}},

@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from providers.aws.watcher import AwsWatcher
-from tests.fakes.aws_identity import S3IdentityProxy, sigv4_key_id
+from tests.fakes.aws_identity import S3IdentityProxy, grant_store, sigv4_key_id
 from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.ec2_imds import Imds
 from tests.fakes.node import node_image, tagged_pids
@@ -123,6 +123,7 @@ def cloud(moto_server, tmp_path, monkeypatch):
         iam.create_role(RoleName=role, AssumeRolePolicyDocument=trust)
         iam.create_instance_profile(InstanceProfileName=role)
         iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
+    grant_store(iam, STORE_ROLE, f"s3://{bucket}/nodes")  # the proxy enforces the role's policy
     proxy = S3IdentityProxy(moto_server)
     booter = None
     try:

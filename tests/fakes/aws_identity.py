@@ -1,10 +1,13 @@
 """AWS identity checks around the stand-in cloud's S3, for tests: who may use the store.
 
 - `S3IdentityProxy`: an HTTP proxy in front of moto's S3 that forwards a request,
-  unchanged and streamed, only when its SigV4 access key id is in `allowed_keys`;
-  otherwise S3's own `AccessDenied` error document, so botocore raises a genuine
-  ClientError. This is how "the store accepts a node's requests only with the
-  credentials its identity gives it".
+  unchanged and streamed, only when its SigV4 access key id is in `allowed_keys` and,
+  for keys issued to a role (`allow(key, role=...)`: instance profiles, STS web
+  identity), the role's IAM policies as moto's IAM holds them allow it
+  (tests/fakes/s3_actions.py maps the request to its action, tests/fakes/iam_eval.py
+  decides); otherwise S3's own `AccessDenied` error document, so botocore raises a
+  genuine ClientError. This is how "the store accepts a node's requests only with the
+  credentials its identity gives it, and only what the role's policy allows".
 - `StsWebIdentity`: STS's AssumeRoleWithWebIdentity, trading an OIDC identity token
   for fresh keys that the proxy then accepts (a GCE node reaching an S3 store).
 
@@ -22,8 +25,11 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape as xml_escape
 
 from tests.fakes.ec2_imds import ACCOUNT_ID, iso_time, serve_in_thread
+from tests.fakes.iam_eval import PolicyError, evaluate
+from tests.fakes.s3_actions import RolePolicies, UnknownRequest, needs_body, s3_checks
 
 log = logging.getLogger("tests.fakes.ec2_boot")  # one logger for the AWS stand-in
 
@@ -55,6 +61,7 @@ def sigv4_key_id(headers, query: str) -> str | None:
 
 
 def s3_error_xml(code: str, message: str, resource: str = "") -> bytes:
+    message, resource = xml_escape(message), xml_escape(resource)
     request_id = uuid.uuid4().hex[:16].upper()
     host_id = base64.b64encode(secrets.token_bytes(48)).decode()
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
@@ -62,20 +69,47 @@ def s3_error_xml(code: str, message: str, resource: str = "") -> bytes:
             f"<RequestId>{request_id}</RequestId><HostId>{host_id}</HostId></Error>").encode()
 
 
+def node_policy(store_url: str) -> str:
+    """infra/aws/geotrain-node-policy.json with RUN_BUCKET / RUN_PREFIX filled from an
+    s3:// store URL (s3://my-runs/exp1 -> my-runs, exp1), as infra/aws/README.md says."""
+    from pathlib import Path
+
+    parts = urlsplit(store_url)
+    prefix = parts.path.strip("/")
+    if parts.scheme != "s3" or not parts.netloc or not prefix:
+        raise ValueError(f"expected s3://BUCKET/PREFIX, got {store_url!r}")
+    text = (Path(__file__).resolve().parents[2] / "infra/aws/geotrain-node-policy.json").read_text()
+    return text.replace("RUN_BUCKET", parts.netloc).replace("RUN_PREFIX", prefix)
+
+
+def grant_store(iam, role: str, store_url: str) -> None:
+    """Put the node policy for `store_url` on `role` (an IAM client's put-role-policy, as
+    infra/aws/README.md does it)."""
+    iam.put_role_policy(RoleName=role, PolicyName="geotrain-store", PolicyDocument=node_policy(store_url))
+
+
 class S3IdentityProxy:
     """Forwards S3 requests to `upstream_url` only when signed by a key in `allowed_keys`
-    (the signature itself is not verified: the key id is what an identity is).
+    (the signature itself is not verified: the key id is what an identity is) and,
+    for a key allowed with a role, only what that role's IAM policies allow (read from
+    moto's IAM at `iam_url`, by default the upstream itself, at every request).
 
     Everything else is answered 403 AccessDenied with S3's error document (the
     request body is read and dropped first, so the client reads the answer). Bodies
     are streamed both ways, block by block: Content-Length bodies (aws-chunked
     uploads included) unchanged, `Transfer-Encoding: chunked` ones re-chunked. `requests` records each
-    request as {"method", "path", "key_id", "status"}."""
+    request as {"method", "path", "key_id", "status", "denied", "role", "why"}; `errors`
+    lists requests the proxy could not judge (unknown request, unknown policy grammar),
+    each denied and logged as an error."""
 
-    def __init__(self, upstream_url: str, allowed_keys: set[str] | None = None):
+    def __init__(self, upstream_url: str, allowed_keys: set[str] | None = None,
+                 iam_url: str | None = None):
         up = urlsplit(upstream_url)
         self.upstream = (up.hostname, up.port or 80)
         self.allowed_keys: set[str] = set(allowed_keys or ())
+        self.roles: dict[str, str] = {}  # key id -> the role it was issued to
+        self.policies = RolePolicies(iam_url or upstream_url)
+        self.errors: list[str] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -83,13 +117,36 @@ class S3IdentityProxy:
         self._thread = serve_in_thread(self._server, "s3-identity-proxy")
         self._closed = False
 
-    def allow(self, key_id: str) -> None:
+    def allow(self, key_id: str, role: str | None = None) -> None:
+        """Accept `key_id`; with `role`, only for what the role's policies allow."""
         with self.lock:
             self.allowed_keys.add(key_id)
+            if role is not None:
+                self.roles[key_id] = role
 
     def revoke(self, key_id: str) -> None:
         with self.lock:
             self.allowed_keys.discard(key_id)
+            self.roles.pop(key_id, None)
+
+    def judge(self, role: str, method: str, path: str, query: str, headers,
+              body: bytes | None) -> str | None:
+        """None when the role's policies allow the request, else why not."""
+        try:
+            checks = s3_checks(method, path, query, headers, body)
+            documents = self.policies(role)
+            for action, resource, context in checks:
+                decision = evaluate(documents, action, resource, context)
+                if not decision.allowed:
+                    return (f"role {role} may not {action} on {resource}"
+                            f"{' with ' + str(context) if context else ''}: {decision.reason}")
+        except (UnknownRequest, PolicyError) as e:
+            message = f"cannot judge {method} {path} for role {role}: {type(e).__name__}: {e}"
+            log.error("S3 policy check: %s", message)
+            with self.lock:
+                self.errors.append(message)
+            return message
+        return None
 
     def denied(self) -> list[dict]:
         with self.lock:
@@ -103,10 +160,11 @@ class S3IdentityProxy:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-    def _record(self, method: str, path: str, key_id: str | None, status: int, denied: bool) -> None:
+    def _record(self, method: str, path: str, key_id: str | None, status: int, denied: bool,
+                why: str | None = None) -> None:
         with self.lock:
             self.requests.append({"method": method, "path": path, "key_id": key_id, "status": status,
-                                  "denied": denied})
+                                  "denied": denied, "role": self.roles.get(key_id or ""), "why": why})
 
     def _handler(self):
         proxy = self
@@ -123,6 +181,9 @@ class S3IdentityProxy:
 
             def _body_blocks(self):
                 """The request body, decoded from chunked if need be, in blocks."""
+                if getattr(self, "_read", None) is not None:  # read already, to judge it
+                    yield from ([self._read] if self._read else [])
+                    return
                 if self._chunked():
                     while True:
                         size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
@@ -154,15 +215,24 @@ class S3IdentityProxy:
             def _relay(self):
                 parts = urlsplit(self.path)
                 key_id = sigv4_key_id(self.headers, parts.query)
+                self._read = None
                 with proxy.lock:
                     allowed = key_id is not None and key_id in proxy.allowed_keys
+                    role = proxy.roles.get(key_id or "")
+                why = None
                 if not allowed:
-                    for _ in self._body_blocks():  # drain, so the client reads our answer
-                        pass
                     why = ("Anonymous access is not allowed" if key_id is None else
                            f"The access key {key_id} is not allowed to access this store")
+                elif role is not None:
+                    if needs_body(self.command, parts.query):
+                        self._read = b"".join(self._body_blocks())
+                    why = proxy.judge(role, self.command, parts.path, parts.query, self.headers,
+                                      self._read)
+                if why is not None:
+                    for _ in self._body_blocks():  # drain, so the client reads our answer
+                        pass
                     body = s3_error_xml("AccessDenied", f"Access Denied: {why}", parts.path)
-                    proxy._record(self.command, parts.path, key_id, 403, True)
+                    proxy._record(self.command, parts.path, key_id, 403, True, why)
                     self.send_response(403)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(body)))
@@ -176,7 +246,9 @@ class S3IdentityProxy:
                     for k, v in self.headers.items():
                         if k.lower() not in HOP_HEADERS:
                             conn.putheader(k, v)
-                    chunked = self._chunked()
+                    chunked = self._chunked() and self._read is None
+                    if self._read is not None and self._chunked():  # de-chunked to judge it
+                        conn.putheader("Content-Length", str(len(self._read)))
                     if chunked:  # re-chunked block by block, as it arrives
                         conn.putheader("Transfer-Encoding", "chunked")
                     conn.endheaders()
@@ -223,7 +295,8 @@ class StsWebIdentity:
     trusted issuer (the GCE stand-in's metadata servers: FakeGCE.claims_of) issued it,
     else None. `trust` maps a role ARN to the service-account emails its trust policy
     admits (audience must be sts.amazonaws.com). On success the call answers STS's
-    own document with fresh keys, which `s3_proxy` then accepts; otherwise STS's
+    own document with fresh keys, which `s3_proxy` then accepts for what the role's
+    policies in moto's IAM allow (so the role must exist there); otherwise STS's
     AccessDenied error, so botocore raises what it raises against AWS. Every call is
     recorded in `calls` as {"role", "email", "ok"}."""
 
@@ -254,9 +327,9 @@ class StsWebIdentity:
                          f"<Error><Type>Sender</Type><Code>AccessDenied</Code><Message>{why}"
                          f"</Message></Error><RequestId>{rid}</RequestId></ErrorResponse>").encode()
         key = "ASIA" + secrets.token_hex(8).upper()
-        if self.s3_proxy is not None:
-            self.s3_proxy.allow(key)
         name = role.rsplit("/", 1)[-1]
+        if self.s3_proxy is not None:
+            self.s3_proxy.allow(key, role=name)
         return 200, (
             '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
             "<AssumeRoleWithWebIdentityResult>"

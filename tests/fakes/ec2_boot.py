@@ -7,7 +7,8 @@ credential. This module adds what a real AWS account does around an instance:
   instance, on 127.0.0.1:<free port>: session tokens, identity, placement, the
   instance profile's role credentials, spot interruption notices.
 - `S3IdentityProxy` (tests/fakes/aws_identity.py): an HTTP proxy in front of moto's
-  S3 that forwards only requests signed with an allowed access key id.
+  S3 that forwards only requests signed with an allowed access key id, and for a
+  role's key only what the role's IAM policies (in moto's IAM) allow.
 - `Ec2Booter` (here): a thread that polls moto's EC2 and boots every pending/running
   instance once, as a `tests.fakes.node.BootedNode` running its user data, with
   its own `Imds`; it stops the node and its Imds when the instance goes.
@@ -49,7 +50,8 @@ class Ec2Booter:
     regions     the regions polled
     s3_proxy    an S3IdentityProxy: a node's role credentials are added to its
                 allowed keys when the role is in `store_roles` (or `store_roles`,
-                a callable, returns True for it)
+                a callable, returns True for it), bound to the role, so the proxy
+                forwards only what the role's IAM policies allow
     """
 
     def __init__(self, ec2_url: str, image_bin: Path, workdir: Path, node_env: dict[str, str] | None = None,
@@ -215,7 +217,7 @@ class Ec2Booter:
             if role is not None:
                 key = imds.issue_credentials()["AccessKeyId"]
                 if self.s3_proxy is not None and self._may_use_store(role):
-                    self.s3_proxy.allow(key)
+                    self.s3_proxy.allow(key, role=role)  # for what the role's policies allow
                 else:
                     key = None
             env = {**self.node_env,

@@ -5,9 +5,13 @@ front of it and forwards a request (unchanged: method, path, headers, body) only
 its `Authorization: Bearer` token is
 
 - one an instance's metadata server issued (FakeGCE.token_info, tests/fakes/gce_server.py:
-  valid, not expired) to a service account granted on the request's bucket (`grants`,
-  bucket -> member emails, what a bucket IAM binding of roles/storage.objectAdmin says),
-  with a storage OAuth scope; or
+  valid, not expired) to a service account with a storage OAuth scope that is granted on
+  the request's bucket, either wholly (`grants`, bucket -> member emails, what a bucket
+  IAM binding of roles/storage.objectAdmin says) or through the bucket's IAM policy
+  document (`apply_policy(bucket, document)`, e.g. infra/gcp/run-bucket-policy.json):
+  role bindings with optional conditions `resource.name.startsWith("...")`
+  (tests/fakes/gcs_iam.py), checked per request and object name, creating an object
+  that exists needing storage.objects.delete too (as GCS does for an overwrite); or
 - one of `allowed_tokens` (the operator's own test credentials).
 
 Everything else is answered as GCS answers it, in its JSON error format: 401 for no
@@ -31,13 +35,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from tests.fakes.gce_boot import serve, stop_servers
+from tests.fakes.gcs_iam import Binding, bindings_from, request_checks
 
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te",
                          "upgrade", "expect", "proxy-authorization", "proxy-authenticate", "trailer",
@@ -46,6 +52,7 @@ READ_SCOPES = frozenset({"https://www.googleapis.com/auth/devstorage.read_only"}
 WRITE_SCOPES = frozenset({"https://www.googleapis.com/auth/devstorage.read_write",
                           "https://www.googleapis.com/auth/devstorage.full_control",
                           "https://www.googleapis.com/auth/cloud-platform"})
+log = logging.getLogger("tests.fakes.gcs_identity")
 BUCKET_IN_PATH = re.compile(r"/b/([-.\w]+)(?=/|$)")
 
 
@@ -98,6 +105,9 @@ class GcsIdentityProxy:
         self.token_info = token_info
         self.grants: dict[str, set[str]] = {b: set(m) for b, m in (grants or {}).items()}
         self.allowed_tokens: set[str] = set(allowed_tokens or ())
+        self.bindings: dict[str, list[Binding]] = {}  # bucket -> its policy document's bindings
+        self.sessions: dict[str, str] = {}  # resumable upload id -> the email that opened it
+        self.errors: list[str] = []  # requests a binding could not judge (denied, logged)
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = serve(self._handler())
@@ -106,6 +116,56 @@ class GcsIdentityProxy:
     def grant(self, bucket: str, email: str) -> None:
         with self.lock:
             self.grants.setdefault(bucket, set()).add(email)
+
+    def apply_policy(self, bucket: str, document: dict,
+                     custom_roles: dict[str, set[str]] | None = None) -> None:
+        """Set the bucket's IAM policy from a document with placeholders filled (raises
+        ConditionError on a role, member or condition the stand-in does not know)."""
+        parsed = bindings_from(document, custom_roles)
+        with self.lock:
+            self.bindings[bucket] = parsed
+
+    def _exists(self, bucket: str, name: str) -> bool:
+        conn = http.client.HTTPConnection(*self.upstream, timeout=30)
+        try:
+            conn.request("GET", f"/storage/v1/b/{quote(bucket, safe='')}/o/{quote(name, safe='')}")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        finally:
+            conn.close()
+
+    def _judge(self, email: str, method: str, path: str, query: str, body: bytes,
+               bindings: list[Binding]) -> str | None:
+        """None when the bucket's bindings allow the request, else the permission refused."""
+        q = parse_qs(query)
+        if "upload_id" in q:  # a resumable session: authorized when it was opened
+            with self.lock:
+                owner = self.sessions.get(q["upload_id"][0])
+            return None if owner == email else "storage.objects.create"
+        if path.startswith("/batch/"):
+            lines = re.findall(r"^(GET|DELETE|PATCH|POST|PUT) (/\S+?)(?:\?(\S*))? HTTP",
+                               body.decode("utf-8", "replace"), re.M)
+            checks = [c for m, p, qs in lines for c in (request_checks(m, p, qs, b"") or [None])]
+        else:
+            checks = request_checks(method, path, query, body) or [None]
+        if None in checks or not checks:
+            message = f"cannot judge {method} {path} for {email} against the bucket's bindings"
+            with self.lock:
+                self.errors.append(message)
+            log.error("GCS policy check: %s", message)
+            return permission(method, path)
+        for perm, resource in list(checks):
+            if perm == "storage.objects.create" and q.get("ifGenerationMatch") != ["0"]:
+                bucket, _, name = resource[len("projects/_/buckets/"):].partition("/objects/")
+                if self._exists(bucket, name):  # an overwrite: GCS checks delete too
+                    checks.append(("storage.objects.delete", resource))
+        for perm, resource in checks:
+            if not any(email in b.emails and perm in b.permissions and (b.holds is None or
+                                                                        b.holds(resource))
+                       for b in bindings):
+                return perm
+        return None
 
     def revoke(self, bucket: str, email: str) -> None:
         with self.lock:
@@ -120,7 +180,7 @@ class GcsIdentityProxy:
         self._server = None
 
     def check(self, method: str, path: str, authorization: str | None,
-              body: bytes) -> tuple[dict, tuple[int, bytes] | None]:
+              body: bytes, query: str = "") -> tuple[dict, tuple[int, bytes] | None]:
         """(caller, refusal): caller is {"email", "instance"} (email "operator" for an
         allowed token, None when unknown); refusal is (status, GCS error document), or
         None to forward."""
@@ -149,6 +209,14 @@ class GcsIdentityProxy:
         buckets = buckets_of(method, path, body)
         with self.lock:
             refused = sorted(b for b in buckets if email not in self.grants.get(b, ()))
+            bound = [b for bk in refused for b in self.bindings.get(bk, ())]
+        if refused and bound and len(refused) == 1:  # judged against the policy document
+            denied = self._judge(email, method, path, query, body, bound)
+            if denied is None:
+                return caller, None
+            return caller, (403, gcs_error(
+                403, f"{email} does not have {denied} access to the Google Cloud Storage object. "
+                f"Permission '{denied}' denied on resource (or it may not exist).", "forbidden"))
         if not buckets or refused:
             where = (f"the Google Cloud Storage bucket {refused[0]!r}" if refused
                      else "the Google Cloud project")
@@ -197,9 +265,10 @@ class GcsIdentityProxy:
                     self.wfile.write(body)
 
             def _relay(self):
-                path = urlsplit(self.path).path
+                path, query = urlsplit(self.path).path, urlsplit(self.path).query
                 body = self._body()
-                caller, refusal = proxy.check(self.command, path, self.headers.get("Authorization"), body)
+                caller, refusal = proxy.check(self.command, path, self.headers.get("Authorization"),
+                                              body, query)
                 if refusal is not None:
                     status, doc = refusal
                     proxy._record(self.command, path, body, caller, status, True)
@@ -215,6 +284,10 @@ class GcsIdentityProxy:
                     conn.endheaders(body)
                     resp = conn.getresponse()
                     data = resp.read()
+                    session = parse_qs(urlsplit(resp.getheader("Location") or "").query).get("upload_id")
+                    if session and caller["email"]:
+                        with proxy.lock:
+                            proxy.sessions[session[0]] = caller["email"]
                     proxy._record(self.command, path, body, caller, resp.status, False)
                     self._answer(resp.status, resp.getheaders(), data)
                 except OSError:  # the client or the emulator went away
