@@ -27,6 +27,8 @@ SETTINGS = {
     "azure": ("GEOTRAIN_ARM_ENDPOINT", "GEOTRAIN_ARM_CA_BUNDLE", "AZURE_SUBSCRIPTION_ID"),
 }
 
+SETTING_NAMES = tuple(n for names in SETTINGS.values() for n in names)
+
 
 @dataclass(frozen=True)
 class ProviderCheck:
@@ -45,6 +47,7 @@ def settings_of(name: str) -> dict[str, str]:
 def redact(text: str, keep: tuple[str, ...] = ()) -> str:
     """Cut key-like runs out of `text`, except the known non-secret strings in `keep`
     (setting names and values: endpoints, paths, a subscription id)."""
+    keep = (*keep, *SETTING_NAMES)  # a message saying which setting to export names it
     kept = sorted({k for k in keep if k}, key=len, reverse=True)
     for i, k in enumerate(kept):
         text = text.replace(k, f"\x00{i}\x00")

@@ -97,6 +97,8 @@ def _tighten(path: Path, mode: int) -> None:
             os.chmod(path, mode)
     except PermissionError:  # not ours: left as it is
         pass
+    except FileNotFoundError:  # SQLite removed its -wal/-shm/-journal since we looked
+        pass
 
 
 OWNER_FILE = "owner"  # this GEOTRAIN_HOME's owner id, created once (owner_id)

@@ -3,6 +3,8 @@ find what a run left running, make raw HTTP requests to local servers."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 import urllib.error
@@ -13,6 +15,7 @@ from typing import TypeVar
 
 import pytest
 
+from geotrain import procs
 from providers import local
 
 T = TypeVar("T")
@@ -37,11 +40,28 @@ def tagged_processes(run_id: str) -> list[int]:
     return local.processes(run_id)
 
 
+def processes_of_home(home: Path) -> list[int]:
+    """Live processes of this machine, other than this one, started with
+    GEOTRAIN_HOME=home: a run's controller, its local sites, their Ray and workers."""
+    want, me = str(home), os.getpid()
+    return [pid for pid in (int(e) for e in os.listdir("/proc") if e.isdigit())
+            if pid != me and procs.environ(pid).get("GEOTRAIN_HOME") == want and procs.alive(pid)]
+
+
 @pytest.fixture
 def geotrain_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A GEOTRAIN_HOME of the test's own. Whatever the test left running under it
+    (a detached run of a test that failed half way) is killed at teardown, so one
+    failure does not leave a run training beside every later test. Tests that
+    promise no leftovers assert it themselves, before this."""
     home = tmp_path / "home"
     monkeypatch.setenv("GEOTRAIN_HOME", str(home))
-    return home
+    yield home
+    for pid in processes_of_home(home):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy

@@ -44,8 +44,12 @@ PATIENCE_S = 300
 
 
 def cli(home: Path, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(geotrain_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, GEOTRAIN_HOME=str(home)), check=check)
+    out = subprocess.run(geotrain_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, GEOTRAIN_HOME=str(home)))
+    if check and out.returncode != 0:
+        raise AssertionError(f"geotrain {' '.join(args)} exited {out.returncode}:\n"
+                             f"{out.stdout[-2000:]}{out.stderr[-4000:]}")
+    return out
 
 
 def status(home: Path, run: str) -> dict:

@@ -310,3 +310,14 @@ def test_budget_stops_the_run(tmp_path: Path, geotrain_home: Path):
     logs = run("logs", s["id"], home=geotrain_home).stdout
     assert "budget" in logs and "crossed the budget $3.00" in logs
     assert tagged_processes(s["id"]) == []
+
+
+def test_a_skipped_provider_names_the_setting_to_export_and_hides_keys():
+    """`down --orphans` and `check` cut key-like runs out of a provider's error, but
+    the name of the setting it asks for is kept: once, 'AZURE_SUBSCRIPTION_ID is not
+    set' read '[redacted] is not set'."""
+    from geotrain.checks import redact
+
+    said = redact("AZURE_SUBSCRIPTION_ID is not set: export the id of the subscription; "
+                  "key AKIAIOSFODNN7EXAMPLE1234 refused")
+    assert said.startswith("AZURE_SUBSCRIPTION_ID is not set") and "AKIA" not in said, said

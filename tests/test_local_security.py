@@ -169,6 +169,20 @@ def test_an_old_state_db_gets_the_start_time_column_and_owner_only_modes(tmp_pat
     assert db.run("r1")["controller_started"] is None
 
 
+def test_opening_the_state_db_while_sqlite_removes_its_side_files_is_no_error(tmp_path: Path, monkeypatch):
+    """SQLite deletes state.db-wal/-shm when the last connection closes, so a file seen
+    a moment ago may be gone when its mode is checked: `geotrain status` beside a busy
+    controller once died there (FileNotFoundError, exit 1)."""
+    home = tmp_path / "home"
+    StateDB(home)
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: self.name.endswith(("-wal", "-shm", "-journal"))
+                        or real_exists(self))  # seen, then gone
+    for name in ("state.db-wal", "state.db-shm", "state.db-journal"):
+        (home / name).unlink(missing_ok=True)
+    StateDB(home)
+
+
 # -- the notice endpoint's secret --------------------------------------------------------------
 
 
