@@ -26,6 +26,7 @@ Run: .venv/bin/python -m pytest -q tests/test_boot_azure.py
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import ssl
@@ -233,39 +234,77 @@ def booted(fake: FakeArm):
         return (found[0][1], fake._booter.metadata[found[0][0]]) if found else None
 
 
+def booted_by_site(fake: FakeArm) -> dict:
+    """{site: (node, its IMDS)} of the VMs booted so far (by the VM's tag geotrain-site)."""
+    with fake._lock:
+        found = [(node, fake._booter.metadata[iid]) for iid, node in fake._booter.nodes.items()]
+    return {{t["name"]: t["value"] for t in imds.compute["tagsList"]}["geotrain-site"]: (node, imds)
+            for node, imds in found}
+
+
 def events(env: dict, run_id: str) -> list[dict]:
     return [json.loads(line) for line in cli(env, "logs", run_id, "--json").stdout.splitlines()]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_an_azure_vm_fetches_with_its_managed_identity_installs_and_trains(cloud, tmp_path):
+def test_vms_fetch_with_their_managed_identities_install_and_train(cloud, tmp_path):
+    """One run, two sites (one boot each; each boot costs a minute of CI):
+    - east runs as a user-assigned identity granted on the account by the operator;
+    - west as its own system identity, which launch grants the run store's container
+      under a condition (its run's folder only, no delete) that the store enforces
+      (tests/fakes/azure_abac.py).
+    Both fetch geotrain as themselves, install it and train to the end."""
+    from providers.azure.network import store_condition
+
     env, home, fake, proxy, container = cloud
+    spec = recipe(container, UAI)
+    west = copy.deepcopy(spec["sites"][0])
+    west["name"] = "west"
+    west["azure"] = {"identity": "system", "store_scope": (
+        f"/subscriptions/{fake.subscription}/resourceGroups/data/providers/Microsoft.Storage/"
+        f"storageAccounts/{AZURITE_ACCOUNT}/blobServices/default/containers/{container}")}
+    spec["sites"].append(west)
     t0 = time.monotonic()
-    run_id = launch(env, recipe(container, UAI), tmp_path)
-    node, imds = wait_for(lambda: booted(fake), 120, every=0.5)
-    final = wait_succeeded(env, home, run_id, lambda: node.console_text()[-3000:], PATIENCE_S)
+    run_id = launch(env, spec, tmp_path)
+    vms = wait_for(lambda: (lambda v: v if len(v) == 2 else None)(booted_by_site(fake)), 120, every=0.5)
+    # Read while the VM lives: a finished run's nodes are terminated and their grants revoked.
+    [grant] = wait_for(lambda: fake.resources("Microsoft.Authorization/roleAssignments"), 120, every=0.2)
+    assert grant["properties"]["condition"] == store_condition(f"runs/{run_id}")
+    final = wait_succeeded(env, home, run_id, lambda: "\n".join(
+        n.console_text()[-3000:] for n, _ in vms.values()), PATIENCE_S)
     assert final["rounds_done"] == 2 and final["eval_loss"] is not None
-    text = node.console_text()
-    assert "geotrain-0.1.0-py3-none-any.whl verified" in text and fatal_line(text) is None, text
-    # The custom data named az:// blobs and the account, not SAS URLs: the VM read them
+    for node, _ in vms.values():
+        text = node.console_text()
+        assert "geotrain-0.1.0-py3-none-any.whl verified" in text and fatal_line(text) is None, text
+    # The custom data named az:// blobs and the account, not SAS URLs: each VM read them
     # as itself.
-    [body] = fake.bodies("PUT", "virtualMachines")
-    custom = base64.b64decode(body["properties"]["osProfile"]["customData"]).decode()
-    assert f"WHEEL_URL=az://{container}/runs/{run_id}/_boot/" in custom, custom
-    assert f"STORE_ACCOUNT={AZURITE_ACCOUNT}\n" in custom and "sig=" not in custom
-    [starting] = [e for e in events(env, run_id) if e["kind"] == "starting"]
-    assert starting["geotrain"].startswith(str(Path(node.root) / "opt" / "geotrain"))
-    # Everything the VM did in the store it did with tokens its own IMDS issued to it
+    for body in fake.bodies("PUT", "virtualMachines"):
+        custom = base64.b64decode(body["properties"]["osProfile"]["customData"]).decode()
+        assert f"WHEEL_URL=az://{container}/runs/{run_id}/_boot/" in custom, custom
+        assert f"STORE_ACCOUNT={AZURITE_ACCOUNT}\n" in custom and "sig=" not in custom
+    starting = {e["source"].split("~")[0]: e for e in events(env, run_id) if e["kind"] == "starting"}
+    for site, (node, _) in vms.items():
+        assert starting[site]["geotrain"].startswith(str(Path(node.root) / "opt" / "geotrain"))
+    # east: everything it did in the store it did with tokens its own IMDS issued to it
     # as the user-assigned identity (the proxy refuses any other).
-    by_node = [r for r in proxy.requests if r["principal"] != "operator"]
-    assert by_node and {(r["principal"], r["client_id"], r["vm"]) for r in by_node} == {
-        (PRINCIPAL, CLIENT, imds.compute["name"])}
-    assert any(r["method"] == "PUT" for r in by_node)  # it wrote, not only read
-    assert imds.token_requests >= 2  # the boot fetch, then azure-identity in geotrain
+    east_node, east_imds = vms["east"]
+    by_east = [r for r in proxy.requests if r["vm"] == east_imds.compute["name"]]
+    assert by_east and {(r["principal"], r["client_id"]) for r in by_east} == {(PRINCIPAL, CLIENT)}
+    assert any(r["method"] == "PUT" for r in by_east)  # it wrote, not only read
+    assert east_imds.token_requests >= 2  # the boot fetch, then azure-identity in geotrain
     assert not proxy.denied(), proxy.denied()
+    # west: as its system identity, allowed only in its own folder; it never asked to delete.
+    by_west = [r for r in proxy.requests if r["principal"] == grant["properties"]["principalId"]]
+    assert by_west and any(r["method"] == "PUT" for r in by_west)
+    assert all(r["path"].startswith(f"/{AZURITE_ACCOUNT}/{container}/runs/{run_id}/") or
+               r["path"] == f"/{AZURITE_ACCOUNT}/{container}" for r in by_west)
+    assert not [r for r in by_west if r["method"] == "DELETE"]
+    assert not proxy.condition_errors, proxy.condition_errors
     cli(env, "down", run_id, timeout=120)
-    wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
+    for node, _ in vms.values():
+        wait_for(lambda node=node: not tagged_pids(node.instance_id), 120, every=0.5)
+    assert not fake.resources("Microsoft.Authorization/roleAssignments")  # revoked with the VM
     print(f"\nboot-azure: launch to succeeded {time.monotonic() - t0:.0f} s")
 
 
@@ -306,39 +345,6 @@ def test_a_vm_whose_identity_cannot_use_the_store_is_reported_not_silent(cloud, 
     cli(env, "down", run_id, timeout=120)
     wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
     print(f"\nnot granted: reported {reported_s:.1f} s after the node printed it")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_a_vm_granted_only_its_run_folder_by_launch_trains_to_the_end(cloud, tmp_path):
-    """identity: system + store_scope: launch grants the VM's own identity the run
-    store's container under a condition (its run's folder only, no delete); the store
-    enforces it (tests/fakes/azure_abac.py) and the run still trains to the end."""
-    from providers.azure.network import store_condition
-
-    env, home, fake, proxy, container = cloud
-    spec = recipe(container, "system")
-    spec["sites"][0]["azure"]["store_scope"] = (
-        f"/subscriptions/{fake.subscription}/resourceGroups/data/providers/Microsoft.Storage/"
-        f"storageAccounts/{AZURITE_ACCOUNT}/blobServices/default/containers/{container}")
-    run_id = launch(env, spec, tmp_path)
-    node, imds = wait_for(lambda: booted(fake), 120, every=0.5)
-    # Read while the VM lives: a finished run's nodes are terminated and their grants revoked.
-    [grant] = wait_for(lambda: fake.resources("Microsoft.Authorization/roleAssignments"), 120, every=0.2)
-    assert grant["properties"]["condition"] == store_condition(f"runs/{run_id}")
-    final = wait_succeeded(env, home, run_id, lambda: node.console_text()[-3000:], PATIENCE_S)
-    assert final["rounds_done"] == 2 and fatal_line(node.console_text()) is None
-    by_node = [r for r in proxy.requests if r["principal"] != "operator"]
-    assert by_node and {r["principal"] for r in by_node} == {grant["properties"]["principalId"]}
-    assert any(r["method"] == "PUT" and not r["denied"] for r in by_node)
-    # Everything it was allowed was in its own folder; it never asked to delete.
-    assert all(r["path"].startswith(f"/{AZURITE_ACCOUNT}/{container}/runs/{run_id}/") or
-               r["path"] == f"/{AZURITE_ACCOUNT}/{container}" for r in by_node if not r["denied"])
-    assert not [r for r in by_node if r["method"] == "DELETE"]
-    assert not proxy.condition_errors, proxy.condition_errors
-    cli(env, "down", run_id, timeout=120)
-    wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
-    assert not fake.resources("Microsoft.Authorization/roleAssignments")  # revoked with the VM
 
 
 def test_an_az_store_takes_its_blob_endpoint_from_the_environment_https_only(monkeypatch):
