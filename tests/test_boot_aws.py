@@ -26,7 +26,7 @@ import pytest
 
 from geotrain.site.node_info import fatal_line
 from tests.cloud_helpers import BUCKET, PROFILE, STORE_URL, aws_env, cli, cli_json, controller_log, \
-    tagged, wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+    tagged, write_recipe  # noqa: F401 - aws_env is a fixture
 from tests.fakes.aws_identity import S3IdentityProxy
 from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.node import node_image, tagged_pids
@@ -83,41 +83,6 @@ def console(booter: Ec2Booter) -> str:
     return "\n".join(f"--- {iid}\n{n.console_text()[-3000:]}" for iid, n in booter.nodes().items())
 
 
-def test_a_node_boots_installs_from_the_store_and_trains(cloud, moto_server, tmp_path):
-    env, home, booter, s3 = cloud  # aws_env made the instance profile geotrain-node
-    path = write_recipe(tmp_path / "boot.yaml", recipe(ROLE))
-    t0 = time.monotonic()
-    run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
-    [node] = booter.wait_booted(1, timeout=120).values()
-    role_key = booter.imds(node.instance_id).credentials["AccessKeyId"]
-
-    final = wait_succeeded(env, home, run_id, lambda: console(booter), PATIENCE_S)
-    took = time.monotonic() - t0
-    assert final["rounds_done"] == 2 and final["eval_loss"] is not None
-
-    text = node.console_text()
-    assert "geotrain-0.1.0-py3-none-any.whl verified" in text and "requirements.txt verified" in text
-    assert fatal_line(text) is None, text
-    # The node ran the geotrain its boot installed, from its own venv.
-    starting = [e for e in events(env, run_id) if e.get("kind") == "starting"]
-    assert starting, events(env, run_id)
-    installed = Path(node.root) / "opt" / "geotrain"
-    assert str(starting[0]["geotrain"]).startswith(str(installed)), starting[0]
-    # Its store requests carried its role's credentials, and only those (the proxy
-    # refuses every other key): a node never sees the operator's.
-    keys = {r["key_id"] for r in s3.requests if r["status"] < 400}
-    assert keys == {role_key}
-    # ... and the node policy sufficed: nothing it asked for was refused or unjudgeable.
-    assert not s3.denied() and not s3.errors, (s3.denied()[:5], s3.errors[:5])
-
-    # The run ended: its instance is gone and so is the node's whole process tree.
-    assert tagged(moto_server, run_id, ["us-east-1"])["instances"] == {}
-    booter.wait_stopped(node.instance_id, timeout=120)
-    assert tagged_pids(node.instance_id) == []
-    cli(env, "down", run_id, timeout=120)
-    print(f"\nboot-aws: launch to succeeded {took:.0f} s")
-
-
 def test_a_node_whose_role_cannot_use_the_store_is_reported_not_silent(cloud, moto_server, tmp_path):
     """The instance profile exists but its role has no access to the store: the node
     says so on its console, the controller reads it there and the site is lost with
@@ -153,11 +118,13 @@ def test_a_node_whose_role_cannot_use_the_store_is_reported_not_silent(cloud, mo
     print(f"\nno-access: reported {reported_s:.1f} s after the node printed it")
 
 
-def test_a_spot_notice_from_imds_drains_the_site_and_its_replacement_boots(cloud, tmp_path):
-    """The spot interruption notice comes where AWS puts it, the instance's IMDS: the
-    node's agent drains (publishes its partial round), the controller replaces the
-    site with a new instance that boots, installs the same bytes and trains on."""
-    env, home, booter, _ = cloud
+def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, moto_server, tmp_path):
+    """A node boots with its instance profile, installs geotrain from the store and
+    trains; then the spot interruption notice comes where AWS puts it, the instance's
+    IMDS: the node's agent drains (publishes its partial round), the controller
+    replaces the site with a new instance that boots, installs the same bytes and
+    trains on. (One run for both: each boot costs a minute of CI.)"""
+    env, home, booter, s3 = cloud  # aws_env made the instance profile geotrain-node
     spec = recipe(ROLE)
     spec["train"]["rounds"] = OPEN_ENDED  # ended by `geotrain finish` once the replacement trains
     spec["sync"]["max_replacements"] = 3
@@ -171,6 +138,14 @@ def test_a_spot_notice_from_imds_drains_the_site_and_its_replacement_boots(cloud
         assert s["state"] == "running", (s, controller_log(home, run_id), console(booter))
         return s["rounds_done"] >= 1
     wait_for(training, PATIENCE_S, every=1.0)
+    text = first.console_text()
+    assert "geotrain-0.1.0-py3-none-any.whl verified" in text and "requirements.txt verified" in text
+    assert fatal_line(text) is None, text
+    # The node runs the geotrain its boot installed, from its own venv.
+    starting = [e for e in events(env, run_id) if e.get("kind") == "starting"]
+    assert starting, events(env, run_id)
+    assert str(starting[0]["geotrain"]).startswith(str(Path(first.root) / "opt" / "geotrain")), starting
+    role_keys = {booter.imds(first.instance_id).credentials["AccessKeyId"]}  # while it lives
     booter.notice(first.instance_id, "terminate", in_s=120)
 
     def event(kind):
@@ -184,12 +159,21 @@ def test_a_spot_notice_from_imds_drains_the_site_and_its_replacement_boots(cloud
     nodes = booter.wait_booted(2, timeout=PATIENCE_S)
     [second] = [n for iid, n in nodes.items() if iid != first.instance_id]
     wait_for(lambda: event("site-rejoined"), PATIENCE_S, every=1.0)
+    role_keys.add(booter.imds(second.instance_id).credentials["AccessKeyId"])
     # The replacement installed the very bytes the first node did.
     verified = [line for line in first.console_text().splitlines() if " verified " in line]
     assert verified and verified == [line for line in second.console_text().splitlines()
                                      if " verified " in line]
     out = cli(env, "finish", run_id, "--json", timeout=PATIENCE_S)
     assert json.loads(out.stdout)["state"] == "succeeded", out.stdout
-    cli(env, "down", run_id, timeout=120)
+    assert cli_json(env, "status", run_id)["eval_loss"] is not None
+    # Store requests carried the nodes' role credentials, and only those (the proxy
+    # refuses every other key): a node never sees the operator's. And the node
+    # policy sufficed: nothing a node asked for was refused or unjudgeable.
+    assert {r["key_id"] for r in s3.requests if r["status"] < 400} == role_keys
+    assert not s3.denied() and not s3.errors, (s3.denied()[:5], s3.errors[:5])
+    # The run ended: its instances are gone, and so is each node's whole process tree.
+    assert tagged(moto_server, run_id, ["us-east-1"])["instances"] == {}
     booter.wait_stopped(second.instance_id, timeout=120)
     assert tagged_pids(second.instance_id) == []
+    cli(env, "down", run_id, timeout=120)
