@@ -77,7 +77,7 @@ class Commits:
             self._pending[r] = [params, momentum, digest, decision, decided_by_me]
             for q in older:
                 entry = self._pending.get(q)
-                if entry is not None and not self.exchange.commits_state(q, last):
+                if entry is not None and not self.exchange.keeps_state(q, last):
                     entry[0] = entry[1] = None
         self._wake.set()
 

@@ -38,7 +38,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
-from types import EllipsisType
 
 import torch
 
@@ -438,16 +437,14 @@ class RoundExchange:
         return bool(alive) and time.time() - alive.get("at", 0) <= self.liveness_s \
             and alive.get("state") in ACTIVE
 
-    def commits_state(self, r: int, last: int | None | EllipsisType = ...) -> bool:
+    def commits_state(self, r: int) -> bool:
         """Whether round r's commit holds the global state, or only its hash and
-        decision (a reader replays it from the newest round that does). `last`:
-        the run's last round if the caller has just read it (one store read for
-        several rounds)."""
-        if r % self.state_every == 0:
-            return True
-        if last is ...:
-            last = self.last_round()
-        return last is not None and r >= last
+        decision (a reader replays it from the newest round that does)."""
+        return self.keeps_state(r, self.last_round())
+
+    def keeps_state(self, r: int, last: int | None) -> bool:
+        """commits_state, given the run's last round (one store read serves many rounds)."""
+        return r % self.state_every == 0 or (last is not None and r >= last)
 
     def last_round(self) -> int | None:
         """The run's last round: the recipe's (`final_round`), or an earlier one
