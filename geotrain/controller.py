@@ -204,7 +204,7 @@ class Controller(Migrations, Kept):
             return True
         alive = self.store.liveness().get(member)
         fresh = alive and alive.get("state") in ("starting", "running") and \
-            time.time() - alive["at"] <= self.recipe.sync.liveness_timeout_s
+            time.time() - alive["at"] <= self._liveness_s(name)
         live = [n for p in self._providers_of(name) for n in self._query(p, member)]
         if fresh and live:
             self.nodes[name] = live
@@ -228,6 +228,10 @@ class Controller(Migrations, Kept):
     def _providers_of(self, name: str) -> list[str]:
         return sorted({pl.provider for pl in self._spec(name).placements()})
 
+    def _liveness_s(self, name: str) -> float:
+        """The site's liveness limit where it runs now (its migration target included)."""
+        return max(self.recipe.sync.liveness_for(p.provider) for p in self._spec(name).placements())
+
     def _supervise(self, name: str, hb: dict | None, alive: dict | None) -> None:
         """Declare a site lost — its own failure (its agent reported `failed`), a
         preemption notice, its node gone, its agent silent for longer than
@@ -236,7 +240,7 @@ class Controller(Migrations, Kept):
         state = (hb or {}).get("state")
         if state == "done" or (alive or {}).get("state") in ("done", "stopped"):
             return
-        now, limit = time.time(), self.recipe.sync.liveness_timeout_s
+        now, limit = time.time(), self._liveness_s(name)
         if name in self.migrating:
             return  # the migration watches both members until it is done
         if state == "failed" or (alive or {}).get("state") == "failed":

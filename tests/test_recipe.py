@@ -84,7 +84,7 @@ def test_defaults_are_as_documented():
                                        nesterov=True, compression="none", topk_fraction=0.01,
                                        value_bits=4, topk_chunk=4096, error_decay=1.0, overlap=False,
                                        fragments=1, round_seconds=None,
-                                       round_timeout_s=600, join_wait_s=60, liveness_timeout_s=4,
+                                       round_timeout_s=600, join_wait_s=60, liveness_timeout_s=None,
                                        boot_timeout_s=1800, max_replacements=10,
                                        reject_norm_factor=10, state_every=1, offload="auto")
     assert r.store.url is None
@@ -93,6 +93,25 @@ def test_defaults_are_as_documented():
                                            nodes=1, aws=None, gcp=None, azure=None,
                                            candidates=[])
     assert r.budget is None and r.train.hours is None
+
+
+def test_liveness_limit_is_longer_for_a_cloud_site_unless_the_recipe_sets_one():
+    local = loads("name: x\n" + SITES)
+    assert local.liveness_s() == 4.0 and local.sync.liveness_for("local") == 4.0
+    cloud = loads("name: x\nstore: {url: 's3://b/p'}\nsites:\n"
+                  "  - {name: a}\n"
+                  "  - {name: b, provider: gcp, region: us-central1, instance_type: g2-standard-4,\n"
+                  "     gcp: {service_account: n@p.iam.gserviceaccount.com, "
+                  "store_credentials: 'arn:aws:iam::1:role/r'}}\n")
+    assert cloud.sync.liveness_for("gcp") == 30.0 and cloud.sync.liveness_for("local") == 4.0
+    assert cloud.liveness_s() == 30.0  # a round waits as long as its slowest kind of site
+    # a local site whose fallback is on a cloud gets the cloud's patience too
+    fallback = loads("name: x\nstore: {url: 's3://b/p'}\nsites:\n  - name: a\n    candidates:\n"
+                     "      - {provider: aws, region: us-east-1, instance_type: t3.large,\n"
+                     "         aws: {instance_profile: geotrain-node}}\n")
+    assert fallback.liveness_s() == 30.0
+    fixed = loads("name: x\nsync: {liveness_timeout_s: 9}\n" + SITES)
+    assert fixed.sync.liveness_for("aws") == fixed.sync.liveness_for("local") == fixed.liveness_s() == 9
 
 
 def test_recipe_is_frozen():

@@ -41,6 +41,9 @@ TEST_KEY = "AKIATESTPROCESSKEY01"  # the test process's own (fake) credential: n
 # The instance's user data: IMDSv2 token + instance id, then a put to the store with
 # whatever credentials the default chain finds (on an instance: its Imds), then sleep.
 USER_DATA = r"""#!/bin/bash
+# As geotrain's own boot script does (infra/boot.sh.tmpl): botocore waits 1 s, once, for
+# the Imds, which a stand-in in a loaded test process may take longer to answer.
+export AWS_METADATA_SERVICE_TIMEOUT=5 AWS_METADATA_SERVICE_NUM_ATTEMPTS=3
 python3 - <<'PY'
 import json, os, urllib.request
 root = os.environ["GEOTRAIN_NODE_ROOT"]

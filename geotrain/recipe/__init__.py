@@ -261,6 +261,11 @@ class Recipe(_Spec):
         """The URL under which this recipe's runs are stored."""
         return self.store.url or f"file://{default_home() / 'runs'}"
 
+    def liveness_s(self) -> float:
+        """How long a round keeps waiting on a site that has not beaten: the longest
+        limit among every site's placements (sync.liveness_for)."""
+        return max(self.sync.liveness_for(p.provider) for s in self.sites for p in s.placements())
+
     def to_dict(self) -> dict:
         """A plain, JSON-able dict that validates back to an equal Recipe."""
         return self.model_dump(mode="json")

@@ -19,6 +19,7 @@ SLUG = r"^[a-z0-9][a-z0-9-]*$"
 MAX_WORKERS = 64  # per node
 STORE_SCHEMES = ("file", "s3", "gs", "az")
 GPU_REQ = r"^[A-Za-z0-9]+(:[1-9][0-9]*)?$"  # a site's `gpu`: MODEL[:COUNT]
+LOCAL_LIVENESS_S, CLOUD_LIVENESS_S = 4.0, 30.0  # sync.liveness_timeout_s by default
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -237,8 +238,20 @@ class SyncSpec(_Spec):
         "training sites before the round goes on without them (their work is carried over).")
     join_wait_s: float = Field(60, ge=0, description="Seconds a round waits for a site that is "
                                "still starting.")
-    liveness_timeout_s: float = Field(4, ge=1, description="A site whose agent has not beaten "
-                                      "for this long is not waited for, and is declared lost.")
+    liveness_timeout_s: float | None = Field(
+        None, ge=1, description="A site whose agent has not beaten (every second) for this long "
+        "is not waited for, and is declared lost. Default: 4 s for a site on this machine "
+        "(provider local), 30 s for a cloud site, whose beats cross the internet to the store "
+        "and may wait on a credential refresh.")
+
+    def liveness_for(self, provider: str) -> float:
+        """The liveness limit of a site placed on `provider`: liveness_timeout_s, or its
+        default for that kind of provider."""
+        if self.liveness_timeout_s is not None:
+            return self.liveness_timeout_s
+        from providers import capabilities_of
+
+        return LOCAL_LIVENESS_S if capabilities_of(provider).runs_here else CLOUD_LIVENESS_S
     boot_timeout_s: float = Field(1800, ge=1, description="A site whose agent has not beaten "
                                   "once this long after its launch is declared lost and replaced "
                                   "(a node that never boots: bad image, no route to the store). "

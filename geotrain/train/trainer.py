@@ -202,7 +202,7 @@ def make_exchange(recipe: Recipe, store: RunStore, site: str,
         max_tokens = {x.name: TOKEN_SLACK * t.inner_steps * t.batch_size * t.seq_len
                       * x.most_workers() * x.nodes for x in recipe.sites}  # auto: a bound
     return RoundExchange(store, site, codec=codec, window_s=s.round_timeout_s,
-                         join_wait_s=s.join_wait_s, liveness_s=s.liveness_timeout_s,
+                         join_wait_s=s.join_wait_s, liveness_s=recipe.liveness_s(),
                          reject_norm_factor=s.reject_norm_factor, state_every=s.state_every,
                          final_round=recipe.train.rounds,
                          roster=[x.name for x in recipe.sites], max_tokens=max_tokens,
