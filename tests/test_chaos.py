@@ -1,5 +1,6 @@
-"""Chaos with real local sites: kill -9 a site, the controller, or everything,
-and check that nothing committed is lost.
+"""Chaos with real local sites: kill -9 a site, the controller, or everything;
+preempt a site; move a site and the store while the run goes on — and check that
+nothing committed is lost.
 
 Every test asserts the same invariants at the end: all configured rounds
 complete; committed rounds are 0..R with no gap and no duplicate; at every
@@ -115,9 +116,13 @@ def timeline(store: RunStore, sites: list[str]) -> str:
                      for e in events)
 
 
-def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
-    # The global state is committed every 4th round only: the replacement starts
-    # from the newest one and replays the rounds since from their contributions.
+def test_a_site_killed_then_one_preempted_are_each_replaced_once(tmp_path: Path, geotrain_home: Path):
+    # One run, two losses in turn (each its own replacement, the other site training on):
+    # site a is killed -9 mid-round, then site b gets a preemption notice. The global state
+    # is committed every 4th round only: each replacement starts from the newest one and
+    # replays the rounds since from their contributions.
+    from providers import local
+
     run = launch_detached(tmp_path, geotrain_home, rounds=OPEN_ENDED, inner_steps=30,
                           sync="state_every: 4")
     s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=PATIENCE_S)
@@ -125,130 +130,97 @@ def test_kill_9_one_site_mid_round(tmp_path: Path, geotrain_home: Path):
     victim = next(site for site in s["sites"] if site["name"] == "a")["pid"]
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
-    lost = wait_event(lambda: store, "site-lost", "a", since=killed_at)
+    killed = wait_event(lambda: store, "site-lost", "a", since=killed_at)
     rejoined = wait_event(lambda: store, "site-rejoined", "a", since=killed_at)
+
+    noticed_at = time.time()
+    # A notice period longer than any wait here: the site must act on the notice
+    # itself (drain and leave), not be killed when the period runs out.
+    local.preempt(run, "b", notice_s=PATIENCE_S)
+    preempted = wait_event(lambda: store, "site-lost", "b", since=noticed_at)
+    wait_event(lambda: store, "site-rejoined", "b", since=noticed_at)
     last = finish_run(geotrain_home, run)
     store = assert_nothing_lost(geotrain_home, run, rounds=last)
-    # The replacement trained to the end: its work is in the last round.
-    assert any(e["site"] == "a" and e["round"] == last for e in store.members(last)["accepted"]), \
+    # Both replacements trained to the end: their work is in the last round.
+    assert {e["site"] for e in store.members(last)["accepted"] if e["round"] == last} == {"a", "b"}, \
         timeline(store, ["a", "b"])
     events = controller_events(store)
-    # Found from the dead process (the provider's view), not by waiting out a
-    # timeout: far sooner than sync.boot_timeout_s (1800 s) or a round's window (600 s).
-    assert lost["at"] - killed_at <= 60.0, "loss detected from a timeout, not from the dead node"
-    assert lost["reason"] == "node gone", lost
-    assert [e["kind"] for e in events if e.get("site") == "a"].count("site-replaced") == 1, \
-        timeline(store, ["a", "b"])
+    for site in ("a", "b"):
+        kinds = [e["kind"] for e in events if e.get("site") == site]
+        assert kinds.count("site-lost") == kinds.count("site-replaced") == 1, timeline(store, ["a", "b"])
+    # The kill was found from the dead process (the provider's view), not by waiting out
+    # a timeout: far sooner than sync.boot_timeout_s (1800 s) or a round's window (600 s).
+    assert killed["at"] - killed_at <= 60.0, "loss detected from a timeout, not from the dead node"
+    assert killed["reason"] == "node gone", killed
+    assert rejoined["seconds"] > 0
+    # The preempted site said so and was declared lost from its notice, while the notice
+    # period still ran, not from the kill at its end.
+    assert any(e["kind"] == "preempting" and e["notice"] == "preempt" and e["at"] >= noticed_at
+               for e in store.events(["b"]))
+    assert preempted["reason"] == "preempted" and preempted["at"] - noticed_at < PATIENCE_S
     with_state = [r for r in store.committed_rounds() if "model.safetensors" in store.read_global(r)[0]]
     assert with_state == [r for r in range(last + 1) if r % 4 == 0 or r == last]
-    assert rejoined["seconds"] > 0
-    print(f"\ndetection {lost['at'] - killed_at:.2f} s; loss -> replacement's first step "
-          f"{rejoined['seconds']:.1f} s; finished at round {last}")
+    print(f"\nkill: detection {killed['at'] - killed_at:.2f} s, loss -> replacement's first step "
+          f"{rejoined['seconds']:.1f} s; notice -> declared lost {preempted['at'] - noticed_at:.2f} s; "
+          f"finished at round {last}")
 
 
-def test_kill_9_controller_then_resume(tmp_path: Path, geotrain_home: Path):
+def test_kill_9_the_controller_then_everything_resuming_each_time(tmp_path: Path, geotrain_home: Path):
     run = launch_detached(tmp_path, geotrain_home, rounds=OPEN_ENDED)
     s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=PATIENCE_S)
-    os.kill(s["controller_pid"], signal.SIGKILL)
-    # The sites do not need the controller: they go on meeting through the store.
     store = RunStore(s["store"])
+
+    # 1. The controller alone dies. The sites do not need it: they go on meeting
+    # through the store, and a resume adopts both, launching nothing.
+    os.kill(s["controller_pid"], signal.SIGKILL)
     before = committed(store)
     wait_for(lambda: committed(store) > before, timeout=PATIENCE_S)
     resumed_at = time.time()
     out = cli(geotrain_home, "resume", run, "--detach", "--json", timeout=PATIENCE_S, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     wait_event(lambda: store, "resumed", since=resumed_at)
-    # Both sites were alive: both adopted, neither launched again.
     for site in ("a", "b"):
         wait_event(lambda: store, "site-adopted", site, since=resumed_at)
-    last = finish_run(geotrain_home, run)
-    store = assert_nothing_lost(geotrain_home, run, rounds=last)
-    after = [e for e in controller_events(store) if e["at"] >= resumed_at]
-    assert sorted(e["site"] for e in after if e["kind"] == "site-adopted") == ["a", "b"]
-    assert not [e for e in after if e["kind"] in ("site-launched", "site-lost", "site-replaced")], \
-        timeline(store, ["a", "b"])
 
-
-def test_kill_9_everything_then_resume(tmp_path: Path, geotrain_home: Path):
-    run = launch_detached(tmp_path, geotrain_home, rounds=OPEN_ENDED)
-    s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 3 and x, timeout=PATIENCE_S)
+    # 2. Everything dies: the controller, every site's agent, Ray and workers (the
+    # machine is gone). A resume launches both sites again, from the newest committed round.
+    s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= before + 2 and x,
+                 timeout=PATIENCE_S)
     os.kill(s["controller_pid"], signal.SIGKILL)
-    for pid in tagged_processes(run):  # every site's agent, Ray and workers: the machine is gone
+    for pid in tagged_processes(run):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     wait_for(lambda: tagged_processes(run) == [], timeout=PATIENCE_S)
-    store = RunStore(s["store"])
-    at_death = committed(store)
-    resumed_at = time.time()
+    at_death, died_at = committed(store), time.time()
     out = cli(geotrain_home, "resume", run, "--detach", "--json", timeout=PATIENCE_S, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    # Nothing was alive: both sites launched again, none adopted; they go on from
-    # the newest committed round.
     for site in ("a", "b"):
-        wait_event(lambda: store, "site-launched", site, since=resumed_at)
+        wait_event(lambda: store, "site-launched", site, since=died_at)
     wait_for(lambda: committed(store) > at_death, timeout=PATIENCE_S)
     last = finish_run(geotrain_home, run)
     store = assert_nothing_lost(geotrain_home, run, rounds=last)
-    after = [e for e in controller_events(store) if e["at"] >= resumed_at]
-    assert "resumed" in [e["kind"] for e in after]
-    assert sorted(e["site"] for e in after if e["kind"] == "site-launched") == ["a", "b"]
-    assert not [e for e in after if e["kind"] == "site-adopted"]
-    assert at_death >= 3 and last > at_death
+
+    events = controller_events(store)
+    adopted = [e for e in events if resumed_at <= e["at"] < died_at]
+    assert sorted(e["site"] for e in adopted if e["kind"] == "site-adopted") == ["a", "b"]
+    assert not [e for e in adopted if e["kind"] in ("site-launched", "site-lost", "site-replaced")], \
+        timeline(store, ["a", "b"])
+    relaunched = [e for e in events if e["at"] >= died_at]
+    assert "resumed" in [e["kind"] for e in relaunched]
+    assert sorted(e["site"] for e in relaunched if e["kind"] == "site-launched") == ["a", "b"]
+    assert not [e for e in relaunched if e["kind"] == "site-adopted"]
+    assert at_death >= 4 and last > at_death
 
 
-def test_migrate_a_site_between_local_regions(tmp_path: Path, geotrain_home: Path):
-    run = launch_detached(tmp_path, geotrain_home, OPEN_ENDED, inner_steps=30)
-    wait_for(lambda: status(geotrain_home, run)["rounds_done"] >= 2, timeout=PATIENCE_S)
-    out = cli(geotrain_home, "migrate", run, "--site", "a", "--to", "local:west", "--json",
-              timeout=PATIENCE_S * 2, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    moved = json.loads(out.stdout)
-    assert moved["kind"] == "site-migrated" and moved["member"] == "a~1"
-    assert moved["downtime_s"] == 0.0 and moved["overlap_s"] > 0  # make-before-break
-    last = finish_run(geotrain_home, run)
-    store = assert_nothing_lost(geotrain_home, run, last)
-    joined = [r for r in range(1, last + 1)
-              if any(e["site"] == "a~1" for e in store.members(r)["accepted"])]
-    assert joined and joined[-1] == last  # the new member trained to the end
-    left = [r for r in range(1, last + 1) if any(e["site"] == "a" for e in store.members(r)["accepted"])]
-    assert left and max(left) < last  # the old member left, after the new one joined
-    s = status(geotrain_home, run)
-    assert next(x for x in s["sites"] if x["name"] == "a")["region"] == "west"
-    print(f"\nmigration: joined after {moved['join_s']:.1f} s, done in {moved['seconds']:.1f} s, "
-          f"downtime {moved['downtime_s']:.1f} s, overlap {moved['overlap_s']:.1f} s")
-
-
-def test_preempt_a_site_with_a_notice(tmp_path: Path, geotrain_home: Path):
-    from providers import local
-
-    run = launch_detached(tmp_path, geotrain_home, rounds=OPEN_ENDED, inner_steps=30)
-    s = wait_for(lambda: (x := status(geotrain_home, run))["rounds_done"] >= 2 and x, timeout=PATIENCE_S)
-    store = RunStore(s["store"])
-    noticed_at = time.time()
-    # A notice period longer than any wait here: the site must act on the notice
-    # itself (drain and leave), not be killed when the period runs out.
-    local.preempt(run, "a", notice_s=PATIENCE_S)
-    lost = wait_event(lambda: store, "site-lost", "a", since=noticed_at)
-    wait_event(lambda: store, "site-rejoined", "a", since=noticed_at)
-    last = finish_run(geotrain_home, run)
-    store = assert_nothing_lost(geotrain_home, run, rounds=last)
-    site_events = [e for e in store.events(["a"]) if e["at"] >= noticed_at]
-    assert any(e["kind"] == "preempting" and e["notice"] == "preempt" for e in site_events)
-    assert lost["reason"] == "preempted"
-    # Declared lost while the notice period still runs: from the notice, not the kill.
-    assert lost["at"] - noticed_at < PATIENCE_S
-    assert [e["kind"] for e in controller_events(store)].count("site-lost") == 1, timeline(store, ["a", "b"])
-    print(f"\nnotice -> declared lost {lost['at'] - noticed_at:.2f} s")
-
-
-@pytest.mark.timeout(720)
-def test_move_the_store_between_backends_while_the_run_goes_on(tmp_path: Path, geotrain_home: Path,
-                                                                store_urls):
+@pytest.mark.timeout(900)
+def test_move_the_store_between_backends_then_migrate_a_site_while_the_run_goes_on(
+        tmp_path: Path, geotrain_home: Path, store_urls):
     # Endpoints of moto S3 and Azurite are set in this process's environment, which the
-    # detached controller and its sites inherit. file -> s3 -> az: each move copies the
-    # whole store while the run goes on, so two moves keep this test to a few minutes;
+    # detached controller and its sites inherit. First the store moves file -> s3 -> az
+    # (each move copies the whole store while the run goes on: done early, while it is
+    # small), then site a moves to another local region (make-before-break);
     # copying into and out of gs:// is tests/test_store_backends.py's, and a run on a gs://
     # store is tests/test_boot_gcp.py's.
     targets = [store_urls("s3"), store_urls("az")]
@@ -261,17 +233,35 @@ def test_move_the_store_between_backends_while_the_run_goes_on(tmp_path: Path, g
         assert out.returncode == 0, out.stdout + out.stderr
         moves.append(json.loads(out.stdout))
         assert status(geotrain_home, run)["store"] == url
+    out = cli(geotrain_home, "migrate", run, "--site", "a", "--to", "local:west", "--json",
+              timeout=PATIENCE_S * 2, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    moved = json.loads(out.stdout)
+    assert moved["kind"] == "site-migrated" and moved["member"] == "a~1"
+    assert moved["downtime_s"] == 0.0 and moved["overlap_s"] > 0  # make-before-break
+
     last = finish_run(geotrain_home, run)
     store = assert_nothing_lost(geotrain_home, run, last)  # checked in the last store, az://
     assert store.url == targets[-1]
+
+    joined = [r for r in range(1, last + 1)
+              if any(e["site"] == "a~1" for e in store.members(r)["accepted"])]
+    assert joined and joined[-1] == last  # the new member trained to the end
+    left = [r for r in range(1, last + 1) if any(e["site"] == "a" for e in store.members(r)["accepted"])]
+    assert left and max(left) < last  # the old member left, after the new one joined
+    s = status(geotrain_home, run)
+    assert next(x for x in s["sites"] if x["name"] == "a")["region"] == "west"
+
     ats = [m["at_round"] for m in moves]
     assert ats == sorted(ats) and all(1 < a <= last for a in ats)
     # Every old store is left intact, with every round it had committed.
     for old, move in zip([first, *targets[:-1]], moves):
         kept = RunStore(old).committed_rounds()
         assert kept == list(range(len(kept))) and len(kept) >= move["at_round"]
-    print("\nstore moves: " + ", ".join(f"{m['previous'].split(':')[0]}->{m['store'].split(':')[0]} "
-                                         f"at round {m['at_round']} in {m['seconds']:.1f} s" for m in moves))
+    print(f"\nmigration: joined after {moved['join_s']:.1f} s, done in {moved['seconds']:.1f} s, "
+          f"downtime {moved['downtime_s']:.1f} s, overlap {moved['overlap_s']:.1f} s; store moves: "
+          + ", ".join(f"{m['previous'].split(':')[0]}->{m['store'].split(':')[0]} "
+                      f"at round {m['at_round']} in {m['seconds']:.1f} s" for m in moves))
 
 
 def test_bursts_of_store_errors(tmp_path: Path, geotrain_home: Path, monkeypatch: pytest.MonkeyPatch):
