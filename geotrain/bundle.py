@@ -7,7 +7,7 @@ operator's machine:
 - **the geotrain wheel**: built from the source tree geotrain runs from (an
   editable install or a checkout) with setuptools, or, for geotrain installed
   from a wheel, repacked from its installed files. Builds are reproducible
-  (SOURCE_DATE_EPOCH) and cached in $GEOTRAIN_HOME/bundles by the hash of the
+  (SOURCE_DATE_EPOCH) and cached (cache_dir) by the hash of the
   sources, so a replacement or migrated site, or a resumed run, gets the same bytes.
 - **requirements.txt**: every distribution geotrain needs, transitively, pinned
   to the version installed here (`name==version`; a local label such as
@@ -162,8 +162,18 @@ def build_wheel(cache: Path) -> Artifact:
                               f"{last}; check that `pip install -e {root}` works")
         out.mkdir(parents=True, exist_ok=True)
         final = out / built[0].name
-        shutil.move(str(built[0]), final)
+        part = out / f".{built[0].name}.{os.getpid()}.part"
+        shutil.copyfile(built[0], part)
+        os.replace(part, final)  # whole or absent: another process may read the cache
     return _artifact(final)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write `path` so that a reader sees all of it or nothing (the cache is shared)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_bytes(data)
+    os.replace(part, path)
 
 
 def _repack_installed(cache: Path) -> Artifact:
@@ -185,7 +195,7 @@ def _repack_installed(cache: Path) -> Artifact:
     out.parent.mkdir(parents=True, exist_ok=True)
     record_name = f"geotrain-{dist.version}.dist-info/RECORD"
     rows = []
-    tmp = out.with_suffix(".part")
+    tmp = out.with_name(f".{name}.{os.getpid()}.part")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         for f in files:
             data = Path(dist.locate_file(f)).read_bytes()
@@ -249,8 +259,7 @@ def write_requirements(cache: Path, lock: Path | None = None) -> Artifact:
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = cache / f"req-{digest}" / "requirements.txt"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        _write_whole(path, text.encode())
     return _artifact(path)
 
 
@@ -288,8 +297,7 @@ def pack_code(code_dir: Path, cache: Path) -> Artifact:
     digest = hashlib.sha256(raw).hexdigest()
     path = cache / f"code-{digest[:16]}" / "code.tar.gz"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(raw)
+        _write_whole(path, bytes(raw))
     return _artifact(path)
 
 
@@ -319,9 +327,13 @@ def needs_bundle(recipe) -> bool:
 
 
 def cache_dir(home: Path | None = None) -> Path:
+    """Where packed artifacts are kept: $GEOTRAIN_BUNDLE_CACHE, else <home>/bundles.
+    Every entry is named by the hash of what it was made from and written whole (a
+    rename), so one cache may serve several homes and processes at once."""
     from geotrain.recipe import default_home
 
-    return Path(home or default_home()) / "bundles"
+    shared = os.environ.get("GEOTRAIN_BUNDLE_CACHE")
+    return Path(shared) if shared else Path(home or default_home()) / "bundles"
 
 
 def prepare(recipe, recipe_path: str | None, home: Path | None = None) -> Bundle:

@@ -46,6 +46,16 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 20.0) ->
     raise RuntimeError(f"moto_server did not answer on port {port} within {timeout_s} s")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_bundle_cache(tmp_path_factory):
+    """One cache of node bundles (the geotrain wheel, requirements) for the whole session:
+    every test has its own GEOTRAIN_HOME, and each cloud launch would otherwise build the
+    same wheel again. The CLI processes the tests start inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEOTRAIN_BUNDLE_CACHE", str(tmp_path_factory.mktemp("bundles")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def moto_s3():
     """(endpoint_url, bucket) of a running moto server with one empty bucket."""

@@ -41,6 +41,26 @@ def test_wheel_is_the_running_source_reproducible_and_built_outside_the_tree(tmp
     assert not any(n.endswith(".pyc") or "__pycache__" in n for n in names)
 
 
+def test_one_shared_cache_serves_processes_building_at_once(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("GEOTRAIN_BUNDLE_CACHE", str(shared))
+    assert bundle.cache_dir(tmp_path / "home") == shared
+    monkeypatch.delenv("GEOTRAIN_BUNDLE_CACHE")
+    assert bundle.cache_dir(tmp_path / "home") == tmp_path / "home" / "bundles"
+    # Three processes find the cache empty and build together: each gets the whole wheel,
+    # the same bytes, and nothing half-written is left behind.
+    code = ("import sys; from pathlib import Path; from geotrain import bundle; "
+            "w = bundle.build_wheel(Path(sys.argv[1])); print(w.path, w.sha256)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(shared)], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path) for _ in range(3)]
+    outs = [p.communicate(timeout=240)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len({tuple(o) for o in outs}) == 1
+    path, sha = outs[0]
+    assert bundle._artifact(Path(path)).sha256 == sha
+    assert [p.name for p in shared.rglob("*") if p.is_file()] == [Path(path).name]
+
+
 def test_wheel_of_an_installed_geotrain_is_repacked_from_its_files(tmp_path):
     """geotrain installed from a wheel (no source tree): the node gets the same files."""
     wheel = bundle.build_wheel(tmp_path / "cache")
