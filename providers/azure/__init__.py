@@ -106,15 +106,15 @@ class _Clients:
     """The three management clients, built lazily (the SDKs load only here)."""
 
     def __init__(self, settings: _Settings | None = None, credential=None):
+        self.settings = s = settings or _Settings.from_env()
+        if not s.subscription:  # said before the SDKs take seconds to load
+            raise ProviderError("AZURE_SUBSCRIPTION_ID is not set: export the id of the "
+                                "subscription geotrain may create VMs in")
         from azure.identity import DefaultAzureCredential
         from azure.mgmt.compute import ComputeManagementClient
         from azure.mgmt.network import NetworkManagementClient
         from azure.mgmt.resource.resources import ResourceManagementClient
 
-        self.settings = s = settings or _Settings.from_env()
-        if not s.subscription:
-            raise ProviderError("AZURE_SUBSCRIPTION_ID is not set: export the id of the "
-                                "subscription geotrain may create VMs in")
         self.credential = credential or DefaultAzureCredential()
         kw = {"base_url": s.endpoint, "polling_interval": POLL_INTERVAL_S}
         if s.ca_bundle:
