@@ -24,7 +24,7 @@ import yaml
 
 from tests.fakes.aws_faults import FaultProxy
 from tests.fakes.aws_identity import grant_store
-from tests.helpers import geotrain_cmd, wait_for
+from tests.helpers import bundle_cache, geotrain_cmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "my-geotrain-bucket"  # the bucket recipes/aws.yaml and multicloud.yaml name
@@ -60,6 +60,7 @@ def aws_env(moto_server, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "GOOGLE_", "GCE_", "AZURE_", "GEOTRAIN_", "IDENTITY_",
                                 "MSI_"))}
+    env.update(bundle_cache())
     env.update(GEOTRAIN_HOME=str(home), AWS_ENDPOINT_URL=proxy.url, AWS_ENDPOINT_URL_S3=moto_server,
                AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE="/nonexistent/aws-config",

@@ -143,3 +143,10 @@ def as_member(ctl, member: str):
 
     return RunStore(ctl.store.url, control=ctl.store.control, site_key=None,
                     member_key=ctl._member_key(member))
+
+
+def bundle_cache() -> dict[str, str]:
+    """The session's shared cache of node bundles (tests/conftest.py), for a CLI
+    environment built from scratch: a launch then reuses the wheel the session built."""
+    key = "GEOTRAIN_BUNDLE_CACHE"
+    return {key: os.environ[key]} if key in os.environ else {}

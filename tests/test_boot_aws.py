@@ -65,7 +65,10 @@ def cloud(aws_env, moto_server, tmp_path):
     proxy, env, home = aws_env
     s3 = S3IdentityProxy(moto_server)
     booter = Ec2Booter(moto_server, node_image(tmp_path / "image"), tmp_path / "nodes",
-                       NODE_NET, s3_proxy=s3, store_roles={ROLE})
+                       NODE_NET, s3_proxy=s3,
+                       # the standing profile and the roles launch makes (aws.run_role); the
+                       # proxy still judges every request by the role's own policies
+                       store_roles=lambda role: role == ROLE or role.startswith("geotrain-"))
     proxy.answer("GetConsoleOutput", booter.console_output)  # moto keeps no console
     try:
         yield env, home, booter, s3
@@ -119,13 +122,18 @@ def test_a_node_whose_role_cannot_use_the_store_is_reported_not_silent(cloud, mo
 
 
 def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, moto_server, tmp_path):
-    """A node boots with its instance profile, installs geotrain from the store and
-    trains; then the spot interruption notice comes where AWS puts it, the instance's
-    IMDS: the node's agent drains (publishes its partial round), the controller
-    replaces the site with a new instance that boots, installs the same bytes and
-    trains on. (One run for both: each boot costs a minute of CI.)"""
-    env, home, booter, s3 = cloud  # aws_env made the instance profile geotrain-node
+    """A node boots as the role launch made for its site (aws.run_role: its run's store
+    folder only), installs geotrain from the store and trains; then the spot interruption
+    notice comes where AWS puts it, the instance's IMDS: the node's agent drains
+    (publishes its partial round), the controller replaces the site with a new instance
+    that boots, installs the same bytes and trains on, as the same role. Once the run
+    is over the role is gone. (One run for all: each boot costs a minute of CI.
+    A node with a standing profile boots in tests/test_boot_twin.py.)"""
+    env, home, booter, s3 = cloud
+    iam = boto3.client("iam", endpoint_url=moto_server, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
     spec = recipe(ROLE)
+    spec["sites"][0]["aws"] = {"run_role": True}
     spec["train"]["rounds"] = OPEN_ENDED  # ended by `geotrain finish` once the replacement trains
     spec["sync"]["max_replacements"] = 3
     spec["sites"][0]["spot"] = True
@@ -146,6 +154,8 @@ def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, m
     assert starting, events(env, run_id)
     assert str(starting[0]["geotrain"]).startswith(str(Path(first.root) / "opt" / "geotrain")), starting
     role_keys = {booter.imds(first.instance_id).credentials["AccessKeyId"]}  # while it lives
+    [made] = iam.list_roles(PathPrefix="/geotrain/")["Roles"]
+    assert booter.imds(first.instance_id).role == made["RoleName"] != ROLE
     booter.notice(first.instance_id, "terminate", in_s=120)
 
     def event(kind):
@@ -160,6 +170,7 @@ def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, m
     [second] = [n for iid, n in nodes.items() if iid != first.instance_id]
     wait_for(lambda: event("site-rejoined"), PATIENCE_S, every=1.0)
     role_keys.add(booter.imds(second.instance_id).credentials["AccessKeyId"])
+    assert booter.imds(second.instance_id).role == made["RoleName"]
     # The replacement installed the very bytes the first node did.
     verified = [line for line in first.console_text().splitlines() if " verified " in line]
     assert verified and verified == [line for line in second.console_text().splitlines()
@@ -177,3 +188,6 @@ def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, m
     booter.wait_stopped(second.instance_id, timeout=120)
     assert tagged_pids(second.instance_id) == []
     cli(env, "down", run_id, timeout=120)
+    # The role and its profile went with the site's last node.
+    assert iam.list_roles(PathPrefix="/geotrain/")["Roles"] == []
+    assert [p for p in iam.list_instance_profiles()["InstanceProfiles"] if p["Path"] == "/geotrain/"] == []

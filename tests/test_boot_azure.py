@@ -46,7 +46,7 @@ from tests.fakes.arm_server import FakeArm
 from tests.fakes.azure_boot import BootConfig, NodeTokens, vm_imds
 from tests.fakes.azure_identity import AUDIENCE, AzureIdentityProxy
 from tests.fakes.node import node_image, tagged_pids
-from tests.helpers import wait_for
+from tests.helpers import bundle_cache, wait_for
 
 PATIENCE_S = 600  # a hang detector, not a speed bound
 UAI = ("/subscriptions/00000000-0000-0000-0000-0000000000aa/resourceGroups/ids/providers/"
@@ -201,6 +201,7 @@ def cloud(azurite, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "GOOGLE_", "GCE_", "AZURE_", "GEOTRAIN_", "IDENTITY_",
                                 "MSI_", "STORAGE_EMULATOR", "SSL_CERT", "REQUESTS_CA"))}
+    env.update(bundle_cache())
     env.update(GEOTRAIN_HOME=str(home), NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1",
                AZURE_STORAGE_ACCOUNT_NAME=AZURITE_ACCOUNT, **azure_env(fake), **route)
     try:

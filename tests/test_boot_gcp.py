@@ -42,7 +42,7 @@ from tests.fakes.gce_server import FakeGCE
 from tests.fakes.gcs_iam import infra_policy
 from tests.fakes.gcs_identity import GcsIdentityProxy
 from tests.fakes.node import node_image, tagged_pids
-from tests.helpers import wait_for
+from tests.helpers import bundle_cache, wait_for
 
 PATIENCE_S = 600  # a hang detector, not a speed bound
 ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"  # granted on the bucket
@@ -183,6 +183,7 @@ def cloud(gcs_emulator, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "GOOGLE_", "GCE_", "AZURE_", "GEOTRAIN_", "IDENTITY_",
                                 "MSI_", "STORAGE_EMULATOR"))}
+    env.update(bundle_cache())
     env.update(GEOTRAIN_HOME=str(home), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
                NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1", **gcp_env(fake), **route)
     try:

@@ -109,6 +109,7 @@ def node_profile(moto_server) -> str:
         return text
 
     iam.create_policy(PolicyName="geotrain-user", PolicyDocument=load("geotrain-user-policy.json"))
+    iam.create_policy(PolicyName="geotrain-node-boundary", PolicyDocument=load("geotrain-node-boundary.json"))
     iam.create_role(RoleName="geotrain-node", AssumeRolePolicyDocument=load("geotrain-node-trust.json"))
     iam.put_role_policy(RoleName="geotrain-node", PolicyName="geotrain-store",
                         PolicyDocument=load("geotrain-node-policy.json"))

@@ -27,8 +27,8 @@ OPTIONS_MISTAKES = {
         "(got 'subnet-0abc')"),
     "unknown option": (
         "    aws:\n      instance_profile: geotrain-node\n      iam_role: x\n", 8,
-        "sites[0].aws.iam_role", "unknown field 'iam_role'; valid fields: instance_profile, "
-        "subnets, image, disk_gb, public_ip, store_credentials"),
+        "sites[0].aws.iam_role", "unknown field 'iam_role'; did you mean 'run_role'? valid fields: "
+        "instance_profile, run_role, subnets, image, disk_gb, public_ip, store_credentials"),
     "bad ami": (
         "    aws: {image: ubuntu-22.04}\n", 6, "sites[0].aws.image",
         "expected an AMI id, 'ami-' and 8 or 17 hex digits, e.g. 'ami-0123456789abcdef0' "

@@ -20,7 +20,8 @@ there.
 
 The recipe's typed options (`SitePlan.provider_options`, providers/aws/options.py
 `AwsOptions`): `instance_profile` (name or ARN; the nodes' only credentials, for
-the run store; see infra/aws/README.md), `subnets` (tried in `zones` order, one
+the run store; see infra/aws/README.md) or `run_role` (launch makes the site a role
+for its run's store folder only, deleted with its last node: providers/aws/iam.py), `subnets` (tried in `zones` order, one
 per zone), `image` (AMI id; skips the lookup below), `disk_gb` (the root
 volume, gp3), `public_ip` (off: the node's one network interface gets no public
 address; the subnet's NAT gives it outbound access). Internal plan options:
@@ -47,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
+from providers.aws import iam
 from providers.aws.options import AwsOptions
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 
@@ -256,8 +258,9 @@ def _root_device(ec2, plan: SitePlan, image: str) -> str:
 
 
 def _run_args(plan: SitePlan, node: int, image: str, root: str, subnet: str, group: str,
-              token: str) -> dict:
+              token: str, profile: str | None = None) -> dict:
     opts, tags = _options(plan), _tags(plan, node)
+    profile = profile or opts.instance_profile
     args = dict(
         ImageId=image, InstanceType=plan.instance_type or DEFAULT_INSTANCE_TYPE,
         MinCount=1, MaxCount=1,
@@ -275,9 +278,9 @@ def _run_args(plan: SitePlan, node: int, image: str, root: str, subnet: str, gro
     if plan.spot:
         args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
             "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
-    if opts.instance_profile:
-        key = "Arn" if opts.instance_profile.startswith("arn:") else "Name"
-        args["IamInstanceProfile"] = {key: opts.instance_profile}
+    if profile:
+        key = "Arn" if profile.startswith("arn:") else "Name"
+        args["IamInstanceProfile"] = {key: profile}
     return args
 
 
@@ -289,7 +292,7 @@ def launch(plan: SitePlan) -> list[Node]:
     session = _session()
     ec2 = _client("ec2", region, session)
     run = _client("ec2", region, session, attempts=1)
-    group, created, launched, tried = None, False, [], []
+    group, created, launched, tried, role_made = None, False, [], [], False
     try:
         image = _options(plan).image or find_image(
             ec2, plan.option("image_name") or DEFAULT_IMAGE_NAME, plan.option("image_owner") or "amazon")
@@ -298,12 +301,19 @@ def launch(plan: SitePlan) -> list[Node]:
         tried += [f"aws:{region}/{z} (no subnet)" for z in plan.zones
                   if z not in {c[0] for c in candidates}]
         group, created = _ensure_group(ec2, plan, candidates[0][2])
+        profile = None
+        if _options(plan).run_role:
+            role_made = True
+            profile = iam.ensure_run_role(_client("iam", region, session), _client("sts", region, session),
+                                          plan.run_id, plan.site, plan.store_url, _tags(plan))
         token = secrets.token_hex(32)  # only ever in the nodes' user data
         for zone, subnet, _ in candidates:
             try:
                 for i in range(plan.nodes):
-                    launched += run.run_instances(**_run_args(plan, i, image, root, subnet, group,
-                                                                       token))["Instances"]
+                    args = _run_args(plan, i, image, root, subnet, group, token, profile)
+                    launched += iam.run_with_new_profile(
+                        lambda: run.run_instances(**args), wait_s=iam.PROFILE_WAIT_S if profile else 0
+                    )["Instances"]
             except ClientError as e:
                 code, _ = _error(e)
                 if code not in CAPACITY_CODES:
@@ -317,6 +327,11 @@ def launch(plan: SitePlan) -> list[Node]:
                             f"{plan.instance_type or DEFAULT_INSTANCE_TYPE}", tried)
     except BaseException as e:
         _cleanup(ec2, [i["InstanceId"] for i in launched], group if created else None)
+        if role_made:
+            try:
+                _delete_role_if_unused(ec2, plan.run_id, plan.site, region)
+            except Exception:  # noqa: BLE001 - never mask the launch error
+                pass
         if isinstance(e, ClientError):
             code, message = _error(e)
             raise ProviderError(f"site {plan.site}: AWS refused a request in {region}: {code}: {message}") from e
@@ -395,6 +410,32 @@ def _terminate_ids(ec2, ids: list[str]) -> None:
         InstanceIds=live, WaiterConfig={"Delay": WAIT_DELAY_S, "MaxAttempts": WAIT_MAX_ATTEMPTS})
 
 
+def _run_roles(ec2, ids: list[str]) -> set[tuple[str, str]]:
+    """The (run, site) pairs among these instances that run as their site's own run role
+    (aws.run_role): only those have a role for `terminate` to delete."""
+    if not ids:
+        return set()
+    found = ec2.describe_instances(Filters=[{"Name": "instance-id", "Values": ids}])["Reservations"]
+    out = set()
+    for inst in (i for r in found for i in r["Instances"]):
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+        run_id, site = tags.get(TAG_RUN, ""), tags.get(TAG_SITE, "")
+        arn = (inst.get("IamInstanceProfile") or {}).get("Arn", "")
+        if run_id and arn.endswith(f":instance-profile{iam.PATH}{iam.role_name(run_id, site)}"):
+            out.add((run_id, site))
+    return out
+
+
+def _delete_role_if_unused(ec2, run_id: str, site: str, region: str) -> None:
+    """Delete the site's run role (aws.run_role; nothing when it has none) once no
+    instance of the site is left in `region`."""
+    live = ec2.describe_instances(Filters=[
+        {"Name": f"tag:{TAG_RUN}", "Values": [run_id]}, {"Name": f"tag:{TAG_SITE}", "Values": [site]},
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])["Reservations"]
+    if not any(r["Instances"] for r in live):
+        iam.delete_run_role(_client("iam", region), run_id, site)
+
+
 def _delete_group(ec2, group_id: str) -> None:
     """Delete a security group; a just-terminated instance's network interface
     can hold it for a little while (DependencyViolation), so retry briefly."""
@@ -423,6 +464,7 @@ def terminate(nodes: list[Node]) -> list[Node]:
     try:
         for region, group in by_region.items():
             ec2 = _client("ec2", region)
+            roles = _run_roles(ec2, [n.instance_id for n in group])
             _terminate_ids(ec2, [n.instance_id for n in group])
             for run_id, site in sorted({(n.run_id, n.site) for n in group}):
                 sgs = ec2.describe_security_groups(Filters=[
@@ -430,6 +472,8 @@ def terminate(nodes: list[Node]) -> list[Node]:
                     {"Name": f"tag:{TAG_SITE}", "Values": [site]}])["SecurityGroups"]
                 for sg in sgs:
                     _delete_group(ec2, sg["GroupId"])
+                if (run_id, site) in roles:
+                    _delete_role_if_unused(ec2, run_id, site, region)
     except (ClientError, BotoCoreError) as e:
         code, message = _error(e)
         raise ProviderError(f"could not terminate AWS nodes: {code}: {message}") from e

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from providers.options import STORE_CREDENTIALS, OptionsSpec, disk, pattern, public_ip
+from providers.options import STORE_CREDENTIALS, OptionsSpec, disk, invalid, pattern, public_ip
 
 AWS_SUBNET = pattern(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$",
                      "expected a subnet id, 'subnet-' and 8 or 17 hex digits, e.g. "
@@ -26,7 +26,13 @@ class AwsOptions(OptionsSpec):
     instance_profile: str | None = Field(
         None, pattern=AWS_PROFILE, max_length=2048, description="IAM instance profile (name or ARN) the nodes run "
         "as; it must allow the run store's bucket (infra/aws/README.md: 'geotrain-node'). "
-        "Required for an s3:// store.")
+        "Required for an s3:// store, unless run_role.")
+    run_role: bool = Field(
+        False, description="Launch makes an IAM role and instance profile for each site of the "
+        "run, allowed to list, read and write only the run's folder of the s3:// store (no "
+        "delete, nothing else), and deletes them with the site's nodes "
+        "(providers/aws/iam.py). Instead of instance_profile; needs IAM rights on the path "
+        "/geotrain/ (infra/aws/geotrain-user-policy.json).")
     subnets: list[Annotated[str, Field(pattern=AWS_SUBNET)]] = Field(
         [], description="Subnet ids to launch into, tried in the order of `zones` (one per zone); "
         "empty: the default VPC's default subnets. Regional: needs the placement's `region`.")
@@ -36,3 +42,10 @@ class AwsOptions(OptionsSpec):
     disk_gb: int = disk(100)
     public_ip: bool = public_ip()
     store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> AwsOptions:
+        if self.run_role and self.instance_profile:
+            raise invalid("set instance_profile or run_role, not both: run_role makes the "
+                          "nodes' profile itself", "run_role")
+        return self

@@ -1,0 +1,181 @@
+"""`aws.run_role`: launch makes each site of a run its own IAM role, allowed its run's
+folder of the s3:// store only (providers/aws/iam.py) — made through boto3 against
+moto, judged by the same IAM evaluator the stand-in S3 enforces (tests/fakes/iam_eval.py),
+and gone with the site's nodes.
+
+Run: .venv/bin/python -m pytest -q tests/test_aws_run_role.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from geotrain import checks
+from geotrain.errors import ProviderError
+from geotrain.recipe import AwsOptions, loads
+from providers import aws
+from providers.aws import iam as run_iam
+from tests.fakes.iam_eval import evaluate
+from tests.test_provider_aws import client, instances, live, plan, proxy  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.timeout(180)
+STORE = "s3://geotrain-runs/team/run-aws1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def allowed(policy: dict, action: str, resource: str, **context) -> bool:
+    return evaluate([policy], action, resource, context).allowed
+
+
+def test_the_role_reaches_its_run_folder_only_and_deletes_nothing():
+    policy = run_iam.store_policy(STORE)
+    obj = "arn:aws:s3:::geotrain-runs/team/run-aws1/rounds/3/east.safetensors"
+    assert allowed(policy, "s3:GetObject", obj) and allowed(policy, "s3:PutObject", obj)
+    assert not allowed(policy, "s3:DeleteObject", obj)
+    for other in ("team/run-aws2/run.json", "team/run-aws1x/run.json", "team/run.json",
+                  "elsewhere/run-aws1/run.json"):
+        assert not allowed(policy, "s3:GetObject", f"arn:aws:s3:::geotrain-runs/{other}"), other
+        assert not allowed(policy, "s3:PutObject", f"arn:aws:s3:::geotrain-runs/{other}"), other
+    assert not allowed(policy, "s3:GetObject", "arn:aws:s3:::other-bucket/team/run-aws1/run.json")
+    bucket = "arn:aws:s3:::geotrain-runs"
+    assert allowed(policy, "s3:ListBucket", bucket, **{"s3:prefix": "team/run-aws1/rounds/"})
+    assert allowed(policy, "s3:ListBucket", bucket, **{"s3:prefix": "team/run-aws1"})
+    assert not allowed(policy, "s3:ListBucket", bucket, **{"s3:prefix": "team/"})
+    assert not allowed(policy, "s3:ListBucket", bucket, **{"s3:prefix": "team/run-aws10/"})
+    assert not allowed(policy, "s3:ListBucket", bucket)  # the whole bucket: no
+
+
+@pytest.mark.parametrize("url", ["s3://geotrain-runs", "s3://geotrain-runs/", "gs://b/run",
+                                 "s3://geotrain-runs/a*b"])
+def test_a_store_without_a_run_folder_of_its_own_is_refused(url):
+    with pytest.raises(ProviderError, match="aws.run_role needs the run store in an s3:// bucket"):
+        run_iam.run_folder(url)
+
+
+def test_the_boundary_is_in_the_callers_account_and_partition():
+    assert run_iam.boundary_arn("arn:aws-cn:iam::210987654321:user/me") == \
+        "arn:aws-cn:iam::210987654321:policy/geotrain-node-boundary"
+    with pytest.raises(ProviderError, match="cannot tell the account"):
+        run_iam.boundary_arn("not-an-arn")
+
+
+def test_the_operator_may_make_run_roles_only_under_the_boundary():
+    """infra/aws/geotrain-user-policy.json, judged: the rights to make roles on /geotrain/
+    hold only with the node boundary, so they cannot make a role that does more."""
+    doc = json.loads((ROOT / "infra/aws/geotrain-user-policy.json").read_text()
+                     .replace("ACCOUNT_ID", "123456789012").replace("RUN_BUCKET", "geotrain-runs"))
+    # Its IAM statements (the evaluator reads StringEquals/StringLike; the EC2 ones use more).
+    def actions(st):
+        return [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+    doc["Statement"] = [st for st in doc["Statement"] if all(a.startswith("iam:") for a in actions(st))]
+    assert len(doc["Statement"]) == 5
+    role = "arn:aws:iam::123456789012:role/geotrain/geotrain-0123"
+    bounded = {"iam:PermissionsBoundary": "arn:aws:iam::123456789012:policy/geotrain-node-boundary"}
+    for action in ("iam:CreateRole", "iam:PutRolePolicy"):
+        assert allowed(doc, action, role, **bounded)
+        assert not allowed(doc, action, role)
+        assert not allowed(doc, action, role, **{"iam:PermissionsBoundary":
+                                                 "arn:aws:iam::aws:policy/AdministratorAccess"})
+        assert not allowed(doc, action, "arn:aws:iam::123456789012:role/admin", **bounded)
+    assert allowed(doc, "iam:PassRole", role, **{"iam:PassedToService": "ec2.amazonaws.com"})
+    assert not allowed(doc, "iam:PassRole", "arn:aws:iam::123456789012:role/admin",
+                       **{"iam:PassedToService": "ec2.amazonaws.com"})
+    assert allowed(doc, "iam:DeleteRole", role) and not allowed(doc, "iam:DeleteRole",
+                                                                "arn:aws:iam::123456789012:role/x")
+    boundary = json.loads((ROOT / "infra/aws/geotrain-node-boundary.json").read_text()
+                          .replace("RUN_BUCKET", "geotrain-runs"))
+    assert allowed(boundary, "s3:PutObject", "arn:aws:s3:::geotrain-runs/team/run-aws1/x")
+    assert not allowed(boundary, "s3:DeleteObject", "arn:aws:s3:::geotrain-runs/team/run-aws1/x")
+    assert not allowed(boundary, "ec2:RunInstances", "*")
+
+
+def test_names_fit_iam_and_differ_by_run_and_site():
+    long_run = "a" * 40 + "-20261202-174821-c536"
+    names = {run_iam.role_name(long_run, s) for s in ("east", "west")} | {run_iam.role_name("r", "east")}
+    assert len(names) == 3 and all(len(n) <= 64 and n.startswith("geotrain-") for n in names)
+
+
+def test_launch_makes_the_role_nodes_run_as_it_and_terminate_deletes_it(proxy, moto_server):  # noqa: F811
+    iam, ec2 = client(moto_server, "iam"), client(moto_server)
+    opts = AwsOptions(run_role=True)
+    nodes = aws.launch(plan(store_url=STORE, provider_options=opts, owner="owner-1"))
+    assert [r["Action"] for r in proxy.requests if r.get("Action", "").endswith("Role")][:1] == ["CreateRole"]
+    name = run_iam.role_name("run-aws1", "east")
+    role = iam.get_role(RoleName=name)["Role"]
+    assert role["Path"] == "/geotrain/"
+    assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == \
+        "arn:aws:iam::123456789012:policy/geotrain-node-boundary"
+    assert {t["Key"]: t["Value"] for t in role["Tags"]} == {
+        "geotrain-run": "run-aws1", "geotrain-site": "east", "geotrain-owner": "owner-1"}
+    trust = role["AssumeRolePolicyDocument"]
+    trust = json.loads(trust) if isinstance(trust, str) else trust
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+    assert iam.list_role_policies(RoleName=name)["PolicyNames"] == [run_iam.POLICY_NAME]
+    doc = iam.get_role_policy(RoleName=name, PolicyName=run_iam.POLICY_NAME)["PolicyDocument"]
+    assert (json.loads(doc) if isinstance(doc, str) else doc) == run_iam.store_policy(STORE)
+    assert iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"] == []
+    profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    assert [r["RoleName"] for r in profile["Roles"]] == [name]
+    assert {i["IamInstanceProfile"]["Arn"] for i in live(ec2)} == {profile["Arn"]}
+
+    # A replacement launched while the first nodes still run reuses the role; terminating
+    # the first nodes leaves it to the replacement, terminating the last removes it.
+    again = aws.launch(plan(store_url=STORE, provider_options=opts, nodes=1, owner="owner-1"))
+    assert iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Arn"] == profile["Arn"]
+    aws.terminate(nodes)
+    assert iam.get_role(RoleName=name)["Role"]["RoleName"] == name
+    aws.terminate(again)
+    for call in (lambda: iam.get_role(RoleName=name),
+                 lambda: iam.get_instance_profile(InstanceProfileName=name)):
+        with pytest.raises(ClientError, match="NoSuchEntity|cannot be found|not found"):
+            call()
+    assert live(ec2) == []
+
+
+def test_a_profile_ec2_cannot_see_yet_is_retried_and_other_errors_are_not(proxy, moto_server,  # noqa: F811
+                                                                           monkeypatch):
+    monkeypatch.setattr(run_iam, "run_with_new_profile",
+                        lambda call, wait_s=0, every_s=0.0, _real=run_iam.run_with_new_profile:
+                        _real(call, wait_s, every_s=0.05))
+    arn = "arn:aws:iam::123456789012:instance-profile/geotrain/" + run_iam.role_name("run-aws1", "east")
+    # What EC2 answers for a profile IAM made a moment ago, twice, then the launch goes through.
+    proxy.fail("RunInstances", "IamInstanceProfile.Arn", {arn}, "InvalidParameterValue", status=400,
+               times=2)
+    nodes = aws.launch(plan(store_url=STORE, provider_options=AwsOptions(run_role=True), nodes=1))
+    assert len(proxy.calls("RunInstances")) == 3 and len(nodes) == 1
+    aws.terminate(nodes)
+    # Any other refusal fails the launch at once, and leaves no role behind.
+    proxy.reset()
+    proxy.fail("RunInstances", "IamInstanceProfile.Arn", {arn}, "UnauthorizedOperation", status=403)
+    with pytest.raises(ProviderError, match="UnauthorizedOperation"):
+        aws.launch(plan(store_url=STORE, provider_options=AwsOptions(run_role=True), nodes=1))
+    assert len(proxy.calls("RunInstances")) == 1
+    with pytest.raises(ClientError):
+        client(moto_server, "iam").get_role(RoleName=run_iam.role_name("run-aws1", "east"))
+    assert live(client(moto_server)) == []
+
+
+def test_a_standing_profile_site_never_touches_iam_on_terminate(proxy, moto_server):  # noqa: F811
+    nodes = aws.launch(plan(nodes=1))
+    aws.terminate(nodes)
+    assert not [r for r in proxy.requests if r.get("Action", "").endswith(("Role", "InstanceProfile"))]
+    assert not [r for r in proxy.requests if r.get("Action") in ("DeleteRole", "RemoveRoleFromInstanceProfile")]
+
+
+SITE = "sites:\n  - {name: east, provider: aws, region: us-east-1, instance_type: g5.xlarge, aws: %s}\n"
+
+
+def test_the_recipe_takes_run_role_instead_of_a_profile_for_an_s3_store():
+    ok = loads("name: x\nstore: {url: 's3://b/runs'}\n" + SITE % "{run_role: true}")
+    assert ok.sites[0].aws.run_role and checks.store_access(ok) is None
+    with pytest.raises(Exception, match="set instance_profile or run_role, not both"):
+        loads("name: x\nstore: {url: 's3://b/runs'}\n" + SITE % "{run_role: true, instance_profile: p}")
+    gs = loads("name: x\nstore: {url: 'gs://b/runs'}\n"
+               + SITE % "{run_role: true, store_credentials: /etc/wif.json}")
+    assert "run_role scopes a role to an s3:// run store" in checks.store_access(gs)
+    neither = loads("name: x\nstore: {url: 's3://b/runs'}\n" + SITE % "{}")
+    assert "set sites[0].aws.instance_profile" in checks.store_access(neither)
