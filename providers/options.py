@@ -14,13 +14,11 @@ from pydantic_core import PydanticCustomError
 PATTERN_HINTS: dict[str, str] = {}
 
 STORE_CREDENTIALS = (
-    "Cross-cloud store access for a run store on another cloud than this placement: for a gs:// "
-    "store the path of a GCP workload-identity-federation credential config (no key in it), for "
-    "an s3:// store the ARN of an AWS role the node assumes by web identity, for an az:// store "
-    "the client id of an Azure app with a federated credential. Required by `geotrain launch` "
-    "when the store is on another cloud. Used on the node so far only by a GCP node writing an "
-    "s3:// store (it assumes the role with its service account's identity token); other "
-    "combinations are checked here but their nodes stop at boot saying it is not supported yet.")
+    "Cross-cloud store access, for an s3:// run store from a GCP or Azure placement: the ARN of "
+    "an AWS role the node assumes by web identity with its own cloud's token (its service "
+    "account's identity token; its managed identity's token for api://AzureADTokenExchange); "
+    "no key anywhere (infra/aws/README.md). Required by `geotrain launch` for such a site. A "
+    "gs:// or az:// store on another cloud is not built yet and is refused at launch.")
 
 
 class OptionsSpec(BaseModel):

@@ -126,7 +126,7 @@ def test_options_described_for_plan_and_schema():
     defs = recipe.schema()["$defs"]
     assert {"AwsOptions", "GcpOptions", "AzureOptions"} <= set(defs)
     said = defs["AwsOptions"]["properties"]["store_credentials"]["description"].lower()
-    assert "only by a gcp node writing an s3:// store" in said and "not supported yet" in said
+    assert "from a gcp or azure placement" in said and "not built yet and is refused at launch" in said
     assert "inherits" in defs["SiteSpec"]["properties"]["candidates"]["description"]
 
 
@@ -157,12 +157,18 @@ STORE_ACCESS = {
         "az://acct/runs", "    provider: azure\n    instance_type: Standard_D2s_v5\n",
         "site east: its azure nodes have no identity to write the run store az://acct/runs; set "
         "sites[0].azure.identity (see infra/azure/README.md)"),
-    "gs store, aws site without cross-cloud credentials": (
+    "gs store, aws site": (
         "gs://b/runs", "    provider: aws\n    instance_type: g5.xlarge\n"
         "    aws: {instance_profile: geotrain-node}\n",
-        "site east: its aws nodes have no credential for the run store gs://b/runs on another "
-        "cloud; set sites[0].aws.store_credentials to the path of a GCP "
-        "workload-identity-federation credential config (see infra/gcp/README.md)"),
+        "site east: its aws nodes cannot reach the gs:// run store gs://b/runs on another cloud "
+        "(not built yet: only GCP and Azure nodes writing an s3:// store); place the site on gcp "
+        "or put the store in S3"),
+    "s3 store, azure site without cross-cloud credentials": (
+        "s3://b/runs", "    provider: azure\n    instance_type: Standard_D2s_v5\n"
+        "    azure: {identity: system}\n",
+        "site east: its azure nodes have no credential for the run store s3://b/runs on another "
+        "cloud; set sites[0].azure.store_credentials to the ARN of an AWS role it assumes by web "
+        "identity (see infra/aws/README.md)"),
     "s3 store, azure site with a client id instead of a role": (
         "s3://b/runs", "    provider: azure\n    instance_type: Standard_D2s_v5\n"
         "    azure: {identity: system, store_credentials: 0000aaaa-0000-0000-0000-000000000000}\n",
@@ -191,10 +197,11 @@ def test_store_access_passes_local_sites_and_named_identities():
     assert store_access(loads("name: x\nstore: {url: 's3://b/r'}\nsites: [{name: a}]\n")) is None
     assert store_access(loads("name: x\nsites: [{name: a}]\n")) is None
     assert store_access(loads(
-        "name: x\nstore: {url: 'az://a/r'}\nsites:\n  - name: a\n    provider: azure\n"
-        "    instance_type: Standard_D2s_v5\n    azure: {identity: system}\n    candidates:\n"
-        "      - {provider: aws, region: us-east-1, instance_type: g5.xlarge,\n"
-        "         aws: {store_credentials: 0000aaaa-0000-0000-0000-000000000000}}\n")) is None
+        "name: x\nstore: {url: 's3://a/r'}\nsites:\n  - name: a\n    provider: aws\n"
+        "    instance_type: g5.xlarge\n    aws: {run_role: true}\n    candidates:\n"
+        "      - {provider: azure, region: eastus, instance_type: Standard_D2s_v5,\n"
+        "         azure: {identity: system, store_credentials: 'arn:aws:iam::123456789012:role/w'}}\n"
+        )) is None
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "multicloud.yaml", "twin.yaml"])

@@ -1,24 +1,30 @@
 """A node's way into a run store on another cloud: its own cloud identity, exchanged.
 
-A GCP node writing an s3:// store has no AWS identity. The recipe names an AWS role
-in the site's `gcp.store_credentials`; the boot script exports it as
-GEOTRAIN_STORE_ROLE_ARN, and `setup()` (run by the site agent before it opens the
-store) makes the node's AWS SDKs assume that role by web identity:
+A GCP or Azure node writing an s3:// store has no AWS identity. The recipe names an
+AWS role in the site's `gcp.store_credentials` / `azure.store_credentials`; the boot
+script exports it as GEOTRAIN_STORE_ROLE_ARN, and `setup()` (run by the site agent
+before it opens the store) makes the node's AWS SDKs assume that role by web identity:
 
-- it asks the GCE metadata server for an identity token of the node's own service
-  account, audience `sts.amazonaws.com` (a Google-signed OIDC token, ~1 h),
+- it asks its own metadata service for an OIDC token of the node's identity:
+  a GCE node its service account's identity token, audience `sts.amazonaws.com`
+  (signed by Google, ~1 h); an Azure VM its managed identity's token for the
+  resource AZURE_AUDIENCE, `api://AzureADTokenExchange` (signed by Entra ID for the
+  VM's tenant, subject the identity's principal id), the audience Entra gives
+  managed-identity tokens meant for another party to trust;
 - writes it to an owner-only file, and points AWS_WEB_IDENTITY_TOKEN_FILE and
   AWS_ROLE_ARN at it, so botocore and s3fs's aiobotocore exchange it with STS
   (AssumeRoleWithWebIdentity) for short-lived keys and renew them by themselves,
 - and refreshes the file every REFRESH_S in a daemon thread.
 
 No key is stored anywhere: the role's trust policy (infra/aws/README.md) decides which
-Google service accounts may assume it. Only this combination is built; a node on
-Azure, or a gs:// / az:// store on another cloud, is refused with one line.
+service accounts or managed identities may assume it. Only these combinations are
+built; a gs:// or az:// store on another cloud is refused with one line (and by
+`geotrain launch` before it creates anything: geotrain/checks.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -32,7 +38,9 @@ from geotrain.site.preemption import _request
 
 log = logging.getLogger("geotrain.site.store_identity")
 
-AUDIENCE = "sts.amazonaws.com"
+AUDIENCE = "sts.amazonaws.com"  # of a GCE identity token for AWS
+AZURE_AUDIENCE = "api://AzureADTokenExchange"  # the resource an Azure VM asks a token for
+AZURE_IMDS = "http://169.254.169.254"
 REFRESH_S = 600.0  # GCE identity tokens last an hour
 
 
@@ -47,6 +55,34 @@ def gce_identity_token(audience: str, environ: Mapping[str, str] = os.environ) -
         raise OSError(f"the metadata server gave no identity token (HTTP {status}): does the "
                       "instance have a service account?")
     return body.decode().strip()
+
+
+def azure_identity_token(resource: str, environ: Mapping[str, str] = os.environ) -> str:
+    """An access token of this Azure VM's managed identity for `resource`, from IMDS (at
+    the address azure-identity also reads from AZURE_POD_IDENTITY_AUTHORITY_HOST; with
+    AZURE_CLIENT_ID, of that one of the VM's identities)."""
+    host = (environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST") or AZURE_IMDS).rstrip("/")
+    query = {"api-version": "2018-02-01", "resource": resource}
+    if environ.get("AZURE_CLIENT_ID"):
+        query["client_id"] = environ["AZURE_CLIENT_ID"]
+    status, _, body = _request("GET", f"{host}/metadata/identity/oauth2/token?"
+                               + urllib.parse.urlencode(query), {"Metadata": "true"})
+    try:
+        token = json.loads(body)["access_token"] if status == 200 else ""
+    except (ValueError, KeyError, TypeError):
+        token = ""
+    if not token:
+        said = " ".join(body.decode("utf-8", "replace").split())[:200]
+        raise OSError(f"IMDS gave no managed identity token (HTTP {status}: {said}): does the "
+                      "VM have an identity (azure.identity)?")
+    return token
+
+
+# The token each provider's nodes present to AWS STS, and where it comes from.
+TOKENS: dict[str, Callable[[Mapping[str, str]], str]] = {
+    "gcp": lambda environ: gce_identity_token(AUDIENCE, environ),
+    "azure": lambda environ: azure_identity_token(AZURE_AUDIENCE, environ),
+}
 
 
 class WebIdentity:
@@ -87,14 +123,15 @@ def setup(store_url: str, site: str, environ: Mapping[str, str] = os.environ) ->
     if not role:
         return None
     provider = environ.get("GEOTRAIN_PROVIDER") or ""
-    if not store_url.startswith("s3://") or provider != "gcp":
+    if not store_url.startswith("s3://") or provider not in TOKENS:
         raise ProviderError(f"store_credentials for a {store_url.split('://')[0]}:// store on a "
-                            f"{provider or 'non-cloud'} node is not supported yet (only a GCP node "
-                            "writing an s3:// store, by an AWS role)")
+                            f"{provider or 'non-cloud'} node is not supported yet (only GCP and "
+                            "Azure nodes writing an s3:// store, by an AWS role)")
     path = Path(tempfile.mkdtemp(prefix="gt-identity-")) / "aws-web-identity-token"
-    identity = WebIdentity(lambda: gce_identity_token(AUDIENCE, environ), path)
+    identity = WebIdentity(lambda: TOKENS[provider](environ), path)
     identity.refresh()
     os.environ.update(AWS_ROLE_ARN=role, AWS_WEB_IDENTITY_TOKEN_FILE=str(path),
                       AWS_ROLE_SESSION_NAME=f"geotrain-{site}"[:64])
-    log.info("store access: AWS role %s by web identity (audience %s)", role, AUDIENCE)
+    log.info("store access: AWS role %s by web identity (%s token, audience %s)", role, provider,
+             AUDIENCE if provider == "gcp" else AZURE_AUDIENCE)
     return identity.start()

@@ -289,19 +289,22 @@ class S3IdentityProxy:
 
 
 class StsWebIdentity:
-    """AWS STS's AssumeRoleWithWebIdentity, for nodes on other clouds (GCE here).
+    """AWS STS's AssumeRoleWithWebIdentity, for nodes on other clouds.
 
     `verify(token)` returns the token's claims ({"sub", "aud", "email", ...}) when a
-    trusted issuer (the GCE stand-in's metadata servers: FakeGCE.claims_of) issued it,
-    else None. `trust` maps a role ARN to the service-account emails its trust policy
-    admits (audience must be sts.amazonaws.com). On success the call answers STS's
+    trusted issuer (the GCE stand-in's metadata servers: FakeGCE.claims_of; an Azure
+    IMDS stand-in's tokens) issued it, else None. `trust` maps a role ARN to the
+    identities its trust policy admits (claim `email`: a service account, or a managed
+    identity's principal id), whose token must carry `audience`. On success the call answers STS's
     own document with fresh keys, which `s3_proxy` then accepts for what the role's
     policies in moto's IAM allow (so the role must exist there); otherwise STS's
     AccessDenied error, so botocore raises what it raises against AWS. Every call is
     recorded in `calls` as {"role", "email", "ok"}."""
 
-    def __init__(self, verify, trust: dict[str, set[str]], s3_proxy: S3IdentityProxy | None = None):
+    def __init__(self, verify, trust: dict[str, set[str]], s3_proxy: S3IdentityProxy | None = None,
+                 audience: str = "sts.amazonaws.com", provider: str = "accounts.google.com"):
         self.verify, self.trust, self.s3_proxy = verify, trust, s3_proxy
+        self.audience, self.provider = audience, provider
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -316,7 +319,7 @@ class StsWebIdentity:
         role, token = form.get("RoleArn", ""), form.get("WebIdentityToken", "")
         session = form.get("RoleSessionName", "session")
         claims = self.verify(token) if token else None
-        ok = bool(claims) and claims.get("aud") == "sts.amazonaws.com" \
+        ok = bool(claims) and claims.get("aud") == self.audience \
             and claims.get("email") in self.trust.get(role, set())
         with self.lock:
             self.calls.append({"role": role, "email": (claims or {}).get("email"), "ok": ok})
@@ -334,7 +337,7 @@ class StsWebIdentity:
             '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
             "<AssumeRoleWithWebIdentityResult>"
             f"<SubjectFromWebIdentityToken>{claims['sub']}</SubjectFromWebIdentityToken>"
-            "<Audience>sts.amazonaws.com</Audience>"
+            f"<Audience>{self.audience}</Audience>"
             f"<AssumedRoleUser><Arn>arn:aws:sts::{ACCOUNT_ID}:assumed-role/{name}/{session}</Arn>"
             f"<AssumedRoleId>AROA{secrets.token_hex(8).upper()}:{session}</AssumedRoleId>"
             "</AssumedRoleUser><Credentials>"
@@ -342,7 +345,7 @@ class StsWebIdentity:
             f"<SecretAccessKey>{secrets.token_urlsafe(30)}</SecretAccessKey>"
             f"<Expiration>{iso_time(time.time() + 3600)}</Expiration>"
             f"<AccessKeyId>{key}</AccessKeyId></Credentials>"
-            "<Provider>accounts.google.com</Provider></AssumeRoleWithWebIdentityResult>"
+            f"<Provider>{self.provider}</Provider></AssumeRoleWithWebIdentityResult>"
             f"<ResponseMetadata><RequestId>{rid}</RequestId></ResponseMetadata>"
             "</AssumeRoleWithWebIdentityResponse>").encode()
 
