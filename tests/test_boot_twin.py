@@ -1,13 +1,14 @@
-"""One run across two clouds whose nodes really boot: an AWS site and a GCP site, one
-s3:// run store, through the CLI.
+"""One run across three clouds whose nodes really boot: an AWS, a GCP and an Azure
+site, one s3:// run store, through the CLI.
 
-The AWS node writes the store as its instance profile's role. The GCP node has no AWS
-identity: it asks its metadata server for an identity token of its own service account
-and exchanges it at (a stand-in for) AWS STS for the role named in its
-`gcp.store_credentials` (geotrain/site/store_identity.py). The S3 stand-in accepts only
-keys that an identity was given: the instance profile's, or those STS issued to a
-trusted service account. Both nodes install geotrain from the store and train the
-same model to the end.
+The AWS node writes the store as its instance profile's role. The GCP and Azure nodes
+have no AWS identity: each asks its own metadata service for a token of its identity
+(the GCE service account's identity token; the Azure VM's managed identity's token for
+api://AzureADTokenExchange) and exchanges it at (a stand-in for) AWS STS for the role
+named in its `store_credentials` (geotrain/site/store_identity.py). The S3 stand-in
+accepts only keys that an identity was given: the instance profile's, or those STS
+issued to a trusted identity. All three nodes install geotrain from the store and
+train the same model to the end.
 
 The whole scenario of recipes/twin.yaml (a spot notice failing over to the other cloud,
 a cross-cloud migration, a node without store access, leftovers) is benchmarks/twin.py.
@@ -21,9 +22,12 @@ import boto3
 import pytest
 
 from geotrain.site.node_info import fatal_line
-from tests.cloud_helpers import PROFILE, STORE_URL, aws_env, cli, cli_json, gcp_env, \
+from geotrain.site.store_identity import AZURE_AUDIENCE
+from tests.cloud_helpers import PROFILE, STORE_URL, aws_env, azure_env, cli, cli_json, gcp_env, \
     wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.fakes.arm_server import FakeArm
 from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_store
+from tests.fakes.azure_boot import BootConfig as AzureBoot
 from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.gce_boot import BootConfig
 from tests.fakes.gce_server import FakeGCE
@@ -35,6 +39,10 @@ PATIENCE_S = 600
 ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"
 ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-web"
 NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+AZURE_ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-azure"
+UAI = ("/subscriptions/00000000-0000-0000-0000-0000000000aa/resourceGroups/ids/providers/"
+       "Microsoft.ManagedIdentity/userAssignedIdentities/geotrain-node")
+AZURE_PRINCIPAL, _ = FakeArm.user_identity(UAI)
 
 
 @pytest.fixture
@@ -56,22 +64,37 @@ def clouds(aws_env, moto_server, tmp_path):
     sts = StsWebIdentity(gce.claims_of, {ROLE_ARN: {ACCOUNT}}, s3_proxy=s3)
     gce_net["AWS_ENDPOINT_URL_STS"] = sts.url  # the route to "AWS STS" (BootConfig holds the dict)
     gce.start()
+    # Azure: its own role (trusting Entra's tokens for the managed identity), its own STS
+    # stand-in (which trusts those tokens for api://AzureADTokenExchange).
+    iam.create_role(RoleName=AZURE_ROLE_ARN.rsplit("/", 1)[-1], AssumeRolePolicyDocument="{}")
+    grant_store(iam, AZURE_ROLE_ARN.rsplit("/", 1)[-1], STORE_URL)
+    arm = FakeArm()
+    sts_azure = StsWebIdentity(lambda t: (lambda i: i and {"aud": i["resource"], "sub": i["principal_id"],
+                                                           "email": i["principal_id"]})(arm.token_info(t)),
+                               {AZURE_ROLE_ARN: {AZURE_PRINCIPAL}}, s3_proxy=s3,
+                               audience=AZURE_AUDIENCE, provider="login.microsoftonline.com/T/v2.0")
+    arm.start()
+    arm.enable_boot(AzureBoot(image, tmp_path / "azure-nodes", {
+        **NODE_NET, "AWS_ENDPOINT_URL_S3": s3.url, "AWS_ENDPOINT_URL_STS": sts_azure.url,
+        "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}))
     booter = Ec2Booter(moto_server, image, tmp_path / "ec2-nodes", NODE_NET, s3_proxy=s3,
                        store_roles={PROFILE})
     proxy.answer("GetConsoleOutput", booter.console_output)
-    env.update(**gcp_env(gce))
+    env.update(**gcp_env(gce), **azure_env(arm))
     env.pop("NO_GCE_CHECK", None)  # the operator's GCE credentials come from the fake's metadata
     try:
-        yield env, home, booter, gce, s3, sts
+        yield env, home, booter, gce, arm, s3, sts, sts_azure
     finally:
         booter.close()
         gce.stop()
+        arm.stop()
         sts.close()
+        sts_azure.close()
         s3.close()
 
 
-def test_an_aws_and_a_gcp_node_train_one_model_through_an_s3_store(clouds, tmp_path):
-    env, home, booter, gce, s3, sts = clouds
+def test_an_aws_a_gcp_and_an_azure_node_train_one_model_through_an_s3_store(clouds, tmp_path):
+    env, home, booter, gce, arm, s3, sts, sts_azure = clouds
     recipe = {"name": "twin", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
               "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
                         "warmup_steps": 1, "eval_batches": 1},
@@ -81,7 +104,10 @@ def test_an_aws_and_a_gcp_node_train_one_model_through_an_s3_store(clouds, tmp_p
                          "instance_type": "t3.large", "aws": {"instance_profile": PROFILE}},
                         {"name": "west", "provider": "gcp", "region": "us-central1",
                          "zones": ["us-central1-a"], "instance_type": "g2-standard-4",
-                         "gcp": {"service_account": ACCOUNT, "store_credentials": ROLE_ARN}}]}
+                         "gcp": {"service_account": ACCOUNT, "store_credentials": ROLE_ARN}},
+                        {"name": "south", "provider": "azure", "region": "eastus",
+                         "instance_type": "Standard_D2s_v5",
+                         "azure": {"identity": UAI, "store_credentials": AZURE_ROLE_ARN}}]}
     path = write_recipe(tmp_path / "twin.yaml", recipe)
     run_id = cli_json(env, "launch", str(path), "--detach", timeout=180)["run"]
     [aws_node] = booter.wait_booted(1, timeout=120).values()
@@ -92,21 +118,32 @@ def test_an_aws_and_a_gcp_node_train_one_model_through_an_s3_store(clouds, tmp_p
             return next(iter(gce._booter.nodes.values()), None)
     gcp_node = wait_for(gce_node, 120, every=0.5)
 
+    def azure_node():
+        with arm._lock:
+            return next(iter(arm._booter.nodes.values()), None) if arm._booter else None
+    az_node = wait_for(azure_node, 120, every=0.5)
+    nodes = (aws_node, gcp_node, az_node)
+
     def consoles() -> str:
-        return "\n".join(f"--- {n.instance_id}\n{n.console_text()[-3000:]}" for n in (aws_node, gcp_node))
+        return "\n".join(f"--- {n.instance_id}\n{n.console_text()[-3000:]}" for n in nodes)
 
     final = wait_succeeded(env, home, run_id, consoles, PATIENCE_S)
-    assert final["rounds_done"] == 2 and {s["provider"] for s in final["sites"]} == {"aws", "gcp"}
-    for node in (aws_node, gcp_node):
+    assert final["rounds_done"] == 2
+    assert {s["provider"] for s in final["sites"]} == {"aws", "gcp", "azure"}
+    for node in nodes:
         assert "verified" in node.console_text() and fatal_line(node.console_text()) is None
 
-    # The GCP node got its AWS keys from STS for its own service account, and only so.
+    # The GCP and Azure nodes got their AWS keys from STS for their own identities, and
+    # only so.
     assert sts.calls and all(c["ok"] and c["email"] == ACCOUNT and c["role"] == ROLE_ARN
                              for c in sts.calls), sts.calls
+    assert sts_azure.calls and all(c["ok"] and c["email"] == AZURE_PRINCIPAL
+                                   and c["role"] == AZURE_ROLE_ARN for c in sts_azure.calls), sts_azure.calls
     used = {r["key_id"] for r in s3.requests if r["status"] < 400}
     web_keys = used - {profile_key}
     assert profile_key in used and web_keys and all(k.startswith("ASIA") for k in web_keys)
+    assert {s3.roles[k] for k in web_keys} == {ROLE_ARN.rsplit("/", 1)[-1], AZURE_ROLE_ARN.rsplit("/", 1)[-1]}
     assert not s3.denied(), s3.denied()[:3]
     cli(env, "down", run_id, timeout=120)
-    for node in (aws_node, gcp_node):
+    for node in nodes:
         wait_for(lambda node=node: not tagged_pids(node.instance_id), 120, every=0.5)
