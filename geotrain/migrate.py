@@ -64,6 +64,12 @@ def target_problem(recipe, store_url: str, site: str | None = None, to: str | No
     from geotrain.checks import placement_store_access, store_access
 
     if new_store is not None:
+        scoped = store_scoped_sites(recipe)
+        if scoped:
+            return (f"cannot move the store to {new_store}: the nodes of {', '.join(scoped)} are "
+                    "granted only this run's folder of the current store (aws.run_role, "
+                    "azure.store_scope), and a move does not carry grants yet; migrate those "
+                    "sites to a placement without it first, or keep the store")
         moved = recipe.model_copy(update={"store": recipe.store.model_copy(update={"url": new_store})})
         problem = store_access(moved)
         return f"cannot move the store to {new_store}: {problem}" if problem else None
@@ -78,6 +84,19 @@ def target_problem(recipe, store_url: str, site: str | None = None, to: str | No
         return (f"{problem}; a run migrates only to a provider whose node options the recipe "
                 f"gives the site (e.g. as one of its candidates)")
     return None
+
+
+def store_scoped_sites(recipe) -> list[str]:
+    """The sites some placement of which has its store access made by launch for this run's
+    folder of the current store (aws.run_role; azure.store_scope), as 'site NAME'."""
+    out = []
+    for site in recipe.sites:
+        for p in site.placements():
+            opts = p.options()
+            if getattr(opts, "run_role", False) or getattr(opts, "store_scope", None):
+                out.append(f"site {site.name}")
+                break
+    return out
 
 
 class Migrations:

@@ -269,3 +269,29 @@ def test_migration_targets_must_reach_the_run_store(tmp_path):
     assert target_problem(r, store, new_store="file:///tmp/elsewhere").startswith(
         "cannot move the store to file:///tmp/elsewhere: site a: its aws nodes cannot reach")
     assert target_problem(r, store, new_store="s3://other-bucket/runs") is None
+
+
+def test_a_store_move_is_refused_while_a_site_is_granted_only_the_runs_folder(tmp_path):
+    """aws.run_role and azure.store_scope grant a node this run's folder of the current
+    store; the move would leave those nodes refused by the new one, so it is refused first."""
+    from geotrain.migrate import target_problem
+
+    base = {"name": "r", "store": {"url": "s3://bucket/runs"},
+            "sites": [{"name": "a", "provider": "aws", "region": "us-east-1",
+                       "instance_type": "g5.xlarge", "aws": {"run_role": True}},
+                      {"name": "b", "provider": "local"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base))
+    why = target_problem(load(path), "s3://bucket/runs/r-1", new_store="s3://other-bucket/runs")
+    assert why.startswith("cannot move the store to s3://other-bucket/runs: the nodes of site a "
+                          "are granted only this run's folder of the current store"), why
+    # A candidate with it counts too; without any, the move is fine.
+    base["sites"][0]["aws"] = {"instance_profile": "geotrain-node"}
+    base["sites"][0]["candidates"] = [{"provider": "aws", "region": "us-west-2",
+                                       "instance_type": "g5.xlarge", "aws": {"run_role": True,
+                                                                             "instance_profile": None}}]
+    path.write_text(yaml.safe_dump(base))
+    assert "site a" in target_problem(load(path), "s3://bucket/runs/r-1", new_store="s3://o/runs")
+    del base["sites"][0]["candidates"]
+    path.write_text(yaml.safe_dump(base))
+    assert target_problem(load(path), "s3://bucket/runs/r-1", new_store="s3://o/runs") is None
