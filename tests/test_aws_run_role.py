@@ -179,3 +179,50 @@ def test_the_recipe_takes_run_role_instead_of_a_profile_for_an_s3_store():
     assert "run_role scopes a role to an s3:// run store" in checks.store_access(gs)
     neither = loads("name: x\nstore: {url: 's3://b/runs'}\n" + SITE % "{}")
     assert "set sites[0].aws.instance_profile" in checks.store_access(neither)
+
+
+def test_steps_on_a_name_iam_has_not_spread_yet_are_retried(monkeypatch):
+    """IAM is eventually consistent: right after CreateRole / CreateInstanceProfile, a call
+    naming them may get NoSuchEntity. ensure_run_role retries those (an IAM client that
+    says so twice per call stands in for IAM here), and takes the profile's ARN from its
+    create answer rather than reading it back."""
+    monkeypatch.setattr(run_iam.time, "sleep", lambda s: None)
+    calls: list[str] = []
+
+    def missing(op):
+        return ClientError({"Error": {"Code": "NoSuchEntity", "Message": "cannot be found"}}, op)
+
+    class LaggingIam:
+        def __init__(self):
+            self.misses = {"PutRolePolicy": 2, "AddRoleToInstanceProfile": 2}
+
+        def _call(self, op, answer=None):
+            calls.append(op)
+            if self.misses.get(op, 0) > 0:
+                self.misses[op] -= 1
+                raise missing(op)
+            return answer or {}
+
+        def create_role(self, **kw):
+            return self._call("CreateRole")
+
+        def put_role_policy(self, **kw):
+            return self._call("PutRolePolicy")
+
+        def create_instance_profile(self, **kw):
+            return self._call("CreateInstanceProfile", {"InstanceProfile": {"Arn": "arn:profile"}})
+
+        def get_instance_profile(self, **kw):
+            raise AssertionError("a new profile's ARN comes from its create answer")
+
+        def add_role_to_instance_profile(self, **kw):
+            return self._call("AddRoleToInstanceProfile")
+
+    class Sts:
+        def get_caller_identity(self):
+            return {"Arn": "arn:aws:iam::123456789012:user/me"}
+
+    assert run_iam.ensure_run_role(LaggingIam(), Sts(), "run-1", "east", STORE, []) == "arn:profile"
+    assert calls == ["CreateRole", "PutRolePolicy", "PutRolePolicy", "PutRolePolicy",
+                     "CreateInstanceProfile", "AddRoleToInstanceProfile",
+                     "AddRoleToInstanceProfile", "AddRoleToInstanceProfile"]

@@ -100,12 +100,34 @@ def ensure_run_role(iam, sts, run_id: str, site: str, store_url: str, tags: list
     exists_ok(iam.create_role, RoleName=name, Path=PATH, Tags=tags, PermissionsBoundary=boundary,
               AssumeRolePolicyDocument=json.dumps(TRUST),
               Description=f"geotrain run {run_id} site {site}: its run's store folder only")
-    iam.put_role_policy(RoleName=name, PolicyName=POLICY_NAME, PolicyDocument=json.dumps(policy))
-    exists_ok(iam.create_instance_profile, InstanceProfileName=name, Path=PATH, Tags=tags)
-    profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-    if name not in {r["RoleName"] for r in profile.get("Roles", [])}:
-        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
-    return profile["Arn"]
+    _while_missing(lambda: iam.put_role_policy(RoleName=name, PolicyName=POLICY_NAME,
+                                               PolicyDocument=json.dumps(policy)))
+    made = exists_ok(iam.create_instance_profile, InstanceProfileName=name, Path=PATH, Tags=tags)
+    # IAM is eventually consistent: a read right after a create may not see it yet, so the
+    # new profile's ARN comes from the create's answer, and a step on a name just made is
+    # retried while IAM says it does not exist.
+    if made is not None:
+        arn, roles = made["InstanceProfile"]["Arn"], set()
+    else:
+        profile = _while_missing(lambda: iam.get_instance_profile(InstanceProfileName=name))
+        arn, roles = profile["InstanceProfile"]["Arn"], {r["RoleName"] for r in profile["InstanceProfile"].get("Roles", [])}
+    if name not in roles:
+        _while_missing(lambda: iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name))
+    return arn
+
+
+def _while_missing(call, wait_s: float = 30.0, every_s: float = 1.0):
+    """`call()`, retried while IAM answers NoSuchEntity for up to `wait_s`."""
+    from botocore.exceptions import ClientError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchEntity" or time.monotonic() > deadline:
+                raise
+        time.sleep(every_s)
 
 
 def delete_run_role(iam, run_id: str, site: str) -> bool:
