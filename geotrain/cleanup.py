@@ -16,10 +16,17 @@ never touched: this db cannot know whether its run is over. `dry_run` lists what
 be terminated and terminates nothing; `confirm` is asked, with the list, before anything
 is terminated. A provider module that does not exist yet, cannot list, or fails is
 reported as skipped, never raised.
+
+Some providers make resources for a run's sites beside their nodes (`RunResources`: an
+AWS run role, aws.run_role), which `terminate` removes with a site's last node. What a
+launch killed before any node existed left, `terminate_run` removes for its run (when
+its recipe makes such resources) and `down_orphans` for this operator's runs that are
+over or unknown here.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -81,6 +88,35 @@ def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
     for r in rows:
         if r["state"] != "terminated":
             db.update_node(r["id"], state="terminated", terminated_at=time.time())
+    remove_run_leftovers(db, run_id)
+    return gone
+
+
+def run_resource_providers(db: StateDB, run_id: str) -> list[str]:
+    """The providers on which the run's recipe has launch make resources beside the nodes
+    (a placement whose options say so: aws.run_role)."""
+    from geotrain.recipe import Recipe
+
+    raw = db.run(run_id).get("recipe_json")
+    try:
+        recipe = Recipe.model_validate(json.loads(raw)) if raw else None
+    except (ValueError, TypeError):
+        return []
+    if recipe is None:
+        return []
+    return sorted({p.provider for s in recipe.sites for p in s.placements()
+                   if p.options() is not None and p.options().makes_run_resources()})
+
+
+def remove_run_leftovers(db: StateDB, run_id: str) -> list[providers.Leftover]:
+    """Remove what launch made for the run's sites beside their nodes (run roles) and
+    `terminate` left, because no node of that site was ever made (a launch killed half-way)
+    or a node outlived the controller's teardown."""
+    gone: list[providers.Leftover] = []
+    for name in run_resource_providers(db, run_id):
+        provider = providers.get(name)
+        if providers.capabilities_of(name).run_resources:
+            gone += provider.remove(provider.leftovers(run_id))
     return gone
 
 
@@ -128,26 +164,25 @@ def down_orphans(home: Path | None = None, *, dry_run: bool = False,
     db never recorded — one created by a call whose answer the dead controller never
     wrote down. An abandoned run's recorded nodes are kept: `geotrain resume` adopts
     them, `geotrain down RUN` ends them. With `dry_run`, or when `confirm(nodes)`
-    says no, nothing is terminated. Returns {"terminated": [node...], "found":
-    [node...] (found), "others": n (another owner's, left alone), "dry_run": bool,
-    "declined": bool, "skipped": [{"provider", "reason"}]}."""
+    says no, nothing is terminated. Also removes what launch made beside the nodes for
+    such runs (run roles: `_orphaned_leftovers`), unless dry_run or declined. Returns
+    {"terminated": [node...], "found": [node...] (found), "others": n (another owner's,
+    left alone), "dry_run": bool, "declined": bool, "skipped": [{"provider", "reason"}],
+    "leftovers": [leftover...] (found), "removed": [leftover...]}."""
     db = StateDB(home or default_home())
     runs = {r["id"]: r["state"] for r in db.runs()}
     recorded = {r["id"] for r in db.runs() if abandoned(r)}
     found, skipped, others = find_orphans(db)
+    leftovers = _orphaned_leftovers(db)
     result = {"terminated": [], "found": [asdict(n) for n in found], "others": others,
-              "dry_run": dry_run, "declined": False, "skipped": skipped}
-    if dry_run or not found:
+              "dry_run": dry_run, "declined": False, "skipped": skipped,
+              "leftovers": [asdict(x) for x in leftovers], "removed": []}
+    if dry_run or not (found or leftovers):
         return result
-    if confirm is not None and not confirm(found):
+    if found and confirm is not None and not confirm(found):
         result["declined"] = True
         return result
-    terminated = []
-    for name in sorted({n.provider for n in found}):
-        try:
-            terminated += providers.get(name).terminate([n for n in found if n.provider == name])
-        except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
-            skipped.append({"provider": name, "reason": f"{type(e).__name__}: {redact(str(e))[:200]}"})
+    terminated = _per_provider(found, lambda p, items: p.terminate(items), skipped)
     gone = {n.instance_id for n in terminated}
     for run_id in sorted({n.run_id for n in terminated} & set(runs)):
         for r in db.nodes(run_id, live_only=True):
@@ -155,4 +190,42 @@ def down_orphans(home: Path | None = None, *, dry_run: bool = False,
             if run_id not in recorded or r["instance_id"] in gone or not r["instance_id"]:
                 db.update_node(r["id"], state="terminated", terminated_at=time.time())
     result["terminated"] = [asdict(n) for n in terminated]
+    removed = _per_provider(leftovers, lambda p, items: p.remove(items), skipped)
+    result["removed"] = [asdict(x) for x in removed]
     return result
+
+
+def _per_provider(items: list, act: Callable, skipped: list[dict]) -> list:
+    """`act(provider module, its items)` for each provider among `items` (each has a
+    `provider`); what they return, concatenated. A provider that fails is added to
+    `skipped` with why, and the others go on."""
+    done: list = []
+    for name in sorted({x.provider for x in items}):
+        try:
+            done += act(providers.get(name), [x for x in items if x.provider == name])
+        except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
+            skipped.append({"provider": name, "reason": f"{type(e).__name__}: {redact(str(e))[:200]}"})
+    return done
+
+
+def _orphaned_leftovers(db: StateDB) -> list[providers.Leftover]:
+    """What launch made beside the nodes (run roles) for runs launched from this home
+    (its owner id) that the db does not know or says are over: `terminate` removes a
+    site's once its last node is gone, so these are a launch's killed before any node
+    was made. Best effort: a provider that cannot list them (no IAM rights: those are
+    needed only with aws.run_role) is passed over, with a warning in the log."""
+    import logging
+
+    me = owner_id(db.path.parent)
+    runs = {r["id"]: r["state"] for r in db.runs()}
+    found: list[providers.Leftover] = []
+    for name in providers.PROVIDERS:
+        if _module(name) is None or not providers.capabilities_of(name).run_resources:
+            continue
+        try:
+            found += [x for x in providers.get(name).leftovers() if x.owner == me
+                      and (x.run_id not in runs or runs[x.run_id] in OVER)]
+        except Exception as e:  # noqa: BLE001 - a sweep of leftovers never stops down
+            logging.getLogger("geotrain.cleanup").warning(
+                "%s: could not list per-run resources: %s", name, redact(str(e))[:200])
+    return found

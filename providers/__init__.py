@@ -44,6 +44,21 @@ class Capabilities:
     # implements `FaultSeams` (preempt, kill, processes): the seams tests and demos inject
     # faults through
     fault_seams: bool = False
+    # implements `RunResources`: resources launch makes for a run's sites beside their
+    # nodes (AWS run roles), which `down` removes even when no node was ever made
+    run_resources: bool = False
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A resource a provider made for one site of a run beside its nodes."""
+
+    provider: str
+    run_id: str
+    site: str
+    kind: str  # e.g. "iam-role"
+    name: str
+    owner: str | None = None  # the launching operator's owner id, when tagged
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,20 @@ class FaultSeams(Protocol):
 
     def processes(self, run_id: str) -> list[int]:
         """Every live process of the run (agents, their Ray processes, workers)."""
+
+
+@runtime_checkable
+class RunResources(Protocol):
+    """What a provider whose `Capabilities.run_resources` is true implements as well."""
+
+    def leftovers(self, run_id: str | None = None) -> list[Leftover]:
+        """The per-site resources launch made (of `run_id`, or of every run) that are
+        still there; `terminate` removes a site's once its last node is gone, so these
+        are what a launch killed before its nodes existed left behind, or what belongs
+        to sites still running."""
+
+    def remove(self, leftovers: list[Leftover]) -> list[Leftover]:
+        """Delete them (each may be gone already); returns those deleted."""
 
 
 def get(name: str) -> Provider:

@@ -26,6 +26,11 @@ class OptionsSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    def makes_run_resources(self) -> bool:
+        """Whether launch makes resources for the run beside its nodes with these options
+        (providers.RunResources), which `down` must remove even if no node was made."""
+        return False
+
 
 def invalid(message: str, *at: str | int) -> PydanticCustomError:
     """A validation error at `at`, a path below the validated model's own location."""

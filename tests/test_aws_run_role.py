@@ -226,3 +226,49 @@ def test_steps_on_a_name_iam_has_not_spread_yet_are_retried(monkeypatch):
     assert calls == ["CreateRole", "PutRolePolicy", "PutRolePolicy", "PutRolePolicy",
                      "CreateInstanceProfile", "AddRoleToInstanceProfile",
                      "AddRoleToInstanceProfile", "AddRoleToInstanceProfile"]
+
+
+def _role_names(moto_server) -> set[str]:
+    return {r["RoleName"] for r in client(moto_server, "iam").list_roles()["Roles"]
+            if r["Path"] == run_iam.PATH}
+
+
+def test_a_role_whose_launch_died_before_any_node_is_swept_by_down(proxy, moto_server, tmp_path,  # noqa: F811
+                                                                     monkeypatch):
+    """A launch killed between CreateRole and RunInstances leaves a role no `terminate`
+    will meet. `down --orphans` removes this home's (owner id) of runs unknown here or
+    over, after a dry run has listed them; another owner's stays. `down RUN` removes its
+    run's, by what its recipe in the state db says (aws.run_role)."""
+    import providers
+    from geotrain.cleanup import down_orphans, terminate_run
+    from geotrain.state import StateDB, owner_id
+
+    home = tmp_path / "home"
+    me = owner_id(home)
+    monkeypatch.setattr(aws, "enabled_regions", lambda: [REGION])
+    monkeypatch.setattr(providers, "PROVIDERS", ("aws",))
+    iam, sts = client(moto_server, "iam"), client(moto_server, "sts")
+
+    def made(run_id, owner):  # what launch does before RunInstances, then dies
+        tags = [{"Key": "geotrain-run", "Value": run_id}, {"Key": "geotrain-site", "Value": "east"}]
+        tags += [{"Key": "geotrain-owner", "Value": owner}] if owner else []
+        run_iam.ensure_run_role(iam, sts, run_id, "east", f"s3://geotrain-runs/team/{run_id}", tags)
+        return run_iam.role_name(run_id, "east")
+    gone, team = made("run-gone", me), made("run-team", "0123456789abcdef")
+
+    dry = down_orphans(home, dry_run=True)
+    assert [(x["run_id"], x["kind"], x["name"]) for x in dry["leftovers"]] == [("run-gone", "iam-role", gone)]
+    assert dry["removed"] == [] and _role_names(moto_server) == {gone, team}
+    done = down_orphans(home)
+    assert [x["name"] for x in done["removed"]] == [gone] and _role_names(moto_server) == {team}
+    assert [p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"]
+            if p["Path"] == run_iam.PATH] == [team]
+
+    # `down RUN`: a run of this db whose recipe has aws.run_role; no node was ever made.
+    db = StateDB(home)
+    recipe = loads("name: x\nstore: {url: 's3://geotrain-runs/team'}\n" + SITE % "{run_role: true}")
+    db.add_run("run-mine", "x", "x.yaml", recipe.to_dict(), "s3://geotrain-runs/team/run-mine", 1,
+               [{"name": "east", "provider": "aws", "region": "us-east-1"}])
+    mine = made("run-mine", me)
+    assert terminate_run(db, "run-mine") == [] and mine not in _role_names(moto_server)
+    assert _role_names(moto_server) == {team}

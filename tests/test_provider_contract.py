@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import providers
-from providers import Capabilities, Console, CredentialCheck, FaultSeams, Provider
+from providers import Capabilities, Console, CredentialCheck, FaultSeams, Provider, RunResources
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,6 +85,9 @@ def test_capabilities_say_what_the_module_has(name: str):
     assert caps.fault_seams == any(hasattr(module, f) for f in members(FaultSeams))
     if caps.fault_seams:
         assert_implements(module, FaultSeams)
+    assert caps.run_resources == any(hasattr(module, f) for f in members(RunResources))
+    if caps.run_resources:
+        assert_implements(module, RunResources)
 
 
 def test_the_capabilities_of_each_provider():
@@ -92,6 +95,7 @@ def test_the_capabilities_of_each_provider():
     assert [n for n, c in caps.items() if c.runs_here] == ["local"]
     assert [n for n, c in caps.items() if c.fault_seams] == ["local"]
     assert [n for n, c in caps.items() if c.console] == ["aws", "gcp", "azure"]
+    assert [n for n, c in caps.items() if c.run_resources] == ["aws"]
     assert all(c.spot and c.multi_node and c.preemption_notice and c.gpus
                for n, c in caps.items() if n != "local")
 

@@ -70,6 +70,12 @@ def down(run: Annotated[Optional[str], typer.Argument(help="run id (a unique pre
             out.print(f"terminated {len(shown)} orphaned node(s)", highlight=False)
         if shown:
             out.print(table)
+        gone = found["leftovers"] if dry_run else found["removed"]
+        if gone:
+            out.print(f"{'would remove' if dry_run else 'removed'} {len(gone)} resource(s) made for "
+                      "those runs beside their nodes: " + ", ".join(
+                          f"{x['provider']} {x['kind']} {x['name']} ({x['run_id']}/{x['site']})"
+                          for x in gone), highlight=False)
         if found["others"]:
             out.print(f"  [dim]left {found['others']} node(s) of runs not known here alone: tagged "
                       "with another owner id, or none[/]", highlight=False)

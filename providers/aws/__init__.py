@@ -50,7 +50,7 @@ from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
 from providers.aws import iam
 from providers.aws.options import AwsOptions
-from providers import Capabilities, CredentialCheck, Node, SitePlan
+from providers import Capabilities, CredentialCheck, Leftover, Node, SitePlan
 
 TAG_RUN, TAG_SITE, TAG_NODE = "geotrain-run", "geotrain-site", "geotrain-node"
 TAG_OWNER = "geotrain-owner"  # the launching GEOTRAIN_HOME's owner id (down --orphans)
@@ -67,7 +67,8 @@ GROUP_DELETE_TIMEOUT_S = 120.0
 
 
 def capabilities() -> Capabilities:
-    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True)
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True,
+                        run_resources=True)
 
 
 # ---------------------------------------------------------------- clients
@@ -479,6 +480,32 @@ def terminate(nodes: list[Node]) -> list[Node]:
         raise ProviderError(f"could not terminate AWS nodes: {code}: {message}") from e
     return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
                  n.region) for n in nodes]
+
+
+def leftovers(run_id: str | None = None) -> list[Leftover]:
+    """The run roles (aws.run_role) of `run_id`, or of every run, still in IAM."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    try:
+        found = iam.run_roles(_client("iam", _session().region_name or "us-east-1"))
+    except (ClientError, BotoCoreError) as e:
+        code, message = _error(e)
+        raise ProviderError(f"could not list geotrain's run roles in IAM: {code}: {message}") from e
+    return [Leftover("aws", r["run"], r["site"], "iam-role", r["name"], r.get("owner"))
+            for r in found if run_id is None or r["run"] == run_id]
+
+
+def remove(leftovers: list[Leftover]) -> list[Leftover]:
+    """Delete these run roles and their instance profiles."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    client, gone = _client("iam", _session().region_name or "us-east-1"), []
+    try:
+        for leftover in leftovers:
+            iam.delete_run_role(client, leftover.run_id, leftover.site)
+            gone.append(leftover)
+    except (ClientError, BotoCoreError) as e:
+        code, message = _error(e)
+        raise ProviderError(f"could not delete a geotrain run role: {code}: {message}") from e
+    return gone
 
 
 def console(node: Node) -> str:

@@ -153,6 +153,22 @@ def delete_run_role(iam, run_id: str, site: str) -> bool:
     return deleted
 
 
+def run_roles(iam) -> list[dict]:
+    """Every run role in the account ({"name", "run", "site", "owner"}), from their tags."""
+    out = []
+    for page in iam.get_paginator("list_roles").paginate(PathPrefix=PATH):
+        for role in page["Roles"]:
+            if role.get("Path") != PATH:
+                continue
+            tags = {t["Key"]: t["Value"] for t in
+                    iam.list_role_tags(RoleName=role["RoleName"]).get("Tags", [])}
+            run, site = tags.get("geotrain-run"), tags.get("geotrain-site")
+            if run and site and role["RoleName"] == role_name(run, site):
+                out.append({"name": role["RoleName"], "run": run, "site": site,
+                            "owner": tags.get("geotrain-owner")})
+    return out
+
+
 def is_profile_not_ready(code: str, message: str) -> bool:
     """EC2's refusal of an instance profile it cannot see yet (IAM is eventually consistent)."""
     return code == "InvalidParameterValue" and "iaminstanceprofile" in message.lower()

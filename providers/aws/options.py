@@ -43,6 +43,9 @@ class AwsOptions(OptionsSpec):
     public_ip: bool = public_ip()
     store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
 
+    def makes_run_resources(self) -> bool:
+        return self.run_role
+
     @model_validator(mode="after")
     def _one_identity(self) -> AwsOptions:
         if self.run_role and self.instance_profile:
