@@ -220,3 +220,31 @@ def test_with_overlap_a_slow_upload_does_not_stop_training(tmp_path):
         assert store.committed_rounds() == [0, 1, 2, 3, 4]
         runs[held] = [store.global_manifest(r)["hash"] for r in range(1, 5)]
     assert runs[2] == runs[None]
+
+
+def test_a_later_round_is_never_committed_before_an_earlier_one(tmp_path):
+    """Round 8 was decided by b, round 9 by us. While b may still commit 8, we do not
+    commit 9 either: had we, and then every site holding 8 died, a site joining would
+    start from 9's commit and round 8 would stay a gap for ever (found by
+    tests/test_chaos.py's store-error bursts). Once b is gone, we take 8 over, then 9."""
+    import time
+
+    from geotrain.sync.commits import Commits
+
+    store = RunStore(f"file://{tmp_path}")
+    store.alive("b", "running")
+    exchange = RoundExchange(store, "a", state_every=1, takeover_s=5.0)
+    commits = Commits(exchange, on_commit=None, should_stop=lambda: False)
+    params = {"w": torch.ones(3)}
+    old = time.time() - 60  # both decided a minute ago: past the takeover delay
+    commits.add(8, params, {}, "h8", {"round": 8, "accepted": [], "decided_by": "b", "decided_at": old},
+                decided_by_me=False)
+    commits.add(9, params, {}, "h9", {"round": 9, "accepted": [], "decided_by": "a", "decided_at": old},
+                decided_by_me=True)
+    commits.settle()
+    assert store.committed_rounds() == [] and commits.pending() == [8, 9]  # b is live: its round
+    store.alive("b", "failed")  # b is gone
+    exchange._liveness_read = (float("-inf"), {})  # (read every 2 s; the test does not wait)
+    commits.settle(wait=True)
+    assert store.committed_rounds() == [8, 9] and commits.pending() == []
+    assert [e["kind"] for e in store.events(["a"]) if e["kind"] == "takeover"] == ["takeover"]

@@ -109,7 +109,11 @@ class Commits:
 
     def _once(self) -> None:
         """One pass, in round order: commit what is ours to commit; forget what
-        is committed."""
+        is committed. It stops at the first round still uncommitted (its decider has
+        it, until the takeover delay): a later round is never committed before an
+        earlier one, so the committed rounds are always 0..r. Otherwise, should every
+        site holding the earlier round die, a site joining would start from the later
+        commit and nobody would ever replay, and commit, the round between."""
         with self._lock:
             pending = sorted((r, tuple(e)) for r, e in self._pending.items())
         for r, (params, momentum, digest, decision, mine) in pending:
@@ -117,9 +121,10 @@ class Commits:
                 if self.on_commit and params is not None:
                     self.exchange.store.put_eval(
                         r, dict(self.on_commit(r, params), by=self.exchange.site))
-            if self.exchange.store.is_committed(r):
-                with self._lock:
-                    self._pending.pop(r, None)
+            if not self.exchange.store.is_committed(r):
+                return
+            with self._lock:
+                self._pending.pop(r, None)
 
     def settle(self, wait: bool = False) -> None:
         """One pass now; with `wait`, until every round here is committed by someone."""
