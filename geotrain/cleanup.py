@@ -112,11 +112,19 @@ def remove_run_leftovers(db: StateDB, run_id: str) -> list[providers.Leftover]:
     """Remove what launch made for the run's sites beside their nodes (run roles) and
     `terminate` left, because no node of that site was ever made (a launch killed half-way)
     or a node outlived the controller's teardown."""
+    import logging
+
     gone: list[providers.Leftover] = []
     for name in run_resource_providers(db, run_id):
         provider = providers.get(name)
-        if providers.capabilities_of(name).run_resources:
+        if not providers.capabilities_of(name).run_resources:
+            continue
+        try:
             gone += provider.remove(provider.leftovers(run_id))
+        except Exception as e:  # noqa: BLE001 - the nodes are gone; this must not undo that
+            logging.getLogger("geotrain.cleanup").warning(
+                "%s: could not remove what run %s made beside its nodes (%s); `geotrain down "
+                "--orphans` removes it later", name, run_id, redact(str(e))[:200])
     return gone
 
 
