@@ -482,11 +482,16 @@ def terminate(nodes: list[Node]) -> list[Node]:
                  n.region) for n in nodes]
 
 
+def _iam_client():
+    """IAM is global: its client in the session's region, or us-east-1."""
+    return _client("iam", _session().region_name or "us-east-1")
+
+
 def leftovers(run_id: str | None = None) -> list[Leftover]:
     """The run roles (aws.run_role) of `run_id`, or of every run, still in IAM."""
     from botocore.exceptions import BotoCoreError, ClientError
     try:
-        found = iam.run_roles(_client("iam", _session().region_name or "us-east-1"))
+        found = iam.run_roles(_iam_client())
     except (ClientError, BotoCoreError) as e:
         code, message = _error(e)
         raise ProviderError(f"could not list geotrain's run roles in IAM: {code}: {message}") from e
@@ -497,7 +502,7 @@ def leftovers(run_id: str | None = None) -> list[Leftover]:
 def remove(leftovers: list[Leftover]) -> list[Leftover]:
     """Delete these run roles and their instance profiles."""
     from botocore.exceptions import BotoCoreError, ClientError
-    client, gone = _client("iam", _session().region_name or "us-east-1"), []
+    client, gone = _iam_client(), []
     try:
         for leftover in leftovers:
             iam.delete_run_role(client, leftover.run_id, leftover.site)
