@@ -39,8 +39,11 @@ class RunFailed(GeotrainError):
     pass
 
 
-class Stop(Exception):
-    """Raised in the controller's loop by SIGTERM / SIGINT: stop the run."""
+class Stop(BaseException):
+    """Raised in the controller's loop by SIGTERM / SIGINT: stop the run. A BaseException
+    (as KeyboardInterrupt is): the signal lands wherever the loop is, also inside a call
+    whose failure the controller tolerates (`except Exception`, e.g. reading a booting
+    node's console), and must stop the run there, not pass for that call's failure."""
 
 
 

@@ -322,7 +322,12 @@ def down(run_id: str, home: Path | None = None) -> dict:
         db.update_run(run["id"], state="stopped", finished_at=time.time())
     ids = list(dict.fromkeys([r["instance_id"] for r in live if r["instance_id"]]
                              + [n.instance_id for n in gone]))
-    return {"run": run["id"], "terminated": ids, "state": db.run(run["id"])["state"],
+    # A controller still inside a provider call after DOWN_WAIT_S stops once it returns
+    # and tears down what that call made; said, so nobody takes the run for cleaned up.
+    still = db.run(run["id"])
+    return {"run": run["id"], "terminated": ids, "state": still["state"],
+            "controller_running": still["controller_pid"] if pid != os.getpid()
+            and controller_alive(still) else None,
             "nodes": [{"provider": n.provider, "site": n.site, "instance_id": n.instance_id,
                        "region": n.region} for n in gone]}
 

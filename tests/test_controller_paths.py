@@ -134,6 +134,74 @@ def test_a_preempted_site_that_does_not_drain_is_replaced_once_the_wait_is_over(
     assert [e["site"] for e in ctl.events("site-replaced")] == ["a"]
 
 
+def test_a_stop_signal_that_lands_while_a_console_is_read_still_stops_the_run(
+        ctl: Faked, monkeypatch: pytest.MonkeyPatch):
+    """`down` sends SIGTERM whenever it comes. Reading a booting node's console is a call
+    whose failure the controller tolerates; a signal landing inside it once passed for that
+    failure, the controller went on watching, and replaced the sites `down` then terminated
+    (a node left running after `down`, seen in CI)."""
+    import dataclasses
+    import os
+    import signal
+
+    import geotrain.controller as controller_mod
+    import providers
+
+    real = providers.capabilities_of
+    monkeypatch.setattr(providers, "capabilities_of",
+                        lambda name: dataclasses.replace(real(name), console=True))
+    get, signalled = providers.get, []
+
+    def get_with_console(name):
+        class WithConsole(get(name)):
+            @staticmethod
+            def console(node):
+                if not signalled:
+                    signalled.append(node.site)
+                    os.kill(os.getpid(), signal.SIGTERM)  # as `geotrain down` does, right now
+                return ""
+        return WithConsole
+
+    monkeypatch.setattr(providers, "get", get_with_console)
+    monkeypatch.setattr(controller_mod, "CONSOLE_POLL_S", 0.0)
+    ticks = []
+
+    def on_tick(status: dict) -> None:  # sites never beat: a run that goes on never ends
+        if signalled:
+            ticks.append(status)
+            assert len(ticks) < 50, "the controller went on after SIGTERM"
+    ctl.on_tick = on_tick
+    assert ctl.run() == "stopped"
+    assert signalled == ["a"] and [e["kind"] for e in ctl.events()][-2:] == ["stopped", "teardown"]
+    assert ctl.cloud.held == [] and len(ctl.launches) == 2  # both torn down, nothing relaunched
+
+
+def test_down_says_when_the_controller_has_not_stopped_within_its_wait(
+        run_id, geotrain_home, monkeypatch: pytest.MonkeyPatch):
+    """A controller stuck in a provider call past DOWN_WAIT_S is not taken for stopped."""
+    import sys
+
+    import geotrain.runs as runs_mod
+    from geotrain.runs import record_controller
+
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
+                              "time.sleep(120)"], stdout=subprocess.PIPE)
+    try:
+        assert stuck.stdout.readline().strip() == b"1"  # its handler is set
+        db = Controller(run_id, geotrain_home).db
+        record_controller(db, run_id, stuck.pid, state="running")
+        monkeypatch.setattr(runs_mod, "DOWN_WAIT_S", 0.5)
+        out = runs_mod.down(run_id, geotrain_home)
+        assert out["controller_running"] == stuck.pid and out["state"] == "stopped"
+        stuck.kill()
+        stuck.wait(timeout=10)
+        assert runs_mod.down(run_id, geotrain_home)["controller_running"] is None
+    finally:
+        stuck.kill()
+        stuck.wait(timeout=10)
+
+
 # -- resume ---------------------------------------------------------------------------
 
 

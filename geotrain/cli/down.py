@@ -55,6 +55,10 @@ def down(run: Annotated[Optional[str], typer.Argument(help="run id (a unique pre
                   f"terminated {len(result['terminated'])} node(s)", highlight=False)
         for node in result["terminated"]:
             out.print(f"  - {node}", highlight=False)
+        if result.get("controller_running"):
+            err.print(f"warning: the run's controller (pid {result['controller_running']}) has "
+                      "not stopped yet; it tears down what it is launching as it stops: run "
+                      f"`geotrain down {result['run']}` again once it has", highlight=False)
     if orphans:
         found = result["orphans"]
         shown = found["found"] if dry_run else found["terminated"]
