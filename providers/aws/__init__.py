@@ -22,7 +22,7 @@ The recipe's typed options (`SitePlan.provider_options`, providers/aws/options.p
 `AwsOptions`): `instance_profile` (name or ARN; the nodes' only credentials, for
 the run store; see infra/aws/README.md) or `run_role` (launch makes the site a role
 for its run's store folder only, deleted with its last node: providers/aws/iam.py), `subnets` (tried in `zones` order, one
-per zone), `image` (AMI id; skips the lookup below), `disk_gb` (the root
+per zone; providers/aws/network.py), `image` (AMI id; skips the lookup below), `disk_gb` (the root
 volume, gp3), `public_ip` (off: the node's one network interface gets no public
 address; the subnet's NAT gives it outbound access). Internal plan options:
 `image_name` / `image_owner` for the lookup (default DEFAULT_IMAGE_NAME, amazon).
@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
 from providers.aws import iam
+from providers.aws.network import delete_group, ensure_group, group_name, subnets  # noqa: F401 - group_name: the contract tests use it
 from providers.aws.options import AwsOptions
 from providers import Capabilities, CredentialCheck, Leftover, Node, SitePlan
 
@@ -63,7 +64,6 @@ DEFAULT_INSTANCE_TYPE = "g5.xlarge"  # one NVIDIA A10G
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 WAIT_DELAY_S = 5.0        # terminate waiter poll interval (tests lower it)
 WAIT_MAX_ATTEMPTS = 120
-GROUP_DELETE_TIMEOUT_S = 120.0
 
 
 def capabilities() -> Capabilities:
@@ -101,10 +101,6 @@ def _tags(plan: SitePlan, node: int | None = None) -> list[dict]:
         tags += [{"Key": TAG_NODE, "Value": str(node)},
                  {"Key": "Name", "Value": f"geotrain-{plan.run_id}-{plan.site}-{node}"}]
     return tags
-
-
-def group_name(run_id: str, site: str) -> str:
-    return f"geotrain-{run_id}-{site}"
 
 
 # ---------------------------------------------------------------- check
@@ -172,67 +168,13 @@ def _options(plan: SitePlan) -> AwsOptions:
 
 
 def _subnets(ec2, plan: SitePlan) -> list[tuple[str, str, str]]:
-    """(zone, subnet id, vpc id) candidates in the order to try them."""
-    wanted = _options(plan).subnets
-    if wanted:
-        found = {s["SubnetId"]: s for s in ec2.describe_subnets(SubnetIds=wanted)["Subnets"]}
-        subnets = [found[i] for i in wanted if i in found]  # in the recipe's order
-    else:
-        vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
-        if not vpcs:
-            region = ec2.meta.region_name
-            raise ProviderError(f"site {plan.site}: region {region} has no default VPC; create one "
-                                f"(`aws ec2 create-default-vpc --region {region}`), set the "
-                                "site's `aws.subnets`, or choose another `region` for this site")
-        subnets = sorted(ec2.describe_subnets(Filters=[
-            {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
-            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"],
-            key=lambda s: (s["AvailabilityZone"], s["SubnetId"]))
-    by_zone = {}
-    for s in subnets:
-        by_zone.setdefault(s["AvailabilityZone"], (s["AvailabilityZone"], s["SubnetId"], s["VpcId"]))
-    if len({v for _, _, v in by_zone.values()}) > 1:
-        raise ProviderError(f"site {plan.site}: aws.subnets {', '.join(wanted)} are in "
-                            "different VPCs; a site's nodes share one VPC")
-    if not plan.zones:
-        return list(by_zone.values())
-    missing = [z for z in plan.zones if z not in by_zone]
-    if len(missing) == len(plan.zones):
-        raise ProviderError(f"no subnet in zone(s) {', '.join(missing)} of {plan.region}; "
-                            f"valid: {', '.join(by_zone) or 'none'}")
-    return [by_zone[z] for z in plan.zones if z in by_zone]
-
-
-def _ensure_group(ec2, plan: SitePlan, vpc_id: str) -> tuple[str, bool]:
-    """(group id, created now) of the site's security group, with its one rule."""
-    from botocore.exceptions import ClientError
-    name = group_name(plan.run_id, plan.site)
-    try:
-        gid = ec2.create_security_group(
-            GroupName=name, VpcId=vpc_id,
-            Description=f"geotrain site {plan.site} of run {plan.run_id}: intra-site traffic only",
-            TagSpecifications=[{"ResourceType": "security-group", "Tags": _tags(plan)}])["GroupId"]
-        created = True
-    except ClientError as e:
-        if _error(e)[0] != "InvalidGroup.Duplicate":
-            raise
-        gid = ec2.describe_security_groups(Filters=[
-            {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]}],
-        )["SecurityGroups"][0]["GroupId"]
-        created = False
-    try:
-        ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
-            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]}])
-    except ClientError as e:
-        if _error(e)[0] != "InvalidPermission.Duplicate":
-            raise
-    return gid, created
+    return subnets(ec2, plan, _options(plan).subnets)
 
 
 def open_ports(plan: SitePlan) -> None:
     """Create the site's security group (intra-site traffic only) if missing."""
     ec2 = _client("ec2", _region(plan))
-    _ensure_group(ec2, plan, _subnets(ec2, plan)[0][2])
+    ensure_group(ec2, plan, _subnets(ec2, plan)[0][2], _tags(plan))
 
 
 def _region(plan: SitePlan) -> str:
@@ -301,7 +243,7 @@ def launch(plan: SitePlan) -> list[Node]:
         candidates = _subnets(ec2, plan)
         tried += [f"aws:{region}/{z} (no subnet)" for z in plan.zones
                   if z not in {c[0] for c in candidates}]
-        group, created = _ensure_group(ec2, plan, candidates[0][2])
+        group, created = ensure_group(ec2, plan, candidates[0][2], _tags(plan))
         profile = None
         if _options(plan).run_role:
             role_made = True
@@ -346,7 +288,7 @@ def _cleanup(ec2, instance_ids: list[str], group: str | None) -> None:
     try:
         _terminate_ids(ec2, instance_ids)
         if group:
-            _delete_group(ec2, group)
+            delete_group(ec2, group, WAIT_DELAY_S)
     except Exception:  # noqa: BLE001 - never mask the launch error
         pass
 
@@ -437,24 +379,6 @@ def _delete_role_if_unused(ec2, run_id: str, site: str, region: str) -> None:
         iam.delete_run_role(_client("iam", region), run_id, site)
 
 
-def _delete_group(ec2, group_id: str) -> None:
-    """Delete a security group; a just-terminated instance's network interface
-    can hold it for a little while (DependencyViolation), so retry briefly."""
-    from botocore.exceptions import ClientError
-    deadline = time.monotonic() + GROUP_DELETE_TIMEOUT_S
-    while True:
-        try:
-            ec2.delete_security_group(GroupId=group_id)
-            return
-        except ClientError as e:
-            code = _error(e)[0]
-            if code == "InvalidGroup.NotFound":
-                return
-            if code != "DependencyViolation" or time.monotonic() > deadline:
-                raise
-        time.sleep(min(WAIT_DELAY_S, 5.0))
-
-
 def terminate(nodes: list[Node]) -> list[Node]:
     """Terminate the nodes, wait until EC2 says terminated, then delete each
     of their sites' security groups (found by tag)."""
@@ -472,7 +396,7 @@ def terminate(nodes: list[Node]) -> list[Node]:
                     {"Name": f"tag:{TAG_RUN}", "Values": [run_id]},
                     {"Name": f"tag:{TAG_SITE}", "Values": [site]}])["SecurityGroups"]
                 for sg in sgs:
-                    _delete_group(ec2, sg["GroupId"])
+                    delete_group(ec2, sg["GroupId"], WAIT_DELAY_S)
                 if (run_id, site) in roles:
                     _delete_role_if_unused(ec2, run_id, site, region)
     except (ClientError, BotoCoreError) as e:
