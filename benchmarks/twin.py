@@ -44,6 +44,7 @@ from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_stor
 from tests.fakes.ec2_boot import Ec2Booter  # noqa: E402
 from tests.fakes.gce_boot import BootConfig  # noqa: E402
 from tests.fakes.gce_server import FakeGCE  # noqa: E402
+from tests.fakes import netns  # noqa: E402
 from tests.fakes.node import node_image, tagged_pids  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 
@@ -283,13 +284,26 @@ def scenario(t: Twin) -> dict:
     wait("every node stopped", lambda: not any(tagged_pids(n.instance_id) for n in t.nodes()), 120)
     out["leftovers"] = {"instances": t.live_instances(),
                         "processes": sum(len(tagged_pids(n.instance_id)) for n in t.nodes())}
+    # Each node's own network (tests/fakes/netns.py): what crossed its link to the
+    # store and metadata services.
+    links = [(n.instance_id, n.link) for n in t.nodes() if n.link is not None]
+    out["network"] = {
+        "nodes": "isolated" if links else f"host ({netns.available() or 'GEOTRAIN_STANDIN_NETWORK'})",
+        "link": os.environ.get("GEOTRAIN_STANDIN_LINK", netns.DEFAULT_LINK),
+        "per_node": [{"node": i, "connections": lk.stats.connections, "bytes_out": lk.stats.bytes_out,
+                      "bytes_in": lk.stats.bytes_in} for i, lk in links]}
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "twin.json")
+    ap.add_argument("--link", default=netns.DEFAULT_LINK,
+                    help="the shape of each node's link to the services it reaches, e.g. "
+                    "'delay_ms=25,rate_mbit=100' (GEOTRAIN_STANDIN_LINK)")
     a = ap.parse_args()
+    os.environ["GEOTRAIN_STANDIN_LINK"] = a.link
+    netns.Link.parse(a.link)  # a typo is an error now, not at the first boot
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="gt-twin-") as tmp:
         twin = Twin(Path(tmp))
@@ -298,11 +312,11 @@ def main() -> int:
         finally:
             twin.close()
     keys = ("run", "state", "rounds_done", "rounds_total", "sites", "preemption", "migration",
-            "no_identity", "no_access", "leftovers", "losses")
+            "no_identity", "no_access", "leftovers", "losses", "network")
     result = {k: result[k] for k in keys}
     result["measured"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           "wall_s": round(time.time() - started, 1),
-                          "command": "python benchmarks/twin.py --out " + str(a.out)}
+                          "command": f"python benchmarks/twin.py --link {a.link} --out {a.out}"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -28,6 +28,7 @@ from geotrain.site.node_info import fatal_line
 from tests.cloud_helpers import BUCKET, PROFILE, STORE_URL, aws_env, cli, cli_json, controller_log, \
     tagged, write_recipe  # noqa: F401 - aws_env is a fixture
 from tests.fakes.aws_identity import S3IdentityProxy
+from tests.fakes import netns
 from tests.fakes.ec2_boot import Ec2Booter
 from tests.fakes.node import node_image, tagged_pids
 from tests.helpers import wait_for
@@ -183,6 +184,11 @@ def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, m
     # policy sufficed: nothing a node asked for was refused or unjudgeable.
     assert {r["key_id"] for r in s3.requests if r["status"] < 400} == role_keys
     assert not s3.denied() and not s3.errors, (s3.denied()[:5], s3.errors[:5])
+    # Each node had a network of its own where this machine allows it
+    # (tests/fakes/netns.py): all it sent the store crossed its link.
+    if netns.available() is None:
+        assert first.network == second.network == "isolated"
+        assert first.link.stats.bytes_out > 0 and second.link.stats.bytes_out > 0
     # The run ended: its instances are gone, and so is each node's whole process tree.
     assert tagged(moto_server, run_id, ["us-east-1"])["instances"] == {}
     booter.wait_stopped(second.instance_id, timeout=120)

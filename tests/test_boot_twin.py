@@ -25,6 +25,7 @@ from geotrain.site.node_info import fatal_line
 from geotrain.site.store_identity import AZURE_AUDIENCE
 from tests.cloud_helpers import PROFILE, STORE_URL, aws_env, azure_env, cli, cli_json, gcp_env, \
     wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.fakes import netns
 from tests.fakes.arm_server import FakeArm
 from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_store
 from tests.fakes.azure_boot import BootConfig as AzureBoot
@@ -132,6 +133,11 @@ def test_an_aws_a_gcp_and_an_azure_node_train_one_model_through_an_s3_store(clou
     assert {s["provider"] for s in final["sites"]} == {"aws", "gcp", "azure"}
     for node in nodes:
         assert "verified" in node.console_text() and fatal_line(node.console_text()) is None
+    # Each node had a network of its own where this machine allows it (tests/fakes/netns.py):
+    # the three clouds' nodes trained together with all they sent crossing their links.
+    if netns.available() is None:
+        assert [n.network for n in nodes] == ["isolated"] * 3
+        assert all(n.link.stats.bytes_out > 0 and n.link.stats.bytes_in > 0 for n in nodes)
 
     # The GCP and Azure nodes got their AWS keys from STS for their own identities, and
     # only so.

@@ -17,6 +17,12 @@ node's `venv --system-site-packages` sees an image's). geotrain itself is *not*
 importable from there (an editable install is a .pth file that a PYTHONPATH entry
 does not run), so a node runs geotrain only if its boot really installed the wheel.
 
+Where the machine allows it, the node has its own network (tests/fakes/netns.py): a
+namespace with a loopback only, from which the services its boot data names — every
+`127.0.0.1:PORT` in its script and environment — are relayed over a shaped link, and
+nothing else on this machine is reachable; `network` says which it got ("isolated" or
+"host") and `link` (isolated only) counts what crossed it.
+
 Every process of a node carries `GEOTRAIN_STANDIN_NODE=<instance id>` in its
 environment; `stop()` signals exactly those (SIGTERM, then SIGKILL after a grace
 period), never anything found by name, so terminating an instance ends its whole tree,
@@ -34,6 +40,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from tests.fakes import netns
 
 TAG = "GEOTRAIN_STANDIN_NODE"
 
@@ -94,10 +102,17 @@ class BootedNode:
             "GEOTRAIN_HOME": str(root / "home" / ".geotrain"),
             **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.network = "isolated" if netns.use_isolated() else "host"
+        self.link: netns.Namespace | None = None
 
     def start(self) -> BootedNode:
+        argv, fds = ["bash", str(self.script)], ()
+        if self.network == "isolated":
+            self.link = netns.Namespace(netns.ports_named(self.script.read_text(),
+                                                          *self.env.values()))
+            argv, fds = self.link.command(argv)
         with open(self.console, "ab") as console:
-            self.proc = subprocess.Popen(["bash", str(self.script)], cwd=self.root, env=self.env,
+            self.proc = subprocess.Popen(argv, cwd=self.root, env=self.env, pass_fds=fds,
                                          stdin=subprocess.DEVNULL, stdout=console,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         return self
@@ -128,5 +143,7 @@ class BootedNode:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        if self.link is not None:
+            self.link.close()
         if not tagged_pids(self.instance_id):
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,157 @@
+"""A stand-in node's own network (tests/fakes/netns.py): it reaches the services its boot
+data names, through a shaped link, and nothing else on this machine; nothing reaches it.
+
+Skipped, with the reason, where this machine cannot make network namespaces (the
+stand-in nodes then share its network, as they did before)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import netns
+from tests.fakes.node import BootedNode, node_image, tagged_pids
+from tests.helpers import wait_for
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(netns.available() is not None,
+                                 reason=f"no network namespaces here: {netns.available()}")]
+
+PROBE = """
+import json, os, socket, sys, time
+def reach(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            t0 = time.monotonic(); s.sendall(b"ping\\n"); reply = s.makefile().readline().strip()
+            return {"ok": True, "reply": reply, "rtt_s": time.monotonic() - t0}
+    except OSError as e:
+        return {"ok": False, "error": type(e).__name__}
+out = {p: reach(int(p)) for p in sys.argv[1:]}
+with open(os.environ["GEOTRAIN_NODE_ROOT"] + "/probe.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+class Echo(socketserver.ThreadingTCPServer):
+    """A service on this machine: answers each line with `name:line`."""
+
+    daemon_threads, allow_reuse_address = True, True
+
+    def __init__(self, name: str):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for line in self.rfile:
+                    self.wfile.write(f"{name}:{line.decode().strip()}\n".encode())
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def services():
+    given, other = Echo("store"), Echo("operator")
+    yield given, other
+    given.close()
+    other.close()
+
+
+def boot(tmp_path: Path, name: str, given: list[int], probe: list[int]) -> tuple[BootedNode, dict]:
+    """Boot a node whose environment names `given` and which tries to reach `probe`."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    args = " ".join(str(p) for p in probe)
+    script = f"python3 {tmp_path / 'probe.py'} {args}\n"
+    env = {"STORE_ENDPOINT": ",".join(f"http://127.0.0.1:{p}" for p in given)}
+    node = BootedNode(name, script, tmp_path / name, node_image(tmp_path / "image"), env=env)
+    node.start()
+    wait_for(lambda: not node.running(), 60, every=0.1)
+    return node, json.loads((tmp_path / name / "probe.json").read_text())
+
+
+def test_a_node_reaches_the_services_it_was_given_and_nothing_else(tmp_path, services):
+    given, other = services
+    node, seen = boot(tmp_path, "i-net", [given.port], [given.port, other.port])
+    try:
+        assert node.network == "isolated"
+        assert seen[str(given.port)] == {"ok": True, "reply": "store:ping",
+                                         "rtt_s": seen[str(given.port)]["rtt_s"]}
+        # The operator's service listens on this machine, but not in the node's network.
+        assert seen[str(other.port)] == {"ok": False, "error": "ConnectionRefusedError"}
+        assert node.link.stats.connections == 1 and node.link.stats.bytes_out == len(b"ping\n")
+    finally:
+        node.stop()
+    assert tagged_pids("i-net") == []
+    # Stopped: the relay's listeners are gone with the namespace's last process.
+    assert node.link.fd == -1
+
+
+def test_one_nodes_ports_are_not_reachable_from_another_node(tmp_path):
+    """Two nodes that bind the same port each get their own; one never reaches the other's."""
+    (tmp_path / "listen.py").write_text(
+        "import socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 23456)); s.listen(1)\n"
+        "time.sleep(60)\n")
+    server = BootedNode("i-a", f"exec python3 {tmp_path / 'listen.py'}\n", tmp_path / "a",
+                        node_image(tmp_path / "image")).start()
+    try:
+        wait_for(lambda: server.running() and len(tagged_pids("i-a")) >= 1, 30, every=0.1)
+        time.sleep(1.0)  # let it bind
+        client, seen = boot(tmp_path, "i-b", [], [23456])
+        client.stop()
+        assert seen["23456"] == {"ok": False, "error": "ConnectionRefusedError"}
+        with pytest.raises(OSError):  # nor from this machine's own network
+            socket.create_connection(("127.0.0.1", 23456), timeout=2).close()
+    finally:
+        server.stop()
+    assert tagged_pids("i-a") == []
+
+
+def test_the_link_delays_each_way(tmp_path, services, monkeypatch):
+    """GEOTRAIN_STANDIN_LINK shapes the link: a round trip takes at least twice its delay."""
+    given, _ = services
+    monkeypatch.setenv("GEOTRAIN_STANDIN_LINK", "delay_ms=150")
+    node, seen = boot(tmp_path, "i-slow", [given.port], [given.port])
+    node.stop()
+    assert seen[str(given.port)]["ok"] and seen[str(given.port)]["rtt_s"] >= 0.3
+
+
+def test_the_link_limits_the_rate(services):
+    """At 8 Mbit/s (1 MB/s) 2 MB take at least 2 s through the relay; the bytes arrive whole."""
+    given, _ = services
+    ns = netns.Namespace([given.port], netns.Link(rate_bps=1e6))
+    try:
+        # A client inside the namespace: made by a thread that enters it.
+        script = ("import socket,sys,time\n"
+                  f"s=socket.create_connection(('127.0.0.1',{given.port}))\n"
+                  "line=b'x'*(2*1024*1024)+b'\\n'; t0=time.monotonic(); s.sendall(line)\n"
+                  "r=s.makefile('rb').readline(); print(len(r), round(time.monotonic()-t0,3))\n")
+        import subprocess
+        argv, fds = ns.command([sys.executable, "-c", script])
+        out = subprocess.run(argv, pass_fds=fds, capture_output=True, text=True, timeout=60)
+        size, took = out.stdout.split()
+        assert int(size) == len("store:") + 2 * 1024 * 1024 + 1, out.stderr
+        assert float(took) >= 2 * 2.0 * 0.95  # both ways at 1 MB/s
+    finally:
+        ns.close()
+
+
+def test_the_link_and_mode_are_read_from_the_environment(monkeypatch):
+    assert netns.Link.parse("delay_ms=25,rate_mbit=100") == netns.Link(0.025, 12.5e6)
+    with pytest.raises(ValueError, match="unknown key 'loss'"):
+        netns.Link.parse("loss=1")
+    monkeypatch.setenv("GEOTRAIN_STANDIN_NETWORK", "host")
+    assert netns.use_isolated() is False
+    monkeypatch.setenv("GEOTRAIN_STANDIN_NETWORK", "bridged")
+    with pytest.raises(ValueError, match="valid: auto, isolated, host"):
+        netns.mode()
+    assert netns.ports_named("X=http://127.0.0.1:9000/b", "localhost:80 127.0.0.1:12") == [12, 80, 9000]
