@@ -125,22 +125,28 @@ def test_the_link_delays_each_way(tmp_path, services, monkeypatch):
     assert seen[str(given.port)]["ok"] and seen[str(given.port)]["rtt_s"] >= 0.3
 
 
-def test_the_link_limits_the_rate(services):
-    """At 8 Mbit/s (1 MB/s) 2 MB take at least 2 s through the relay; the bytes arrive whole."""
+def test_the_link_limits_the_rate_of_all_the_nodes_connections_together(services):
+    """At 8 Mbit/s (1 MB/s), two connections at once each sending 1 MB and getting it
+    back share the link: 2 MB each way take at least 2 s each way; the bytes arrive whole."""
+    import subprocess
+
     given, _ = services
     ns = netns.Namespace([given.port], netns.Link(rate_bps=1e6))
     try:
-        # A client inside the namespace: made by a thread that enters it.
-        script = ("import socket,sys,time\n"
-                  f"s=socket.create_connection(('127.0.0.1',{given.port}))\n"
-                  "line=b'x'*(2*1024*1024)+b'\\n'; t0=time.monotonic(); s.sendall(line)\n"
-                  "r=s.makefile('rb').readline(); print(len(r), round(time.monotonic()-t0,3))\n")
-        import subprocess
+        script = ("import socket,threading,time\n"
+                  "sizes=[]\n"
+                  "def one():\n"
+                  f"    s=socket.create_connection(('127.0.0.1',{given.port}))\n"
+                  "    s.sendall(b'x'*(1024*1024)+b'\\n'); sizes.append(len(s.makefile('rb').readline()))\n"
+                  "t0=time.monotonic(); ts=[threading.Thread(target=one) for _ in range(2)]\n"
+                  "[t.start() for t in ts]; [t.join() for t in ts]\n"
+                  "print(sizes[0], sizes[1], round(time.monotonic()-t0,3))\n")
         argv, fds = ns.command([sys.executable, "-c", script])
         out = subprocess.run(argv, pass_fds=fds, capture_output=True, text=True, timeout=60)
-        size, took = out.stdout.split()
-        assert int(size) == len("store:") + 2 * 1024 * 1024 + 1, out.stderr
-        assert float(took) >= 2 * 2.0 * 0.95  # both ways at 1 MB/s
+        a, b, took = out.stdout.split()
+        assert int(a) == int(b) == len("store:") + 1024 * 1024 + 1, out.stderr
+        assert float(took) >= 2 * 2 * 1024 * 1024 / 1e6 * 0.95  # 2 MiB up, then 2 MiB down
+        assert ns.stats.connections == 2 and ns.stats.bytes_out == 2 * (1024 * 1024 + 1)
     finally:
         ns.close()
 

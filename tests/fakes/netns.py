@@ -12,7 +12,8 @@ nothing else on the operator's machine. A `BootedNode` (tests/fakes/node.py) in
   names: metadata service, store endpoint, identity proxy, a signed URL's host) is
   listened for on the namespace's loopback, at the same address and port, and relayed
   to the real one through a `Link`: one-way `delay_s` per chunk and `rate_bps` each
-  way, the shape of a link from a cloud region to an object store.
+  way, shared by all the node's connections (its NIC), the shape of a link from a
+  cloud region to an object store.
 
 The namespace is made by `unshare(CLONE_NEWNET)` in a short-lived thread of this
 process (a network namespace is per thread, so nothing else here moves), which also
@@ -178,6 +179,7 @@ class Namespace:
         self._closed = threading.Event()
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._busy_until: dict[str, float] = {}  # per way: when the link is free again
         self._threads = [threading.Thread(target=self._accept, args=(s, p), daemon=True,
                                           name=f"netns-relay-{p}")
                          for s, p in zip(self._listeners, self.ports)]
@@ -237,6 +239,15 @@ class Namespace:
         except OSError:
             pass
 
+    def _reserve(self, way: str, seconds: float) -> float:
+        """Book `seconds` of the link one way (after what is booked already); how long
+        to wait until the booking ends."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._busy_until.get(way, 0.0))
+            self._busy_until[way] = start + seconds
+        return start + seconds - now
+
     def _pump(self, src: socket.socket, dst: socket.socket, counter: str, finished) -> None:
         """src -> dst through the link: a reader stamps each chunk with when it is due,
         a writer sends it then, no faster than the link's rate. An EOF is passed on
@@ -258,10 +269,10 @@ class Namespace:
                     wait = at - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
+                    if rate:  # the node's link, shared by all its connections
+                        time.sleep(self._reserve(counter, len(data) / rate))
                     dst.sendall(data)
                     self.stats.add(**{counter: len(data)})
-                    if rate:
-                        time.sleep(len(data) / rate)
             except OSError:
                 pass
             finally:
