@@ -125,9 +125,12 @@ def placement_store_access(provider: str, opts, store: str, who: str, at: str) -
     if getattr(opts, "run_role", False) and scheme != "s3":
         return (f"{who}: {at}.run_role scopes a role to an s3:// run store, not {store}; "
                 f"use store_credentials for a store on another cloud")
+    if getattr(opts, "run_account", False) and scheme != "gs":
+        return (f"{who}: {at}.run_account scopes a service account to a gs:// run store, not "
+                f"{store}; use store_credentials for a store on another cloud")
     if STORE_CLOUD[scheme] == provider:
         key = IDENTITY[provider]
-        if opts is None or (getattr(opts, key) is None and not getattr(opts, "run_role", False)):
+        if opts is None or (getattr(opts, key) is None and not opts.makes_run_resources()):
             return (f"{who}: its {provider} nodes have no identity to write the run "
                     f"store {store}; set {at}.{key} (see infra/{provider}/README.md)")
         return None

@@ -18,7 +18,7 @@ is terminated. A provider module that does not exist yet, cannot list, or fails 
 reported as skipped, never raised.
 
 Some providers make resources for a run's sites beside their nodes (`RunResources`: an
-AWS run role, aws.run_role), which `terminate` removes with a site's last node. What a
+AWS run role, aws.run_role; a GCP run service account, gcp.run_account), which `terminate` removes with a site's last node. What a
 launch killed before any node existed left, `terminate_run` removes for its run (when
 its recipe makes such resources) and `down_orphans` for this operator's runs that are
 over or unknown here.
@@ -94,7 +94,7 @@ def terminate_run(db: StateDB, run_id: str) -> list[providers.Node]:
 
 def run_resource_providers(db: StateDB, run_id: str) -> list[str]:
     """The providers on which the run's recipe has launch make resources beside the nodes
-    (a placement whose options say so: aws.run_role)."""
+    (a placement whose options say so: aws.run_role, gcp.run_account)."""
     from geotrain.recipe import Recipe
 
     raw = db.run(run_id).get("recipe_json")
@@ -217,11 +217,11 @@ def _per_provider(items: list, act: Callable, skipped: list[dict]) -> list:
 
 
 def _orphaned_leftovers(db: StateDB) -> list[providers.Leftover]:
-    """What launch made beside the nodes (run roles) for runs launched from this home
+    """What launch made beside the nodes (run roles, run accounts) for runs launched from this home
     (its owner id) that the db does not know or says are over: `terminate` removes a
     site's once its last node is gone, so these are a launch's killed before any node
     was made. Best effort: a provider that cannot list them (no IAM rights: those are
-    needed only with aws.run_role) is passed over, with a warning in the log."""
+    needed only with aws.run_role / gcp.run_account) is passed over, with a warning in the log."""
     import logging
 
     me = owner_id(db.path.parent)

@@ -68,8 +68,8 @@ def target_problem(recipe, store_url: str, site: str | None = None, to: str | No
         if scoped:
             return (f"cannot move the store to {new_store}: the nodes of {', '.join(scoped)} are "
                     "granted only this run's folder of the current store (aws.run_role, "
-                    "azure.store_scope), and a move does not carry grants yet; migrate those "
-                    "sites to a placement without it first, or keep the store")
+                    "gcp.run_account, azure.store_scope), and a move does not carry grants "
+                    "yet; migrate those sites to a placement without it first, or keep the store")
         moved = recipe.model_copy(update={"store": recipe.store.model_copy(update={"url": new_store})})
         problem = store_access(moved)
         return f"cannot move the store to {new_store}: {problem}" if problem else None
@@ -88,12 +88,13 @@ def target_problem(recipe, store_url: str, site: str | None = None, to: str | No
 
 def store_scoped_sites(recipe) -> list[str]:
     """The sites some placement of which has its store access made by launch for this run's
-    folder of the current store (aws.run_role; azure.store_scope), as 'site NAME'."""
+    folder of the current store (aws.run_role, gcp.run_account; azure.store_scope), as
+    'site NAME'."""
     out = []
     for site in recipe.sites:
         for p in site.placements():
             opts = p.options()
-            if getattr(opts, "run_role", False) or getattr(opts, "store_scope", None):
+            if (opts is not None and opts.makes_run_resources()) or getattr(opts, "store_scope", None):
                 out.append(f"site {site.name}")
                 break
     return out

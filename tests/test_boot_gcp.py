@@ -14,6 +14,10 @@ metadata server). A node whose account is not granted is refused by the store an
 reported on its site, not left hanging (a site with no service account at all is refused
 by launch itself).
 
+With `gcp.run_account` the node runs as the service account launch made for its site,
+and the proxy enforces the bindings launch wrote in the bucket's IAM policy: its run's
+folder, not another run's (tests/test_gcp_run_account.py tests the rest of it).
+
 The first tests check the proxy and the per-instance tokens alone (seconds); the boot
 tests take minutes.
 
@@ -302,3 +306,53 @@ def test_a_node_whose_account_cannot_use_the_store_is_reported_not_silent(cloud,
     cli(env, "down", run_id, timeout=120)
     wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
     print(f"\nnot granted: reported {reported_s:.1f} s after the node printed it")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_node_under_a_run_account_keeps_to_its_run_folder(cloud, tmp_path):
+    """gcp.run_account: launch makes the site its own service account and grants it, in
+    the bucket's IAM policy (served and enforced by the proxy), its run's folder only. The
+    node boots and trains as that account, nothing refused; with its own token it is
+    refused another run's folder of the same bucket; `down` removes account and bindings.
+    The run has more rounds than the test waits for, so the grant is there while probed."""
+    from providers.gcp import accounts
+
+    env, home, fake, proxy, bucket = cloud
+    # The bucket's standing policy, its custom lister role in the fake's project.
+    proxy.apply_policy(bucket, *infra_policy(bucket, PREFIX, project=fake.project))
+    standing = len(proxy.policies[bucket]["bindings"])
+    fake.accounts_must_exist = True  # the instance's account must be one IAM made
+    env = {**env, accounts.ENDPOINT_ENV: fake.url}
+    spec = recipe(bucket, None)
+    spec["sites"][0]["gcp"] = {"run_account": True}
+    spec["train"]["rounds"] = 10000
+    run_id = launch(env, spec, tmp_path)
+    node = wait_for(lambda: booted(fake), 120, every=0.5)
+    email = accounts.account_email(fake.project, run_id, "west")
+    assert accounts.parse_account(fake.service_accounts[email])["run"] == run_id
+    [body] = fake.bodies("POST", "/instances")
+    assert [a["email"] for a in body["serviceAccounts"]] == [email]
+    wait_for(lambda: (cli_json(env, "status", run_id).get("rounds_done") or 0) >= 1
+             or fatal_line(node.console_text()), PATIENCE_S, every=1.0)
+    assert fatal_line(node.console_text()) is None, node.console_text()[-3000:]
+    # It fetched, installed and trained a round in its run's folder as the run account.
+    by_node = [r for r in proxy.requests if r["email"] not in ("operator", None)]
+    assert by_node and {r["email"] for r in by_node} == {email}
+    assert any(r["method"] == "POST" for r in by_node)  # it wrote, not only read
+    assert not proxy.denied() and not proxy.errors, (proxy.denied(), proxy.errors)
+    # Its own token: its run's folder yes, another run's folder of the same bucket no.
+    token = fake.token_for(email)
+    assert gcs(proxy.url, token, f"/storage/v1/b/{bucket}/o/{PREFIX}%2F{run_id}%2Frun.json")[0] == 200
+    gcsfs_as(proxy.url, fake.token).pipe(f"{bucket}/{PREFIX}/other-run/run.json", b"{}")
+    status, doc = gcs(proxy.url, token, f"/storage/v1/b/{bucket}/o/{PREFIX}%2Fother-run%2Frun.json")
+    assert status == 403 and f"{email} does not have storage.objects.get" in doc["error"]["message"]
+    status, _ = gcs(proxy.url, token, f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+                    f"{PREFIX}%2Fother-run%2Fx", "POST")
+    assert status == 403
+    cli(env, "down", run_id, timeout=120)
+    wait_for(lambda: not tagged_pids(node.instance_id), 120, every=0.5)
+    assert email not in fake.service_accounts
+    bindings = proxy.policies[bucket]["bindings"]
+    assert len(bindings) == standing and not any(f"serviceAccount:{email}" in b["members"]
+                                                 for b in bindings)

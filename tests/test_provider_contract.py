@@ -95,7 +95,7 @@ def test_the_capabilities_of_each_provider():
     assert [n for n, c in caps.items() if c.runs_here] == ["local"]
     assert [n for n, c in caps.items() if c.fault_seams] == ["local"]
     assert [n for n, c in caps.items() if c.console] == ["aws", "gcp", "azure"]
-    assert [n for n, c in caps.items() if c.run_resources] == ["aws"]
+    assert [n for n, c in caps.items() if c.run_resources] == ["aws", "gcp"]
     assert all(c.spot and c.multi_node and c.preemption_notice and c.gpus
                for n, c in caps.items() if n != "local")
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from geotrain import bootstrap

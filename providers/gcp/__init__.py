@@ -20,14 +20,17 @@ Storage, so even a compromised node's token cannot call Compute Engine or any
 other API, whatever roles the account holds (infra/gcp/ grants it object access
 on the run bucket only). Without `service_account` the instance gets no
 service account at all (not the project's default one, which often holds
-Editor): it then has no Google identity.
+Editor): it then has no Google identity. With `gcp.run_account` instead, launch
+makes the site a service account of its own, granted only its run's folder of the
+store, and `terminate` deletes it with the site's last node (providers/gcp/accounts.py).
 
 The project is $GOOGLE_CLOUD_PROJECT, else the Application Default
 Credentials' project — one source per process, so that `launch`, `query` and
 `terminate` always look in the same project; `check()` says which.
 
 Configuration (all non-secret): the recipe's typed options
-(`SitePlan.provider_options`, providers/gcp/options.py `GcpOptions`): `service_account`,
+(`SitePlan.provider_options`, providers/gcp/options.py `GcpOptions`): `service_account`
+or `run_account`,
 `network` (default `global/networks/default`; prefer a dedicated VPC: the
 default one ships allow-internal rules), `subnetwork`, `image` (default the Deep
 Learning VM family below), `accelerator` (`nvidia-tesla-t4:2`, TYPE[:COUNT],
@@ -36,6 +39,9 @@ of its own in the catalog), for N1-style machine types; A2/A3/A4/G2
 machine types carry their GPUs implicitly), `disk_gb`, `public_ip`.
     $GEOTRAIN_GCE_ENDPOINT  e.g. http://127.0.0.1:PORT: send every Compute
                       Engine call there (tests); `check()` shows it.
+    $GEOTRAIN_GCP_IAM_ENDPOINT  the same for the IAM API (run accounts);
+                      `check()` shows it. The run bucket's IAM policy goes where
+                      google-cloud-storage sends it ($STORAGE_EMULATOR_HOST in tests).
 
 Credentials are Application Default Credentials (`google.auth.default()`);
 in tests the real Compute Engine credentials fetch their token from a local
@@ -44,164 +50,38 @@ metadata server (`GCE_METADATA_HOST`). No credential is ever logged.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
-import re
 import secrets
-import time
 
 from geotrain import bootstrap
 from geotrain.errors import CapacityError, ProviderError
+from providers.gcp import accounts
+from providers.gcp.compute import (ENDPOINT_ENV, _Api, _capacity_code, _credentials,  # noqa: F401
+                                   _ignore_404,
+                                   _OperationFailed, firewall_name, instance_name, label_value,
+                                   labels, network_tag)
 from providers.gcp.options import GcpOptions
-from providers import Capabilities, CredentialCheck, Node, SitePlan
+from providers import Capabilities, CredentialCheck, Leftover, Node, SitePlan
 
-ENDPOINT_ENV = "GEOTRAIN_GCE_ENDPOINT"
 DEFAULT_IMAGE = "projects/deeplearning-platform-release/global/images/family/pytorch-latest-gpu"
 DEFAULT_NETWORK = "global/networks/default"
 NODE_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
-OPERATION_TIMEOUT_S = 900.0
-# Error codes (operation errors) / reasons (HTTP errors) that mean "no room
-# here, try elsewhere"; compared upper-case without underscores so that
-# `quotaExceeded` and `QUOTA_EXCEEDED` are one (and as prefixes, so that
-# ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS counts).
-CAPACITY_CODES = ("ZONERESOURCEPOOLEXHAUSTED", "QUOTAEXCEEDED", "UNSUPPORTEDOPERATION",
-                  "RESOURCEPOOLEXHAUSTED", "STOCKOUT")
-CAPACITY_PHRASES = ("does not exist in zone", "does not have enough resources",
-                    "is not available in zone", "currently unavailable in the")
 GPU_FAMILIES = ("a2", "a3", "a4", "g2")  # accelerator-optimized: GPUs come with the type
 LIVE, PENDING = {"RUNNING"}, {"PROVISIONING", "STAGING", "REPAIRING"}
 
 
 def capabilities() -> Capabilities:
-    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True)
-
-
-# -- names and labels -------------------------------------------------------
-def label_value(text: str) -> str:
-    """A GCP label value: lowercase [a-z0-9_-], at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
-
-
-def _rfc1035(text: str, limit: int) -> str:
-    """A resource name ([a-z]([-a-z0-9]*[a-z0-9])?, at most `limit` chars);
-    when it must be shortened, a hash of the full text keeps it unique."""
-    name = re.sub(r"[^a-z0-9-]", "-", text.lower())
-    if not name[:1].isalpha():
-        name = "g" + name
-    if len(name) > limit:
-        name = name[:limit - 9].rstrip("-") + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
-    return name.rstrip("-")
-
-
-def network_tag(run_id: str, site: str) -> str:
-    return _rfc1035(f"geotrain-{run_id}-{site}", 57)  # room for "-intra"
-
-
-def firewall_name(run_id: str, site: str) -> str:
-    return f"{network_tag(run_id, site)}-intra"
-
-
-def instance_name(run_id: str, site: str, index: int) -> str:
-    return f"{_rfc1035(f'gt-{run_id}-{site}', 58)}-{index}"
-
-
-def labels(run_id: str, site: str, owner: str | None = None) -> dict[str, str]:
-    out = {"geotrain-run": label_value(run_id), "geotrain-site": label_value(site)}
-    if owner:
-        out["geotrain-owner"] = label_value(owner)
-    return out
-
-
-# -- clients ----------------------------------------------------------------
-def _credentials():
-    import google.auth
-
-    creds, adc_project = google.auth.default()
-    env_project = os.environ.get("GOOGLE_CLOUD_PROJECT")
-    return creds, env_project or adc_project, ("GOOGLE_CLOUD_PROJECT" if env_project else "ADC")
-
-
-class _Api:
-    """The Compute Engine clients one call needs, all on the same endpoint."""
-
-    def __init__(self):
-        # Credentials and project first: without them, fail before loading the compute
-        # SDK (seconds of imports), e.g. for `down --orphans` on a machine with no GCP.
-        creds, self.project, _ = _credentials()
-        if not self.project:
-            raise ProviderError("no GCP project: set $GOOGLE_CLOUD_PROJECT or the ADC project "
-                                "(`gcloud config set project ...`)")
-        from google.api_core.client_options import ClientOptions
-        from google.cloud import compute_v1
-
-        endpoint = os.environ.get(ENDPOINT_ENV)
-        kw = {"credentials": creds, "transport": "rest",
-              "client_options": ClientOptions(api_endpoint=endpoint) if endpoint else None}
-        self.v1 = compute_v1
-        self.instances = compute_v1.InstancesClient(**kw)
-        self.zone_ops = compute_v1.ZoneOperationsClient(**kw)
-        self.firewalls = compute_v1.FirewallsClient(**kw)
-        self.global_ops = compute_v1.GlobalOperationsClient(**kw)
-        self.zones = compute_v1.ZonesClient(**kw)
-
-    def wait(self, operation: str, zone: str | None = None) -> None:
-        """Poll an operation to DONE (insert().result() would build its own
-        operations client on the default endpoint); raise _OperationFailed
-        with its errors."""
-        deadline = time.monotonic() + OPERATION_TIMEOUT_S
-        while True:
-            if zone:
-                op = self.zone_ops.wait(project=self.project, zone=zone, operation=operation)
-            else:
-                op = self.global_ops.wait(project=self.project, operation=operation)
-            if op.status == self.v1.Operation.Status.DONE:
-                break
-            if time.monotonic() > deadline:
-                raise ProviderError(f"GCE operation {operation} not done after "
-                                    f"{OPERATION_TIMEOUT_S:.0f} s")
-            time.sleep(0.2)
-        if op.error and op.error.errors:
-            raise _OperationFailed([(e.code, e.message) for e in op.error.errors])
-
-
-class _OperationFailed(Exception):
-    def __init__(self, errors: list[tuple[str, str]]):
-        super().__init__("; ".join(f"{c}: {m}" for c, m in errors))
-        self.errors = errors
-
-
-def _capacity_code(exc: Exception) -> str | None:
-    """The capacity code/reason in an HTTP error or a failed operation, else None."""
-    from google.api_core import exceptions as gexc
-
-    if isinstance(exc, _OperationFailed):
-        pairs = exc.errors
-    elif isinstance(exc, gexc.GoogleAPICallError):
-        pairs = [(e.get("reason", ""), e.get("message", "")) for e in exc.errors or []
-                 if isinstance(e, dict)] + [(exc.reason or "", exc.message or "")]
-    else:
-        return None
-    for code, message in pairs:
-        if code and code.upper().replace("_", "").startswith(CAPACITY_CODES):
-            return code
-        if any(p in (message or "").lower() for p in CAPACITY_PHRASES):
-            return code or "UNAVAILABLE_IN_ZONE"
-    return None
-
-
-def _ignore_404(call, *args, **kwargs):
-    from google.api_core import exceptions as gexc
-
-    try:
-        return call(*args, **kwargs)
-    except gexc.NotFound:
-        return None
+    return Capabilities(spot=True, multi_node=True, preemption_notice=True, gpus=True, console=True,
+                        run_resources=True)
 
 
 # -- the contract -----------------------------------------------------------
 def check() -> CredentialCheck:
     endpoint = (f"{os.environ[ENDPOINT_ENV]} ({ENDPOINT_ENV})" if os.environ.get(ENDPOINT_ENV)
                 else "compute.googleapis.com")
+    if os.environ.get(accounts.ENDPOINT_ENV):
+        endpoint += f", IAM {os.environ[accounts.ENDPOINT_ENV]} ({accounts.ENDPOINT_ENV})"
     if os.environ.get("GCE_METADATA_HOST"):  # where Compute Engine credentials get tokens
         endpoint += f", metadata server {os.environ['GCE_METADATA_HOST']} (GCE_METADATA_HOST)"
     try:
@@ -258,7 +138,8 @@ def _accelerators(plan: SitePlan, api: _Api, zone: str) -> list:
         accelerator_count=int(count or plan.workers))]
 
 
-def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
+def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str,
+              account: str | None = None):
     v1 = api.v1
     if not plan.instance_type:
         raise ProviderError(f"site {plan.site}: gcp needs an instance_type (machine type), "
@@ -282,9 +163,9 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
                 ("geotrain-site", plan.site)]
     if gpu:  # Deep Learning VM images install the driver at first boot when asked
         metadata.append(("install-nvidia-driver", "True"))
-    # Only the account the recipe names; none at all otherwise.
-    accounts = ([v1.ServiceAccount(email=opts.service_account, scopes=list(NODE_SCOPES))]
-                if opts.service_account else [])
+    # Only the site's run account, or the account the recipe names; none at all otherwise.
+    email = account or opts.service_account
+    identity = [v1.ServiceAccount(email=email, scopes=list(NODE_SCOPES))] if email else []
     return v1.Instance(
         name=instance_name(plan.run_id, plan.site, index),
         machine_type=f"zones/{zone}/machineTypes/{plan.instance_type}",
@@ -296,7 +177,7 @@ def _instance(plan: SitePlan, api: _Api, zone: str, index: int, script: str):
         disks=[v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=(
             v1.AttachedDiskInitializeParams(source_image=opts.image or DEFAULT_IMAGE,
                                             disk_size_gb=opts.disk_gb)))],
-        service_accounts=accounts)
+        service_accounts=identity)
 
 
 def _zones(plan: SitePlan, api: _Api) -> list[str]:
@@ -335,22 +216,41 @@ def _node(api: _Api, inst, run_id: str, site: str, zone: str) -> Node:
 
 
 def launch(plan: SitePlan) -> list[Node]:
-    from google.api_core import exceptions as gexc
-
     api = _Api()
     ray_token = secrets.token_hex(32)
     scripts = [bootstrap.render(plan, i, ray_token) for i in range(plan.nodes)]
     zones = _zones(plan, api)
     _open_ports(plan, api)
+    account, made = None, False
+    try:
+        if _options(plan).run_account:
+            made = True
+            account = _make_run_account(plan, api)
+        return _launch_in_zones(plan, api, zones, scripts, account)
+    except BaseException:
+        if made:
+            try:
+                _remove_run_account_if_unused(api, plan.run_id, plan.site)
+            except Exception:  # noqa: BLE001 - never mask the launch error
+                pass
+        raise
+
+
+def _launch_in_zones(plan: SitePlan, api: _Api, zones: list[str], scripts: list[str],
+                     account: str | None) -> list[Node]:
+    from google.api_core import exceptions as gexc
+
     tried: list[str] = []
     for zone in zones:
         created: list[tuple[str, str]] = []
         try:
             ops = []
             for i in range(plan.nodes):
-                resource = _instance(plan, api, zone, i, scripts[i])
-                ops.append(api.instances.insert(project=api.project, zone=zone,
-                                                instance_resource=resource))
+                resource = _instance(plan, api, zone, i, scripts[i], account)
+                insert = functools.partial(api.instances.insert, project=api.project, zone=zone,
+                                           instance_resource=resource)
+                # GCE may not see a run account made a moment ago (IAM is eventually consistent).
+                ops.append(accounts.while_unseen(insert, account) if account else insert())
                 created.append((zone, resource.name))
             for op in ops:
                 api.wait(op.name, zone)
@@ -371,6 +271,96 @@ def launch(plan: SitePlan) -> list[Node]:
     _delete_firewall(api, plan.run_id, plan.site)
     raise CapacityError(f"no GCE zone had room for {plan.nodes} x {plan.instance_type}"
                         f"{' (spot)' if plan.spot else ''} for site {plan.site}", tried)
+
+
+# -- run accounts (gcp.run_account; providers/gcp/accounts.py) ----------------
+def _iam(api: _Api) -> accounts.Iam:
+    return accounts.Iam(api.credentials, api.project)
+
+
+def _bucket_of(api: _Api):
+    """name -> the google.cloud.storage Bucket, with the operator's credentials."""
+    from google.cloud import storage
+
+    client = storage.Client(project=api.project, credentials=api.credentials)
+    return client.bucket
+
+
+def _make_run_account(plan: SitePlan, api: _Api) -> str:
+    """The site's run account, made and granted its run's folder; its email."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        bucket, _ = accounts.run_folder(plan.store_url)
+        return accounts.ensure_run_account(_iam(api), _bucket_of(api)(bucket), plan.run_id,
+                                           plan.site, plan.owner, plan.store_url)
+    except (gexc.GoogleAPICallError, ProviderError) as e:
+        _delete_firewall(api, plan.run_id, plan.site)
+        if isinstance(e, ProviderError):
+            raise
+        raise ProviderError(f"site {plan.site}: could not make its run service account "
+                            f"(gcp.run_account): {_first_line(e)}; the operator needs the rights "
+                            "infra/gcp/README.md lists") from e
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _remove_run_account_if_unused(api: _Api, run_id: str, site: str) -> None:
+    """Remove the site's run account and its bindings once no instance of the site is left."""
+    if not _query(api, run_id, site):
+        accounts.remove_run_account(_iam(api), _bucket_of(api),
+                                    accounts.account_email(api.project, run_id, site))
+
+
+def _run_account_sites(api: _Api, where: list[tuple[str, Node]]) -> set[tuple[str, str]]:
+    """The (run, site) pairs among these instances ((zone, node)) that run as their site's
+    own run account: only those have an account for `terminate` to delete."""
+    out, seen = set(), set()
+    for zone, n in where:
+        if (n.run_id, n.site) in seen:
+            continue
+        inst = _ignore_404(api.instances.get, project=api.project, zone=zone, instance=n.instance_id)
+        if inst is None:
+            continue  # gone already: another node of the site may tell
+        seen.add((n.run_id, n.site))
+        email = accounts.account_email(api.project, n.run_id, n.site)
+        if any(a.email == email for a in inst.service_accounts):
+            out.add((n.run_id, n.site))
+    return out
+
+
+def leftovers(run_id: str | None = None) -> list[Leftover]:
+    """The run accounts (gcp.run_account) of `run_id`, or of every run, still in the project."""
+    from google.api_core import exceptions as gexc
+
+    api = _Api()
+    try:
+        found = accounts.run_accounts(_iam(api))
+    except gexc.GoogleAPICallError as e:
+        raise ProviderError(f"could not list geotrain's run service accounts in project "
+                            f"{api.project}: {_first_line(e)}") from e
+    return [Leftover("gcp", a["run"], a["site"], "service-account", a["email"], a["owner"])
+            for a in found if run_id is None or a["run"] == run_id]
+
+
+def remove(leftovers: list[Leftover]) -> list[Leftover]:
+    """Remove these run accounts' bindings from their run bucket, then delete them."""
+    from google.api_core import exceptions as gexc
+
+    if not leftovers:
+        return []
+    api, gone = _Api(), []
+    iam, bucket_of = _iam(api), _bucket_of(api)
+    try:
+        for leftover in leftovers:
+            accounts.remove_run_account(iam, bucket_of, leftover.name)
+            gone.append(leftover)
+    except gexc.GoogleAPICallError as e:
+        raise ProviderError(f"could not delete a geotrain run service account: "
+                            f"{_first_line(e)}") from e
+    return gone
 
 
 def query(run_id: str, site: str | None = None, regions: list[str] | None = None) -> list[Node]:
@@ -416,21 +406,33 @@ def _query(api: _Api, run_id: str, site: str | None) -> list[Node]:
 
 def terminate(nodes: list[Node]) -> list[Node]:
     """Delete each instance (its boot disk goes with it, autoDelete), wait for
-    the operations, then delete a site's firewall rule once none of its
-    instances is left. Unknown instances (404) count as already gone."""
+    the operations, then delete a site's firewall rule (and its run account, when its
+    instances ran as one) once none of its instances is left. Unknown instances (404)
+    count as already gone."""
     if not nodes:
         return []
+    from google.api_core import exceptions as gexc
+
     api = _Api()
     where = []
     for n in nodes:
         zone = n.region or next((m.region for m in _query(api, n.run_id, n.site)
                                  if m.instance_id == n.instance_id), None)
         if zone:
-            where.append((zone, n.instance_id))
-    _delete_instances(api, where)
+            where.append((zone, n))
+    own = _run_account_sites(api, where)
+    _delete_instances(api, [(zone, n.instance_id) for zone, n in where])
     for run_id, site in sorted({(n.run_id, n.site) for n in nodes}):
         if not _query(api, run_id, site):
             _delete_firewall(api, run_id, site)
+            if (run_id, site) in own:
+                try:
+                    accounts.remove_run_account(_iam(api), _bucket_of(api),
+                                                accounts.account_email(api.project, run_id, site))
+                except gexc.GoogleAPICallError as e:
+                    raise ProviderError(f"site {site}: its nodes are gone but its run service "
+                                        f"account could not be removed: {_first_line(e)}; "
+                                        "`geotrain down --orphans` retries") from e
     return [Node(n.run_id, n.site, n.provider, n.instance_id, "terminated", n.private_ip, n.pid,
                  n.region) for n in nodes]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from providers.options import STORE_CREDENTIALS, OptionsSpec, disk, pattern, public_ip
+from providers.options import STORE_CREDENTIALS, OptionsSpec, disk, invalid, pattern, public_ip
 
 GCP_ACCOUNT = pattern(r"^(default|[a-z0-9][a-z0-9._-]*@[a-z0-9.-]+\.[a-z]+)$",
                       "expected a service account email, e.g. "
@@ -21,7 +21,13 @@ class GcpOptions(OptionsSpec):
         None, pattern=GCP_ACCOUNT, description="Service account email the nodes run as, with the "
         "single scope devstorage.read_write (infra/gcp/README.md: 'geotrain-node@PROJECT.iam."
         "gserviceaccount.com'); none: the nodes get no service account. Required for a gs:// "
-        "store.")
+        "store, unless run_account.")
+    run_account: bool = Field(
+        False, description="Launch makes a service account for each site of the run, granted "
+        "in the gs:// store's bucket only roles/storage.objectUser on the run's folder and "
+        "listing (geotrainNodeLister), and deletes it and its bindings with the site's nodes "
+        "(providers/gcp/accounts.py). Instead of service_account; needs the rights to make "
+        "service accounts and to set the run bucket's IAM policy (infra/gcp/README.md).")
     network: str | None = Field(None, min_length=1, description="VPC network, e.g. "
                                 "'global/networks/geotrain'; default 'global/networks/default'.")
     subnetwork: str | None = Field(None, min_length=1, description="Subnetwork, e.g. "
@@ -36,3 +42,13 @@ class GcpOptions(OptionsSpec):
     disk_gb: int = disk(100)
     public_ip: bool = public_ip()
     store_credentials: str | None = Field(None, min_length=1, description=STORE_CREDENTIALS)
+
+    def makes_run_resources(self) -> bool:
+        return self.run_account
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> GcpOptions:
+        if self.run_account and self.service_account:
+            raise invalid("set service_account or run_account, not both: run_account makes the "
+                          "nodes' service account itself", "run_account")
+        return self

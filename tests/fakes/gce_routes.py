@@ -1,6 +1,7 @@
 """The HTTP half of the Compute Engine stand-in (tests/fakes/gce_server.py): the v1 REST
-routes (instances, zones, operations, firewalls) and the metadata endpoints that hand out
-the API's bearer token, answered from a `FakeGCE`'s state.
+routes (instances, zones, operations, firewalls; the IAM v1 service-account routes are in
+tests/fakes/gce_iam.py) and the metadata endpoints that hand out the API's bearer token,
+answered from a `FakeGCE`'s state.
 
 Each request is recorded on the fake (`Recorded`), checked for the token, matched against
 `ROUTES` and answered with the JSON the real API sends, errors included (`error_body`).
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes import gce_iam
 
 if TYPE_CHECKING:
     from tests.fakes.gce_server import FakeGCE
@@ -116,12 +119,14 @@ class GceHandler(BaseHTTPRequestHandler):
         with gce._lock:
             gce.requests.append(Recorded(method, url.path, query, body,
                                          self.headers.get("Authorization")))
-            if not url.path.startswith("/compute/v1/"):
+            if not url.path.startswith(("/compute/v1/", "/v1/")):
                 return self._metadata(url.path, query)
             if self.headers.get("Authorization") != f"Bearer {gce.token}":
                 return self._send(401, error_body(
                     401, "Request is missing required authentication credential.",
                     "required"))
+            if url.path.startswith("/v1/"):  # the IAM API
+                return self._send(*gce_iam.handle(gce, method, url.path, query, body))
             prefix = f"/compute/v1/projects/{gce.project}/"
             if not url.path.startswith(prefix):
                 return self._send(404, error_body(404, f"The resource '{url.path}' was not found",
@@ -164,6 +169,12 @@ class GceHandler(BaseHTTPRequestHandler):
         if (zone, name) in gce.instances:
             return 409, error_body(409, f"The resource 'projects/{gce.project}/zones/{zone}/"
                                    f"instances/{name}' already exists", "alreadyExists")
+        for account in body.get("serviceAccounts") or []:
+            email = account.get("email", "")
+            if not gce.account_visible(email):
+                return 400, error_body(400, "Invalid value for field 'resource.serviceAccounts[0]"
+                                       f".email': '{email}'. Service account {email} does not "
+                                       "exist.", "invalid")
         fail = gce.failures.get(zone)
         done = gce.inserted.get(zone, 0)
         if fail and done >= fail.after:

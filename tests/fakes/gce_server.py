@@ -8,6 +8,7 @@ Compute Engine v1 API (camelCase fields, as the API returns them) to the real
     zones          list
     zoneOperations get / wait      firewalls insert / get / list / delete
     globalOperations get / wait
+    IAM v1         serviceAccounts create / get / list / delete (tests/fakes/gce_iam.py)
 
 Operations go PENDING -> RUNNING -> DONE, one step per poll. Every API
 request must carry the bearer token that this same server's metadata half
@@ -20,6 +21,12 @@ inserts in a zone fail (after n successes there) either as the HTTP error of
 the insert call (`{"error": {"code", "message", "errors": [{"reason",
 "domain", "message"}]}}`) or as a DONE operation whose
 `error.errors[].code` names the problem, like the real API.
+
+Service accounts made through the IAM routes live in `service_accounts` (email ->
+account JSON). With `accounts_must_exist`, an instance insert naming an account
+(other than "default") that is not there is refused as GCE refuses it (400 "invalid",
+"... Service account EMAIL does not exist."), and so is one made less than
+`account_propagation_s` ago: IAM is eventually consistent, and callers must retry.
 
 Every request is recorded (`requests`) with its parsed JSON body for
 assertions. Start with `start()`, stop with `stop()`; nothing is left open.
@@ -100,6 +107,10 @@ class FakeGCE:
     project_number: str = "210987654321"
     access_tokens: dict = field(default_factory=dict)  # token -> AccessToken, every one issued
     token_lifetime_s: float = 3600.0  # how long an instance's access token is valid
+    service_accounts: dict = field(default_factory=dict)  # email -> IAM account JSON
+    account_made_at: dict = field(default_factory=dict)  # email -> time.monotonic() made
+    accounts_must_exist: bool = False  # inserts naming an unknown account are refused
+    account_propagation_s: float = 0.0  # a new account is unknown to inserts this long
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -149,6 +160,16 @@ class FakeGCE:
 
     def api_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.path.startswith("/compute/v1/")]
+
+    def iam_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.startswith("/v1/")]
+
+    def account_visible(self, email: str) -> bool:
+        """Whether an instance insert may name `email` now (see the module docstring)."""
+        if not self.accounts_must_exist or email == "default":
+            return True
+        made = self.account_made_at.get(email)
+        return made is not None and time.monotonic() - made >= self.account_propagation_s
 
     # -- booting -----------------------------------------------------------
     def enable_boot(self, config: BootConfig) -> None:

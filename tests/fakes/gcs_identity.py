@@ -23,6 +23,15 @@ recorded in `requests` as {"method", "path", "bucket", "email", "instance", "sta
 "denied"} (email "operator" for an allowed token; instance the "<zone>/<name>" a node's
 token was issued to); `denied()` lists the refusals.
 
+The bucket's IAM policy itself is served here, not by the emulator:
+`GET /storage/v1/b/B/iam` (`optionsRequestedPolicyVersion`; below 3 refused (400) when a
+binding has a condition, as GCS does) and `PUT` (version 3 needed for conditions; the
+body's etag must be the current one, else 412 conditionNotMet), for the operator's token
+only (a node's: 403). A PUT is what `apply_policy` does: its bindings are enforced from
+then on; a binding the stand-in cannot judge is refused (400) rather than ignored.
+`interleave_writes(n)`: after each of the next n policy reads another writer changes the
+policy (a new etag), so the reader's write loses the race with 412.
+
 Bodies are small in these tests (a wheel, tiny checkpoints), so each is read whole and
 relayed with a Content-Length, either way.
 
@@ -43,7 +52,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
 from tests.fakes.gce_boot import serve, stop_servers
-from tests.fakes.gcs_iam import Binding, bindings_from, request_checks
+from tests.fakes.gcs_iam import Binding, ConditionError, bindings_from, request_checks
 
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te",
                          "upgrade", "expect", "proxy-authorization", "proxy-authenticate", "trailer",
@@ -54,6 +63,7 @@ WRITE_SCOPES = frozenset({"https://www.googleapis.com/auth/devstorage.read_write
                           "https://www.googleapis.com/auth/cloud-platform"})
 log = logging.getLogger("tests.fakes.gcs_identity")
 BUCKET_IN_PATH = re.compile(r"/b/([-.\w]+)(?=/|$)")
+POLICY_PATH = re.compile(r"/storage/v1/b/([-.\w]+)/iam")
 
 
 def gcs_error(status: int, message: str, reason: str, **extra: str) -> bytes:
@@ -106,6 +116,10 @@ class GcsIdentityProxy:
         self.grants: dict[str, set[str]] = {b: set(m) for b, m in (grants or {}).items()}
         self.allowed_tokens: set[str] = set(allowed_tokens or ())
         self.bindings: dict[str, list[Binding]] = {}  # bucket -> its policy document's bindings
+        self.policies: dict[str, dict] = {}  # bucket -> {"version", "etag", "bindings"} served
+        self.custom_roles: dict[str, set[str]] = {}  # custom role -> permissions, for PUTs
+        self._etags = 0
+        self._interleave = 0
         self.sessions: dict[str, str] = {}  # resumable upload id -> the email that opened it
         self.errors: list[str] = []  # requests a binding could not judge (denied, logged)
         self.requests: list[dict] = []
@@ -121,9 +135,56 @@ class GcsIdentityProxy:
                      custom_roles: dict[str, set[str]] | None = None) -> None:
         """Set the bucket's IAM policy from a document with placeholders filled (raises
         ConditionError on a role, member or condition the stand-in does not know)."""
-        parsed = bindings_from(document, custom_roles)
         with self.lock:
-            self.bindings[bucket] = parsed
+            self.custom_roles.update(custom_roles or {})
+            self._set_policy(bucket, document)
+
+    def _set_policy(self, bucket: str, document: dict) -> dict:
+        """(under the lock) Enforce and serve the document's bindings; the stored policy."""
+        parsed = bindings_from(document, self.custom_roles)
+        self._etags += 1
+        stored = {"version": document.get("version", 3), "etag": f"CA{self._etags}=",
+                  "bindings": [dict(b) for b in document.get("bindings") or []]}
+        self.bindings[bucket], self.policies[bucket] = parsed, stored
+        return stored
+
+    def interleave_writes(self, n: int = 1) -> None:
+        with self.lock:
+            self._interleave = n
+
+    def policy_request(self, method: str, bucket: str, token: str, query: str,
+                       body: bytes) -> tuple[int, bytes]:
+        """(status, JSON) for GET / PUT of the bucket's IAM policy (the module docstring)."""
+        perm = "storage.buckets.getIamPolicy" if method == "GET" else "storage.buckets.setIamPolicy"
+        with self.lock:
+            if token not in self.allowed_tokens:
+                who = (self.token_info(token) or {}).get("email", "the caller")
+                return 403, gcs_error(403, f"{who} does not have {perm} access to the Google "
+                                      f"Cloud Storage bucket {bucket!r}.", "forbidden")
+            current = self.policies.get(bucket, {"version": 1, "etag": "CAE=", "bindings": []})
+            if method == "GET":
+                version = int(parse_qs(query).get("optionsRequestedPolicyVersion", ["1"])[0])
+                if version < 3 and any("condition" in b for b in current["bindings"]):
+                    return 400, gcs_error(400, "The requested policy version is lower than 3 and "
+                                          "the policy has conditional bindings.", "invalid")
+                answer = dict(current, kind="storage#policy", resourceId=f"projects/_/buckets/{bucket}")
+                if self._interleave > 0:  # another writer changes it right after this read
+                    self._interleave -= 1
+                    self._set_policy(bucket, current)
+                return 200, json.dumps(answer).encode()
+            doc = json.loads(body or b"{}")
+            if doc.get("etag") not in (None, current["etag"]):
+                return 412, gcs_error(412, "Precondition Failed", "conditionNotMet",
+                                      locationType="header", location="If-Match")
+            if doc.get("version", 1) < 3 and any("condition" in b for b in doc.get("bindings") or []):
+                return 400, gcs_error(400, "Conditional bindings need policy version 3.", "invalid")
+            try:
+                stored = self._set_policy(bucket, {k: v for k, v in doc.items()
+                                                   if k in ("version", "bindings")})
+            except ConditionError as e:
+                return 400, gcs_error(400, f"policy the stand-in cannot judge: {e}", "invalid")
+            return 200, json.dumps(dict(stored, kind="storage#policy",
+                                        resourceId=f"projects/_/buckets/{bucket}")).encode()
 
     def _exists(self, bucket: str, name: str) -> bool:
         conn = http.client.HTTPConnection(*self.upstream, timeout=30)
@@ -267,6 +328,17 @@ class GcsIdentityProxy:
             def _relay(self):
                 path, query = urlsplit(self.path).path, urlsplit(self.path).query
                 body = self._body()
+                policy = POLICY_PATH.fullmatch(path)
+                if policy and self.command in ("GET", "PUT"):
+                    scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+                    status, doc = proxy.policy_request(self.command, policy[1], token.strip(),
+                                                       query, body)
+                    with proxy.lock:
+                        email = "operator" if token.strip() in proxy.allowed_tokens else None
+                    proxy._record(self.command, path, body, {"email": email, "instance": None},
+                                  status, status >= 400)
+                    return self._answer(status, [("Content-Type", "application/json; charset=UTF-8")],
+                                        doc)
                 caller, refusal = proxy.check(self.command, path, self.headers.get("Authorization"),
                                               body, query)
                 if refusal is not None:
