@@ -4,14 +4,17 @@
 
 AWS is moto (EC2 through a fault proxy) with tests/fakes/ec2_boot.py booting each
 instance with its own IMDSv2; GCP is tests/fakes/gce_server.py booting each instance
-with its own metadata server; the s3:// run store is moto's S3 behind a proxy that takes
-only keys an identity was given (an instance profile's role, or a stand-in STS trusting
-the GCP nodes' service account). Every node installs geotrain from the run store.
+with its own metadata server; Azure is tests/fakes/arm_server.py booting each VM with its
+own IMDS; the s3:// run store is moto's S3 behind a proxy that takes only keys an
+identity was given (an instance profile's role, or a stand-in STS trusting the GCP
+nodes' service account or the Azure VM's managed identity). Every node installs
+geotrain from the run store, in a network of its own where this machine allows it
+(tests/fakes/netns.py), over a link shaped by --link.
 
 The scenario, one run of the recipe (ended by `geotrain finish` once it is done):
   1. no identity: the recipe without east's instance profile is refused before anything
      is created;
-  2. launch, both sites train;
+  2. launch, the three sites train;
   3. AWS sends east (spot) an interruption notice through its IMDS while spot capacity
      is gone: east drains, and comes back on its GCP candidate;
   4. `geotrain migrate --site west --to aws:…`: west moves from GCP to AWS mid-run;
@@ -44,7 +47,10 @@ from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_stor
 from tests.fakes.ec2_boot import Ec2Booter  # noqa: E402
 from tests.fakes.gce_boot import BootConfig  # noqa: E402
 from tests.fakes.gce_server import FakeGCE  # noqa: E402
+from geotrain.site.store_identity import AZURE_AUDIENCE  # noqa: E402
 from tests.fakes import netns  # noqa: E402
+from tests.fakes.arm_server import FakeArm  # noqa: E402
+from tests.fakes.azure_boot import BootConfig as AzureBoot  # noqa: E402
 from tests.fakes.node import node_image, tagged_pids  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 
@@ -52,6 +58,7 @@ BUCKET = "geotrain-twin"
 PROFILE, NO_STORE = "geotrain-node", "geotrain-no-store"
 ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"
 ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-web"
+AZURE_ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-azure"
 NODE_NET = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
 PATIENCE_S = 900.0
 
@@ -102,6 +109,23 @@ class Twin:
         self.sts = StsWebIdentity(self.gce.claims_of, {ROLE_ARN: {ACCOUNT}}, s3_proxy=self.s3)
         gce_net["AWS_ENDPOINT_URL_STS"] = self.sts.url
         self.gce.start()
+        # Azure: a user-assigned identity whose Entra tokens the role geotrain-node-azure trusts.
+        azure_role = AZURE_ROLE_ARN.rsplit("/", 1)[-1]
+        iam.create_role(RoleName=azure_role, AssumeRolePolicyDocument="{}")  # the STS applies it
+        grant_store(iam, azure_role, f"s3://{BUCKET}/runs")
+        self.arm = FakeArm()
+        self.uai = (f"/subscriptions/{self.arm.subscription}/resourceGroups/geotrain/providers/"
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/geotrain-node")
+        principal, _ = FakeArm.user_identity(self.uai)
+        self.sts_azure = StsWebIdentity(
+            lambda tok: (lambda i: i and {"aud": i["resource"], "sub": i["principal_id"],
+                                          "email": i["principal_id"]})(self.arm.token_info(tok)),
+            {AZURE_ROLE_ARN: {principal}}, s3_proxy=self.s3, audience=AZURE_AUDIENCE,
+            provider="login.microsoftonline.com/T/v2.0")
+        self.arm.start()
+        self.arm.enable_boot(AzureBoot(image, work / "azure", {
+            **NODE_NET, "AWS_ENDPOINT_URL_S3": self.s3.url, "AWS_ENDPOINT_URL_STS": self.sts_azure.url,
+            "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"}))
         self.booter = Ec2Booter(moto, image, work / "ec2", NODE_NET, s3_proxy=self.s3,
                                 store_roles={PROFILE})
         self.ec2_proxy.answer("GetConsoleOutput", self.booter.console_output)
@@ -115,7 +139,11 @@ class Twin:
                         AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1,localhost",
                         CLOUDSDK_CONFIG=str(work / "gcloud"), PYTHONUNBUFFERED="1",
                         GEOTRAIN_GCE_ENDPOINT=self.gce.url, GCE_METADATA_HOST=self.gce.host,
-                        GCE_METADATA_IP=self.gce.host)
+                        GCE_METADATA_IP=self.gce.host, AZURE_SUBSCRIPTION_ID=self.arm.subscription,
+                        GEOTRAIN_ARM_ENDPOINT=self.arm.base_url,
+                        GEOTRAIN_ARM_CA_BUNDLE=str(self.arm.ca_path),
+                        IDENTITY_ENDPOINT=self.arm.identity_endpoint,
+                        IDENTITY_HEADER=self.arm.identity_header)
         os.environ.update(self.env)  # this process reads the run store as the operator does
 
     def cli(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -140,17 +168,21 @@ class Twin:
         """Every node either cloud booted (live or gone)."""
         with self.gce._lock:
             gce = list(self.gce._booter.history)
-        return list(self.booter.history) + gce
+        with self.arm._lock:
+            azure = list(self.arm._booter.history)
+        return list(self.booter.history) + gce + azure
 
     def live_instances(self) -> int:
         ec2 = sum(1 for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]
                   if i["State"]["Name"] not in ("terminated", "shutting-down"))
-        return ec2 + len(self.gce.instances)
+        return ec2 + len(self.gce.instances) + len(
+            self.arm.resources("Microsoft.Compute/virtualMachines"))
 
     def close(self) -> None:
         self.booter.close()
         self.gce.stop()
-        for closer in (self.sts.close, self.s3.close, self.ec2_proxy.close):
+        self.arm.stop()
+        for closer in (self.sts.close, self.sts_azure.close, self.s3.close, self.ec2_proxy.close):
             closer()
         stop_process(self.moto)
 
@@ -186,6 +218,8 @@ def scenario(t: Twin) -> dict:
     base = yaml.safe_load((ROOT / "recipes/twin.yaml").read_text())
     base["store"]["url"] = f"s3://{BUCKET}/runs"
     base["train"]["rounds"] = 100_000  # ended by `geotrain finish` once the scenario is done
+    south = next(x for x in base["sites"] if x["provider"] == "azure")
+    south["azure"]["identity"] = t.uai  # the stand-in's subscription
     out: dict = {}
 
     # 1. No identity: refused before anything is created.
@@ -193,16 +227,17 @@ def scenario(t: Twin) -> dict:
     bad["sites"][0].pop("aws")
     p = t.cli("launch", str(write(t.work / "no-identity.yaml", bad)), check=False)
     out["no_identity"] = {"refused_before_create": p.returncode != 0 and not
-                          t.ec2_proxy.calls("RunInstances") and not t.gce.instances,
+                          t.ec2_proxy.calls("RunInstances") and not t.gce.instances
+                          and not t.arm.resources("Microsoft.Compute/virtualMachines"),
                           "message": p.stderr.strip()}
 
     # 2. Launch; both sites train.
     t0 = time.time()
     run = json.loads(t.cli("launch", str(write(t.work / "twin.yaml", base)), "--detach",
                            "--json").stdout)["run"]
-    wait("both sites training", lambda: t.status(run)["rounds_done"] >= 2)
+    wait("the sites training", lambda: t.status(run)["rounds_done"] >= 2)
     store = RunStore(t.status(run)["store"])
-    print(f"both sites trained 2 rounds, {time.time() - t0:.0f} s after launch", flush=True)
+    print(f"the sites trained 2 rounds, {time.time() - t0:.0f} s after launch", flush=True)
 
     # 3. Spot notice on east while AWS has no spot capacity: east returns on GCP.
     [east_node] = [n for n in t.booter.nodes().values()]

@@ -426,7 +426,7 @@ def test_shipped_recipes_are_valid(name):
         assert [s.provider for s in r.sites] == ["aws", "gcp", "azure"]
         assert all(s.candidates for s in r.sites)
     if name == "twin.yaml":  # each site falls back to the other cloud
-        assert [(s.provider, s.candidates[0].provider) for s in r.sites] == [("aws", "gcp"),
-                                                                            ("gcp", "aws")]
+        assert [(s.provider, s.candidates[0].provider) for s in r.sites] == [
+            ("aws", "gcp"), ("gcp", "aws"), ("azure", "aws")]
     if name != "local.yaml":
         assert "geotrain plan" in text.split("name:")[0] and "geotrain launch" in text.split("name:")[0]
