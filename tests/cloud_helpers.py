@@ -24,6 +24,7 @@ import yaml
 
 from tests.fakes.aws_faults import FaultProxy
 from tests.fakes.aws_identity import grant_store
+from tests.fakes.aws_operator import user_policy
 from tests.helpers import bundle_cache, geotrain_cmd, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,22 @@ def aws_env(moto_server, tmp_path):
         yield proxy, env, home
     finally:
         proxy.close()
+
+
+def enforce_operator_policy(proxy: FaultProxy, env: dict) -> None:
+    """From now on the stand-in judges every call the operator's machine makes (the CLI
+    and its controller: EC2, IAM, STS and S3, which then goes through the proxy too) under
+    infra/aws/geotrain-user-policy.json as infra/aws/README.md makes it for BUCKET, as AWS
+    would (tests/fakes/aws_operator.py); `proxy.denied()` lists what it refused."""
+    proxy.enforce(user_policy(BUCKET))
+    env["AWS_ENDPOINT_URL_S3"] = proxy.url
+
+
+def refused(proxy: FaultProxy) -> list[str]:
+    """What the operator policy refused, one line each (for an assertion message); it must
+    have judged something, so a test whose enforcement was lost cannot pass as clean."""
+    assert proxy.enforcer is not None and proxy.enforcer.judged, "the operator policy judged nothing"
+    return [f"{d['service']} {d['call']}: {d['why']}" for d in proxy.denied()]
 
 
 @pytest.fixture

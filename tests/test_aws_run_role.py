@@ -19,12 +19,23 @@ from geotrain.errors import ProviderError
 from geotrain.recipe import AwsOptions, loads
 from providers import aws
 from providers.aws import iam as run_iam
+from tests.fakes.aws_operator import user_policy
 from tests.fakes.iam_eval import evaluate
 from tests.test_provider_aws import client, instances, live, plan, proxy  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(180)
 STORE = "s3://geotrain-runs/team/run-aws1"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def operator(proxy):  # noqa: F811
+    """The fault proxy, judging every call under infra/aws/geotrain-user-policy.json made
+    for STORE's bucket (tests/fakes/aws_operator.py); nothing may be refused."""
+    proxy.enforce(user_policy("geotrain-runs"))
+    yield
+    assert proxy.enforcer is not None and proxy.enforcer.judged, "the operator policy judged nothing"
+    assert not proxy.denied(), [f"{d['call']}: {d['why']}" for d in proxy.denied()]
 
 
 def allowed(policy: dict, action: str, resource: str, **context) -> bool:
@@ -66,13 +77,7 @@ def test_the_boundary_is_in_the_callers_account_and_partition():
 def test_the_operator_may_make_run_roles_only_under_the_boundary():
     """infra/aws/geotrain-user-policy.json, judged: the rights to make roles on /geotrain/
     hold only with the node boundary, so they cannot make a role that does more."""
-    doc = json.loads((ROOT / "infra/aws/geotrain-user-policy.json").read_text()
-                     .replace("ACCOUNT_ID", "123456789012").replace("RUN_BUCKET", "geotrain-runs"))
-    # Its IAM statements (the evaluator reads StringEquals/StringLike; the EC2 ones use more).
-    def actions(st):
-        return [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
-    doc["Statement"] = [st for st in doc["Statement"] if all(a.startswith("iam:") for a in actions(st))]
-    assert len(doc["Statement"]) == 5
+    doc = user_policy("geotrain-runs", account="123456789012")
     role = "arn:aws:iam::123456789012:role/geotrain/geotrain-0123"
     bounded = {"iam:PermissionsBoundary": "arn:aws:iam::123456789012:policy/geotrain-node-boundary"}
     for action in ("iam:CreateRole", "iam:PutRolePolicy"):
@@ -99,7 +104,7 @@ def test_names_fit_iam_and_differ_by_run_and_site():
     assert len(names) == 3 and all(len(n) <= 64 and n.startswith("geotrain-") for n in names)
 
 
-def test_launch_makes_the_role_nodes_run_as_it_and_terminate_deletes_it(proxy, moto_server):  # noqa: F811
+def test_launch_makes_the_role_nodes_run_as_it_and_terminate_deletes_it(proxy, operator, moto_server):  # noqa: F811
     iam, ec2 = client(moto_server, "iam"), client(moto_server)
     opts = AwsOptions(run_role=True)
     nodes = aws.launch(plan(store_url=STORE, provider_options=opts, owner="owner-1"))
@@ -136,7 +141,7 @@ def test_launch_makes_the_role_nodes_run_as_it_and_terminate_deletes_it(proxy, m
     assert live(ec2) == []
 
 
-def test_a_profile_ec2_cannot_see_yet_is_retried_and_other_errors_are_not(proxy, moto_server,  # noqa: F811
+def test_a_profile_ec2_cannot_see_yet_is_retried_and_other_errors_are_not(proxy, operator, moto_server,  # noqa: F811
                                                                            monkeypatch):
     monkeypatch.setattr(run_iam, "run_with_new_profile",
                         lambda call, wait_s=0, every_s=0.0, _real=run_iam.run_with_new_profile:
@@ -159,7 +164,7 @@ def test_a_profile_ec2_cannot_see_yet_is_retried_and_other_errors_are_not(proxy,
     assert live(client(moto_server)) == []
 
 
-def test_a_standing_profile_site_never_touches_iam_on_terminate(proxy, moto_server):  # noqa: F811
+def test_a_standing_profile_site_never_touches_iam_on_terminate(proxy, operator, moto_server):  # noqa: F811
     nodes = aws.launch(plan(nodes=1))
     aws.terminate(nodes)
     assert not [r for r in proxy.requests if r.get("Action", "").endswith(("Role", "InstanceProfile"))]
@@ -233,7 +238,7 @@ def _role_names(moto_server) -> set[str]:
             if r["Path"] == run_iam.PATH}
 
 
-def test_a_role_whose_launch_died_before_any_node_is_swept_by_down(proxy, moto_server, tmp_path,  # noqa: F811
+def test_a_role_whose_launch_died_before_any_node_is_swept_by_down(proxy, operator, moto_server, tmp_path,  # noqa: F811
                                                                      monkeypatch):
     """A launch killed between CreateRole and RunInstances leaves a role no `terminate`
     will meet. `down --orphans` removes this home's (owner id) of runs unknown here or

@@ -26,7 +26,7 @@ import pytest
 
 from geotrain.site.node_info import fatal_line
 from tests.cloud_helpers import BUCKET, PROFILE, STORE_URL, aws_env, cli, cli_json, controller_log, \
-    tagged, write_recipe  # noqa: F401 - aws_env is a fixture
+    enforce_operator_policy, refused, tagged, write_recipe  # noqa: F401 - aws_env is a fixture
 from tests.fakes.aws_identity import S3IdentityProxy
 from tests.fakes import netns
 from tests.fakes.ec2_boot import Ec2Booter
@@ -122,15 +122,20 @@ def test_a_node_whose_role_cannot_use_the_store_is_reported_not_silent(cloud, mo
     print(f"\nno-access: reported {reported_s:.1f} s after the node printed it")
 
 
-def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, moto_server, tmp_path):
+def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, aws_env, moto_server, tmp_path):
     """A node boots as the role launch made for its site (aws.run_role: its run's store
     folder only), installs geotrain from the store and trains; then the spot interruption
     notice comes where AWS puts it, the instance's IMDS: the node's agent drains
     (publishes its partial round), the controller replaces the site with a new instance
     that boots, installs the same bytes and trains on, as the same role. Once the run
     is over the role is gone. (One run for all: each boot costs a minute of CI.
-    A node with a standing profile boots in tests/test_boot_twin.py.)"""
+    A node with a standing profile boots in tests/test_boot_twin.py.) All along, the
+    operator's machine holds nothing but infra/aws/geotrain-user-policy.json: every call
+    it makes (EC2, IAM, STS, S3, and the nodes' downloads by its signed URLs) is judged
+    under it, and none is refused."""
     env, home, booter, s3 = cloud
+    proxy = aws_env[0]
+    enforce_operator_policy(proxy, env)
     iam = boto3.client("iam", endpoint_url=moto_server, region_name="us-east-1",
                        aws_access_key_id="x", aws_secret_access_key="x")
     spec = recipe(ROLE)
@@ -197,3 +202,8 @@ def test_a_node_boots_trains_and_on_a_spot_notice_its_replacement_boots(cloud, m
     # The role and its profile went with the site's last node.
     assert iam.list_roles(PathPrefix="/geotrain/")["Roles"] == []
     assert [p for p in iam.list_instance_profiles()["InstanceProfiles"] if p["Path"] == "/geotrain/"] == []
+    # The operator's policy sufficed for all of it, signed downloads included.
+    assert not refused(proxy), refused(proxy)
+    judged = {a for j in proxy.enforcer.judged for a, _, _ in j["checks"]}
+    assert {"iam:CreateRole", "iam:PassRole", "ec2:RunInstances", "ec2:TerminateInstances",
+            "iam:DeleteRole", "s3:PutObject", "s3:GetObject"} <= judged, judged

@@ -1,8 +1,10 @@
 """AWS runs end to end from the CLI, against moto: never a real cloud.
 
-Every command is a real `geotrain` subprocess, as a user would type it. EC2 goes
-through the fault proxy of tests/fakes/aws_faults.py, S3 straight to moto for the run
-store (fixtures and helpers: tests/cloud_helpers.py). No VM ever boots here, so every
+Every command is a real `geotrain` subprocess, as a user would type it. EC2, IAM, STS
+and the run store's S3 go through the fault proxy of tests/fakes/aws_faults.py, which
+judges every call under infra/aws/geotrain-user-policy.json as AWS would
+(`enforce_operator_policy`): the operator holds that policy and nothing more, and no
+call may be refused (fixtures and helpers: tests/cloud_helpers.py). No VM ever boots here, so every
 site stays `starting` until `down`; the assertions read what moto holds (by tag) and
 what went on the wire: recipes/aws.yaml launched and torn down, failover across
 candidates on capacity errors, a controller killed mid-provision then `down` and
@@ -23,8 +25,8 @@ import pytest
 import yaml
 
 from tests.cloud_helpers import (BUCKET, OPEN, PROFILE, ROOT, aws_env, cli, cli_json,  # noqa: F401 - aws_env is a fixture
-                                 ec2, events_from_db, small, tagged, user_data, wait_started,
-                                 write_recipe)
+                                 ec2, enforce_operator_policy, events_from_db, refused, small, tagged,
+                                 user_data, wait_started, write_recipe)
 from tests.fakes.aws_faults import FaultProxy
 from tests.helpers import wait_for
 
@@ -34,6 +36,7 @@ from tests.helpers import wait_for
 @pytest.mark.timeout(240)
 def test_aws_recipe_launch_status_down(aws_env, moto_server):
     proxy, env, home = aws_env
+    enforce_operator_policy(proxy, env)  # the operator holds only infra/aws's user policy
     t0 = time.monotonic()
     run_id = cli_json(env, "launch", "recipes/aws.yaml", "--detach", timeout=120)["run"]
     launched_s = time.monotonic() - t0
@@ -95,6 +98,7 @@ def test_aws_recipe_launch_status_down(aws_env, moto_server):
     assert after == {"instances": {}, "groups": {}}, after
     final = cli_json(env, "status", run_id)
     assert final["state"] == "stopped" and final["controller_pid"] is None
+    assert not refused(proxy), refused(proxy)
     print(f"\naws.yaml: launch returned {launched_s:.1f} s, both sites launched {started_s:.1f} s, "
           f"down {down_s:.1f} s")
 
@@ -104,6 +108,7 @@ def test_aws_recipe_launch_status_down(aws_env, moto_server):
 @pytest.mark.timeout(180)
 def test_failover_to_the_candidate_when_every_zone_is_full(aws_env, moto_server, tmp_path):
     proxy, env, home = aws_env
+    enforce_operator_policy(proxy, env)
     east1 = [s["SubnetId"] for s in ec2(moto_server, "us-east-1").describe_subnets()["Subnets"]]
     proxy.fail("RunInstances", "NetworkInterface.1.SubnetId", east1, "InsufficientInstanceCapacity")
     base = yaml.safe_load((ROOT / "recipes/aws.yaml").read_text())
@@ -128,6 +133,7 @@ def test_failover_to_the_candidate_when_every_zone_is_full(aws_env, moto_server,
     assert list(found["groups"]) == ["us-east-2"]  # the failed placement's group is gone
     cli(env, "down", run_id, timeout=120)
     assert tagged(moto_server, run_id) == {"instances": {}, "groups": {}}
+    assert not refused(proxy), refused(proxy)
 
 
 # -- 3: a controller killed mid-provision, then down / down --orphans ---------------------
@@ -166,6 +172,7 @@ def _launch_and_kill_mid_provision(env: dict, home: Path, proxy: FaultProxy, rec
 @pytest.mark.timeout(240)
 def test_killed_mid_provision_then_down_and_orphans(aws_env, moto_server, tmp_path):
     proxy, env, home = aws_env
+    enforce_operator_policy(proxy, env)
     recipe = write_recipe(tmp_path / "aws-small.yaml",
                           small(yaml.safe_load((ROOT / "recipes/aws.yaml").read_text())))
 
@@ -190,6 +197,7 @@ def test_killed_mid_provision_then_down_and_orphans(aws_env, moto_server, tmp_pa
     assert all(r["state"] == "terminated" for r in StateDB(home).nodes(second))
     cli(env, "down", second)  # the run itself is ended by down RUN; nothing left to find
     assert cli_json(env, "status", second)["state"] == "stopped"
+    assert not refused(proxy), refused(proxy)
 
 
 # -- 5: a site that never boots is declared lost after sync.boot_timeout_s ---------------
@@ -197,6 +205,7 @@ def test_killed_mid_provision_then_down_and_orphans(aws_env, moto_server, tmp_pa
 @pytest.mark.timeout(180)
 def test_boot_timeout_replaces_a_site_that_never_beat(aws_env, moto_server, tmp_path):
     proxy, env, home = aws_env
+    enforce_operator_policy(proxy, env)
     recipe = small(yaml.safe_load((ROOT / "recipes/aws.yaml").read_text()), boot_timeout_s=4)
     recipe["sites"] = recipe["sites"][:1]
     run_id = cli_json(env, "launch", str(write_recipe(tmp_path / "boot.yaml", recipe)),
@@ -221,3 +230,4 @@ def test_boot_timeout_replaces_a_site_that_never_beat(aws_env, moto_server, tmp_
     assert sum(len(v) for v in live.values()) <= 1  # never two at once (none between the two calls)
     cli(env, "down", run_id, timeout=120)
     assert tagged(moto_server, run_id) == {"instances": {}, "groups": {}}
+    assert not refused(proxy), refused(proxy)

@@ -59,6 +59,7 @@ from xml.sax.saxutils import escape
 from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY
 from tests.fakes.azure_abac import ConditionError, allows, blob_request, scope_covers
 from tests.fakes.arm_routes import self_signed
+from tests.fakes.bodies import read_body
 from tests.fakes.gce_boot import stop_servers
 
 AUDIENCE = "https://storage.azure.com"
@@ -222,15 +223,7 @@ class AzureIdentityProxy:
                 pass
 
             def _body(self) -> bytes:
-                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
-                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                parts = []
-                while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
-                    parts.append(self.rfile.read(size))
-                    self.rfile.readline()
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
+                return read_body(self)
 
             def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
                 self.send_response(status)

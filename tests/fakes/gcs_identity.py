@@ -51,6 +51,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
+from tests.fakes.bodies import read_body
 from tests.fakes.gce_boot import serve, stop_servers
 from tests.fakes.gcs_iam import Binding, ConditionError, bindings_from, request_checks
 
@@ -303,15 +304,7 @@ class GcsIdentityProxy:
                 pass
 
             def _body(self) -> bytes:
-                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
-                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                parts = []
-                while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
-                    parts.append(self.rfile.read(size))
-                    self.rfile.readline()
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
+                return read_body(self)
 
             def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
                 self.send_response(status)

@@ -3,13 +3,22 @@
 It evaluates identity policies the way AWS does for the subset geotrain's documents
 use (infra/aws/*.json): `Effect` Allow/Deny, `Action` and `Resource` (string or list,
 `*` and `?` wildcards), `Condition` with `StringEquals` / `StringLike` (several keys:
-all must match; several values: any may). Default deny; an explicit Deny wins over any
-Allow. Anything else in a document (NotAction, NotResource, Principal, other condition
-operators, `...IfExists`, `ForAnyValue:`, policy variables) raises `PolicyError`, so a
-typo or a construct this evaluator does not know can never pass silently.
+all must match; several values: any may) and `Null` ("true": the key is absent from the
+request, "false": present). Default deny; an explicit Deny wins over any Allow. Anything
+else in a document (NotAction, NotResource, Principal, other condition operators,
+`...IfExists`, `ForAnyValue:`, policy variables, a `Null` value other than "true" /
+"false") raises `PolicyError`, so a typo or a construct this evaluator does not know can
+never pass silently.
 
     decision = evaluate([doc], "s3:GetObject", "arn:aws:s3:::b/runs/x", {})
     decision.allowed, decision.reason
+
+One API call is often authorized as several checks (EC2's RunInstances: once per
+resource it touches, each with its own condition context; IAM's CreateRole with tags:
+iam:CreateRole and iam:TagRole). `evaluate_all` allows the call only when every check
+is allowed, and says which one was not:
+
+    evaluate_all([doc], [("ec2:RunInstances", "arn:aws:ec2:...:instance/*", {...}), ...])
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from functools import lru_cache
 
 VERSIONS = ("2012-10-17", "2008-10-17")
 STATEMENT_KEYS = frozenset({"Sid", "Effect", "Action", "Resource", "Condition"})
-OPERATORS = frozenset({"StringEquals", "StringLike"})
+OPERATORS = frozenset({"StringEquals", "StringLike", "Null"})
 
 
 class PolicyError(ValueError):
@@ -40,6 +49,7 @@ class Statement:
 class Decision:
     allowed: bool
     reason: str  # "allowed by <sid>", "explicitly denied by <sid>", "no statement allows it"
+    refused: tuple[str, str, dict] | None = None  # evaluate_all: the (action, resource, context) refused
 
 
 @lru_cache(maxsize=1024)
@@ -104,13 +114,19 @@ def parse(document: dict) -> tuple[Statement, ...]:
             if not isinstance(block, dict) or not block:
                 raise PolicyError(f"{where}.Condition.{op}: expected a non-empty object")
             for key, values in block.items():
-                conditions.append((op, key, _strings(values, f"{where}.Condition.{op}.{key}")))
+                values = _strings(values, f"{where}.Condition.{op}.{key}")
+                if op == "Null" and not set(values) <= {"true", "false"}:
+                    raise PolicyError(f"{where}.Condition.Null.{key}: expected \"true\" or "
+                                      f"\"false\", got {list(values)}")
+                conditions.append((op, key, values))
         out.append(Statement(str(st.get("Sid", f"#{i}")), st["Effect"], actions, resources,
                              tuple(conditions)))
     return tuple(out)
 
 
 def _condition_holds(op: str, values: tuple[str, ...], actual: str | None) -> bool:
+    if op == "Null":  # "true": the request has no such key; "false": it has one
+        return ("true" if actual is None else "false") in values
     if actual is None:  # a key absent from the request matches nothing (no ...IfExists here)
         return False
     if op == "StringEquals":
@@ -142,3 +158,17 @@ def evaluate(documents: list[dict], action: str, resource: str,
     if allowed:
         return Decision(True, f"allowed by {allowed[0].sid}")
     return Decision(False, "no statement allows it")
+
+
+def evaluate_all(documents: list[dict], checks: list[tuple[str, str, dict[str, str]]]) -> Decision:
+    """AWS's verdict for one call authorized as several (action, resource, context) checks:
+    allowed when every one is (a call of none, such as sts:GetCallerIdentity, needs no
+    permission); otherwise the first refused one, in `refused` and named in the reason."""
+    reasons = []
+    for action, resource, context in checks:
+        decision = evaluate(documents, action, resource, context)
+        if not decision.allowed:
+            return Decision(False, f"{action} on {resource}: {decision.reason}",
+                            (action, resource, context))
+        reasons.append(f"{action}: {decision.reason}")
+    return Decision(True, "; ".join(dict.fromkeys(reasons)) or "needs no permission")
