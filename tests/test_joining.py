@@ -100,3 +100,28 @@ def test_round_zero_must_be_the_model_the_run_was_launched_with(trained):
     assert "the run was launched with" in why
     # Without a signed hash (a user's entrypoint commits its own round 0): its manifest only.
     assert state_problem(store, 0, "1" * 64, dict(manifest, hash="1" * 64), member) is None
+
+
+def test_a_replaced_decider_commits_the_round_its_last_incarnation_left(trained, tmp_path):
+    """The site that decided the last round was replaced before it committed it. Its
+    replacement (the same member, beating again) replays the round and commits it at once:
+    no other site takes over a round whose decider beats (found by test_chaos, where the
+    run hung at its last round, every site waiting for the other)."""
+    import shutil
+
+    url, hashes = trained
+    copy = tmp_path / "run"
+    shutil.copytree(url[len("file://"):], copy)
+    store = RunStore(f"file://{copy}")
+    decider = store.members(3)["decided_by"]
+    shutil.rmtree(copy / "global" / round_key(3))
+    assert not store.is_committed(3)
+    store.alive(decider, "training", pid=1)  # the new incarnation beats
+    exchange = RoundExchange(store, decider, poll_s=0.01, roster=["a", "b"], takeover_s=600.0)
+    model = build(CFG, seed=5)
+    d = DiLoCo(model, torch.optim.AdamW(model.parameters()), exchange, inner_steps=2,
+               liveness=False)
+    d._catch_up()
+    assert d.round == 3 and params_hash(d.global_params) == hashes[3]
+    d._commits.settle()
+    assert store.is_committed(3) and store.global_manifest(3)["hash"] == hashes[3]

@@ -212,7 +212,11 @@ class DiLoCo:
             raise SyncError("no committed global state in the store to start from")
         self.round, self.global_params, self.momentum = r, params, momentum
         while (decision := store.members(self.round + 1)) is not None:
-            merged = self._merge(self.round + 1, decision, decided_by_me=False)
+            # A round this member decided (its last incarnation, replaced before it
+            # committed) is this site's to commit: while the member beats again, no
+            # other site takes it over before TAKEOVER_LIVE_S.
+            merged = self._merge(self.round + 1, decision,
+                                 decided_by_me=decision.get("decided_by") == self.exchange.site)
             self.round, self.global_params, self.momentum = merged.round, merged.params, merged.momentum
         self.training_round = self.round + 1
         self.exchange.joined_round = self.training_round
