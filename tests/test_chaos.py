@@ -272,6 +272,9 @@ def test_bursts_of_store_errors(tmp_path: Path, geotrain_home: Path, monkeypatch
     monkeypatch.delenv("GEOTRAIN_STORE_FAULTS")
     store = assert_nothing_lost(geotrain_home, run)
     done = [e for e in store.events(["a", "b"]) if e["kind"] == "done"]
-    assert len(done) == 2 and all(e["store_faults_injected"] > 0 for e in done)
+    # Each site finished with faults injected into its store calls; a site lost to them
+    # and replaced finishes once per incarnation, so there may be more than two.
+    assert {e["source"] for e in done} == {"a", "b"}, done
+    assert all(e["store_faults_injected"] > 0 for e in done), done
     starting = [e for e in store.events(["a", "b"]) if e["kind"] == "starting"]
     assert all(e["store_settings"]["faults"]["source"] == "GEOTRAIN_STORE_FAULTS" for e in starting)
