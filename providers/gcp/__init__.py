@@ -307,11 +307,16 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
+def _remove_run_account(api: _Api, run_id: str, site: str) -> None:
+    """Remove the site's run account and its bindings from its run bucket."""
+    accounts.remove_run_account(_iam(api), _bucket_of(api),
+                                accounts.account_email(api.project, run_id, site))
+
+
 def _remove_run_account_if_unused(api: _Api, run_id: str, site: str) -> None:
-    """Remove the site's run account and its bindings once no instance of the site is left."""
+    """Remove the site's run account once no instance of the site is left."""
     if not _query(api, run_id, site):
-        accounts.remove_run_account(_iam(api), _bucket_of(api),
-                                    accounts.account_email(api.project, run_id, site))
+        _remove_run_account(api, run_id, site)
 
 
 def _run_account_sites(api: _Api, where: list[tuple[str, Node]]) -> set[tuple[str, str]]:
@@ -427,8 +432,7 @@ def terminate(nodes: list[Node]) -> list[Node]:
             _delete_firewall(api, run_id, site)
             if (run_id, site) in own:
                 try:
-                    accounts.remove_run_account(_iam(api), _bucket_of(api),
-                                                accounts.account_email(api.project, run_id, site))
+                    _remove_run_account(api, run_id, site)
                 except gexc.GoogleAPICallError as e:
                     raise ProviderError(f"site {site}: its nodes are gone but its run service "
                                         f"account could not be removed: {_first_line(e)}; "
