@@ -286,8 +286,8 @@ class Controller(Migrations, Kept):
             or (alive or {}).get("at", 0.0) < self.launched_at.get(name, 0.0)
         if not self._site_alive(name):
             time.sleep(POLL_S)  # let a last heartbeat land before judging the exit
-            if (self.store.heartbeat(self.member[name]) or {}).get("state") in ("done", "failed"):
-                return
+            if (self.store.heartbeat(self.member[name]) or {}).get("state") == "failed":
+                return  # judged as a failure next tick
             reason = "node gone"
         elif booting:
             # A site that never beat is not stale, only slow to boot, until boot_timeout_s
@@ -304,7 +304,25 @@ class Controller(Migrations, Kept):
             reason = f"no liveness beat for {now - alive['at']:.1f} s"
         else:
             return
+        if self._finished_since(name, hb, alive):
+            return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
+
+    def _finished_since(self, name: str, hb: dict | None, alive: dict | None) -> bool:
+        """Whether the site, judged lost on this tick's records, has since said it is
+        done: its agent can write `done` between the tick's reads and the verdict, and
+        a site's last liveness writes can be lost to store errors while its done
+        heartbeat lands. Replacing a finished site would throw its last round away
+        and overwrite its done heartbeat with the replacement's mark."""
+        member = self.member[name]
+        fresh_hb = self.store.heartbeat(member) or {}
+        fresh_alive = self.store.liveness().get(member) or {}
+        if fresh_hb.get("state") == "done" or fresh_alive.get("state") in ("done", "stopped"):
+            if (hb or {}).get("state") != "done":
+                self.event("site-finished-late", f"site {name} said it is done as it was about "
+                           "to be declared lost; kept", site=name, last_seen=(alive or {}).get("at"))
+            return True
+        return False
 
     def _boot_failure(self, name: str, now: float) -> str | None:
         """What a booting site's node printed as its fatal line on its serial console

@@ -115,6 +115,30 @@ def test_no_replacements_allowed_fails_the_run_at_the_first_loss(run_id, geotrai
         "site a was lost 1 times; giving up (failed: SyncError: CUDA out of memory)"
 
 
+def test_a_site_that_says_it_is_done_while_it_is_judged_lost_is_kept(launched: Faked):
+    # The tick read a's records while it was syncing its last round, with its liveness
+    # stale (its last beats were lost to store errors); before the verdict, its agent
+    # wrote its done heartbeat. Replacing it now would throw the finished site away.
+    ctl = launched
+    stale = time.time() - 100
+    as_member(ctl, "a").beat("a", {"state": "syncing", "round": 3})
+    as_member(ctl, "a").alive("a", "running", pid=1)
+    hb, alive = ctl.store.heartbeat("a"), dict(ctl.store.liveness()["a"], at=stale)
+    ctl.launched_at["a"] = stale
+    as_member(ctl, "a").beat("a", {"state": "done", "round": 3})
+    ctl._supervise("a", hb, alive)
+    assert [x[0] for x in ctl.launches] == ["a", "b"] and ctl.cloud.terminated == []
+    assert ctl.events("site-lost") == [] and ctl.store.heartbeat("a")["state"] == "done"
+    assert [e["site"] for e in ctl.events("site-finished-late")] == ["a"]
+    # Without a done heartbeat, the same stale records do replace it.
+    as_member(ctl, "b").beat("b", {"state": "syncing", "round": 3})
+    as_member(ctl, "b").alive("b", "running", pid=1)
+    ctl.launched_at["b"] = stale
+    ctl._supervise("b", ctl.store.heartbeat("b"), dict(ctl.store.liveness()["b"], at=stale))
+    assert [x[0] for x in ctl.launches] == ["a", "b", "b"]
+    assert [e["reason"][:20] for e in ctl.events("site-lost")] == ["no liveness beat for"]
+
+
 def test_a_preempted_site_that_does_not_drain_is_replaced_once_the_wait_is_over(launched: Faked):
     ctl = launched
     old = ctl.cloud.holds("a")

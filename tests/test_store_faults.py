@@ -171,3 +171,18 @@ def test_retry_passes_answers_through_and_refuses_denied_access():
     assert len(calls) == 1  # not retried
     with pytest.raises(FileNotFoundError):
         retry(lambda: (_ for _ in ()).throw(FileNotFoundError("x")), "read x", policy=FAST)
+
+
+def test_a_sites_last_liveness_write_outlasts_a_burst_of_store_errors(tmp_path):
+    # Periodic beats may be lost (the next one follows); the last, `done`, has nothing
+    # after it, and a controller that reads a stale `running` would replace a finished
+    # site. Here every write of the beat fails 4 times in a row, each a whole store call.
+    from geotrain.site.agent import Liveness
+
+    plan = FaultPlan(rate=0.999, burst=4, gap=100, seed=1, ops=("pipe_file",), match="sites/a/alive")
+    store = RunStore("file://" + str(tmp_path / "run"), faults=plan,
+                     retry_policy=RetryPolicy(attempts=1, base_delay=0.0))
+    beats = Liveness(store, "a", every_s=3600).start()  # its first beat is lost
+    beats.stop("done", patience_s=60)
+    assert store.injected_faults() == 4
+    assert RunStore("file://" + str(tmp_path / "run")).liveness()["a"]["state"] == "done"

@@ -45,6 +45,9 @@ class Stopped(Exception):
     pass
 
 
+LAST_BEAT_S = 30.0  # how long a site's last liveness write is retried
+
+
 class Liveness:
     """Beats `sites/<site>/alive` every `every_s` from a thread, so the other
     sites and the controller can tell a live site from a lost one no matter
@@ -61,21 +64,28 @@ class Liveness:
         self._thread.start()
         return self
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
         try:
             self.store.alive(self.site, self.state, pid=os.getpid())
+            return True
         except Exception as e:  # noqa: BLE001 - a missed beat must not kill the site
             log.warning("liveness beat failed: %s", e)
+            return False
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             self._beat()
 
-    def stop(self, state: str) -> None:
+    def stop(self, state: str, patience_s: float = LAST_BEAT_S) -> None:
+        """Write the site's last state. A missed periodic beat is followed by the next
+        one; the last has none after it, so it is retried (each try is already a
+        store call with its own retries) for up to `patience_s`."""
         self._stop.set()
         self._thread.join(timeout=5)
         self.state = state
-        self._beat()
+        deadline = time.monotonic() + patience_s
+        while not self._beat() and time.monotonic() < deadline:
+            time.sleep(1.0)
 
 
 class Preempted(Exception):
