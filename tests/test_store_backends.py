@@ -16,9 +16,9 @@ import threading
 import pytest
 
 from geotrain.errors import StoreError
-from geotrain.store import RunStore, round_key, sha256
+from geotrain.store import RetryPolicy, RunStore, round_key, sha256
 from geotrain.store_copy import CopyProgress, copy_run
-from tests.emulators import start_gcs
+from tests.emulators import free_port, start_gcs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -340,3 +340,12 @@ def test_missing_moto_goes_through_the_same_guard(monkeypatch, tmp_path):
     monkeypatch.setenv("GEOTRAIN_REQUIRE_EMULATORS", "1")
     with pytest.raises(pytest.fail.Exception, match="CI requires every emulator"):
         conftest.require_moto()
+
+
+def test_a_store_opened_after_its_environment_changed_uses_the_new_settings(store_urls, monkeypatch):
+    # fsspec caches file systems by their arguments; the endpoint is in the environment.
+    url = store_urls("s3")
+    RunStore(url).put("k", b"v")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")  # nothing there
+    with pytest.raises(StoreError):
+        RunStore(url, retry_policy=RetryPolicy(attempts=1)).get("k")

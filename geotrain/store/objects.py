@@ -105,8 +105,11 @@ class ObjectStore:
                              + ", ".join(f"{s}://" for s in SCHEMES))
         self.url = url.rstrip("/")
         self.scheme = scheme
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{**backend_options(scheme),
-                                                                **storage_options})
+        # Not fsspec's cached instance: it is keyed by arguments, not by the environment
+        # each backend reads its endpoint and credentials from, so a store opened after
+        # the environment changed would be handed one made under the old settings.
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{
+            "skip_instance_cache": True, **backend_options(scheme), **storage_options})
         # An az:// URL names a container, not its account: a cloud node is told it.
         self.azure_account = azure_account(self.fs) if scheme == "az" else None
         self.local = scheme == "file"
