@@ -124,9 +124,13 @@ def test_a_launch_must_tag_every_resource_it_creates_and_use_a_geotrain_group(pr
     e = refused(lambda: _run(ec2, subnet, other), "UnauthorizedOperation")
     assert f"security-group/{other}" in str(e)
     assert moto_ec2.describe_instances()["Reservations"] == []  # none reached moto
-    spot = _run(ec2, subnet, group, InstanceMarketOptions={"MarketType": "spot"})
+    spot_market = {"InstanceMarketOptions": {"MarketType": "spot"}}
+    e = refused(lambda: _run(ec2, subnet, group, **spot_market), "UnauthorizedOperation")
+    assert "spot-instances-request/*" in str(e)  # a spot request is created, and tagged too
+    spot = _run(ec2, subnet, group, tagged=("instance", "volume", "network-interface",
+                                            "spot-instances-request"), **spot_market)
     assert {t["Key"] for t in spot["Tags"]} == {"geotrain-run", "geotrain-site"}
-    assert [d["call"] for d in proxy.denied()] == ["RunInstances"] * 3
+    assert [d["call"] for d in proxy.denied()] == ["RunInstances"] * 4
 
 
 def test_only_the_node_role_and_run_roles_may_be_passed_to_ec2(operator, moto_server):

@@ -215,8 +215,10 @@ def _run_args(plan: SitePlan, node: int, image: str, root: str, subnet: str, gro
         UserData=bootstrap.render(plan, node, token),
         MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
         InstanceInitiatedShutdownBehavior="terminate",
-        TagSpecifications=[{"ResourceType": t, "Tags": tags}
-                           for t in ("instance", "volume", "network-interface")])
+        # Every resource the call creates carries the run's tags (a spot launch also
+        # creates its spot request): the operator policy refuses an untagged one.
+        TagSpecifications=[{"ResourceType": t, "Tags": tags} for t in (
+            "instance", "volume", "network-interface") + (("spot-instances-request",) if plan.spot else ())])
     if plan.spot:
         args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
             "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
