@@ -43,8 +43,8 @@ def allowed(policy: dict, action: str, resource: str, **context) -> bool:
 
 
 def test_the_role_reaches_its_run_folder_only_and_deletes_nothing():
-    policy = run_iam.store_policy(STORE)
-    obj = "arn:aws:s3:::geotrain-runs/team/run-aws1/rounds/3/east.safetensors"
+    policy = run_iam.store_policy(STORE, "east")
+    obj = "arn:aws:s3:::geotrain-runs/team/run-aws1/rounds/000003/east.bin"
     assert allowed(policy, "s3:GetObject", obj) and allowed(policy, "s3:PutObject", obj)
     assert not allowed(policy, "s3:DeleteObject", obj)
     for other in ("team/run-aws2/run.json", "team/run-aws1x/run.json", "team/run.json",
@@ -58,6 +58,30 @@ def test_the_role_reaches_its_run_folder_only_and_deletes_nothing():
     assert not allowed(policy, "s3:ListBucket", bucket, **{"s3:prefix": "team/"})
     assert not allowed(policy, "s3:ListBucket", bucket, **{"s3:prefix": "team/run-aws10/"})
     assert not allowed(policy, "s3:ListBucket", bucket)  # the whole bucket: no
+
+
+def test_the_role_writes_only_what_its_member_writes():
+    """A node may read the whole run folder but write only its own member's records and
+    contributions and the shared, signed or hash-checked round keys: never another
+    member's, never what only the operator's machine writes."""
+    policy, run = run_iam.store_policy(STORE, "east"), "arn:aws:s3:::geotrain-runs/team/run-aws1/"
+    own = ["sites/east/alive", "sites/east/heartbeat", "sites/east/head.json",
+           "sites/east/events.jsonl", "sites/east/commands/17-drain",
+           "rounds/000003/east.json", "rounds/000003/east.bin", "rounds/000003/results/east.json",
+           "rounds/000003/_members.json", "rounds/000003/_members.7.json",
+           "global/000003/model.safetensors", "global/000003/COMMITTED", "global/000003/eval.json",
+           "global/000000/_claim"]
+    for key in own:
+        assert allowed(policy, "s3:PutObject", run + key), key
+    others = ["sites/west/alive", "sites/west/heartbeat", "sites/east~1/alive", "sites/eastern/alive",
+              "rounds/000003/west.json", "rounds/000003/west.bin", "rounds/000003/results/west.json",
+              "rounds/000003/xeast.bin", "run.json", "control/roster.json", "control/switch.json",
+              "control/finish.json", "final/model.safetensors", "events.jsonl", "code/app.tar.gz"]
+    for key in others:
+        assert not allowed(policy, "s3:PutObject", run + key), key
+        assert allowed(policy, "s3:GetObject", run + key), key
+    with pytest.raises(ProviderError, match="cannot scope a role to the member name"):
+        run_iam.store_policy(STORE, "a*")
 
 
 @pytest.mark.parametrize("url", ["s3://geotrain-runs", "s3://geotrain-runs/", "gs://b/run",
@@ -121,7 +145,7 @@ def test_launch_makes_the_role_nodes_run_as_it_and_terminate_deletes_it(proxy, o
     assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
     assert iam.list_role_policies(RoleName=name)["PolicyNames"] == [run_iam.POLICY_NAME]
     doc = iam.get_role_policy(RoleName=name, PolicyName=run_iam.POLICY_NAME)["PolicyDocument"]
-    assert (json.loads(doc) if isinstance(doc, str) else doc) == run_iam.store_policy(STORE)
+    assert (json.loads(doc) if isinstance(doc, str) else doc) == run_iam.store_policy(STORE, "east")
     assert iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"] == []
     profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [name]

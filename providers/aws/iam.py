@@ -10,8 +10,9 @@ infra/aws/geotrain-user-policy.json):
 
 - the role `geotrain-<digest of run and site>`, which only EC2 may assume, tagged
   `geotrain-run`, `geotrain-site` (and `geotrain-owner`), with one inline policy:
-  `s3:ListBucket` on the bucket with `s3:prefix` under the run's folder, and
-  `s3:GetObject`/`s3:PutObject` on `<bucket>/<run folder>/*`;
+  `s3:ListBucket` on the bucket with `s3:prefix` under the run's folder,
+  `s3:GetObject` on `<bucket>/<run folder>/*`, and `s3:PutObject` only on the keys
+  that site (the run's member) writes (`member_keys`);
 - an instance profile of the same name holding that role, which the nodes run as.
 
 Every run role has the permissions boundary `geotrain-node-boundary` (the run bucket,
@@ -57,16 +58,34 @@ def run_folder(store_url: str) -> tuple[str, str]:
     return bucket, folder
 
 
-def store_policy(store_url: str) -> dict:
-    """The inline policy of a run's role: its run's folder, nothing else, no delete."""
+def member_keys(member: str) -> list[str]:
+    """The keys of a run's folder (patterns, `*` any characters) that the nodes of one
+    member write (docs/design.md, store layout): its own records and contributions,
+    plus what any member may decide or commit (a round's decision slots, the global
+    state and its eval). Never another member's records, nor what only the operator's
+    machine writes: run.json, the roster, control/, final/, the controller's events."""
+    if not member or any(c in member for c in "*?/"):
+        raise ProviderError(f"aws.run_role: cannot scope a role to the member name {member!r}")
+    return [f"sites/{member}/*",  # heartbeat, liveness, head record, events, own commands
+            f"rounds/*/{member}.json", f"rounds/*/{member}.bin",  # its contribution
+            f"rounds/*/results/{member}.json",  # the hash it ended a round with
+            "rounds/*/_members*.json",  # a round's decision slots (signed by the decider)
+            "global/*"]  # committed state, eval, the round-0 claim (checked by hashes)
+
+
+def store_policy(store_url: str, member: str) -> dict:
+    """The inline policy of one member's role: read and list its run's folder, write only
+    the keys that member writes (`member_keys`), delete nothing, nothing else. A node can
+    then neither forge nor overwrite another member's records or contributions."""
     bucket, folder = run_folder(store_url)
     return {"Version": "2012-10-17", "Statement": [
         {"Sid": "ListTheRunFolder", "Effect": "Allow", "Action": "s3:ListBucket",
          "Resource": f"arn:aws:s3:::{bucket}",
          "Condition": {"StringLike": {"s3:prefix": [folder, f"{folder}/*"]}}},
-        {"Sid": "ReadWriteTheRunFolder", "Effect": "Allow",
-         "Action": ["s3:GetObject", "s3:PutObject"],
-         "Resource": f"arn:aws:s3:::{bucket}/{folder}/*"}]}
+        {"Sid": "ReadTheRunFolder", "Effect": "Allow", "Action": "s3:GetObject",
+         "Resource": f"arn:aws:s3:::{bucket}/{folder}/*"},
+        {"Sid": "WriteWhatThisMemberWrites", "Effect": "Allow", "Action": "s3:PutObject",
+         "Resource": [f"arn:aws:s3:::{bucket}/{folder}/{key}" for key in member_keys(member)]}]}
 
 
 def boundary_arn(caller_arn: str) -> str:
@@ -86,7 +105,7 @@ def ensure_run_role(iam, sts, run_id: str, site: str, store_url: str, tags: list
     do more than use the run bucket."""
     from botocore.exceptions import ClientError
 
-    name, policy = role_name(run_id, site), store_policy(store_url)
+    name, policy = role_name(run_id, site), store_policy(store_url, site)
     boundary = boundary_arn(sts.get_caller_identity()["Arn"])
 
     def exists_ok(call, **kw):
