@@ -21,7 +21,7 @@ from providers import aws
 from providers.aws import iam as run_iam
 from tests.fakes.aws_operator import user_policy
 from tests.fakes.iam_eval import evaluate
-from tests.test_provider_aws import client, instances, live, plan, proxy  # noqa: F401 - fixture
+from tests.test_provider_aws import REGION, client, instances, live, plan, proxy  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(180)
 STORE = "s3://geotrain-runs/team/run-aws1"
