@@ -43,6 +43,7 @@ def render(plan, node_index: int, ray_token: str) -> str:
     # An az:// store's storage account (its URL names only the container).
     values["store_account"] = plan.option("store_account") or ""
     values["store_role_arn"] = store_role_arn(plan)
+    values["store_gcp_provider"] = store_gcp_provider(plan)
     values["access_grace_s"] = str(access_grace_s(plan))
     return string.Template(template_text()).substitute(
         {k: shlex.quote(v) for k, v in values.items()})
@@ -70,5 +71,15 @@ def store_role_arn(plan) -> str:
     store (its placement's `store_credentials`); "" when it needs none."""
     opts = plan.provider_options
     if plan.provider == "aws" or not plan.store_url.startswith("s3://") or opts is None:
+        return ""
+    return getattr(opts, "store_credentials", None) or ""
+
+
+def store_gcp_provider(plan) -> str:
+    """The GCP workload identity pool provider through which an AWS node federates its
+    instance profile's role to use a gs:// run store (its placement's
+    `store_credentials`); "" when it needs none."""
+    opts = plan.provider_options
+    if plan.provider != "aws" or not plan.store_url.startswith("gs://") or opts is None:
         return ""
     return getattr(opts, "store_credentials", None) or ""

@@ -87,13 +87,23 @@ def check_providers(names: tuple[str, ...] | None = None) -> list[ProviderCheck]
 
 STORE_CLOUD = {"s3": "aws", "gs": "gcp", "az": "azure"}  # the cloud each store scheme is on
 IDENTITY = {"aws": "instance_profile", "gcp": "service_account", "azure": "identity"}
-# What a node on another cloud needs in `store_credentials`, by store scheme: (what, form).
-# Built: GCP and Azure nodes assuming an AWS role by web identity for an s3:// store
-# (geotrain/site/store_identity.py). A gs:// or az:// store on another cloud is refused.
+# What a node on another cloud needs in `store_credentials`, by store scheme: (the
+# providers whose nodes can use it, what, form). Built: GCP and Azure nodes assuming an
+# AWS role by web identity for an s3:// store, AWS nodes federating their instance
+# profile's role through a GCP workload identity pool for a gs:// store
+# (geotrain/site/store_identity.py). An az:// store on another cloud is refused.
 CROSS_CLOUD = {
-    "s3": ("the ARN of an AWS role it assumes by web identity (see infra/aws/README.md)",
+    "s3": (("gcp", "azure"),
+           "the ARN of an AWS role it assumes by web identity (see infra/aws/README.md)",
            re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/\S+$")),
+    "gs": (("aws",),
+           "the full resource name of a GCP workload identity pool provider that trusts its "
+           "AWS account, //iam.googleapis.com/projects/NUMBER/locations/global/"
+           "workloadIdentityPools/POOL/providers/PROVIDER (see infra/gcp/README.md)",
+           re.compile(r"^//iam\.googleapis\.com/projects/[0-9]+/locations/global/"
+                      r"workloadIdentityPools/[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}$")),
 }
+BUILT = "only GCP and Azure nodes writing an s3:// store, and AWS nodes a gs:// store"
 
 
 def store_access(recipe) -> str | None:
@@ -134,17 +144,21 @@ def placement_store_access(provider: str, opts, store: str, who: str, at: str) -
             return (f"{who}: its {provider} nodes have no identity to write the run "
                     f"store {store}; set {at}.{key} (see infra/{provider}/README.md)")
         return None
-    if scheme not in CROSS_CLOUD:
+    if provider not in CROSS_CLOUD.get(scheme, ((),))[0]:
         return (f"{who}: its {provider} nodes cannot reach the {scheme}:// run store {store} "
-                f"on another cloud (not built yet: only GCP and Azure nodes writing an s3:// "
-                f"store); place the site on {STORE_CLOUD[scheme]} or put the store in S3")
-    what, form = CROSS_CLOUD[scheme]
+                f"on another cloud (not built yet: {BUILT}); place the site on "
+                f"{STORE_CLOUD[scheme]} or put the store in S3")
+    _, what, form = CROSS_CLOUD[scheme]
     if opts is None or opts.store_credentials is None:
         return (f"{who}: its {provider} nodes have no credential for the run store "
                 f"{store} on another cloud; set {at}.store_credentials to {what}")
     if not form.match(opts.store_credentials):
         return (f"{who}: {at}.store_credentials must be {what} for the run store "
                 f"{store} (got {opts.store_credentials!r})")
+    key = IDENTITY[provider]
+    if scheme == "gs" and getattr(opts, key) is None:  # whose identity is exchanged
+        return (f"{who}: its {provider} nodes have no identity of their own to exchange for "
+                f"the run store {store}; set {at}.{key} (see infra/gcp/README.md)")
     return None
 
 

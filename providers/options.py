@@ -14,11 +14,15 @@ from pydantic_core import PydanticCustomError
 PATTERN_HINTS: dict[str, str] = {}
 
 STORE_CREDENTIALS = (
-    "Cross-cloud store access, for an s3:// run store from a GCP or Azure placement: the ARN of "
-    "an AWS role the node assumes by web identity with its own cloud's token (its service "
-    "account's identity token; its managed identity's token for api://AzureADTokenExchange); "
-    "no key anywhere (infra/aws/README.md). Required by `geotrain launch` for such a site. A "
-    "gs:// or az:// store on another cloud is not built yet and is refused at launch.")
+    "Cross-cloud store access, no key anywhere. For an s3:// run store from a GCP or Azure "
+    "placement: the ARN of an AWS role the node assumes by web identity with its own cloud's "
+    "token (its service account's identity token; its managed identity's token for "
+    "api://AzureADTokenExchange; infra/aws/README.md). For a gs:// run store from an AWS "
+    "placement: the full resource name of the GCP workload identity pool provider its "
+    "instance profile's role is federated through, //iam.googleapis.com/projects/NUMBER/"
+    "locations/global/workloadIdentityPools/POOL/providers/PROVIDER (infra/gcp/README.md). "
+    "Required by `geotrain launch` for such a site. An az:// store on another cloud, or a "
+    "gs:// one from Azure, is not built yet and is refused at launch.")
 
 
 class OptionsSpec(BaseModel):

@@ -126,7 +126,8 @@ def test_options_described_for_plan_and_schema():
     defs = recipe.schema()["$defs"]
     assert {"AwsOptions", "GcpOptions", "AzureOptions"} <= set(defs)
     said = defs["AwsOptions"]["properties"]["store_credentials"]["description"].lower()
-    assert "from a gcp or azure placement" in said and "not built yet and is refused at launch" in said
+    assert "from a gcp or azure placement" in said and "from an aws placement" in said
+    assert "workload identity pool provider" in said and "not built yet and is refused at launch" in said
     assert "inherits" in defs["SiteSpec"]["properties"]["candidates"]["description"]
 
 
@@ -141,6 +142,8 @@ def test_code_dir_resolves_and_needs_an_entrypoint(tmp_path: Path):
 
 # -- launch refuses nodes that could not reach the run store -------------------------------
 
+POOL_PROVIDER = ("//iam.googleapis.com/projects/123456789/locations/global/workloadIdentityPools/"
+                 "geotrain-aws/providers/aws-nodes")
 STORE_ACCESS = {
     "s3 store, aws site without a profile": (
         "s3://b/runs", "    provider: aws\n    instance_type: g5.xlarge\n",
@@ -157,12 +160,40 @@ STORE_ACCESS = {
         "az://acct/runs", "    provider: azure\n    instance_type: Standard_D2s_v5\n",
         "site east: its azure nodes have no identity to write the run store az://acct/runs; set "
         "sites[0].azure.identity (see infra/azure/README.md)"),
-    "gs store, aws site": (
+    "gs store, aws site without cross-cloud credentials": (
         "gs://b/runs", "    provider: aws\n    instance_type: g5.xlarge\n"
         "    aws: {instance_profile: geotrain-node}\n",
-        "site east: its aws nodes cannot reach the gs:// run store gs://b/runs on another cloud "
-        "(not built yet: only GCP and Azure nodes writing an s3:// store); place the site on gcp "
-        "or put the store in S3"),
+        "site east: its aws nodes have no credential for the run store gs://b/runs on another "
+        "cloud; set sites[0].aws.store_credentials to the full resource name of a GCP workload "
+        "identity pool provider that trusts its AWS account, //iam.googleapis.com/projects/"
+        "NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER (see "
+        "infra/gcp/README.md)"),
+    "gs store, aws site with a role ARN instead of a pool provider": (
+        "gs://b/runs", "    provider: aws\n    instance_type: g5.xlarge\n"
+        "    aws: {instance_profile: geotrain-node, store_credentials: "
+        "'arn:aws:iam::123456789012:role/w'}\n",
+        "site east: sites[0].aws.store_credentials must be the full resource name of a GCP "
+        "workload identity pool provider that trusts its AWS account, //iam.googleapis.com/"
+        "projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER (see "
+        "infra/gcp/README.md) for the run store gs://b/runs (got "
+        "'arn:aws:iam::123456789012:role/w')"),
+    "gs store, aws site with a pool provider but no profile": (
+        "gs://b/runs", "    provider: aws\n    instance_type: g5.xlarge\n"
+        f"    aws: {{store_credentials: '{POOL_PROVIDER}'}}\n",
+        "site east: its aws nodes have no identity of their own to exchange for the run store "
+        "gs://b/runs; set sites[0].aws.instance_profile (see infra/gcp/README.md)"),
+    "gs store, azure site": (
+        "gs://b/runs", "    provider: azure\n    instance_type: Standard_D2s_v5\n"
+        f"    azure: {{identity: system, store_credentials: '{POOL_PROVIDER}'}}\n",
+        "site east: its azure nodes cannot reach the gs:// run store gs://b/runs on another cloud "
+        "(not built yet: only GCP and Azure nodes writing an s3:// store, and AWS nodes a gs:// "
+        "store); place the site on gcp or put the store in S3"),
+    "az store, aws site": (
+        "az://acct/runs", "    provider: aws\n    instance_type: g5.xlarge\n"
+        f"    aws: {{instance_profile: geotrain-node, store_credentials: '{POOL_PROVIDER}'}}\n",
+        "site east: its aws nodes cannot reach the az:// run store az://acct/runs on another "
+        "cloud (not built yet: only GCP and Azure nodes writing an s3:// store, and AWS nodes a "
+        "gs:// store); place the site on azure or put the store in S3"),
     "s3 store, azure site without cross-cloud credentials": (
         "s3://b/runs", "    provider: azure\n    instance_type: Standard_D2s_v5\n"
         "    azure: {identity: system}\n",
@@ -201,6 +232,12 @@ def test_store_access_passes_local_sites_and_named_identities():
         "    instance_type: g5.xlarge\n    aws: {run_role: true}\n    candidates:\n"
         "      - {provider: azure, region: eastus, instance_type: Standard_D2s_v5,\n"
         "         azure: {identity: system, store_credentials: 'arn:aws:iam::123456789012:role/w'}}\n"
+        )) is None
+    # An AWS node federating its instance profile's role for a gs:// store.
+    assert store_access(loads(
+        "name: x\nstore: {url: 'gs://b/r'}\nsites:\n  - name: a\n    provider: aws\n"
+        "    instance_type: g5.xlarge\n"
+        f"    aws: {{instance_profile: geotrain-node, store_credentials: '{POOL_PROVIDER}'}}\n"
         )) is None
 
 

@@ -2,7 +2,10 @@
 
 - `Binding` / `bindings_from(document, custom_roles)`: the bindings of a bucket IAM
   policy document as infra/gcp/run-bucket-policy.json writes them (role, members,
-  optional condition {title, description, expression}).
+  optional condition {title, description, expression}). A member is an account's email
+  (user:/serviceAccount:/group:) or, for workload identity federation, the whole
+  `principalSet://iam.googleapis.com/...` (or `principal://`) member, which is what the
+  stand-in STS's tokens are known by (tests/fakes/gcp_sts.py).
 - `condition(expression)`: a tiny parser for the only CEL GCS conditions here use,
   `resource.name.startsWith("...")` joined by `&&` / `||` (and parentheses); anything
   else raises `ConditionError`, so a typo cannot grant silently.
@@ -113,8 +116,12 @@ def bindings_from(document: dict, custom_roles: dict[str, set[str]] | None = Non
         emails = set()
         for m in b.get("members") or []:
             kind, _, email = m.partition(":")
+            if kind in ("principalSet", "principal") and email.startswith("//iam.googleapis.com/"):
+                emails.add(m)  # a federated identity, named whole (tests/fakes/gcp_sts.py)
+                continue
             if kind not in ("user", "serviceAccount", "group") or not email:
-                raise ConditionError(f"bindings[{i}]: member {m!r} is not user:/serviceAccount:/group:")
+                raise ConditionError(f"bindings[{i}]: member {m!r} is not user:/serviceAccount:/"
+                                     "group:/principalSet:/principal:")
             emails.add(email)
         cond = b.get("condition")
         if cond is not None:
