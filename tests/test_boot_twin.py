@@ -16,6 +16,7 @@ a cross-cloud migration, a node without store access, leftovers) is benchmarks/t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import boto3
@@ -138,6 +139,13 @@ def test_an_aws_a_gcp_and_an_azure_node_train_one_model_through_an_s3_store(clou
     if netns.available() is None:
         assert [n.network for n in nodes] == ["isolated"] * 3
         assert all(n.link.stats.bytes_out > 0 and n.link.stats.bytes_in > 0 for n in nodes)
+        # Each on its cloud's private network, at the address its cloud assigned, which
+        # its metadata service told the agent (the address its Ray bound).
+        assert len({n.nic.network for n in nodes}) == 3
+        for n in nodes:
+            assert ipaddress.ip_address(n.private_ip).is_private and n.private_ip != "127.0.0.1"
+            logs = "\n".join(f.read_text(errors="replace") for f in n.root.rglob("*.log"))
+            assert f"private address from the metadata service: {n.private_ip}" in logs, logs[-2000:]
 
     # The GCP and Azure nodes got their AWS keys from STS for their own identities, and
     # only so.

@@ -152,7 +152,11 @@ def metadata_get(url: str, path: str, **headers) -> tuple[int, dict, str]:
 def test_instance_with_service_account_boots_and_gets_a_token(fake, client):
     insert(client, fake, "node-sa", service_account=True)
     got = report(fake, "node-sa")
-    assert got["name"] == "node-sa" and got["ip"] == "127.0.0.1"
+    # Its private address: the instance's networkIP where it has a network of its own
+    # (tests/fakes/netns.py), else this machine's loopback.
+    [nic] = client.instances.get(project=fake.project, zone=ZONE, instance="node-sa").network_interfaces
+    want = nic.network_i_p if fake.node("node-sa").network == "isolated" else "127.0.0.1"
+    assert got["name"] == "node-sa" and got["ip"] == want == fake.node("node-sa").private_ip
     assert got["zone"] == f"projects/{fake.project_number}/zones/{ZONE}"
     assert got["role"] == "node-sa-role" and got["project"] == fake.project
     assert "error" not in got, got.get("error")

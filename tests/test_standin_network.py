@@ -161,3 +161,142 @@ def test_the_link_and_mode_are_read_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="valid: auto, isolated, host"):
         netns.mode()
     assert netns.ports_named("X=http://127.0.0.1:9000/b", "localhost:80 127.0.0.1:12") == [12, 80, 9000]
+
+
+# -- private networks: the nodes of one cloud network reach each other -------------------
+
+SERVE = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7000)); s.listen(8); print("listening", flush=True)
+while True:
+    c, peer = s.accept(); c.sendall(f"hello {peer[0]}\\n".encode()); c.close()
+"""
+CONNECT = """
+import errno, socket, sys, time
+for attempt in range(120):  # refused: the server is not listening yet
+    try:
+        with socket.create_connection((sys.argv[1], 7000), timeout=5) as s:
+            print(s.makefile().readline().strip())
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.25)
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, type(e).__name__))
+        break
+"""
+
+
+def in_namespace(ns: netns.Namespace, code: str, *args: str, **kw):
+    import subprocess
+
+    argv, fds = ns.command([sys.executable, "-c", code, *args])
+    return subprocess.Popen(argv, pass_fds=fds, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **kw)
+
+
+def host_links() -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split(":")[1].strip() for line in out.splitlines())
+
+
+def test_nodes_of_one_private_network_reach_each_other_and_no_other():
+    """Two networks with the same address range: a node reaches a node of its own network
+    at its private address; a node of the other network does not, though the address is
+    in its own range. Nothing is added to this machine's interfaces, and once closed no
+    namespace of theirs is left."""
+    links, before = host_links(), netns.live_namespaces()
+    networks = netns.Networks()
+    spaces, procs = [], []
+    try:
+        head = netns.Namespace([], nic=networks.nic("vpc-a", "10.0.1.5", 16))
+        peer = netns.Namespace([], nic=networks.nic("vpc-a", "10.0.2.9", 16))
+        stranger = netns.Namespace([], nic=networks.nic("vpc-b", "10.0.1.6", 16))
+        spaces += [head, peer, stranger]
+        assert len(networks) == 2 and host_links() == links
+        server = in_namespace(head, SERVE, "10.0.1.5")
+        procs.append(server)
+        assert server.stdout.readline().strip() == "listening"
+        said = {}
+        for name, ns in (("peer", peer), ("stranger", stranger)):
+            p = in_namespace(ns, CONNECT, "10.0.1.5")
+            procs.append(p)
+            said[name] = p.communicate(timeout=30)[0].strip()
+        assert said["peer"] == "hello 10.0.2.9", said
+        # No answer to its ARP: EHOSTUNREACH, or the timeout before it.
+        assert said["stranger"] in ("EHOSTUNREACH", "TimeoutError"), said
+        mine = netns.live_namespaces() - before
+        assert len(mine) >= 5, mine  # three nodes' and two switches'
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+        for ns in spaces:
+            ns.close()
+        networks.close()
+    assert host_links() == links
+    assert not (netns.live_namespaces() & mine), "a namespace outlived its network"
+
+
+def test_ec2_instances_of_one_security_group_share_a_network_and_their_imds_says_their_address(
+        tmp_path, moto_server):
+    """The AWS stand-in (tests/fakes/ec2_boot.py): an instance's IMDS answers the private
+    address EC2 gave it, which is its node's address; instances of a group that admits
+    its own members (a geotrain site's, providers/aws/network.py) reach each other there;
+    an instance of another such group in the same VPC does not."""
+    import urllib.request
+
+    import boto3
+
+    from geotrain.site.node_info import private_ip
+    from tests.fakes.ec2_boot import Ec2Booter
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"),
+                           timeout=10).close()
+    ec2 = boto3.client("ec2", endpoint_url=moto_server, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]
+    subnet = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])["Subnets"][0]
+    groups = {}
+    for name in ("site-a", "site-b"):
+        gid = ec2.create_security_group(GroupName=name, Description=name, VpcId=vpc["VpcId"])["GroupId"]
+        ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": gid}]}])
+        groups[name] = gid
+    (tmp_path / "serve.py").write_text(SERVE)
+    (tmp_path / "connect.py").write_text(CONNECT)
+    addr = "$(ip -o -4 addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)"
+
+    def launch(group: str, script: str) -> dict:
+        return ec2.run_instances(ImageId="ami-0d1a0000000000002", InstanceType="t3.large",
+                                 MinCount=1, MaxCount=1, UserData=f"#!/bin/bash\n{script}\n",
+                                 NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnet["SubnetId"],
+                                                     "Groups": [groups[group]]}])["Instances"][0]
+
+    booter = Ec2Booter(moto_server, node_image(tmp_path / "image"), tmp_path / "nodes")
+    try:
+        head = launch("site-a", f"exec python3 {tmp_path / 'serve.py'} {addr}")
+        ip = head["PrivateIpAddress"]
+        peer = launch("site-a", f"python3 {tmp_path / 'connect.py'} {ip} > $GEOTRAIN_NODE_ROOT/said")
+        stranger = launch("site-b", f"python3 {tmp_path / 'connect.py'} {ip} > $GEOTRAIN_NODE_ROOT/said")
+        nodes = booter.wait_booted(3, timeout=60)
+        said = {}
+        for inst in (peer, stranger):
+            out = nodes[inst["InstanceId"]].root / "said"
+            wait_for(lambda: out.exists() and out.read_text().strip(), 60, every=0.2)
+            said[inst["InstanceId"]] = out.read_text().strip()
+        assert said[peer["InstanceId"]] == f"hello {peer['PrivateIpAddress']}", said
+        assert said[stranger["InstanceId"]] in ("EHOSTUNREACH", "TimeoutError"), said
+        assert len(booter.networks) == 2
+        for inst in (head, peer, stranger):
+            node = nodes[inst["InstanceId"]]
+            assert node.private_ip == inst["PrivateIpAddress"] != "127.0.0.1"
+            environ = {"GEOTRAIN_PROVIDER": "aws",
+                       "GEOTRAIN_METADATA_ENDPOINT": booter.imds(inst["InstanceId"]).url}
+            assert private_ip(environ, attempts=1) == inst["PrivateIpAddress"]
+    finally:
+        ids = booter.booted()
+        booter.close()
+    assert ids and not [p for iid in ids for p in tagged_pids(iid)]

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from tests.fakes import netns
 from tests.fakes.arm_routes import ArmError, ArmHandler, IdentityHandler, Recorded, handler, self_signed
 from tests.fakes.azure_boot import AzureImds, BootConfig, Booter, NodeTokens, azure_env, vm_imds
 
@@ -202,7 +203,26 @@ class FakeArm:
             script = base64.b64decode(custom).decode() if custom else None
             self._booter.boot(rid.lower(), imds, script,
                               f"azure-{vm['name']}-{props['vmId'][:8]}-{secrets.token_hex(3)}",
-                              f"{vm['name']}-{props['vmId'][:8]}", azure_env)
+                              f"{vm['name']}-{props['vmId'][:8]}", azure_env, nic=self._nic(vm, imds))
+
+    def _nic(self, vm: dict, imds) -> netns.Nic | None:
+        """The VM's interface on its virtual network's private side: its first NIC's
+        private address; every address of the vnet is on the link (Azure routes a
+        vnet's subnets to each other)."""
+        refs = vm["properties"].get("networkProfile", {}).get("networkInterfaces", [])
+        nic = self._res.get(refs[0]["id"].lower()) if refs else None
+        configs = (nic or {}).get("properties", {}).get("ipConfigurations", [])
+        if not configs:
+            return None
+        ip_props = configs[0]["properties"]
+        subnet_id = ip_props["subnet"]["id"]
+        vnet = self._res.get(subnet_id.rsplit("/subnets/", 1)[0].lower())
+        subnet = self._res.get(subnet_id.lower())
+        if vnet is None or subnet is None:
+            return None
+        imds.subnet_prefix = ipaddress.ip_network(subnet["properties"]["addressPrefix"]).prefixlen
+        space = ipaddress.ip_network(vnet["properties"]["addressSpace"]["addressPrefixes"][0])
+        return self._booter.nic(vnet["id"].lower(), ip_props.get("privateIPAddress"), space.prefixlen)
 
     def _halt(self, rid: str) -> None:
         if self._booter is not None:

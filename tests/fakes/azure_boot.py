@@ -9,7 +9,9 @@ the real one.
     GET  /metadata/instance[/compute|/network[/...]]   JSON; a leaf with ?format=text
          compute: name, vmId, location, zone, resourceGroupName, subscriptionId,
                   resourceId, vmSize, priority, osType, tags, tagsList, azEnvironment
-         network: interface[0].ipv4.ipAddress[0].privateIpAddress = 127.0.0.1
+         network: interface[0].ipv4.ipAddress[0].privateIpAddress = its node's private
+                  address (its NIC's, on its virtual network's private side where nodes
+                  get networks of their own: tests/fakes/gce_boot.py Booter), else 127.0.0.1
     GET  /metadata/identity/oauth2/token?resource=R[&client_id|object_id|msi_res_id]
          only when the VM has an identity (SystemAssigned and/or UserAssigned); else
          400 {"error": "invalid_request", "error_description": "Identity not found"}.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import email.utils
+import ipaddress
 import json
 import secrets
 import threading
@@ -114,6 +117,7 @@ class AzureImds:
         self.default_identity = default_identity  # None: none, "ambiguous": several user-assigned
         self.client_ids = client_ids          # principal id -> its client id
         self.tokens = tokens
+        self.private_ip, self.subnet_prefix = "127.0.0.1", 8  # its node's (Booter.boot sets the ip)
         self.events: list[dict] = []
         self.acknowledged: list[str] = []
         self.incarnation = 1
@@ -156,9 +160,11 @@ class AzureImds:
         return self.schedule("Preempt")
 
     def document(self) -> dict:
+        prefix = self.subnet_prefix if self.private_ip != "127.0.0.1" else 8
+        subnet = ipaddress.ip_interface(f"{self.private_ip}/{prefix}").network
         return {"compute": copy.deepcopy(self.compute), "network": {"interface": [{
-            "ipv4": {"ipAddress": [{"privateIpAddress": "127.0.0.1", "publicIpAddress": ""}],
-                     "subnet": [{"address": "127.0.0.0", "prefix": "8"}]},
+            "ipv4": {"ipAddress": [{"privateIpAddress": self.private_ip, "publicIpAddress": ""}],
+                     "subnet": [{"address": str(subnet.network_address), "prefix": str(prefix)}]},
             "ipv6": {"ipAddress": []}, "macAddress": "000D3A000001"}]}}
 
 

@@ -13,6 +13,15 @@ credential. This module adds what a real AWS account does around an instance:
   instance once, as a `tests.fakes.node.BootedNode` running its user data, with
   its own `Imds`; it stops the node and its Imds when the instance goes.
 
+Where nodes get networks of their own (tests/fakes/netns.py), each node also gets the
+private address EC2 gave its instance (`PrivateIpAddress`, in its subnet), which its
+IMDS answers as local-ipv4, on a private network shared by the instances of the same
+VPC whose security groups admit their own members (a group with a rule from itself for
+all traffic, as a site's group, providers/aws/network.py, has): those reach each other,
+nothing else reaches them. An instance none of whose groups admits its own members is
+on a network of its own. (A simplification: instances share a network only when they
+have the same such groups.)
+
     proxy = S3IdentityProxy(moto_url)
     booter = Ec2Booter(moto_url, node_image(tmp / "image"), tmp / "nodes", {},
                        s3_proxy=proxy, store_roles={"geotrain-node"})
@@ -25,12 +34,14 @@ credential. This module adds what a real AWS account does around an instance:
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import threading
 import time
 import uuid
 from pathlib import Path
 
+from tests.fakes import netns
 from tests.fakes.aws_identity import S3IdentityProxy
 from tests.fakes.ec2_imds import Imds, iso_time
 from tests.fakes.node import BootedNode
@@ -79,6 +90,7 @@ class Ec2Booter:
         self._imds: dict[str, Imds] = {}
         self._keys: dict[str, str] = {}          # instance id -> access key id allowed at the proxy
         self._stoppers: list[threading.Thread] = []
+        self.networks = netns.Networks()  # the VPCs' private sides, by (region, VPC, groups)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ec2-booter", daemon=True)
         if start:
@@ -146,6 +158,7 @@ class Ec2Booter:
             threads = list(self._stoppers)
         for t in threads:
             t.join(timeout=self.stop_grace_s + 30)
+        self.networks.close()
 
     def __enter__(self) -> Ec2Booter:
         return self
@@ -204,6 +217,26 @@ class Ec2Booter:
             return bool(self.store_roles(role))
         return role in self.store_roles
 
+    def _nic(self, region: str, inst: dict) -> netns.Nic | None:
+        """The instance's interface on its VPC's private network (see the module's doc);
+        None where nodes share this machine's network."""
+        address, vpc = inst.get("PrivateIpAddress"), inst.get("VpcId")
+        if not (address and vpc) or not netns.use_isolated():
+            return None
+        ec2 = self._ec2[region]
+        cidr = ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"][0]["CidrBlock"]
+        primary = [n for n in inst.get("NetworkInterfaces", [])
+                   if (n.get("Attachment") or {}).get("DeviceIndex") == 0]
+        ids = sorted({g["GroupId"] for g in inst.get("SecurityGroups", []) +
+                      (primary[0].get("Groups", []) if primary else [])})
+        groups = ec2.describe_security_groups(GroupIds=ids)["SecurityGroups"] if ids else []
+        admitting = sorted(g["GroupId"] for g in groups if any(
+            p.get("IpProtocol") == "-1" and any(pair.get("GroupId") == g["GroupId"]
+                                                for pair in p.get("UserIdGroupPairs", []))
+            for p in g.get("IpPermissions", [])))
+        key = (region, vpc, tuple(admitting) or inst["InstanceId"])
+        return self.networks.nic(key, address, ipaddress.ip_network(cidr).prefixlen)
+
     def _boot(self, region: str, inst: dict) -> None:
         iid = inst["InstanceId"]
         attr = self._ec2[region].describe_instance_attribute(InstanceId=iid, Attribute="userData")
@@ -227,7 +260,9 @@ class Ec2Booter:
                    "NO_PROXY": "127.0.0.1,localhost"}
             if self.s3_proxy is not None:
                 env["AWS_ENDPOINT_URL_S3"] = self.s3_proxy.url
-            node = BootedNode(iid, script, self.workdir / iid, self.image_bin, env=env)
+            node = BootedNode(iid, script, self.workdir / iid, self.image_bin, env=env,
+                              nic=self._nic(region, inst))
+            imds.private_ip = node.private_ip  # before it boots: what local-ipv4 answers
             with self._cond:
                 if self._stop.is_set():
                     raise RuntimeError("booter closing")

@@ -11,7 +11,7 @@ one carrying `X-Forwarded-For` is refused, like the real one; every answer carri
 
     /computeMetadata/v1/instance/name | id | hostname | zone (projects/<num>/zones/<zone>)
     /computeMetadata/v1/instance/machine-type | preempted (FALSE / TRUE) | maintenance-event
-    /computeMetadata/v1/instance/network-interfaces/0/ip (127.0.0.1)
+    /computeMetadata/v1/instance/network-interfaces/0/ip (its node's private address)
     /computeMetadata/v1/instance/attributes/<key>      the instance's metadata items
     /computeMetadata/v1/instance/service-accounts/...  only with a serviceAccounts entry
         ( /, default/, default/email, default/aliases, default/scopes, default/token,
@@ -27,6 +27,12 @@ the real server); `?alt=json` / `?alt=text` are honoured. `?wait_for_change=true
 ETag differs from `last_etag`, else when the value changes or `timeout_sec` runs out
 (with the unchanged value, as GCE does). `preempt()` flips `preempted` to TRUE and wakes
 every hanging GET.
+
+Where nodes get networks of their own (tests/fakes/netns.py), `Booter.boot(..., nic=)`
+puts the node on its cloud network's private side at the address the cloud assigned
+(GCE: the instance's `networkIP`, on its VPC network; Azure: its NIC's private address,
+on its virtual network; `Booter.networks` holds them), and the metadata server answers
+that address (`private_ip`); else 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from tests.fakes import netns
 from tests.fakes.node import BootedNode
 
 FLAVOR = {"Metadata-Flavor": "Google"}
@@ -113,6 +120,7 @@ class GceInstanceMetadata:
         self.mint = mint  # () -> (token, expires_at): a fresh access token
         self.token_expires_at = 0.0  # of the token mint() gave last
         self.preempted = False
+        self.private_ip = "127.0.0.1"  # its node's (Booter.boot sets it)
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query)
         self.token_requests = 0
         self.identity_tokens: dict[str, dict] = {}  # issued OIDC token -> its claims
@@ -161,7 +169,7 @@ class GceInstanceMetadata:
             "preempted": "TRUE" if self.preempted else "FALSE",
             "maintenance-event": "NONE",
             "network-interfaces": {"0": {
-                "ip": "127.0.0.1",
+                "ip": self.private_ip,
                 "network": f"projects/{self.project_number}/networks/default"}},
             "attributes": dict(self.attributes),
         }
@@ -320,19 +328,30 @@ class Booter:
         self.metadata: dict = {}
         self.history: list[BootedNode] = []  # every node ever booted, gone ones too
         self.nodes: dict[object, BootedNode] = {}
+        self.networks = netns.Networks()  # the cloud's networks' private sides, by network
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
 
+    def nic(self, network: str, address: str | None, prefix: int) -> netns.Nic | None:
+        """The instance's interface at `address` on `network`'s private side; None where
+        nodes share this machine's network (or the cloud gave it no address)."""
+        if not address or not netns.use_isolated():
+            return None
+        return self.networks.nic(network, address, prefix)
+
     def boot(self, key, md, script: str | None, tag: str, root_name: str,
-             env: Callable[[object], dict[str, str]]) -> BootedNode | None:
+             env: Callable[[object], dict[str, str]], nic: netns.Nic | None = None
+             ) -> BootedNode | None:
         """Start the instance's metadata server, then its boot script (if any) as a node
-        tagged `tag` under workdir/root_name, with `env(md)` and the config's node_env."""
+        tagged `tag` under workdir/root_name, with `env(md)` and the config's node_env,
+        on `nic` (its private address, which `md.private_ip` answers) where it has one."""
         md.start()
         node = None
         if script is not None:
             root = Path(self.config.workdir) / root_name
             node = BootedNode(tag, script, root, Path(self.config.image_bin),
-                              {**env(md), **self.config.node_env})
+                              {**env(md), **self.config.node_env}, nic=nic)
+            md.private_ip = node.private_ip
         with self._lock:
             self.metadata[key] = md
             if node is not None:
@@ -375,6 +394,7 @@ class Booter:
             md.stop()
         for t in stoppers:
             t.join()
+        self.networks.close()
 
 
 def gce_env(md: GceInstanceMetadata) -> dict[str, str]:

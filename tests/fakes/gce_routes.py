@@ -11,6 +11,7 @@ The server is started by `FakeGCE.start()`, with `GceHandler` bound to that fake
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -192,7 +193,7 @@ class GceHandler(BaseHTTPRequestHandler):
                         creationTimestamp="2026-11-22T00:00:00.000-08:00")
         nics = instance.get("networkInterfaces", [{}])
         for i, nic in enumerate(nics):
-            nic.update(name=f"nic{i}", networkIP=f"10.128.0.{next(gce._ips)}")
+            nic.update(name=f"nic{i}", networkIP=str(ipaddress.ip_address("10.128.0.0") + next(gce._ips)))
             for ac in nic.get("accessConfigs", []):
                 ac["natIP"] = f"34.0.0.{next(gce._ips)}"
         instance["networkInterfaces"] = nics

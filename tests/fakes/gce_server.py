@@ -260,9 +260,14 @@ class FakeGCE:
                                  project=self.project, project_number=self.project_number,
                                  machine_type=machine, attributes=items, service_account=email,
                                  scopes=scopes, token=None, mint=mint)
+        nic = (inst.get("networkInterfaces") or [{}])[0]
+        network = (nic.get("network") or "global/networks/default").rsplit("/", 1)[-1]
+        # An auto-mode VPC network's regional subnets are all in 10.128.0.0/9, routed
+        # to each other: every address of the network is on its link.
         self._booter.boot((zone, name), md, items.get("startup-script"),
                           f"gce-{name}-{inst['id']}-{secrets.token_hex(3)}",
-                          f"{name}-{inst['id']}", gce_env)
+                          f"{name}-{inst['id']}", gce_env,
+                          nic=self._booter.nic(network, nic.get("networkIP"), 9))
 
     # -- helpers -----------------------------------------------------------
     def link(self, rest: str) -> str:

@@ -21,8 +21,21 @@ brings its loopback up and binds the relay's listening sockets there (a socket s
 the namespace it was made in). A file descriptor of the namespace is kept; the node's
 boot is started through `nsenter --net=/proc/self/fd/N`. `close()` stops every relay.
 
-Where the machine does not allow it (no CAP_SYS_ADMIN, no nsenter), `available()` says
-why and nodes run on this machine's network as before. GEOTRAIN_STANDIN_NETWORK selects:
+A node of a cloud network also gets that network's private side: a `PrivateNetwork` is
+the network's switch, a bridge in a namespace of its own (nothing is added to this
+machine's own namespace), and `Namespace(..., nic=Nic(network, "172.31.5.9", 16))`
+gives the node an `eth0` with that address, one end of a veth pair whose other end is
+on the bridge. The nodes of one network reach each other at their private addresses
+(a site's Ray cluster); nodes of different networks, and this machine, do not. The
+stand-in clouds group their instances into networks (tests/fakes/ec2_boot.py: a VPC
+and the security groups that admit their own members) and make each node's metadata
+service answer its private address. A namespace here is never named (no /run/netns
+entry): it is gone when its last file descriptor and process are, and its veth pairs
+with it.
+
+Where the machine does not allow it (no CAP_SYS_ADMIN, no nsenter, no `ip`),
+`available()` says why and nodes run on this machine's network as before (their
+private address is then 127.0.0.1). GEOTRAIN_STANDIN_NETWORK selects:
 `auto` (the default: isolated where available), `isolated` (required: an error where
 not available) or `host`. GEOTRAIN_STANDIN_LINK shapes the link, e.g.
 `delay_ms=25,rate_mbit=100` (default DEFAULT_LINK: mild, so tests do not slow down).
@@ -32,12 +45,15 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import ipaddress
+import itertools
 import os
 import queue
 import re
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,6 +152,8 @@ def available() -> str | None:
     """None when nodes can have their own network here; else why not."""
     if not shutil.which("nsenter"):
         return "nsenter (util-linux) is not installed"
+    if not shutil.which("ip"):
+        return "ip (iproute2) is not installed"
     try:
         fd, _ = _in_new_namespace([])
     except OSError as e:
@@ -169,12 +187,129 @@ class Stats:
                 setattr(self, k, getattr(self, k) + v)
 
 
-class Namespace:
-    """A node's network namespace and the shaped relays out of it."""
+def live_namespaces() -> set[int]:
+    """Inodes of the network namespaces that some process of this machine is in or holds
+    open (a namespace without a name lives exactly as long as that)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            fds = []
+        for path in [f"/proc/{pid}/ns/net", *fds]:
+            try:
+                target = os.readlink(path)
+            except OSError:
+                continue
+            if target.startswith("net:["):
+                found.add(int(target[5:-1]))
+    return found
 
-    def __init__(self, ports: list[int], link: Link | None = None):
-        self.ports, self.link = list(ports), link or link_from_env()
+
+def _ip(fd: int, *args: str, extra_fds: tuple[int, ...] = ()) -> None:
+    """Run `ip ARGS` in the network namespace open as `fd`."""
+    p = subprocess.run(["nsenter", f"--net=/proc/self/fd/{fd}", "--", "ip", *args],
+                       pass_fds=(fd, *extra_fds), capture_output=True, text=True, timeout=30)
+    if p.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {p.stderr.strip() or p.returncode}")
+
+
+class PrivateNetwork:
+    """One cloud network's switch: a bridge `br0` in a namespace of its own, to which
+    `Namespace(nic=...)` attaches nodes. `close()` drops it (and so every veth on it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fd, _ = _in_new_namespace([])
+        self.inode = os.fstat(self.fd).st_ino
+        self._ports = itertools.count()
+        self._lock = threading.Lock()
+        try:
+            _ip(self.fd, "link", "add", "br0", "type", "bridge")
+            _ip(self.fd, "link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, node_fd: int, address: str, prefix: int) -> None:
+        """Give the namespace open as `node_fd` an `eth0` with `address`/`prefix`, wired
+        to this network's bridge."""
+        with self._lock:
+            if self.fd < 0:
+                raise RuntimeError(f"private network {self.name} is closed")
+            port = f"p{next(self._ports)}"
+        _ip(self.fd, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+            "netns", f"/proc/self/fd/{node_fd}", extra_fds=(node_fd,))
+        _ip(self.fd, "link", "set", port, "master", "br0", "up")
+        _ip(node_fd, "addr", "add", f"{address}/{prefix}", "dev", "eth0")
+        _ip(node_fd, "link", "set", "eth0", "up")
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A node's interface on a private network: its address and the network's prefix
+    length (every address of the network is on the link, as a VPC's router makes it)."""
+
+    network: PrivateNetwork
+    address: str
+    prefix: int
+
+    def __post_init__(self):
+        ipaddress.ip_interface(f"{self.address}/{self.prefix}")  # ValueError if not an address
+
+
+class Networks:
+    """The private networks of one stand-in cloud, made on first use by key (e.g. a VPC
+    and its security groups); `close()` drops them all."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._made: dict = {}
+
+    def nic(self, key, address: str, prefix: int) -> Nic:
+        with self._lock:
+            if key not in self._made:
+                self._made[key] = PrivateNetwork(str(key))
+            return Nic(self._made[key], address, prefix)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._made)
+
+    def inodes(self) -> set[int]:
+        """The switches' namespaces (see live_namespaces)."""
+        with self._lock:
+            return {net.inode for net in self._made.values()}
+
+    def close(self) -> None:
+        with self._lock:
+            made, self._made = list(self._made.values()), {}
+        for net in made:
+            net.close()
+
+
+class Namespace:
+    """A node's network namespace and the shaped relays out of it; with `nic`, also an
+    interface on that private network."""
+
+    def __init__(self, ports: list[int], link: Link | None = None, nic: Nic | None = None):
+        self.ports, self.link, self.nic = list(ports), link or link_from_env(), nic
         self.fd, self._listeners = _in_new_namespace(self.ports)
+        self.inode = os.fstat(self.fd).st_ino  # the namespace's (see live_namespaces)
+        if nic is not None:
+            try:
+                nic.network.attach(self.fd, nic.address, nic.prefix)
+            except BaseException:
+                for s in self._listeners:
+                    s.close()
+                os.close(self.fd)
+                raise
         self.stats = Stats()
         self._closed = threading.Event()
         self._socks: set[socket.socket] = set()

@@ -21,7 +21,11 @@ Where the machine allows it, the node has its own network (tests/fakes/netns.py)
 namespace with a loopback only, from which the services its boot data names — every
 `127.0.0.1:PORT` in its script and environment — are relayed over a shaped link, and
 nothing else on this machine is reachable; `network` says which it got ("isolated" or
-"host") and `link` (isolated only) counts what crossed it.
+"host") and `link` (isolated only) counts what crossed it. A node given a `nic` (the
+private address its cloud assigned it, on its cloud network's switch) also has an
+`eth0` with that address, on which it reaches the other nodes of its network and no
+others: a multi-node site's Ray cluster runs there. `private_ip` is the address its
+metadata service must answer: the nic's, or 127.0.0.1 on this machine's network.
 
 Every process of a node carries `GEOTRAIN_STANDIN_NODE=<instance id>` in its
 environment; `stop()` signals exactly those (SIGTERM, then SIGKILL after a grace
@@ -84,7 +88,7 @@ class BootedNode:
     """One instance's boot script running as a process tree under `root`."""
 
     def __init__(self, instance_id: str, script: str, root: Path, image_bin: Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, nic: netns.Nic | None = None):
         self.instance_id = instance_id
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -103,13 +107,15 @@ class BootedNode:
             **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.network = "isolated" if netns.use_isolated() else "host"
+        self.nic = nic if self.network == "isolated" else None
+        self.private_ip = self.nic.address if self.nic else "127.0.0.1"
         self.link: netns.Namespace | None = None
 
     def start(self) -> BootedNode:
         argv, fds = ["bash", str(self.script)], ()
         if self.network == "isolated":
             self.link = netns.Namespace(netns.ports_named(self.script.read_text(),
-                                                          *self.env.values()))
+                                                          *self.env.values()), nic=self.nic)
             argv, fds = self.link.command(argv)
         with open(self.console, "ab") as console:
             self.proc = subprocess.Popen(argv, cwd=self.root, env=self.env, pass_fds=fds,
