@@ -80,7 +80,7 @@ def test_the_role_writes_only_what_its_member_writes():
     for key in others:
         assert not allowed(policy, "s3:PutObject", run + key), key
         assert allowed(policy, "s3:GetObject", run + key), key
-    with pytest.raises(ProviderError, match="cannot scope a role to the member name"):
+    with pytest.raises(ProviderError, match="cannot scope writes to the member name"):
         run_iam.store_policy(STORE, "a*")
 
 

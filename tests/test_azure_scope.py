@@ -91,7 +91,7 @@ def test_the_evaluator_refuses_what_it_does_not_understand(bad):
 
 
 def test_geotrains_condition_allows_its_run_folder_only_and_no_delete():
-    cond = store_condition(store_prefix("az://runs/exp/r1"))
+    cond = store_condition(store_prefix("az://runs/exp/r1"), "s")
     parse(cond)  # the whole text is understood
     allowed = [req("GET", "/a/runs/exp/r1/run.json"), req("HEAD", "/a/runs/exp/r1/x"),
                req("PUT", "/a/runs/exp/r1/rounds/000001/s.bin"),
@@ -111,6 +111,27 @@ def test_geotrains_condition_allows_its_run_folder_only_and_no_delete():
     for url in ("az://c", "az://c/", "s3://b/runs/r1", "az://c/runs/it's", "az://c/a\\b/r"):
         with pytest.raises(ProviderError, match="cannot limit"):
             store_prefix(url)
+
+
+def test_geotrains_condition_writes_only_what_its_member_writes():
+    """Reads cover the whole run folder; writes only the member's own records and
+    contributions and the shared round keys (geotrain/store/run.py member_writes)."""
+    cond = store_condition("exp/r1", "east")
+    own = ["sites/east/alive", "sites/east/head.json", "sites/east/events.jsonl",
+           "rounds/000003/east.json", "rounds/000003/east.bin", "rounds/000003/results/east.json",
+           "rounds/000003/_members.json", "rounds/000003/_members.5.json",
+           "global/000003/model.safetensors", "global/000003/COMMITTED", "global/000000/_claim"]
+    others = ["sites/west/alive", "sites/east~1/heartbeat", "rounds/000003/west.bin",
+              "rounds/000003/results/west.json", "rounds/000003/xeast.bin", "run.json",
+              "control/roster.json", "control/switch.json", "final/model.safetensors", "events.jsonl",
+              "_boot/abc/geotrain.whl"]
+    for key in own:
+        assert evaluate(cond, req("PUT", f"/a/runs/exp/r1/{key}")), key
+    for key in others:
+        assert not evaluate(cond, req("PUT", f"/a/runs/exp/r1/{key}")), key
+        assert evaluate(cond, req("GET", f"/a/runs/exp/r1/{key}")), key
+    with pytest.raises(ProviderError, match="cannot scope writes to the member name"):
+        store_condition("exp/r1", "a*b")
 
 
 class AsyncToken:
@@ -161,21 +182,26 @@ def assignment(principal: str, container: str, condition: str | None) -> dict:
         **({"condition": condition, "conditionVersion": "2.0"} if condition else {})}}
 
 
-def exercise(proxy: AzureIdentityProxy, token: str, container: str, run: str) -> None:
-    """What geotrain does with its run's folder (adlfs): write, create, read, stat, list;
-    then what it may not: another run, a sibling whose name extends this one, delete."""
+def exercise(proxy: AzureIdentityProxy, token: str, container: str, run: str, member: str = "a") -> None:
+    """What geotrain's member `member` does with its run's folder (adlfs): write, create,
+    read, stat, list; then what it may not: another member's contribution, another run,
+    a sibling whose name extends this one, delete."""
     from geotrain.errors import StoreError
 
     operator = store_as("operator-token", f"az://{container}/runs/other", proxy)
     operator.put("run.json", b"theirs")
     operator.put("../" + run + "x/run.json", b"sibling")
     mine = store_as(token, f"az://{container}/runs/{run}", proxy)
-    mine.put("rounds/000001/a.bin", b"a")
-    assert mine.create("rounds/000001/b.bin", b"b") and not mine.create("rounds/000001/b.bin", b"c")
-    assert mine.get("rounds/000001/a.bin") == b"a"
-    assert mine.exists("rounds/000001/b.bin") and not mine.exists("rounds/000002/a.bin")
-    assert mine.listdir("rounds") == ["000001"] and mine.listdir("rounds/000001") == ["a.bin", "b.bin"]
+    mine.put(f"rounds/000001/{member}.bin", b"a")
+    assert mine.create("rounds/000001/_members.json", b"b")  # first writer wins
+    assert not mine.create("rounds/000001/_members.json", b"c")
+    assert mine.get(f"rounds/000001/{member}.bin") == b"a"
+    assert mine.exists("rounds/000001/_members.json") and not mine.exists(f"rounds/000002/{member}.bin")
+    assert mine.listdir("rounds") == ["000001"]
+    assert {"_members.json", f"{member}.bin"} <= set(mine.listdir("rounds/000001"))  # the container is shared
     assert not proxy.denied(), proxy.denied()
+    with pytest.raises(StoreError):  # another member's contribution: read, never written
+        mine.put("rounds/000001/zz.bin", b"forged")
     for other in (f"az://{container}/runs/other", f"az://{container}/runs/{run}x"):
         theirs = store_as(token, other, proxy)
         with pytest.raises(StoreError):
@@ -183,11 +209,12 @@ def exercise(proxy: AzureIdentityProxy, token: str, container: str, run: str) ->
         with pytest.raises(StoreError):
             theirs.put("run.json", b"mine now")
     with pytest.raises(Exception):
-        mine.fs.rm_file(f"{container}/runs/{run}/rounds/000001/a.bin")
-    assert mine.get("rounds/000001/a.bin") == b"a" and operator.get("run.json") == b"theirs"
+        mine.fs.rm_file(f"{container}/runs/{run}/rounds/000001/{member}.bin")
+    assert mine.get(f"rounds/000001/{member}.bin") == b"a" and operator.get("run.json") == b"theirs"
     refused = proxy.denied()
     assert {(r["method"], r["status"]) for r in refused} == {("GET", 403), ("PUT", 403), ("DELETE", 403)}
-    assert all(f"/runs/{run}/" not in r["path"] or r["method"] == "DELETE" for r in refused), refused
+    assert all(f"/runs/{run}/" not in r["path"] or r["method"] == "DELETE"
+               or r["path"].endswith("/rounds/000001/zz.bin") for r in refused), refused
     assert not proxy.condition_errors, proxy.condition_errors
 
 
@@ -200,7 +227,7 @@ def test_through_the_store_a_node_keeps_to_its_run_and_cannot_delete(azurite, mo
     try:
         token, _ = tokens.issue("p-node", "c-node", "vm-a", AUDIENCE)
         found.append(assignment("p-node", azurite.bucket,
-                                store_condition(store_prefix(f"az://{azurite.bucket}/runs/r1"))))
+                                store_condition(store_prefix(f"az://{azurite.bucket}/runs/r1"), "a")))
         exercise(proxy, token, azurite.bucket, "r1")
         # Without the condition the same grant would have let it delete anything.
         found[:] = [assignment("p-node", azurite.bucket, None)]
@@ -221,7 +248,8 @@ def test_the_grant_launch_makes_through_arm_is_what_the_store_enforces(arm, azur
     nodes = az.launch(_plan_with_store(container))
     [vm] = arm.resources("Microsoft.Compute/virtualMachines")
     [grant] = arm.resources("Microsoft.Authorization/roleAssignments")
-    assert grant["properties"]["condition"] == store_condition("runs/r1")
+    site = _plan_with_store(container).site
+    assert grant["properties"]["condition"] == store_condition("runs/r1", site)
     assert grant["properties"]["conditionVersion"] == "2.0"
     principal = vm["identity"]["principalId"]
     proxy = AzureIdentityProxy(azurite.endpoint, arm.token_info, allowed_tokens={"operator-token"},
@@ -229,11 +257,11 @@ def test_the_grant_launch_makes_through_arm_is_what_the_store_enforces(arm, azur
     trust(proxy, monkeypatch)
     try:
         token, _ = arm.tokens.issue(principal, "c-vm", vm["name"], AUDIENCE)
-        exercise(proxy, token, container, "r1")
+        exercise(proxy, token, container, "r1", member=site)
         az.terminate(nodes)  # revoked with the VM: refused from then on
         assert not arm.resources("Microsoft.Authorization/roleAssignments")
         with pytest.raises(Exception):
-            store_as(token, f"az://{container}/runs/r1", proxy).get("rounds/000001/a.bin")
+            store_as(token, f"az://{container}/runs/r1", proxy).get(f"rounds/000001/{site}.bin")
     finally:
         proxy.close()
 

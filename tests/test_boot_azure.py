@@ -272,7 +272,7 @@ def test_vms_fetch_with_their_managed_identities_install_and_train(cloud, tmp_pa
     vms = wait_for(lambda: (lambda v: v if len(v) == 2 else None)(booted_by_site(fake)), 120, every=0.5)
     # Read while the VM lives: a finished run's nodes are terminated and their grants revoked.
     [grant] = wait_for(lambda: fake.resources("Microsoft.Authorization/roleAssignments"), 120, every=0.2)
-    assert grant["properties"]["condition"] == store_condition(f"runs/{run_id}")
+    assert grant["properties"]["condition"] == store_condition(f"runs/{run_id}", "west")
     final = wait_succeeded(env, home, run_id, lambda: "\n".join(
         n.console_text()[-3000:] for n, _ in vms.values()), PATIENCE_S)
     assert final["rounds_done"] == 2 and final["eval_loss"] is not None

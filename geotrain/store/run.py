@@ -65,6 +65,23 @@ from geotrain.store.roster import Roster
 _ENV = object()  # RunStore's default for keys: the node's own, from its environment
 
 
+def member_writes(member: str) -> tuple[str, ...]:
+    """The keys a run's member (its nodes) writes, as patterns relative to the run's
+    folder, `*` for any characters: its own records and contributions, and what any
+    member may decide or commit (a round's decision slots, the global state and its
+    eval: each signed or checked against signed hashes). Never another member's
+    records, nor what only the operator's machine writes (run.json, _boot/, control/,
+    final/, the controller's events). A cloud that can scope a node's writes by key
+    (providers/aws/iam.py, providers/azure/network.py) grants exactly these."""
+    if not member or any(c in member for c in "*?/'\\"):
+        raise StoreError(f"store: cannot scope writes to the member name {member!r}")
+    return (f"sites/{member}/*",  # heartbeat, liveness, head record, events, own commands
+            f"rounds/*/{member}.json", f"rounds/*/{member}.bin",  # its contribution
+            f"rounds/*/results/{member}.json",  # the hash it ended a round with
+            "rounds/*/_members*.json",  # a round's decision slots (signed by the decider)
+            "global/*")  # committed state, eval, the round-0 claim
+
+
 class RunStore(ObjectStore):
     """One run's folder in object storage. `url` is the run's own root.
 

@@ -12,7 +12,7 @@ infra/aws/geotrain-user-policy.json):
   `geotrain-run`, `geotrain-site` (and `geotrain-owner`), with one inline policy:
   `s3:ListBucket` on the bucket with `s3:prefix` under the run's folder,
   `s3:GetObject` on `<bucket>/<run folder>/*`, and `s3:PutObject` only on the keys
-  that site (the run's member) writes (`member_keys`);
+  that site (the run's member) writes (geotrain/store/run.py `member_writes`);
 - an instance profile of the same name holding that role, which the nodes run as.
 
 Every run role has the permissions boundary `geotrain-node-boundary` (the run bucket,
@@ -58,26 +58,18 @@ def run_folder(store_url: str) -> tuple[str, str]:
     return bucket, folder
 
 
-def member_keys(member: str) -> list[str]:
-    """The keys of a run's folder (patterns, `*` any characters) that the nodes of one
-    member write (docs/design.md, store layout): its own records and contributions,
-    plus what any member may decide or commit (a round's decision slots, the global
-    state and its eval). Never another member's records, nor what only the operator's
-    machine writes: run.json, the roster, control/, final/, the controller's events."""
-    if not member or any(c in member for c in "*?/"):
-        raise ProviderError(f"aws.run_role: cannot scope a role to the member name {member!r}")
-    return [f"sites/{member}/*",  # heartbeat, liveness, head record, events, own commands
-            f"rounds/*/{member}.json", f"rounds/*/{member}.bin",  # its contribution
-            f"rounds/*/results/{member}.json",  # the hash it ended a round with
-            "rounds/*/_members*.json",  # a round's decision slots (signed by the decider)
-            "global/*"]  # committed state, eval, the round-0 claim (checked by hashes)
-
-
 def store_policy(store_url: str, member: str) -> dict:
     """The inline policy of one member's role: read and list its run's folder, write only
-    the keys that member writes (`member_keys`), delete nothing, nothing else. A node can
+    the keys that member writes (`member_writes`), delete nothing, nothing else. A node can
     then neither forge nor overwrite another member's records or contributions."""
+    from geotrain.errors import StoreError
+    from geotrain.store import member_writes
+
     bucket, folder = run_folder(store_url)
+    try:
+        keys = member_writes(member)
+    except StoreError as e:
+        raise ProviderError(f"aws.run_role: {e}") from None
     return {"Version": "2012-10-17", "Statement": [
         {"Sid": "ListTheRunFolder", "Effect": "Allow", "Action": "s3:ListBucket",
          "Resource": f"arn:aws:s3:::{bucket}",
@@ -85,7 +77,7 @@ def store_policy(store_url: str, member: str) -> dict:
         {"Sid": "ReadTheRunFolder", "Effect": "Allow", "Action": "s3:GetObject",
          "Resource": f"arn:aws:s3:::{bucket}/{folder}/*"},
         {"Sid": "WriteWhatThisMemberWrites", "Effect": "Allow", "Action": "s3:PutObject",
-         "Resource": [f"arn:aws:s3:::{bucket}/{folder}/{key}" for key in member_keys(member)]}]}
+         "Resource": [f"arn:aws:s3:::{bucket}/{folder}/{key}" for key in keys]}]}
 
 
 def boundary_arn(caller_arn: str) -> str:

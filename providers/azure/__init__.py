@@ -63,7 +63,7 @@ from geotrain.errors import CapacityError, ProviderError
 from providers import Capabilities, CredentialCheck, Node, SitePlan
 from providers.azure.network import (AUTHZ_API, BLOB_CONTRIBUTOR, DEFAULT_PREFIX,  # noqa: F401 - re-exported
                                      ensure_network, ensure_nsg, grant_store, group_name,
-                                     revoke_store, site_options, site_tags, store_prefix,
+                                     revoke_store, site_options, site_tags, store_condition, store_prefix,
                                      subnet_prefix)
 
 DEFAULT_ENDPOINT = "https://management.azure.com"
@@ -223,6 +223,8 @@ def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
     rg, ray_token, key = group_name(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
     scope = site_options(plan).store_scope  # only with identity 'system' (the recipe checks)
     prefix = store_prefix(plan.store_url) if scope else None  # a bad URL fails before any VM
+    if scope:
+        store_condition(prefix, plan.site)  # and a member name it cannot scope
     nics = []
     for i in range(plan.nodes):
         ipcfg = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
@@ -245,7 +247,7 @@ def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
     vms = [p.result() for p in pollers]  # raises on the first failed one
     if scope:
         for vm in vms:
-            grant_store(c, scope, vm, prefix)
+            grant_store(c, scope, vm, prefix, plan.site)
     ips = [n.ip_configurations[0].private_ip_address for n in nics]
     return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
             for vm, ip in zip(vms, ips)]

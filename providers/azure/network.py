@@ -122,38 +122,52 @@ def store_prefix(store_url: str) -> str:
     return prefix
 
 
-def store_condition(prefix: str) -> str:
+def store_condition(prefix: str, member: str) -> str:
     """The role assignment condition (conditionVersion 2.0) that keeps Storage Blob Data
-    Contributor to the blobs under `prefix`/ (store_prefix) and allows no delete.
+    Contributor to the run's blobs under `prefix`/ (store_prefix), lets the VM write only
+    what its member writes there, and allows no delete.
 
-    Read a blob, write one and create one (read NOT Blob.List, write, add/action) only
-    when the blob path starts with `prefix/`; List Blobs (read AND Blob.List: it has no
-    blob path, only the Request attribute blob prefix) only when the listing's prefix
-    does (a listing without one, of the whole container, is refused); delete and
-    move/action never. Every other action of the role passes the condition untouched.
+    Read a blob (read NOT Blob.List) only when its path starts with `prefix/`; write one
+    or create one (write, add/action) only when its path is one of the member's keys
+    (geotrain/store/run.py `member_writes`: its own records and contributions and the
+    shared round keys, never another member's, nor run.json, control/ or final/); List
+    Blobs (read AND Blob.List: it has no blob path, only the Request attribute blob
+    prefix) only when the listing's prefix starts with `prefix/` (a listing without one,
+    of the whole container, is refused); delete and move/action never. Every other
+    action of the role passes the condition untouched.
     """
+    from geotrain.errors import StoreError
+    from geotrain.store import member_writes
+
     assert prefix and "'" not in prefix and "\\" not in prefix, prefix  # store_prefix checked
+    try:
+        keys = member_writes(member)
+    except StoreError as e:
+        raise ProviderError(f"azure.store_scope: {e}") from None
     under = f"'{prefix}/'"
+    writes = " OR ".join(f"(@Resource[{BLOBS}:path] StringLike '{prefix}/{k}')" for k in keys)
     return (
-        f"((!(ActionMatches{{'{BLOBS}/read'}} AND NOT SubOperationMatches{{'Blob.List'}})"
-        f" AND !(ActionMatches{{'{BLOBS}/write'}}) AND !(ActionMatches{{'{BLOBS}/add/action'}}))"
+        f"((!(ActionMatches{{'{BLOBS}/read'}} AND NOT SubOperationMatches{{'Blob.List'}}))"
         f" OR (@Resource[{BLOBS}:path] StringStartsWith {under}))"
+        f" AND ((!(ActionMatches{{'{BLOBS}/write'}}) AND !(ActionMatches{{'{BLOBS}/add/action'}}))"
+        f" OR ({writes}))"
         f" AND ((!(ActionMatches{{'{BLOBS}/read'}} AND SubOperationMatches{{'Blob.List'}}))"
         f" OR (@Request[{BLOBS}:prefix] StringStartsWith {under}))"
         f" AND ((!(ActionMatches{{'{BLOBS}/delete'}}) AND !(ActionMatches{{'{BLOBS}/move/action'}})))")
 
 
-def grant_store(c: _Clients, scope: str, vm, prefix: str) -> None:
+def grant_store(c: _Clients, scope: str, vm, prefix: str, member: str) -> None:
     """Give the VM's system identity Storage Blob Data Contributor on `scope` under
-    `store_condition(prefix)`: its run's blobs only, no delete."""
+    `store_condition(prefix, member)`: its run's blobs only, writes only its member's
+    keys, no delete."""
     from azure.core.exceptions import HttpResponseError
     from azure.core.rest import HttpRequest
 
     role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
     body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
                            "principalType": "ServicePrincipal",
-                           "condition": store_condition(prefix), "conditionVersion": "2.0",
-                           "description": f"geotrain: this VM's run store folder {prefix}/ only, no delete"}}
+                           "condition": store_condition(prefix, member), "conditionVersion": "2.0",
+                           "description": f"geotrain: this VM's run store folder {prefix}/ only, its own keys, no delete"}}
     resp = c.resource.send_request(HttpRequest("PUT", _assignment_url(c, scope, vm.id), json=body))
     if resp.status_code not in (200, 201):
         raise HttpResponseError(response=resp)
