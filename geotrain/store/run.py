@@ -28,7 +28,8 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/events.jsonl                 what the controller did
     <run>/final/                       model.safetensors + summary.json at the end
 
-Every node of every site can write all of it, so what is read is untrusted:
+A node may write only `member_writes(member)` where its cloud grants that
+(aws.run_role, azure.store_scope), all of it otherwise; either way, what is read is untrusted:
 records are parsed into the typed models of geotrain/store/records.py (one
 that does not parse is absent), and what changes the run counts only with the
 proof of geotrain/store/control.py — the run's control key (on a node: its
