@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from tests.cloud_helpers import (BUCKET, OPEN, PROFILE, ROOT, SECRET_KEY, arm, aws_env,  # noqa: F401 - fixtures
-                                 azure_env, cli, cli_json, events_from_db, gce, gcp_env, small,
+                                 azure_env, cli, cli_json, enforce_operator_policy, events_from_db, gce, gcp_env,
+                                 refused, small,
                                  tagged, user_data, wait_started, write_recipe)
 from tests.helpers import wait_for
 
@@ -37,6 +38,9 @@ def test_multicloud_recipe_launch_status_down(aws_env, moto_server, gce, arm, tm
     proxy, env, home = aws_env
     env.update(**gcp_env(gce), **azure_env(arm))
     env.pop("NO_GCE_CHECK")  # the GCE credentials find the fake metadata server
+    # The operator's machine holds only infra/aws/geotrain-user-policy.json: every AWS call
+    # it makes (a spot launch, its spot request tagged; status; down) is judged under it.
+    enforce_operator_policy(proxy, env)
     # The shipped recipe, sites, store and all; only the model is made tiny: its `large`
     # preset would write a ~1.2 GB round-0 model into moto at launch.
     recipe = small(yaml.safe_load((ROOT / "recipes/multicloud.yaml").read_text()))
@@ -105,6 +109,7 @@ def test_multicloud_recipe_launch_status_down(aws_env, moto_server, gce, arm, tm
     assert not gce.instances and not gce.firewalls
     assert [r for r in arm.resources() if (r.get("tags") or {}).get("geotrain-run") == run_id
             or run_id in r.get("name", "")] == []
+    assert refused(proxy) == []
     print(f"\nmulticloud: three sites launched {started_s:.1f} s, down {down_s:.1f} s")
 
 
