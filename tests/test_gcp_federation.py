@@ -11,6 +11,7 @@ Run: .venv/bin/python -m pytest -q tests/test_gcp_federation.py
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -23,11 +24,17 @@ import urllib.request
 
 import pytest
 
+from geotrain import bootstrap
 from geotrain.errors import ProviderError
 from geotrain.site import store_identity
+from geotrain.site.node_info import fatal_line
+from providers import SitePlan
+from providers.aws.options import AwsOptions
 from tests.fakes.ec2_imds import ACCOUNT_ID, Imds
 from tests.fakes.gcp_sts import AWS4_REQUEST, GcpSts, principal_set, sigv4_signature
 from tests.fakes.gcs_identity import GcsIdentityProxy
+from tests.fakes.node import BootedNode, node_image, tagged_pids
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 PROVIDER = ("//iam.googleapis.com/projects/123456789/locations/global/workloadIdentityPools/"
@@ -222,3 +229,51 @@ def test_the_configuration_names_the_nodes_metadata_service_and_sts():
                                                      "GEOTRAIN_GCP_STS_URL": "http://127.0.0.1:8/v1/token"})
     assert moved["token_url"] == "http://127.0.0.1:8/v1/token"
     assert moved["credential_source"]["imdsv2_session_token_url"] == "http://127.0.0.1:9/latest/api/token"
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["federated", "another-account"])
+def test_the_boot_fetch_signs_and_exchanges_by_itself(aws_node, gcs_emulator, tmp_path, trusted):
+    """The boot script's fetch (plain Python, before geotrain is installed) reads a gs://
+    object with a federated token of its own: its SigV4 signature verifies at STS and the
+    store serves the bytes (whose sha256 is not the one asked for here, so the boot stops
+    right after, saying so). A provider that trusts another AWS account: STS refuses,
+    and the node says that, once, not after retries."""
+    imds, sts = aws_node
+    if not trusted:
+        sts.providers[PROVIDER] = "210987654321"
+    bucket = gcs_emulator.bucket
+    proxy = GcsIdentityProxy(gcs_emulator.endpoint, sts.token_info)
+    proxy.apply_policy(bucket, policy(bucket, [MEMBER]))
+    put = urllib.request.Request(f"{gcs_emulator.endpoint}/upload/storage/v1/b/{bucket}/o?uploadType="
+                                 "media&name=fed/r1/_boot/w.whl", data=b"wheel", method="POST")
+    urllib.request.build_opener(urllib.request.ProxyHandler({})).open(put, timeout=30).close()
+    plan = SitePlan("r1", "east", "aws", f"gs://{bucket}/fed/r1", options=(
+        ("wheel_url", f"gs://{bucket}/fed/r1/_boot/w.whl"), ("wheel_sha256", "0" * 64),
+        ("wheel_name", "w.whl"), ("requirements_url", f"gs://{bucket}/fed/r1/_boot/req.txt"),
+        ("requirements_sha256", "1" * 64)),
+        provider_options=AwsOptions(instance_profile=ROLE, store_credentials=PROVIDER))
+    script = bootstrap.render(plan, 0, "t" * 64)
+    env = {"GEOTRAIN_METADATA_ENDPOINT": imds.url, "GEOTRAIN_GCP_STS_URL": sts.url,
+           "STORAGE_EMULATOR_HOST": proxy.url, "NO_PROXY": "127.0.0.1,localhost"}
+    node = BootedNode("i-0fed", script, tmp_path / "node", node_image(tmp_path / "image"), env=env)
+    node.start()
+    try:
+        wait_for(lambda: not node.running(), 120, every=0.2)
+        said = fatal_line(node.console_text())
+        if trusted:
+            assert said and said.startswith(f"w.whl has sha256 {hashlib.sha256(b'wheel').hexdigest()}"), \
+                node.console_text()
+            assert [c["ok"] for c in sts.calls] == [True]
+            assert [(r["email"], r["status"]) for r in proxy.requests] == [(MEMBER, 200)]
+            # Its region from IMDS (no AWS_REGION on a real node), read with IMDSv2.
+            assert ("GET", "/latest/meta-data/placement/region", 200) in imds.requests
+        else:
+            assert said and said.startswith(
+                f"could not fetch w.whl from the run store (GCP STS refused this node's AWS "
+                f"identity for {PROVIDER}: HTTP 400"), node.console_text()
+            assert "is not the one the provider trusts" in said
+            assert [c["ok"] for c in sts.calls] == [False] and not proxy.requests
+    finally:
+        node.stop()
+        proxy.close()
+    assert tagged_pids("i-0fed") == []
