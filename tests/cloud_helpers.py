@@ -218,3 +218,27 @@ def events_from_db(env: dict, run_id: str) -> list[dict]:
     from geotrain.state import StateDB
 
     return StateDB(Path(env["GEOTRAIN_HOME"])).events(run_id)
+
+
+def define_node_store_role(fake, path: Path = ROOT / "infra/azure/geotrain-node-store-role.json") -> str:
+    """Make the custom role of infra/azure/geotrain-node-store-role.json in the ARM stand-in's
+    subscription, as `az role definition create --role-definition @FILE` does (the operator's
+    one-time step of infra/azure/README.md): PUT roleDefinitions/<new GUID>. Returns its id."""
+    import ssl
+    import uuid
+
+    doc = json.loads(path.read_text().replace("SUBSCRIPTION_ID", fake.subscription))
+    rid = f"/subscriptions/{fake.subscription}/providers/Microsoft.Authorization/roleDefinitions/{uuid.uuid4()}"
+    body = {"properties": {"roleName": doc["Name"], "description": doc["Description"], "type": "CustomRole",
+                           "permissions": [{"actions": doc["Actions"], "notActions": doc["NotActions"],
+                                            "dataActions": doc["DataActions"],
+                                            "notDataActions": doc["NotDataActions"]}],
+                           "assignableScopes": doc["AssignableScopes"]}}
+    req = urllib.request.Request(f"{fake.base_url}{rid}?api-version=2022-04-01", method="PUT",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {fake.token}",
+                                          "Content-Type": "application/json"})
+    ctx = ssl.create_default_context(cafile=str(fake.ca_path))
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+        assert r.status in (200, 201), r.status
+    return rid

@@ -21,6 +21,7 @@ import pytest
 import providers.azure as az
 from geotrain.errors import ProviderError
 from providers.azure.network import BLOB_CONTRIBUTOR, store_condition, store_prefix
+from tests.cloud_helpers import define_node_store_role
 from tests.emulators import AZURITE_ACCOUNT
 from tests.fakes.azure_abac import BLOBS, ConditionError, blob_request, evaluate, parse
 from tests.fakes.azure_boot import NodeTokens
@@ -245,6 +246,7 @@ def test_through_the_store_a_node_keeps_to_its_run_and_cannot_delete(azurite, mo
 @pytest.mark.timeout(120)
 def test_the_grant_launch_makes_through_arm_is_what_the_store_enforces(arm, azurite, monkeypatch):  # noqa: F811
     container = azurite.bucket
+    define_node_store_role(arm)  # the operator's one-time step (infra/azure/README.md)
     nodes = az.launch(_plan_with_store(container))
     [vm] = arm.resources("Microsoft.Compute/virtualMachines")
     [grant] = arm.resources("Microsoft.Authorization/roleAssignments")
@@ -253,7 +255,8 @@ def test_the_grant_launch_makes_through_arm_is_what_the_store_enforces(arm, azur
     assert grant["properties"]["conditionVersion"] == "2.0"
     principal = vm["identity"]["principalId"]
     proxy = AzureIdentityProxy(azurite.endpoint, arm.token_info, allowed_tokens={"operator-token"},
-                               assignments=lambda: arm.resources("Microsoft.Authorization/roleAssignments"))
+                               assignments=lambda: arm.resources("Microsoft.Authorization/roleAssignments"),
+                               role_definitions=lambda: arm.resources("Microsoft.Authorization/roleDefinitions"))
     trust(proxy, monkeypatch)
     try:
         token, _ = arm.tokens.issue(principal, "c-vm", vm["name"], AUDIENCE)

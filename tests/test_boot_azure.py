@@ -40,7 +40,7 @@ import yaml
 
 from geotrain.site.node_info import fatal_line
 from geotrain.store_retry import is_access_denied
-from tests.cloud_helpers import azure_env, cli, cli_json, wait_succeeded
+from tests.cloud_helpers import azure_env, cli, cli_json, define_node_store_role, wait_succeeded
 from tests.emulators import AZURITE_ACCOUNT
 from tests.fakes import netns
 from tests.fakes.arm_server import FakeArm
@@ -190,8 +190,10 @@ def cloud(azurite, tmp_path):
     proxy = AzureIdentityProxy(azurite.endpoint, fake.token_info,
                                grants={AZURITE_ACCOUNT: {PRINCIPAL}}, allowed_tokens={fake.token},
                                # what launch grants through ARM, conditions included
-                               assignments=lambda: fake.resources("Microsoft.Authorization/roleAssignments"))
+                               assignments=lambda: fake.resources("Microsoft.Authorization/roleAssignments"),
+                               role_definitions=lambda: fake.resources("Microsoft.Authorization/roleDefinitions"))
     fake.start()
+    define_node_store_role(fake)  # the operator's one-time step (infra/azure/README.md)
     # The route to "Azure Storage": what a real VM gets from DNS and its image's CAs.
     trust = tmp_path / "ca.pem"
     trust.write_bytes(Path(proxy.ca_file).read_bytes() + fake.ca_path.read_bytes())

@@ -22,6 +22,7 @@ from geotrain.errors import CapacityError, ProviderError, RecipeError
 from geotrain.recipe import AzureOptions, loads
 from providers import SitePlan
 from tests.fakes.arm_server import FakeArm
+from tests.cloud_helpers import define_node_store_role
 
 STORE = "az://geotrainruns/runs/my run"  # a space: the boot script must quote it
 SCOPE = ("/subscriptions/00000000-0000-0000-0000-0000000000aa/resourceGroups/data/providers/"
@@ -57,10 +58,12 @@ def plan(site="east", run="exp-20260101-000000-ab12", zones=("1", "2"), nodes=2,
 
 
 def kinds(fake: FakeArm, site: str | None = None) -> list[tuple[str, str]]:
-    """(type, name) of everything the server holds, optionally of one site's names."""
+    """(type, name) of everything the server holds but the operator's standing role
+    definitions, optionally of one site's names."""
     return sorted((r["type"], r["name"]) for r in fake.resources()
-                  if site is None or r["name"].startswith(f"gt-{site}-")
-                  or (r["type"].endswith("/subnets") and f"/gt-{site}-vnet/" in r["id"]))
+                  if r["type"] != "Microsoft.Authorization/roleDefinitions"
+                  and (site is None or r["name"].startswith(f"gt-{site}-")
+                       or (r["type"].endswith("/subnets") and f"/gt-{site}-vnet/" in r["id"])))
 
 
 def vm_puts(fake: FakeArm) -> list[dict]:
@@ -120,6 +123,12 @@ def test_spot_launch_sends_the_right_vm(arm):
 
 @pytest.mark.timeout(60)
 def test_node_identity_gets_blob_access_on_the_store_container_only(arm):
+    # A fresh subscription has no 'geotrain node store' role: refused before anything exists.
+    with pytest.raises(ProviderError, match="the role 'geotrain node store' .* does not exist in "
+                       "subscription .*az role definition create"):
+        az.launch(plan(nodes=2, identity="system", store_scope=SCOPE))
+    assert [r["type"] for r in arm.resources()] == [] and vm_puts(arm) == []
+    role = define_node_store_role(arm)  # the operator's one-time step (infra/azure/README.md)
     az.launch(plan(nodes=2, identity="system", store_scope=SCOPE))
     assert all(b["identity"] == {"type": "SystemAssigned"} for b in vm_puts(arm))
     vms = {v["identity"]["principalId"]: v for v in arm.resources("Microsoft.Compute/virtualMachines")}
@@ -127,9 +136,24 @@ def test_node_identity_gets_blob_access_on_the_store_container_only(arm):
     assert sorted(g["properties"]["principalId"] for g in grants) == sorted(vms)
     for g in grants:
         assert g["properties"]["scope"] == SCOPE
-        assert g["properties"]["roleDefinitionId"].endswith(
-            "/roleDefinitions/ba92f5b4-2d11-453d-a403-e96b0029c9fe")  # Storage Blob Data Contributor
+        assert g["properties"]["roleDefinitionId"] == role  # data actions only: no container actions
         assert g["properties"]["principalType"] == "ServicePrincipal"
+    [defined] = arm.resources("Microsoft.Authorization/roleDefinitions")
+    [perms] = defined["properties"]["permissions"]
+    assert perms["actions"] == [] and not any(a.endswith("/delete") for a in perms["dataActions"])
+
+
+@pytest.mark.timeout(60)
+def test_store_role_may_name_a_built_in_role_or_a_guid(arm):
+    az.launch(plan(site="east", nodes=1, identity="system", store_scope=SCOPE,
+                   store_role="Storage Blob Data Contributor"))
+    az.launch(plan(site="west", nodes=1, identity="system", store_scope=SCOPE,
+                   store_role="2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"))  # Storage Blob Data Reader
+    roles = sorted(g["properties"]["roleDefinitionId"].rsplit("/", 1)[-1]
+                   for g in arm.resources("Microsoft.Authorization/roleAssignments"))
+    assert roles == ["2a2b9908-6ea1-4ae2-8e65-a410df84e7d1", "ba92f5b4-2d11-453d-a403-e96b0029c9fe"]
+    with pytest.raises(ProviderError, match="the role 'no such role' .* check the name"):
+        az.launch(plan(site="north", nodes=1, identity="system", store_scope=SCOPE, store_role="no such role"))
 
 
 @pytest.mark.timeout(60)
@@ -302,6 +326,7 @@ def test_query_finds_nodes_by_tags(arm):
 @pytest.mark.timeout(90)
 def test_terminate_leaves_nothing_and_removes_the_empty_group(arm):
     run = "exp-20260101-000000-ab12"
+    define_node_store_role(arm)
     east = az.launch(plan(site="east", public_ip=True, identity="system", store_scope=SCOPE))
     west = az.launch(plan(site="west", nodes=1, subnet_prefix="10.9.0.0/24"))
     assert len(arm.resources("Microsoft.Network/publicIPAddresses")) == 2

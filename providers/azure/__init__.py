@@ -64,6 +64,7 @@ from providers import Capabilities, CredentialCheck, Node, SitePlan
 from providers.azure.network import (AUTHZ_API, BLOB_CONTRIBUTOR, DEFAULT_PREFIX,  # noqa: F401 - re-exported
                                      ensure_network, ensure_nsg, grant_store, group_name,
                                      revoke_store, site_options, site_tags, store_condition, store_prefix,
+                                     store_role_id,
                                      subnet_prefix)
 
 DEFAULT_ENDPOINT = "https://management.azure.com"
@@ -218,13 +219,22 @@ def _vm_body(plan: SitePlan, index: int, zone: str | None, nic_id: str, boot: st
     return body
 
 
+def _store_grant(c: _Clients, plan: SitePlan) -> tuple[str, str, str] | None:
+    """(scope, run folder, role id) that launch grants each VM's identity on the store
+    (option store_scope, only with identity 'system': the recipe checks), or None. Asked
+    before anything is created: a bad URL, a member name a condition cannot hold, or a
+    role that does not exist fails here."""
+    opts = site_options(plan)
+    if not opts.store_scope:
+        return None
+    prefix = store_prefix(plan.store_url)
+    store_condition(prefix, plan.site)
+    return opts.store_scope, prefix, store_role_id(c, opts.store_role)
+
+
 def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
-                  nic_nsg: str | None) -> list[Node]:
+                  nic_nsg: str | None, grant: tuple[str, str, str] | None) -> list[Node]:
     rg, ray_token, key = group_name(plan.run_id), secrets.token_hex(32), _ssh_key(plan)
-    scope = site_options(plan).store_scope  # only with identity 'system' (the recipe checks)
-    prefix = store_prefix(plan.store_url) if scope else None  # a bad URL fails before any VM
-    if scope:
-        store_condition(prefix, plan.site)  # and a member name it cannot scope
     nics = []
     for i in range(plan.nodes):
         ipcfg = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
@@ -245,9 +255,10 @@ def _create_nodes(c: _Clients, plan: SitePlan, zone: str | None, subnet_id: str,
         _vm_body(plan, i, zone, nics[i].id, bootstrap.render(plan, i, ray_token), key))
         for i in range(plan.nodes)]
     vms = [p.result() for p in pollers]  # raises on the first failed one
-    if scope:
+    if grant:
+        scope, prefix, role = grant
         for vm in vms:
-            grant_store(c, scope, vm, prefix, plan.site)
+            grant_store(c, scope, vm, prefix, plan.site, role)
     ips = [n.ip_configurations[0].private_ip_address for n in nics]
     return [Node(plan.run_id, plan.site, "azure", vm.id, "running", private_ip=ip, region=plan.region)
             for vm, ip in zip(vms, ips)]
@@ -262,11 +273,15 @@ def launch(plan: SitePlan) -> list[Node]:
     c = _Clients()
     tried: list[str] = []
     try:
+        grant = _store_grant(c, plan)
+    except HttpResponseError as e:  # e.g. no right to read role definitions
+        raise _provider_error(f"launching site {plan.site}", e) from None
+    try:
         subnet_id, nic_nsg = ensure_network(c, plan)
         for zone in plan.zones or (None,):
             tried.append(f"azure:{plan.region}/{zone or '-'}")
             try:
-                return _create_nodes(c, plan, zone, subnet_id, nic_nsg)
+                return _create_nodes(c, plan, zone, subnet_id, nic_nsg, grant)
             except HttpResponseError as e:
                 if _error_code(e) not in CAPACITY_CODES:
                     raise

@@ -9,23 +9,27 @@ come in as `c` (its `_Clients`), so importing this module loads no Azure SDK.
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 import uuid
 from typing import TYPE_CHECKING
 
 from geotrain.errors import ProviderError
 from providers import SitePlan
-from providers.azure.options import AzureOptions
+from providers.azure.options import NODE_STORE_ROLE, AzureOptions
 
 if TYPE_CHECKING:
     from providers.azure import _Clients
 
 DEFAULT_PREFIX = "10.42.0.0/24"
-# Built-in "Storage Blob Data Contributor"; granted to each node's identity on
-# the option store_scope (the ARM id of the run store's container), with a condition
+# Built-in "Storage Blob Data Contributor" (azure.store_role may name it instead of the
+# custom role 'geotrain node store'); whichever role is granted to each node's identity on
+# the option store_scope (the ARM id of the run store's container) gets a condition
 # (`store_condition`) that keeps it to the run's own blobs and takes delete away.
 BLOB_CONTRIBUTOR = "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
 BLOBS = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs"
 AUTHZ_API = "2022-04-01"
+GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 def group_name(run_id: str) -> str:
@@ -156,14 +160,38 @@ def store_condition(prefix: str, member: str) -> str:
         f" AND ((!(ActionMatches{{'{BLOBS}/delete'}}) AND !(ActionMatches{{'{BLOBS}/move/action'}})))")
 
 
-def grant_store(c: _Clients, scope: str, vm, prefix: str, member: str) -> None:
-    """Give the VM's system identity Storage Blob Data Contributor on `scope` under
+def store_role_id(c: _Clients, role: str) -> str:
+    """The full id of the role `role` (the option store_role: a GUID, or a role's name
+    looked up in the subscription's role definitions), or a ProviderError of one line
+    saying how to make it. Asked before any VM is created."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.core.rest import HttpRequest
+
+    base = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions"
+    if GUID.match(role):
+        return f"{base}/{role.lower()}"
+    query = urllib.parse.urlencode({"$filter": f"roleName eq '{role}'", "api-version": AUTHZ_API})
+    resp = c.resource.send_request(HttpRequest("GET", f"{c.settings.endpoint}{base}?{query}"))
+    if resp.status_code != 200:
+        raise HttpResponseError(response=resp)
+    found = [d for d in resp.json().get("value") or []
+             if (d.get("properties") or {}).get("roleName") == role and d.get("id")]
+    if not found:
+        how = ("make it once: infra/azure/README.md, `az role definition create` with "
+               "infra/azure/geotrain-node-store-role.json" if role == NODE_STORE_ROLE else
+               "check the name, or give the role's GUID")
+        raise ProviderError(f"azure: the role {role!r} (azure.store_role) does not exist in "
+                            f"subscription {c.settings.subscription}; {how}")
+    return found[0]["id"]
+
+
+def grant_store(c: _Clients, scope: str, vm, prefix: str, member: str, role: str) -> None:
+    """Give the VM's system identity the role `role` (store_role_id) on `scope` under
     `store_condition(prefix, member)`: its run's blobs only, writes only its member's
     keys, no delete."""
     from azure.core.exceptions import HttpResponseError
     from azure.core.rest import HttpRequest
 
-    role = f"/subscriptions/{c.settings.subscription}/providers/Microsoft.Authorization/roleDefinitions/{BLOB_CONTRIBUTOR}"
     body = {"properties": {"roleDefinitionId": role, "principalId": vm.identity.principal_id,
                            "principalType": "ServicePrincipal",
                            "condition": store_condition(prefix, member), "conditionVersion": "2.0",

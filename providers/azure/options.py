@@ -19,6 +19,7 @@ AZURE_SUBNET = pattern(r"(?i)^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/prov
 AZURE_IMAGE = pattern(r"(?i)^([^:/\s]+:[^:/\s]+:[^:/\s]+:[^:/\s]+|/subscriptions/[^/\s]+/resourceGroups/\S+)$",
                       "expected a marketplace image 'publisher:offer:sku:version' or an image's "
                       "resource id '/subscriptions/…'")
+NODE_STORE_ROLE = "geotrain node store"  # infra/azure/geotrain-node-store-role.json
 # Options tied to one region (an id that exists only there).
 REGIONAL = ("subnet",)
 
@@ -33,8 +34,15 @@ class AzureOptions(OptionsSpec):
         "Required for an az:// store.")
     store_scope: str | None = Field(
         None, pattern=AZURE_ID, description="Resource id of the run store's container; with "
-        "identity 'system', launch grants each VM's identity Storage Blob Data Contributor there "
-        "and terminate revokes it.")
+        "identity 'system', launch grants each VM's identity `store_role` there, under a "
+        "condition that keeps it to its run's folder and its own keys, and terminate revokes it.")
+    store_role: str = Field(
+        NODE_STORE_ROLE, min_length=1, max_length=200, pattern=r"^[^'\n]+$",
+        description="The role, by name or GUID, that launch grants on store_scope: by default "
+        "the custom role 'geotrain node store' (infra/azure/geotrain-node-store-role.json: read, "
+        "write and create blobs; no delete, and nothing on the container itself), made once in "
+        "the subscription. 'Storage Blob Data Contributor' also works, but lets a node change "
+        "or delete the whole container through ARM, which no condition limits.")
     subnet: str | None = Field(None, pattern=AZURE_SUBNET, description="Resource id of an "
                                "existing subnet for the nodes (the site's NSG then goes on their "
                                "NICs); default a new VNet per site. Regional: needs the "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import re
 import secrets
 import time
 import uuid
@@ -23,6 +24,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.azure_abac import BUILT_IN_NAMES, ROLES
 
 if TYPE_CHECKING:
     from tests.fakes.arm_server import FakeArm
@@ -140,6 +143,8 @@ class ArmHandler(_Base):
                 return self._send(status, out, hdr)
             if "microsoft.authorization" in low and "roleassignments" in low:
                 return self._role_assignment(url.path, body)
+            if "microsoft.authorization" in low and "roledefinitions" in low:
+                return self._role_definition(url.path, parse_qs(url.query), body)
             if low[:1] != ["subscriptions"] or len(low) < 3 or segs[1] != fake.subscription:
                 raise ArmError(404, "SubscriptionNotFound", f"The subscription '{segs[1:2]}' could not be found.")
             rest, lrest = segs[2:], low[2:]
@@ -210,11 +215,60 @@ class ArmHandler(_Base):
         self.end_headers()
         self.wfile.write(text)
 
+    def _role_definition(self, path: str, query: dict, body: dict | None) -> None:
+        """Microsoft.Authorization/roleDefinitions of the subscription: PUT a custom role
+        (as `az role definition create` does), GET one, or list them, `$filter=roleName eq
+        '...'` honoured. Built-in roles are known by GUID (azure_abac.ROLES), not listed."""
+        fake = self.fake
+        base = f"/subscriptions/{fake.subscription}/providers/microsoft.authorization/roledefinitions"
+        key = path.lower().rstrip("/")
+        with fake._lock:
+            if key == base and self.command == "GET":
+                found = [fake._render(r) for r in fake._res.values()
+                         if r["type"] == "Microsoft.Authorization/roleDefinitions"]
+                found += [{"id": f"/subscriptions/{fake.subscription}/providers/Microsoft.Authorization/"
+                                 f"roleDefinitions/{guid}", "name": guid, "type": "Microsoft.Authorization/roleDefinitions",
+                           "properties": {"roleName": name, "type": "BuiltInRole", "permissions": [{
+                               "actions": sorted(ROLES[guid][0]), "dataActions": sorted(ROLES[guid][1]),
+                               "notActions": [], "notDataActions": []}], "assignableScopes": ["/"]}}
+                          for guid, name in BUILT_IN_NAMES.items()]
+                want = (query.get("$filter") or [""])[0]
+                if want:
+                    m = re.fullmatch(r"roleName eq '([^']*)'", want.strip())
+                    if not m:
+                        raise ArmError(400, "InvalidFilter", f"cannot read $filter {want!r}")
+                    found = [r for r in found if r["properties"]["roleName"] == m[1]]
+                return self._send(200, {"value": found})
+            if not key.startswith(base + "/") or key.count("/") != base.count("/") + 1:
+                raise ArmError(404, "InvalidResourceType", f"Unknown path {path}")
+            res = fake._res.get(key)
+            if self.command == "PUT":
+                props = body["properties"]
+                if props.get("type") != "CustomRole" or not props.get("roleName") \
+                        or not isinstance(props.get("permissions"), list):
+                    raise ArmError(400, "InvalidRoleDefinition", "roleName, type CustomRole and "
+                                   "permissions are required")
+                res = {"id": path, "name": path.rsplit("/", 1)[1], "_group": "",
+                       "type": "Microsoft.Authorization/roleDefinitions", "properties": props}
+                status = 200 if key in fake._res else 201
+                fake._res[key] = res
+                return self._send(status, fake._render(res))
+            if self.command == "GET" and res is not None:
+                return self._send(200, fake._render(res))
+            raise ArmError(404, "RoleDefinitionDoesNotExist", "The specified role definition "
+                           "does not exist.")
+
     def _role_assignment(self, path: str, body: dict | None) -> None:
         """Microsoft.Authorization/roleAssignments at any scope (synchronous, like ARM)."""
         fake, key = self.fake, path.lower()
         with fake._lock:
             if self.command == "PUT":
+                role = body["properties"]["roleDefinitionId"].rstrip("/").rsplit("/", 1)[-1].lower()
+                if role not in ROLES and not any(
+                        r["type"] == "Microsoft.Authorization/roleDefinitions" and r["name"].lower() == role
+                        for r in fake._res.values()):
+                    raise ArmError(400, "RoleDefinitionDoesNotExist", "The specified role definition "
+                                   f"with ID '{role}' does not exist.")
                 principal = body["properties"]["principalId"]
                 known = {(r.get("identity") or {}).get("principalId") for r in fake._res.values()}
                 if principal not in known:

@@ -37,6 +37,8 @@ ATTRIBUTES = {("Resource", PATH.lower()), ("Request", PREFIX.lower()),
               ("Resource", CONTAINER_NAME.lower()), ("Resource", ACCOUNT_NAME.lower())}
 
 # Built-in roles: (Actions, DataActions), as their definitions list them.
+BUILT_IN_NAMES = {"ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
+                  "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": "Storage Blob Data Reader"}
 ROLES = {
     "ba92f5b4-2d11-453d-a403-e96b0029c9fe": (  # Storage Blob Data Contributor
         {f"{CONTAINERS}/{a}" for a in ("delete", "read", "write")},
@@ -240,11 +242,28 @@ def scope_covers(scope: str, account: str, container: str | None) -> bool:
         and rest[3] == container.lower()
 
 
-def allows(assignment: dict, request: BlobRequest) -> bool:
+def custom_roles(definitions: list[dict]) -> dict[str, tuple[set[str], set[str]]]:
+    """{guid: (Actions, DataActions)} of custom role definitions as ARM renders them
+    (`properties.permissions[]`); NotActions / NotDataActions are not used here and refused."""
+    out = {}
+    for d in definitions:
+        actions, data_actions = set(), set()
+        for p in (d.get("properties") or {}).get("permissions") or []:
+            if p.get("notActions") or p.get("notDataActions"):
+                raise ConditionError(f"role {d.get('name')}: NotActions are outside this stand-in")
+            actions |= set(p.get("actions") or ())
+            data_actions |= set(p.get("dataActions") or ())
+        out[str(d["name"]).lower()] = (actions, data_actions)
+    return out
+
+
+def allows(assignment: dict, request: BlobRequest,
+           roles: dict[str, tuple[set[str], set[str]]] | None = None) -> bool:
     """Whether one role assignment's properties (roleDefinitionId, condition) allow the
-    request: its role has the action, and its condition (if any) is true."""
+    request: its role (built in, or one of `roles`: custom_roles) has the action, and
+    its condition (if any) is true."""
     role = assignment["roleDefinitionId"].rstrip("/").rsplit("/", 1)[-1].lower()
-    actions, data_actions = ROLES.get(role, (set(), set()))
+    actions, data_actions = {**ROLES, **(roles or {})}.get(role, (set(), set()))
     if request.action not in actions | data_actions:
         return False
     condition = assignment.get("condition")

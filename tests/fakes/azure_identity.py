@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 from tests.emulators import AZURITE_ACCOUNT, AZURITE_KEY
-from tests.fakes.azure_abac import ConditionError, allows, blob_request, scope_covers
+from tests.fakes.azure_abac import ConditionError, allows, blob_request, custom_roles, scope_covers
 from tests.fakes.arm_routes import self_signed
 from tests.fakes.bodies import read_body
 from tests.fakes.gce_boot import stop_servers
@@ -98,13 +98,15 @@ class AzureIdentityProxy:
 
     def __init__(self, upstream_url: str, token_info: Callable[[str], dict | None],
                  grants: dict[str, set[str]] | None = None, allowed_tokens: set[str] | None = None,
-                 assignments: Callable[[], list[dict]] | None = None):
+                 assignments: Callable[[], list[dict]] | None = None,
+                 role_definitions: Callable[[], list[dict]] | None = None):
         up = urlsplit(upstream_url)
         self.upstream = (up.hostname, up.port or 80)
         self.token_info = token_info
         self.grants: dict[str, set[str]] = {a: set(ids) for a, ids in (grants or {}).items()}
         self.allowed_tokens: set[str] = set(allowed_tokens or ())
         self.assignments = assignments
+        self.role_definitions = role_definitions  # custom roles, as ARM renders them
         self.condition_errors: list[str] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -145,13 +147,14 @@ class AzureIdentityProxy:
             return False
         account, container, request = blob_request(method, path, query)
         ids = {caller["principal"], caller["client_id"]} - {None}
+        roles = custom_roles(self.role_definitions()) if self.role_definitions else {}
         for a in self.assignments():
             props = a.get("properties") or {}
             if props.get("principalId") not in ids or not scope_covers(props.get("scope", ""),
                                                                         account, container):
                 continue
             try:
-                if allows(props, request):
+                if allows(props, request, roles):
                     return True
             except ConditionError as e:
                 with self.lock:
