@@ -159,7 +159,7 @@ def test_a_two_node_site_forms_its_ray_cluster_on_the_private_network_and_trains
         booter.wait_stopped(node.instance_id, timeout=120)
         assert tagged_pids(node.instance_id) == []
     switches = booter.networks.inodes()
-    assert switches  # the site's network, and the stranger's
+    assert len(switches) == 2  # the site's network, and the stranger's
     booter.close()  # what the fixture does: the cloud's networks go with it
     ours = {n.link.inode for n in booter.history} | switches
     # A process is untagged (its memory released) a moment before it leaves its namespace.
