@@ -88,30 +88,48 @@ def test_a_store_without_a_run_folder_of_its_own_is_refused(url):
 def test_the_bindings_grant_the_run_folder_and_listing_only_and_come_off_cleanly():
     email, store = accounts.account_email("p", RUN, "west"), f"gs://bkt/team/{RUN}"
     cond = accounts.condition(store, RUN, "west")
+    writes = accounts.write_condition(store, RUN, "west")
     assert cond["expression"] == \
         f'resource.name.startsWith("projects/_/buckets/bkt/objects/team/{RUN}/")'
     assert RUN in cond["title"] and "west" in cond["title"] and len(cond["title"]) <= 100
     standing, roles = infra_policy("bkt", "team", project="p")
     before = [dict(b, members=set(b["members"])) for b in standing["bindings"]]
-    after = accounts.granted(before, email, cond, accounts.lister_role("p"))
-    assert accounts.granted(after, email, cond, accounts.lister_role("p")) == after  # once
+    after = accounts.granted(before, email, (cond, writes), accounts.lister_role("p"))
+    assert accounts.granted(after, email, (cond, writes), accounts.lister_role("p")) == after  # once
     member = f"serviceAccount:{email}"
     assert [b for b in after if member in b["members"]] == [
         {"role": "projects/p/roles/geotrainNodeLister",  # joins the existing binding
          "members": {member, "serviceAccount:geotrain-node@p.iam.gserviceaccount.com"}},
-        {"role": "roles/storage.objectUser", "members": {member}, "condition": cond}]
-    # Judged as GCS would (the stand-in's evaluator): its run's objects, nothing else.
+        {"role": "roles/storage.objectViewer", "members": {member}, "condition": cond},
+        {"role": "roles/storage.objectUser", "members": {member}, "condition": writes}]
+    # Judged as GCS would (the stand-in's evaluator, which also holds IAM's limit of 12
+    # logical operators): its run's objects, nothing else.
     mine = [b for b in bindings_from({"bindings": [dict(b, members=sorted(b["members"]))
                                                    for b in after]}, roles) if email in b.emails]
 
     def allowed(perm, resource):
         return any(perm in b.permissions and (b.holds is None or b.holds(resource)) for b in mine)
-    obj = f"projects/_/buckets/bkt/objects/team/{RUN}/rounds/1/west.safetensors"
+    obj = f"projects/_/buckets/bkt/objects/team/{RUN}/rounds/000001/west.bin"
     for perm in ("storage.objects.get", "storage.objects.create", "storage.objects.delete"):
         assert allowed(perm, obj)
         for other in (f"team/{RUN}x/run.json", "team/other-run/run.json", "team/run.json"):
             assert not allowed(perm, f"projects/_/buckets/bkt/objects/{other}"), other
         assert not allowed(perm, f"projects/_/buckets/other/objects/team/{RUN}/run.json")
+    # Inside its run's folder it reads everything and writes only what its member writes
+    # (the same keys aws.run_role's policy allows: geotrain/store/run.py member_writes).
+    run = f"projects/_/buckets/bkt/objects/team/{RUN}/"
+    own = ["sites/west/alive", "sites/west/head.json", "rounds/000003/west.json",
+           "rounds/000003/results/west.json", "rounds/000003/_members.json",
+           "rounds/000003/_members.7.json", "global/000003/COMMITTED", "global/000000/_claim"]
+    others = ["sites/east/alive", "sites/west~1/alive", "rounds/000003/east.bin", "rounds/000003/xwest.bin",
+              "rounds/000003/results/east.json", "run.json", "control/roster.json", "final/summary.json",
+              "events.jsonl", "_boot/abc/geotrain.whl"]
+    for key in own:
+        assert allowed("storage.objects.create", run + key) and allowed("storage.objects.delete", run + key), key
+    for key in others:
+        assert allowed("storage.objects.get", run + key), key
+        assert not allowed("storage.objects.create", run + key), key
+        assert not allowed("storage.objects.delete", run + key), key
     assert allowed("storage.objects.list", "projects/_/buckets/bkt")
     assert not allowed("storage.buckets.setIamPolicy", "projects/_/buckets/bkt")
     # Removing it leaves the policy as it was; IAM's form of a deleted member goes too.
@@ -223,13 +241,16 @@ def test_launch_makes_the_account_nodes_run_as_it_and_terminate_removes_it(cloud
     assert normal(mine) == normal([  # listing: it joins the standing account's binding
         {"role": f"projects/{fake.project}/roles/geotrainNodeLister",
          "members": [member, standing_node]},
+        {"role": "roles/storage.objectViewer", "members": [member],
+         "condition": accounts.condition(f"gs://{bucket}/team/{RUN}", RUN, "west")},
         {"role": "roles/storage.objectUser", "members": [member],
-         "condition": accounts.condition(f"gs://{bucket}/team/{RUN}", RUN, "west")}])
+         "condition": accounts.write_condition(f"gs://{bucket}/team/{RUN}", RUN, "west")}])
     assert proxy.policies[bucket]["version"] == 3
     # The store enforces what launch wrote: a token of this account writes its run's
     # folder and nothing else (the standing account's `team/` is not its own).
     token, _ = fake.issue_token(email, "us-central1-a/x", [SCOPE])
-    assert node_can(proxy, token, bucket, f"team/{RUN}/probe.txt")
+    assert node_can(proxy, token, bucket, f"team/{RUN}/sites/west/probe.txt")
+    assert not node_can(proxy, token, bucket, f"team/{RUN}/sites/east/probe.txt")  # another site's
     assert not node_can(proxy, token, bucket, "team/other-run/probe.txt")
     assert not node_can(proxy, token, bucket, "team/probe.txt")
     assert gcs(proxy.url, token, f"/storage/v1/b/{bucket}/iam")[0] == 403  # no policy for nodes
@@ -242,7 +263,7 @@ def test_launch_makes_the_account_nodes_run_as_it_and_terminate_removes_it(cloud
     gcp.terminate(again)
     assert email not in fake.service_accounts
     assert normal(proxy.policies[bucket]["bindings"]) == standing
-    assert not node_can(proxy, token, bucket, f"team/{RUN}/probe.txt")
+    assert not node_can(proxy, token, bucket, f"team/{RUN}/sites/west/probe.txt")
     assert gcp.query(RUN) == [] and gcp.leftovers(RUN) == []
 
 

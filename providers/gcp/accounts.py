@@ -1,6 +1,7 @@
 """A service account made for one site of one run (`gcp.run_account: true`): its nodes
-may read, write and overwrite objects only under their run's folder of the gs:// run
-store, list object names in the bucket, and do nothing else.
+may read objects only under their run's folder of the gs:// run store, write and
+overwrite only the keys their site writes there, list object names in the bucket, and
+do nothing else.
 
 A standing account (`gcp.service_account`, infra/gcp/README.md) is granted a store's
 folder by hand, once, so every run of that store shares it: one run's nodes can read and
@@ -11,11 +12,13 @@ overwrite another's. With `run_account`, `launch` makes, in the project:
   site, the launching operator's owner id and the run bucket; `run_accounts` reads them
   back from there, strictly (a description that is not exactly that, or whose run and
   site do not digest to the account's id, is not ours);
-- two bindings for it in the run bucket's IAM policy (version 3):
-  `roles/storage.objectUser` under the condition
-  `resource.name.startsWith("projects/_/buckets/B/objects/<run folder>/")`, and the custom
-  role `projects/PROJECT/roles/geotrainNodeLister` (storage.objects.list only: GCS checks
-  listing on the bucket, which an object-name condition cannot grant).
+- three bindings for it in the run bucket's IAM policy (version 3):
+  `roles/storage.objectViewer` under the condition
+  `resource.name.startsWith("projects/_/buckets/B/objects/<run folder>/")`;
+  `roles/storage.objectUser` under `write_condition`, only the keys that site (the run's
+  member) writes there; and the custom role `projects/PROJECT/roles/geotrainNodeLister`
+  (storage.objects.list only: GCS checks listing on the bucket, which an object-name
+  condition cannot grant).
 
 `terminate` removes both bindings and deletes the account once no instance of the site
 is left. IAM is eventually consistent: Compute Engine (and the bucket's setIamPolicy) may
@@ -42,7 +45,8 @@ from geotrain.errors import ProviderError
 
 ENDPOINT_ENV = "GEOTRAIN_GCP_IAM_ENDPOINT"
 DEFAULT_ENDPOINT = "https://iam.googleapis.com"
-OBJECT_ROLE = "roles/storage.objectUser"
+OBJECT_ROLE = "roles/storage.objectUser"  # written only under write_condition
+VIEWER_ROLE = "roles/storage.objectViewer"  # read under the run's folder
 LISTER_ROLE = "geotrainNodeLister"  # the custom role infra/gcp/geotrain-node-lister-role.yaml makes
 ACCOUNT_WAIT_S = 90.0  # GCE may not see a new service account for a while
 RETRY_EVERY_S = 3.0
@@ -101,11 +105,41 @@ def parse_account(account: dict) -> dict | None:
 
 
 def condition(store_url: str, run_id: str, site: str) -> dict:
-    """The IAM condition that limits the account's object role to its run's folder."""
+    """The IAM condition that limits the account's read role (VIEWER_ROLE) to its run's folder."""
     bucket, folder = run_folder(store_url)
     return {"title": f"geotrain run {run_id} site {site}"[:100],
             "description": f"Only objects under the run's folder {folder}/ of this bucket."[:256],
             "expression": f'resource.name.startsWith("projects/_/buckets/{bucket}/objects/{folder}/")'}
+
+
+def write_condition(store_url: str, run_id: str, site: str) -> dict:
+    """The IAM condition that limits the account's write role (OBJECT_ROLE: create, and the
+    delete GCS needs to overwrite) to the keys its member writes in the run's folder
+    (geotrain/store/run.py `member_writes`): `sites/<site>/`, its contribution and result
+    under `rounds/` (names ending `/<site>.json` or `.bin`), a round's decision slots
+    (`_members.json`, `_members.1.json` ...) and `global/`. Never another member's keys,
+    nor run.json, control/ or final/. IAM allows 12 logical operators; this uses 12."""
+    from geotrain.errors import StoreError
+    from geotrain.store import member_writes
+    from geotrain.store.decisions import SLOTS
+
+    bucket, folder = run_folder(store_url)
+    try:
+        member_writes(site)
+    except StoreError as e:
+        raise ProviderError(f"gcp.run_account: {e}") from None
+    if '"' in site or "\\" in site:
+        raise ProviderError(f"gcp.run_account: cannot scope writes to the member name {site!r}")
+    obj = f"projects/_/buckets/{bucket}/objects/{folder}"
+    ends = [f"/{site}.json", f"/{site}.bin", "/_members.json"] + [f"/_members.{i}.json" for i in range(1, SLOTS)]
+    expression = (f'resource.name.startsWith("{obj}/sites/{site}/") || '
+                  f'resource.name.startsWith("{obj}/global/") || '
+                  f'(resource.name.startsWith("{obj}/rounds/") && ('
+                  + " || ".join(f'resource.name.endsWith("{e}")' for e in ends) + "))")
+    assert expression.count("&&") + expression.count("||") <= 12, expression
+    return {"title": f"geotrain run {run_id} site {site}: writes"[:100],
+            "description": f"Only what site {site} writes under {folder}/."[:256],
+            "expression": expression}
 
 
 def lister_role(project: str) -> str:
@@ -116,14 +150,17 @@ def _copy(bindings: list[dict]) -> list[dict]:
     return [dict(b, members=set(b.get("members") or ())) for b in bindings]
 
 
-def granted(bindings: list[dict], email: str, cond: dict, lister: str) -> list[dict]:
-    """The bucket policy's bindings with the account's two added (a second call adds
-    nothing). Bindings are {"role", "members" (a set), "condition"?}, as
-    google.api_core.iam.Policy.bindings holds them."""
+def granted(bindings: list[dict], email: str, conds: tuple[dict, dict], lister: str) -> list[dict]:
+    """The bucket policy's bindings with the account's three added: VIEWER_ROLE under the
+    read condition, OBJECT_ROLE under the write condition (`conds`: condition(),
+    write_condition()) and the lister role (a second call adds nothing). Bindings are
+    {"role", "members" (a set), "condition"?}, as google.api_core.iam.Policy.bindings
+    holds them."""
     member, out = f"serviceAccount:{email}", _copy(bindings)
-    if not any(b["role"] == OBJECT_ROLE and b.get("condition") == cond and member in b["members"]
-               for b in out):
-        out.append({"role": OBJECT_ROLE, "members": {member}, "condition": cond})
+    for role, cond in zip((VIEWER_ROLE, OBJECT_ROLE), conds):
+        if not any(b["role"] == role and b.get("condition") == cond and member in b["members"]
+                   for b in out):
+            out.append({"role": role, "members": {member}, "condition": cond})
     listing = next((b for b in out if b["role"] == lister and not b.get("condition")), None)
     if listing is None:
         out.append({"role": lister, "members": {member}})
@@ -244,8 +281,8 @@ def ensure_run_account(iam: Iam, bucket, run_id: str, site: str, owner: str | No
                    description(run_id, site, owner, name))
     except gexc.Conflict:
         pass  # made by an earlier launch of this site
-    cond = condition(store_url, run_id, site)
-    edit_policy(bucket, lambda b: granted(b, email, cond, lister_role(iam.project)), email)
+    conds = condition(store_url, run_id, site), write_condition(store_url, run_id, site)
+    edit_policy(bucket, lambda b: granted(b, email, conds, lister_role(iam.project)), email)
     return email
 
 

@@ -7,7 +7,8 @@
   `principalSet://iam.googleapis.com/...` (or `principal://`) member, which is what the
   stand-in STS's tokens are known by (tests/fakes/gcp_sts.py).
 - `condition(expression)`: a tiny parser for the only CEL GCS conditions here use,
-  `resource.name.startsWith("...")` joined by `&&` / `||` (and parentheses); anything
+  `resource.name.startsWith("...")` / `endsWith("...")` joined by `&&` / `||` (and
+  parentheses), at most 12 logical operators as IAM allows; anything
   else raises `ConditionError`, so a typo cannot grant silently.
 - `request_checks(method, path, query, body)`: the (permission, resource name) pairs GCS
   checks for a JSON API request: objects are `projects/_/buckets/B/objects/NAME`, a
@@ -35,8 +36,11 @@ ROLES = {  # the predefined roles' storage permissions (object side), as Google 
                                               "storage.multipartUploads.listParts"}),
     "roles/storage.legacyBucketReader": frozenset({"storage.buckets.get", "storage.objects.list"}),
 }
-TOKEN = re.compile(r"\s*(?:(?P<call>resource\.name\.startsWith)\s*\(\s*(?P<arg>\"(?:[^\"\\]|\\.)*\"|"
+TOKEN = re.compile(r"\s*(?:resource\.name\.(?P<call>startsWith|endsWith)\s*\(\s*(?P<arg>\"(?:[^\"\\]|\\.)*\"|"
                    r"'(?:[^'\\]|\\.)*')\s*\)|(?P<op>&&|\|\|)|(?P<paren>[()]))")
+
+
+MAX_LOGICAL_OPERATORS = 12  # IAM's limit per condition expression
 
 
 class ConditionError(ValueError):
@@ -50,14 +54,19 @@ def condition(expression: str) -> Callable[[str], bool]:
         m = TOKEN.match(expression, pos)
         if not m:
             raise ConditionError(f"cannot parse condition at {expression[pos:pos + 40]!r} (this "
-                                 "stand-in knows resource.name.startsWith(\"...\") joined by && / ||)")
+                                 "stand-in knows resource.name.startsWith / endsWith(\"...\") joined "
+                                 "by && / ||)")
         if m["call"]:
-            tokens.append(("prefix", re.sub(r"\\(.)", r"\1", m["arg"][1:-1])))
+            kind = "prefix" if m["call"] == "startsWith" else "suffix"
+            tokens.append((kind, re.sub(r"\\(.)", r"\1", m["arg"][1:-1])))
         else:
             tokens.append(("op", m["op"] or m["paren"]))
         pos = m.end()
     if not tokens:
         raise ConditionError("empty condition expression")
+    if sum(t in (("op", "&&"), ("op", "||")) for t in tokens) > MAX_LOGICAL_OPERATORS:
+        raise ConditionError(f"more than {MAX_LOGICAL_OPERATORS} logical operators (IAM refuses "
+                             f"the policy): {expression!r}")
 
     def parse_or(i):
         left, i = parse_and(i)
@@ -79,6 +88,8 @@ def condition(expression: str) -> Callable[[str], bool]:
         kind, value = tokens[i]
         if kind == "prefix":
             return (lambda p: lambda name: name.startswith(p))(value), i + 1
+        if kind == "suffix":
+            return (lambda p: lambda name: name.endswith(p))(value), i + 1
         if value == "(":
             inner, i = parse_or(i + 1)
             if i >= len(tokens) or tokens[i] != ("op", ")"):
