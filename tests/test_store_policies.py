@@ -127,14 +127,17 @@ def test_s3_requests_map_to_the_actions_aws_checks():
 
 # -- GCS conditions -------------------------------------------------------------------------
 
-def test_gcs_startswith_conditions_and_what_they_refuse():
+def test_gcs_name_conditions_and_what_they_refuse():
     obj = "projects/_/buckets/b/objects/"
     c = condition(f'resource.name.startsWith("{obj}exp1/") || resource.name.startsWith(\'{obj}shared/\')')
     assert c(obj + "exp1/x") and c(obj + "shared/y") and not c(obj + "exp2/x") and not c(obj + "exp1")
     both = condition(f'(resource.name.startsWith("{obj}") && resource.name.startsWith("{obj}a/")) '
                      f'|| resource.name.startsWith("{obj}z")')
     assert both(obj + "a/1") and both(obj + "z9") and not both(obj + "b/1")
-    for bad in ('resource.name.endsWith("x")', 'resource.name == "x"', 'resource.name.startsWith("x") ||',
+    ends = condition(f'resource.name.startsWith("{obj}") && resource.name.endsWith("/a.bin")')
+    assert ends(obj + "r/1/a.bin") and not ends(obj + "r/1/ba.bin") and not ends("elsewhere/a.bin")
+    thirteen = " || ".join(f'resource.name.startsWith("{obj}{i}/")' for i in range(14))
+    for bad in (thirteen, 'resource.name.contains("x")', 'resource.name == "x"', 'resource.name.startsWith("x") ||',
                 '(resource.name.startsWith("x")', 'request.time < timestamp("2030-01-01T00:00:00Z")', ""):
         with pytest.raises(ConditionError):
             condition(bad)
