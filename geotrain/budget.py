@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from geotrain.plan import Catalogs, egress, param_count, resolve
@@ -43,3 +44,13 @@ def record_spend(db: StateDB, run_id: str, recipe: Recipe,
     spent = spend(db, run_id, recipe, home)
     db.update_run(run_id, spend_usd=round(spent, 6))
     return spent, recipe.budget is not None and spent > recipe.budget.max_usd
+
+
+def over_budget(db: StateDB, run_id: str, recipe: Recipe, home: Path | None,
+                event: Callable[..., None]) -> bool:
+    """Record the spend so far; past `budget.max_usd`, a `budget` event and True."""
+    spent, over = record_spend(db, run_id, recipe, home)
+    if over:
+        event("budget", f"estimated spend ${spent:,.2f} crossed the budget "
+              f"${recipe.budget.max_usd:,.2f}; stopping the run", spend_usd=spent)
+    return over

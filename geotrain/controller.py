@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import providers
+from geotrain.budget import over_budget
 from geotrain.errors import GeotrainError
 from geotrain.migrate import Migrations
 from geotrain.recipe import Placement, Recipe, SiteSpec, default_home
@@ -44,7 +45,6 @@ class Stop(BaseException):
     (as KeyboardInterrupt is): the signal lands wherever the loop is, also inside a call
     whose failure the controller tolerates (`except Exception`, e.g. reading a booting
     node's console), and must stop the run there, not pass for that call's failure."""
-
 
 
 
@@ -304,25 +304,21 @@ class Controller(Migrations, Kept):
             reason = f"no liveness beat for {now - alive['at']:.1f} s"
         else:
             return
-        if self._finished_since(name, hb, alive):
+        if self._finished_since(name, alive):
             return
         self.replace(name, reason, last_seen=(alive or {}).get("at"))
 
-    def _finished_since(self, name: str, hb: dict | None, alive: dict | None) -> bool:
-        """Whether the site, judged lost on this tick's records, has since said it is
-        done: its agent can write `done` between the tick's reads and the verdict, and
-        a site's last liveness writes can be lost to store errors while its done
-        heartbeat lands. Replacing a finished site would throw its last round away
-        and overwrite its done heartbeat with the replacement's mark."""
+    def _finished_since(self, name: str, alive: dict | None) -> bool:
+        """Whether the site, judged lost on this tick's records, has said `done` since: its
+        agent can finish between the tick's reads and the verdict, and its last liveness
+        writes can be lost to store errors. Replacing it would throw its work away."""
         member = self.member[name]
-        fresh_hb = self.store.heartbeat(member) or {}
-        fresh_alive = self.store.liveness().get(member) or {}
-        if fresh_hb.get("state") == "done" or fresh_alive.get("state") in ("done", "stopped"):
-            if (hb or {}).get("state") != "done":
-                self.event("site-finished-late", f"site {name} said it is done as it was about "
-                           "to be declared lost; kept", site=name, last_seen=(alive or {}).get("at"))
-            return True
-        return False
+        if (self.store.heartbeat(member) or {}).get("state") != "done" and \
+                (self.store.liveness().get(member) or {}).get("state") not in ("done", "stopped"):
+            return False
+        self.event("site-finished-late", f"site {name} said it is done as it was about to be "
+                   "declared lost; kept", site=name, last_seen=(alive or {}).get("at"))
+        return True
 
     def _boot_failure(self, name: str, now: float) -> str | None:
         """What a booting site's node printed as its fatal line on its serial console
@@ -443,7 +439,7 @@ class Controller(Migrations, Kept):
             if all(firsts) and self.db.run(self.run_id)["first_step_at"] is None:
                 self.db.update_run(self.run_id, first_step_at=max(firsts))
             self.on_tick(status(self.run_id, self.home))
-            if self.over_budget():
+            if over_budget(self.db, self.run_id, self.recipe, self.home, self.event):
                 return "stopped"
 
             # A failed site is not the run's end: `_supervise` replaces it like a lost
@@ -457,16 +453,6 @@ class Controller(Migrations, Kept):
             for name in beats:
                 self._supervise(name, beats[name], alive.get(self.member[name]))
             time.sleep(POLL_S)
-
-    def over_budget(self) -> bool:
-        """Record the spend so far; past `budget.max_usd`, a `budget` event and True."""
-        from geotrain.budget import record_spend
-
-        spent, over = record_spend(self.db, self.run_id, self.recipe, self.home)
-        if over:
-            self.event("budget", f"estimated spend ${spent:,.2f} crossed the budget "
-                       f"${self.recipe.budget.max_usd:,.2f}; stopping the run", spend_usd=spent)
-        return over
 
     def _site_alive(self, name: str) -> bool:
         """Whether the provider still holds the node we launched for the site."""

@@ -116,7 +116,7 @@ def test_geotrains_condition_allows_its_run_folder_only_and_no_delete():
 
 def test_geotrains_condition_writes_only_what_its_member_writes():
     """Reads cover the whole run folder; writes only the member's own records and
-    contributions and the shared round keys (geotrain/store/run.py member_writes)."""
+    contributions and the shared round keys (geotrain/store/roster.py member_writes)."""
     cond = store_condition("exp/r1", "east")
     own = ["sites/east/alive", "sites/east/head.json", "sites/east/events.jsonl",
            "rounds/000003/east.json", "rounds/000003/east.bin", "rounds/000003/results/east.json",

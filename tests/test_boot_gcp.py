@@ -351,7 +351,7 @@ def test_a_node_under_a_run_account_keeps_to_its_run_folder(cloud, tmp_path):
                     f"{PREFIX}%2Fother-run%2Fx", "POST")
     assert status == 403
     # In its own run's folder it writes only what its site writes: not run.json, not
-    # another site's liveness (geotrain/store/run.py member_writes).
+    # another site's liveness (geotrain/store/roster.py member_writes).
     for key in ("run.json", "sites%2Feast%2Falive"):
         status, _ = gcs(proxy.url, token, f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
                         f"{PREFIX}%2F{run_id}%2F{key}", "POST")

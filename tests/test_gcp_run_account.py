@@ -116,7 +116,7 @@ def test_the_bindings_grant_the_run_folder_and_listing_only_and_come_off_cleanly
             assert not allowed(perm, f"projects/_/buckets/bkt/objects/{other}"), other
         assert not allowed(perm, f"projects/_/buckets/other/objects/team/{RUN}/run.json")
     # Inside its run's folder it reads everything and writes only what its member writes
-    # (the same keys aws.run_role's policy allows: geotrain/store/run.py member_writes).
+    # (the same keys aws.run_role's policy allows: geotrain/store/roster.py member_writes).
     run = f"projects/_/buckets/bkt/objects/team/{RUN}/"
     own = ["sites/west/alive", "sites/west/head.json", "rounds/000003/west.json",
            "rounds/000003/results/west.json", "rounds/000003/_members.json",

@@ -15,5 +15,6 @@ Run `python -m geotrain.store URL` to print a run store's summary.
 
 from geotrain.store.objects import (ENDPOINT_ENV, SCHEMES, ObjectStore, join,  # noqa: F401
                                     round_key, sha256)
-from geotrain.store.run import RunStore, member_writes, run_url  # noqa: F401
+from geotrain.store.roster import member_writes  # noqa: F401
+from geotrain.store.run import RunStore, run_url  # noqa: F401
 from geotrain.store_retry import RetryPolicy, is_transient, parse_settings, retry  # noqa: F401

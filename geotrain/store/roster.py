@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from geotrain.errors import StoreError
 from geotrain.store import records
 from geotrain.store.control import ControlKey, ForgedRecord
 
@@ -61,3 +62,20 @@ class Roster:
         except ForgedRecord as e:
             records.report(where, f"not signed by {member}: {e}")
             return None
+
+
+def member_writes(member: str) -> tuple[str, ...]:
+    """The keys a run's member (its nodes) writes, as patterns relative to the run's
+    folder, `*` for any characters: its own records and contributions, and what any
+    member may decide or commit (a round's decision slots, the global state and its
+    eval: each signed or checked against signed hashes). Never another member's
+    records, nor what only the operator's machine writes (run.json, _boot/, control/,
+    final/, the controller's events). A cloud that can scope a node's writes by key
+    (providers/aws/iam.py, providers/azure/network.py) grants exactly these."""
+    if not member or any(c in member for c in "*?/'\\"):
+        raise StoreError(f"store: cannot scope writes to the member name {member!r}")
+    return (f"sites/{member}/*",  # heartbeat, liveness, head record, events, own commands
+            f"rounds/*/{member}.json", f"rounds/*/{member}.bin",  # its contribution
+            f"rounds/*/results/{member}.json",  # the hash it ended a round with
+            "rounds/*/_members*.json",  # a round's decision slots (signed by the decider)
+            "global/*")  # committed state, eval, the round-0 claim

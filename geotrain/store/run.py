@@ -28,7 +28,7 @@ Every path inside a run store is built here and nowhere else. The layout
     <run>/events.jsonl                 what the controller did
     <run>/final/                       model.safetensors + summary.json at the end
 
-A node may write only `member_writes(member)` where its cloud grants that
+A node may write only `member_writes(member)` (roster.py) where its cloud grants that
 (aws.run_role, azure.store_scope), all of it otherwise; either way, what is read is untrusted:
 records are parsed into the typed models of geotrain/store/records.py (one
 that does not parse is absent), and what changes the run counts only with the
@@ -64,23 +64,6 @@ from geotrain.store.records import (Command, FinishRecord, HeadRecord, Heartbeat
 from geotrain.store.roster import Roster
 
 _ENV = object()  # RunStore's default for keys: the node's own, from its environment
-
-
-def member_writes(member: str) -> tuple[str, ...]:
-    """The keys a run's member (its nodes) writes, as patterns relative to the run's
-    folder, `*` for any characters: its own records and contributions, and what any
-    member may decide or commit (a round's decision slots, the global state and its
-    eval: each signed or checked against signed hashes). Never another member's
-    records, nor what only the operator's machine writes (run.json, _boot/, control/,
-    final/, the controller's events). A cloud that can scope a node's writes by key
-    (providers/aws/iam.py, providers/azure/network.py) grants exactly these."""
-    if not member or any(c in member for c in "*?/'\\"):
-        raise StoreError(f"store: cannot scope writes to the member name {member!r}")
-    return (f"sites/{member}/*",  # heartbeat, liveness, head record, events, own commands
-            f"rounds/*/{member}.json", f"rounds/*/{member}.bin",  # its contribution
-            f"rounds/*/results/{member}.json",  # the hash it ended a round with
-            "rounds/*/_members*.json",  # a round's decision slots (signed by the decider)
-            "global/*")  # committed state, eval, the round-0 claim
 
 
 class RunStore(ObjectStore):

@@ -12,7 +12,7 @@ infra/aws/geotrain-user-policy.json):
   `geotrain-run`, `geotrain-site` (and `geotrain-owner`), with one inline policy:
   `s3:ListBucket` on the bucket with `s3:prefix` under the run's folder,
   `s3:GetObject` on `<bucket>/<run folder>/*`, and `s3:PutObject` only on the keys
-  that site (the run's member) writes (geotrain/store/run.py `member_writes`);
+  that site (the run's member) writes (geotrain/store/roster.py `member_writes`);
 - an instance profile of the same name holding that role, which the nodes run as.
 
 Every run role has the permissions boundary `geotrain-node-boundary` (the run bucket,

@@ -133,7 +133,7 @@ def store_condition(prefix: str, member: str) -> str:
 
     Read a blob (read NOT Blob.List) only when its path starts with `prefix/`; write one
     or create one (write, add/action) only when its path is one of the member's keys
-    (geotrain/store/run.py `member_writes`: its own records and contributions and the
+    (geotrain/store/roster.py `member_writes`: its own records and contributions and the
     shared round keys, never another member's, nor run.json, control/ or final/); List
     Blobs (read AND Blob.List: it has no blob path, only the Request attribute blob
     prefix) only when the listing's prefix starts with `prefix/` (a listing without one,

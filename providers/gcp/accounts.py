@@ -115,7 +115,7 @@ def condition(store_url: str, run_id: str, site: str) -> dict:
 def write_condition(store_url: str, run_id: str, site: str) -> dict:
     """The IAM condition that limits the account's write role (OBJECT_ROLE: create, and the
     delete GCS needs to overwrite) to the keys its member writes in the run's folder
-    (geotrain/store/run.py `member_writes`): `sites/<site>/`, its contribution and result
+    (geotrain/store/roster.py `member_writes`): `sites/<site>/`, its contribution and result
     under `rounds/` (names ending `/<site>.json` or `.bin`), a round's decision slots
     (`_members.json`, `_members.1.json` ...) and `global/`. Never another member's keys,
     nor run.json, control/ or final/. IAM allows 12 logical operators; this uses 12."""
