@@ -24,8 +24,8 @@ import pytest
 
 from geotrain.site.node_info import fatal_line
 from geotrain.site.store_identity import AZURE_AUDIENCE
-from tests.cloud_helpers import PROFILE, STORE_URL, aws_env, azure_env, cli, cli_json, gcp_env, \
-    wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
+from tests.cloud_helpers import PROFILE, STORE_URL, aws_env, azure_env, cli, cli_json, \
+    enforce_operator_policy, gcp_env, refused, wait_succeeded, write_recipe  # noqa: F401 - aws_env is a fixture
 from tests.fakes import netns
 from tests.fakes.arm_server import FakeArm
 from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_store
@@ -84,8 +84,11 @@ def clouds(aws_env, moto_server, tmp_path):
     proxy.answer("GetConsoleOutput", booter.console_output)
     env.update(**gcp_env(gce), **azure_env(arm))
     env.pop("NO_GCE_CHECK", None)  # the operator's GCE credentials come from the fake's metadata
+    # The operator holds only infra/aws/geotrain-user-policy.json on AWS: every AWS call it
+    # makes (EC2, S3, the nodes' downloads by its signed URLs) is judged under it.
+    enforce_operator_policy(proxy, env)
     try:
-        yield env, home, booter, gce, arm, s3, sts, sts_azure
+        yield env, home, booter, gce, arm, s3, sts, sts_azure, proxy
     finally:
         booter.close()
         gce.stop()
@@ -96,7 +99,7 @@ def clouds(aws_env, moto_server, tmp_path):
 
 
 def test_an_aws_a_gcp_and_an_azure_node_train_one_model_through_an_s3_store(clouds, tmp_path):
-    env, home, booter, gce, arm, s3, sts, sts_azure = clouds
+    env, home, booter, gce, arm, s3, sts, sts_azure, proxy = clouds
     recipe = {"name": "twin", "model": {"preset": "tiny", "n_layer": 1, "d_model": 32, "n_head": 2},
               "train": {"rounds": 2, "inner_steps": 3, "batch_size": 2, "seq_len": 32,
                         "warmup_steps": 1, "eval_batches": 1},
@@ -158,6 +161,7 @@ def test_an_aws_a_gcp_and_an_azure_node_train_one_model_through_an_s3_store(clou
     assert profile_key in used and web_keys and all(k.startswith("ASIA") for k in web_keys)
     assert {s3.roles[k] for k in web_keys} == {ROLE_ARN.rsplit("/", 1)[-1], AZURE_ROLE_ARN.rsplit("/", 1)[-1]}
     assert not s3.denied(), s3.denied()[:3]
+    assert refused(proxy) == []  # nor did the operator's machine need more than its policy
     cli(env, "down", run_id, timeout=120)
     for node in nodes:
         wait_for(lambda node=node: not tagged_pids(node.instance_id), 120, every=0.5)
