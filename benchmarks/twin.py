@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import AWS_AMIS, MOTO_SERVER, free_port, wait_for_port  # noqa: E402
 from tests.emulators import stop as stop_process  # noqa: E402
 from tests.fakes.aws_faults import FaultProxy  # noqa: E402
+from tests.fakes.aws_operator import user_policy  # noqa: E402
 from tests.fakes.aws_identity import S3IdentityProxy, StsWebIdentity, grant_store  # noqa: E402
 from tests.fakes.ec2_boot import Ec2Booter  # noqa: E402
 from tests.fakes.gce_boot import BootConfig  # noqa: E402
@@ -55,7 +56,7 @@ from tests.fakes.node import node_image, tagged_pids  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 
 BUCKET = "geotrain-twin"
-PROFILE, NO_STORE = "geotrain-node", "geotrain-no-store"
+PROFILE = "geotrain-node"
 ACCOUNT = "geotrain-node@my-project.iam.gserviceaccount.com"
 ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-web"
 AZURE_ROLE_ARN = "arn:aws:iam::123456789012:role/geotrain-node-azure"
@@ -87,7 +88,7 @@ class Twin:
                   aws_secret_access_key="x")
         boto3.client("s3", **kw).create_bucket(Bucket=BUCKET)
         iam = boto3.client("iam", **kw)
-        for name in (PROFILE, NO_STORE):
+        for name in (PROFILE,):
             iam.create_role(RoleName=name, AssumeRolePolicyDocument=(
                 ROOT / "infra/aws/geotrain-node-trust.json").read_text())
             iam.create_instance_profile(InstanceProfileName=name)
@@ -101,6 +102,9 @@ class Twin:
             grant_store(iam, name, f"s3://{BUCKET}/runs")
         self.ec2 = boto3.client("ec2", **kw)
         self.ec2_proxy = FaultProxy(moto)
+        # The operator's machine holds only infra/aws/geotrain-user-policy.json: every AWS call
+        # it makes (EC2, IAM, STS, S3 and the nodes' downloads by its signed URLs) is judged.
+        self.ec2_proxy.enforce(user_policy(BUCKET))
         self.s3 = S3IdentityProxy(moto)
         image = node_image(work / "image")
         gce_net = {**NODE_NET, "AWS_ENDPOINT_URL_S3": self.s3.url, "AWS_DEFAULT_REGION": "us-east-1",
@@ -133,7 +137,7 @@ class Twin:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("AWS_", "GOOGLE_", "GCE_", "AZURE_", "GEOTRAIN_"))}
         self.env.update(GEOTRAIN_HOME=str(self.home), AWS_ENDPOINT_URL=self.ec2_proxy.url,
-                        AWS_ENDPOINT_URL_S3=moto, AWS_ACCESS_KEY_ID="AKIATWINOPERATOR0001",
+                        AWS_ENDPOINT_URL_S3=self.ec2_proxy.url, AWS_ACCESS_KEY_ID="AKIATWINOPERATOR0001",
                         AWS_SECRET_ACCESS_KEY="twin-operator-secret", AWS_DEFAULT_REGION="us-east-1",
                         AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
                         AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1,localhost",
@@ -297,11 +301,14 @@ def scenario(t: Twin) -> dict:
                                   for e in t.events(run) if e["at"] >= t_move - 1
                                   and e["source"] == "controller" and e["at"] <= moved["at"] + 1]
 
-    # 6. A node whose role may not use the store: reported, not a silent hang.
+    # 6. A node whose role may not use the store: reported, not a silent hang. Its role is
+    # the node role, which is granted the store's runs/ folder only; this run's store is
+    # another folder of the bucket (the operator may use the whole bucket, and may pass
+    # only the node role: infra/aws/geotrain-user-policy.json).
     small = {"name": "twin-no-access", "model": base["model"], "train": {**base["train"], "rounds": 2},
-             "store": base["store"], "sync": {"max_replacements": 0},
+             "store": {"url": f"s3://{BUCKET}/elsewhere"}, "sync": {"max_replacements": 0},
              "sites": [{"name": "solo", "provider": "aws", "region": "us-east-1",
-                        "instance_type": "g5.xlarge", "aws": {"instance_profile": NO_STORE}}]}
+                        "instance_type": "g5.xlarge", "aws": {"instance_profile": PROFILE}}]}
     known = set(t.booter.booted())
     run2 = json.loads(t.cli("launch", str(write(t.work / "no-access.yaml", small)), "--detach",
                             "--json").stdout)["run"]
@@ -319,6 +326,10 @@ def scenario(t: Twin) -> dict:
     wait("every node stopped", lambda: not any(tagged_pids(n.instance_id) for n in t.nodes()), 120)
     out["leftovers"] = {"instances": t.live_instances(),
                         "processes": sum(len(tagged_pids(n.instance_id)) for n in t.nodes())}
+    enforcer = t.ec2_proxy.enforcer
+    out["operator_policy"] = {"judged": len(enforcer.judged) if enforcer else 0,
+                              "refused": [f"{d['service']} {d['call']}: {d['why']}"
+                                          for d in t.ec2_proxy.denied()]}
     # Each node's own network (tests/fakes/netns.py): what crossed its link to the
     # store and metadata services.
     links = [(n.instance_id, n.link) for n in t.nodes() if n.link is not None]
@@ -347,7 +358,7 @@ def main() -> int:
         finally:
             twin.close()
     keys = ("run", "state", "rounds_done", "rounds_total", "sites", "preemption", "migration",
-            "no_identity", "no_access", "leftovers", "losses", "network")
+            "no_identity", "no_access", "leftovers", "operator_policy", "losses", "network")
     result = {k: result[k] for k in keys}
     result["measured"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                           "wall_s": round(time.time() - started, 1),
@@ -355,7 +366,8 @@ def main() -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    return 0 if result["state"] == "succeeded" and not any(result["leftovers"].values()) else 1
+    return 0 if result["state"] == "succeeded" and not any(result["leftovers"].values()) \
+        and not result["operator_policy"]["refused"] else 1
 
 
 if __name__ == "__main__":
