@@ -262,6 +262,9 @@ def test_down_orphans_terminates_runs_that_are_over_and_only_this_homes(tmp_path
 
         wait_for(lambda: any(procs.tags(p).get("GEOTRAIN_ROLE") == "agent"
                              for p in tagged_processes(run_id)), timeout=120, every=0.1)
+        # And the controller has recorded it: a node a dead controller never wrote down is
+        # an orphan even of a running run (seen in CI: killed between spawn and record).
+        wait_for(lambda: any(n["instance_id"] for n in db.nodes(run_id)), timeout=120, every=0.1)
         os.kill(db.run(run_id)["controller_pid"], signal.SIGKILL)
         assert [n.site for n in local.query_all() if n.run_id == run_id] == ["a"]
         monkeypatch.setenv("GEOTRAIN_HOME", str(tmp_path / "another-home"))
