@@ -235,10 +235,24 @@ def pid_alive(pid: int | None) -> bool:
 def controller_alive(run: dict) -> bool:
     """The run's recorded controller (state db `controller_pid`) still runs: that pid is
     alive *and* started when recorded (`controller_started`), so a recycled pid is never
-    taken for it. A pid recorded without a start time (a row from before it was
-    recorded) is checked by pid alone."""
+    taken for it. A pid recorded without a start time (a row from a release before it
+    was recorded) counts only while its command line is geotrain's (`_legacy_controller`)."""
     pid, started = run.get("controller_pid"), run.get("controller_started")
-    return procs.alive(pid) and (started is None or procs.start_time(pid) == started)
+    if started is None:
+        return procs.alive(pid) and _legacy_controller(pid, run.get("id", ""))
+    return procs.same(pid, started)
+
+
+def _legacy_controller(pid: int, run_id: str) -> bool:
+    """Whether PID could be a controller recorded without its start time: the detached
+    `python -m geotrain.controller RUN`, or a foreground `geotrain launch|resume` (whose
+    command line names a recipe or a run, not always this run's id). Anything else (an
+    editor, a shell that got the recycled pid) is not it."""
+    args = procs.cmdline(pid)
+    if "geotrain.controller" in args:
+        return run_id in args
+    return any(a == "geotrain" or a.endswith("/geotrain") for a in args) \
+        and any(a in ("launch", "resume") for a in args)
 
 
 def record_controller(db: StateDB, run_id: str, pid: int, **values) -> None:
@@ -307,11 +321,10 @@ def down(run_id: str, home: Path | None = None) -> dict:
     pid = run["controller_pid"]
     if run["state"] == "running" and controller_alive(run) and pid != os.getpid():
         # Only the recorded process: with its start time (through a pidfd, so a pid
-        # recycled meanwhile is never signalled); a row without one, by pid.
-        started = run.get("controller_started")
-        if started is None:
-            os.kill(pid, signal.SIGTERM)
-        else:
+        # recycled meanwhile is never signalled); a row without one, with the start time
+        # of the geotrain process `controller_alive` just found there.
+        started = run.get("controller_started") or procs.start_time(pid)
+        if started is not None:
             procs.signal_if_same(pid, started, signal.SIGTERM)
         # It finishes a provider call in flight, then tears its sites down itself.
         deadline = time.monotonic() + DOWN_WAIT_S

@@ -57,7 +57,7 @@ ADDED_COLUMNS = (
     ("sites", "member", "TEXT"),  # the site's name in the run store (differs after a migration)
     # The controller's start time (procs.start_time) next to controller_pid: a pid is trusted
     # (status), refused (resume) or signalled (down) only while both match. NULL in rows
-    # written before it was recorded: those are checked by pid alone.
+    # written before it was recorded: those are checked by command line (runs._legacy_controller).
     ("runs", "controller_started", "INTEGER"),
     # Why the site was last lost (preempted, its node failed to boot: ...) and when: what
     # `status` shows while its replacement starts.

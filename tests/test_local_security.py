@@ -146,6 +146,35 @@ def test_a_recycled_controller_pid_is_never_trusted_or_signalled(run_id, geotrai
         stop(proc)
 
 
+@pytest.mark.timeout(120)
+def test_a_controller_pid_recorded_without_a_start_time_counts_only_if_it_is_geotrains(run_id, geotrain_home):
+    """A row from a release that did not record start times: its pid is the controller
+    only while that process's command line is a geotrain controller of this run (or a
+    foreground `geotrain launch|resume`); any other process there is left alone."""
+    db = StateDB(geotrain_home)
+    other = sleeper()  # whatever got the dead controller's pid
+    legacy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                               "-m", "geotrain.controller", run_id], stdin=subprocess.DEVNULL)
+    try:
+        db.update_run(run_id, state="running", controller_pid=other.pid, controller_started=None)
+        assert not controller_alive(db.run(run_id)) and abandoned(db.run(run_id))
+        assert prepare_resume(run_id, geotrain_home) == run_id
+        assert down(run_id, geotrain_home)["state"] == "stopped"
+        time.sleep(0.5)
+        assert other.poll() is None  # never signalled
+
+        db.update_run(run_id, state="running", controller_pid=legacy.pid, controller_started=None)
+        assert controller_alive(db.run(run_id))
+        with pytest.raises(GeotrainError, match=f"still controlled by pid {legacy.pid}"):
+            prepare_resume(run_id, geotrain_home)
+        assert not controller_alive(dict(db.run(run_id), id="someotherrun"))  # another run's
+        assert down(run_id, geotrain_home)["state"] == "stopped"
+        assert legacy.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        stop(other)
+        stop(legacy)
+
+
 @pytest.mark.timeout(60)
 def test_an_old_state_db_gets_the_start_time_column_and_owner_only_modes(tmp_path: Path):
     home = tmp_path / "old-home"
