@@ -24,7 +24,7 @@ import time
 import pytest
 import yaml
 
-from tests.cloud_helpers import (BUCKET, OPEN, PROFILE, ROOT, SECRET_KEY, arm, aws_env,  # noqa: F401 - fixtures
+from tests.cloud_helpers import (BUCKET, OPEN, PROFILE, ROOT, SECRET_KEY, arm, aws_env, run_profiles,  # noqa: F401 - fixtures
                                  azure_env, cli, cli_json, enforce_operator_policy, events_from_db, gce, gcp_env,
                                  refused, small,
                                  tagged, user_data, wait_started, write_recipe)
@@ -74,7 +74,8 @@ def test_multicloud_recipe_launch_status_down(aws_env, moto_server, gce, arm, tm
     assert vm["properties"]["priority"] == "Spot"
     [vm_body] = arm.bodies("PUT", "Microsoft.Compute/virtualMachines")
     # Each node runs as the identity the recipe names, with no public address.
-    assert aws_call["IamInstanceProfile.Name"] == PROFILE
+    [made] = run_profiles(moto_server)  # aws.run_role: this run's site's own role, under /geotrain/
+    assert aws_call["IamInstanceProfile.Arn"] == made["Arn"] and made["Roles"][0]["RoleName"] != PROFILE
     assert aws_call["NetworkInterface.1.AssociatePublicIpAddress"] == "false"
     assert [a["email"] for a in gce_body["serviceAccounts"]] == [
         "geotrain-node@my-project.iam.gserviceaccount.com"]
@@ -106,6 +107,7 @@ def test_multicloud_recipe_launch_status_down(aws_env, moto_server, gce, arm, tm
     assert out["state"] == "stopped" and len(out["terminated"]) == 3  # by the controller's teardown
     assert inst["InstanceId"] in out["terminated"] and name in out["terminated"]
     assert tagged(moto_server, run_id) == {"instances": {}, "groups": {}}
+    assert run_profiles(moto_server) == []  # the site's role went with its node
     assert not gce.instances and not gce.firewalls
     assert [r for r in arm.resources() if (r.get("tags") or {}).get("geotrain-run") == run_id
             or run_id in r.get("name", "")] == []
