@@ -283,6 +283,23 @@ def test_optimizer_and_topk_settings(section, field, value, message):
     assert str(e) == f"r.yaml:3: {section}.{field}: {message}"
 
 
+def test_topk_takes_sparseloco_outer_defaults_unless_the_recipe_sets_them():
+    """With compression 'topk' the outer step defaults to plain SGD at lr 2 with the error
+    feedback (decay 0.95) as its momentum (TOPK_DEFAULTS); a value the recipe sets wins,
+    and the other codecs keep the published DiLoCo defaults."""
+    outer = lambda r: (r.sync.outer_lr, r.sync.outer_momentum, r.sync.error_decay)  # noqa: E731
+    assert outer(loads(f"{TOP}sync: {{compression: topk}}\n" + SITES)) == (2.0, 0.0, 0.95)
+    assert outer(loads(f"{TOP}sync: {{compression: topk, outer_lr: 1, outer_momentum: 0.5, "
+                       f"error_decay: 1}}\n" + SITES)) == (1.0, 0.5, 1.0)
+    assert outer(loads(f"{TOP}sync: {{compression: topk, outer_momentum: 0.9}}\n" + SITES)) \
+        == (2.0, 0.9, 0.95)
+    for codec in ("none", "int8", "int4"):
+        assert outer(loads(f"{TOP}sync: {{compression: {codec}}}\n" + SITES)) == (0.7, 0.9, 1.0)
+    assert outer(loads(TOP + SITES)) == (0.7, 0.9, 1.0)
+    e = error(f"{TOP}sync:\n  compression: topk\n  outer_momentum: 1\n" + SITES)
+    assert e.field == "sync.outer_momentum"  # a set value is still validated
+
+
 def test_first_error_in_file_order_is_reported():
     e = error(TOP + "train:\n  rounds: 0\n  inner_steps: 0\nsync:\n  outer_lr: 0\n" + SITES)
     assert (e.line, e.field) == (3, "train.rounds")

@@ -186,12 +186,21 @@ class TrainSpec(_Spec):
         return self
 
 
+# Top-k as SparseLoCo: plain outer SGD, with the error feedback (decay 0.95) as the
+# momentum. Nesterov 0.7 / 0.9 on top of error feedback was far worse wherever measured
+# (docs/benchmarks.md "Tuned": top-k 1 % +68.5 % vs +51.7 % behind DDP at 20 rounds;
+# top-k 3 % +29.8 % vs +11.2 % at 8). Outer lr 2 beat 1 at 8 rounds (+11.2 % vs
+# +16.5 %) and 1 and 3 at 150 rounds with Muon inside (+1.45 % vs +5.71 % and +2.10 %,
+# "Long"); at 20 rounds, top-k 3 %, 3 beat 2 (+35.5 % vs +38.2 %).
+TOPK_DEFAULTS = {"outer_lr": 2.0, "outer_momentum": 0.0, "error_decay": 0.95}
+
+
 class SyncSpec(_Spec):
     """How sites merge what they learned at the end of each round."""
 
     algorithm: Literal["diloco"] = Field("diloco", description="Cross-site algorithm.")
     outer_lr: float = Field(0.7, gt=0, description="Outer optimizer learning rate (the peak, "
-                            "with a schedule).")
+                            "with a schedule). Default 0.7; 2 with compression 'topk' (TOPK_DEFAULTS).")
     outer_lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="Outer lr over the rounds: 'constant' (outer_lr every round), or "
         "'cosine' from outer_lr down to outer_lr * outer_lr_min_ratio at round train.rounds "
@@ -200,7 +209,9 @@ class SyncSpec(_Spec):
                                       "share of outer_lr, in [0, 1].")
     outer_lr_warmup: int = Field(0, ge=0, description="Rounds of linear warmup of the outer lr, "
                                  "from outer_lr / outer_lr_warmup in round 1 up to outer_lr.")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum, in [0, 1).")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum, in [0, 1). "
+                                  "Default 0.9; 0 with compression 'topk', whose error feedback "
+                                  "is the momentum (TOPK_DEFAULTS).")
     nesterov: bool = Field(True, description="Use Nesterov momentum in the outer optimizer.")
     compression: Literal["none", "int8", "int4", "topk"] = Field(
         "none", description="Codec for pseudo-gradients: 'none' (fp32), 'int8' / 'int4' (blockwise "
@@ -219,7 +230,9 @@ class SyncSpec(_Spec):
         "least-squares toy only).")
     error_decay: float = Field(1.0, ge=0, le=1, description="How much of what 'topk' left unsent "
                                "is carried into the next round (error feedback, β in SparseLoCo). "
-                               "With outer_momentum 0 the carried residual acts as the momentum.")
+                               "With outer_momentum 0 the carried residual acts as the momentum. "
+                               "Default 0.95 with compression 'topk' (TOPK_DEFAULTS); unused "
+                               "by the other codecs.")
     overlap: bool = Field(False, description="Train the next round while this round's exchange "
                           "runs; its merge is applied one round late, keeping local progress. "
                           "Hides slow links; at small scale it costs some loss (see docs/benchmarks.md).")
@@ -243,6 +256,16 @@ class SyncSpec(_Spec):
         "is not waited for, and is declared lost. Default: 4 s for a site on this machine "
         "(provider local), 30 s for a cloud site, whose beats cross the internet to the store "
         "and may wait on a credential refresh.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _topk_defaults(cls, data: object) -> object:
+        """With compression 'topk', the outer settings a recipe leaves out are
+        TOPK_DEFAULTS, not the dense DiLoCo ones (docs/design.md, "Choosing the sync
+        settings"); what it sets is kept."""
+        if isinstance(data, dict) and data.get("compression") == "topk":
+            return {**TOPK_DEFAULTS, **data}
+        return data
 
     def liveness_for(self, provider: str) -> float:
         """The liveness limit of a site placed on `provider`: liveness_timeout_s, or its
