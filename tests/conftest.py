@@ -101,3 +101,17 @@ def moto_server():
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+HEAVY_MODULES = ("test_boot_", "test_cloud_")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heavy tests (marked `slow`: real local sites, Ray clusters; and every test that
+    boots or launches on the stand-in clouds) share one xdist group, so that under
+    `-n 2 --dist loadgroup` (pyproject.toml) they run one at a time on one worker while
+    the other runs the light tests beside them: never two clusters of sites at once on
+    a 2-core machine. Without xdist the mark does nothing."""
+    for item in items:
+        if item.get_closest_marker("slow") or item.module.__name__.rpartition(".")[2].startswith(HEAVY_MODULES):
+            item.add_marker(pytest.mark.xdist_group("heavy"))
