@@ -180,8 +180,9 @@ def run_arm(spec: dict, work: Path) -> dict:
         prepare_store(url, spec, {})
     results, proc_wall = run_sites(spec, work)
     first = results[0]
+    payload = sum(r["bytes_sent"] + r["bytes_received"] for r in results) / len(results)
     arm = {"name": spec["name"], "sites": spec["sites"],
-           "bytes_per_site": sum(r["bytes_sent"] + r["bytes_received"] for r in results) / len(results),
+           "bytes_per_site": payload, "payload_bytes_per_site": payload,
            "bytes_sent_per_site": sum(r["bytes_sent"] for r in results) / len(results),
            "eval_loss": first["eval_loss"], "tokens": first["tokens"],
            "wall_s": max(r["wall_s"] for r in results), "process_wall_s": proc_wall,
@@ -195,7 +196,25 @@ def run_arm(spec: dict, work: Path) -> dict:
         # Not in DiLoCo.bytes_sent: the global state (model + outer momentum, fp32)
         # that the round's decider commits to the store every round.
         arm["commit_bytes_per_site"] = commit_bytes(work / "stores" / spec["name"]) / spec["sites"]
+        arm["bytes_per_site"] = payload + arm["commit_bytes_per_site"]
     return arm
+
+
+SCHEMA = 2  # 2: bytes_per_site counts the global-state commits (1: payloads only)
+
+
+def upgrade(doc: dict) -> dict:
+    """A result written before SCHEMA 2 (bytes_per_site = payloads only, the commits in
+    commit_bytes_per_site beside it), in SCHEMA 2's terms: the same run's own figures,
+    added up; nothing measured again. Ratios are recomputed."""
+    if doc.get("schema", 1) >= SCHEMA:
+        return doc
+    for a in doc["arms"]:
+        a.setdefault("payload_bytes_per_site", a["bytes_per_site"])
+        a["bytes_per_site"] = a["payload_bytes_per_site"] + a.get("commit_bytes_per_site", 0)
+    if any(a["name"] == "ddp" for a in doc["arms"]):
+        add_ratios(doc["arms"])
+    return dict(doc, schema=SCHEMA)
 
 
 def commit_bytes(store_dir: Path) -> int:
@@ -207,7 +226,10 @@ def commit_bytes(store_dir: Path) -> int:
 def add_ratios(arms: list[dict]) -> None:
     ddp = next(a for a in arms if a["name"] == "ddp")
     for a in arms:
+        # With the commits (bytes_per_site) and without (payloads up and down only).
         a["bytes_ratio_vs_ddp"] = ddp["bytes_per_site"] / max(a["bytes_per_site"], 1)
+        a["payload_ratio_vs_ddp"] = (ddp.get("payload_bytes_per_site", ddp["bytes_per_site"])
+                                     / max(a.get("payload_bytes_per_site", a["bytes_per_site"]), 1))
         a["sent_ratio_vs_ddp"] = ddp["bytes_sent_per_site"] / max(a["bytes_sent_per_site"], 1)
         a["loss_gap_vs_ddp"] = a["eval_loss"] / ddp["eval_loss"] - 1
 
@@ -309,7 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torchft-python", help="a Python with torchft==0.2.0 installed")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/out/sync.json")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--upgrade", type=Path, nargs="+", metavar="JSON",
+                    help="rewrite earlier results in place in the current schema (upgrade()) and exit")
     a = ap.parse_args(argv)
+    if a.upgrade:
+        for path in a.upgrade:
+            path.write_text(json.dumps(upgrade(json.loads(path.read_text())), indent=2))
+            print(f"upgraded {path}")
+        return {}
     preset = a.preset or ("quick" if a.quick else "full")
     setup = dict(PRESETS[preset], topk_fraction=a.topk_fraction, value_bits=a.value_bits)
     if a.steps:
@@ -323,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         arms = []
         for spec in arm_specs(setup, a.sites, codecs, hs, a.ddp_optimizer):
             if a.ddp_from and spec["kind"] == "ddp":  # a sweep against an earlier run's DDP
-                arms.append(next(x for x in json.loads(a.ddp_from.read_text())["arms"]
+                arms.append(next(x for x in upgrade(json.loads(a.ddp_from.read_text()))["arms"]
                                  if x["name"] == "ddp"))
                 continue
             arms.append(run_arm(spec, work))
@@ -346,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"torchft: {torchft['status']}: {torchft['why']}")
     print_arms(arms)
-    results = {"preset": preset, "setup": dict(COMMON, **setup), "arms": arms,
+    results = {"schema": SCHEMA, "preset": preset, "setup": dict(COMMON, **setup), "arms": arms,
                "utilization": util, "utilization_skipped": util_skipped,
                "utilization_reference": util_ref,
                "utilization_setup": {"sites": 3, "codec": a.util_codec, "H": util_h,

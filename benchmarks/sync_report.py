@@ -8,12 +8,13 @@ from pathlib import Path
 
 def print_arms(arms: list[dict]) -> None:
     print(f"{'arm':<22} {'eval loss':>9} {'vs ddp':>8} {'bytes/site':>14} {'ddp ÷ arm':>10} "
-          f"{'(sent only)':>11} {'wall s':>7} {'+commits B/site':>16}")
+          f"{'(payload)':>10} {'(sent only)':>11} {'wall s':>7} {'of it commits':>14}")
     for a in arms:
         print(f"{a['name']:<22} {a['eval_loss']:>9.4f} {a['loss_gap_vs_ddp']:>+8.2%} "
               f"{a['bytes_per_site']:>14,.0f} {a['bytes_ratio_vs_ddp']:>10,.1f} "
+              f"{a.get('payload_ratio_vs_ddp', a['bytes_ratio_vs_ddp']):>10,.1f} "
               f"{a['sent_ratio_vs_ddp']:>11,.1f} {a['wall_s']:>7.0f} "
-              f"{a.get('commit_bytes_per_site', 0):>16,.0f}", flush=True)
+              f"{a.get('commit_bytes_per_site', 0):>14,.0f}", flush=True)
 
 
 def print_util(row: dict) -> None:

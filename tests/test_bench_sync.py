@@ -44,9 +44,15 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
     # ring all-reduce, 2 ranks: each sends and receives 2(N-1)/N * 4 B * params per step
     assert ddp["bytes_per_site"] == 20 * 2 * int(2 * 1 / 2 * 4 * params)
     # 4 rounds; each site uploads its fp32 delta and downloads the other's
-    assert 8 * 4 * params < none["bytes_per_site"] < 8 * 4 * params * 1.1
-    assert 0.2 < int8["bytes_per_site"] / none["bytes_per_site"] < 0.35
+    assert 8 * 4 * params < none["payload_bytes_per_site"] < 8 * 4 * params * 1.1
+    assert 0.2 < int8["payload_bytes_per_site"] / none["payload_bytes_per_site"] < 0.35
+    # bytes_per_site counts the global-state commits too (issue 13: bytes counted honestly)
+    for arm in (none, int8):
+        assert arm["bytes_per_site"] == arm["payload_bytes_per_site"] + arm["commit_bytes_per_site"]
+    assert ddp["bytes_per_site"] == ddp["payload_bytes_per_site"] and results["schema"] == 2
     assert none["bytes_ratio_vs_ddp"] == pytest.approx(ddp["bytes_per_site"] / none["bytes_per_site"])
+    assert none["payload_ratio_vs_ddp"] == pytest.approx(ddp["bytes_per_site"]
+                                                         / none["payload_bytes_per_site"])
     assert none["bit_identical_sites"] and int8["bit_identical_sites"]
     assert ddp["loss_gap_vs_ddp"] == 0
     # Global commits: `none` (momentum 0.9) writes model + momentum every round (4 x 8 B/param);
@@ -54,6 +60,22 @@ def test_tiny_run_writes_the_documented_json(tmp_path):
     assert 32 * params / 2 < none["commit_bytes_per_site"] < 32 * params / 2 * 1.05
     assert 8 * params / 2 < int8["commit_bytes_per_site"] < 8 * params / 2 * 1.05
     assert results["torchft"]["status"] == "skipped"
+
+
+def test_an_earlier_result_is_upgraded_to_count_commits_in_bytes_per_site():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.sync import upgrade
+
+    old = {"arms": [{"name": "ddp", "bytes_per_site": 1000.0, "bytes_sent_per_site": 500.0,
+                     "eval_loss": 1.0},
+                    {"name": "diloco-x", "bytes_per_site": 10.0, "bytes_sent_per_site": 4.0,
+                     "commit_bytes_per_site": 2.5, "eval_loss": 1.1, "bytes_ratio_vs_ddp": 100.0}]}
+    new = upgrade(json.loads(json.dumps(old)))
+    ddp, arm = new["arms"]
+    assert new["schema"] == 2 and ddp["bytes_per_site"] == 1000.0
+    assert (arm["payload_bytes_per_site"], arm["bytes_per_site"]) == (10.0, 12.5)
+    assert arm["bytes_ratio_vs_ddp"] == 80.0 and arm["payload_ratio_vs_ddp"] == 100.0
+    assert upgrade(new) == new  # once only
 
 
 def test_arm_settings_parse_and_bad_ones_say_what_is_valid():
