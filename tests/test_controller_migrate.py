@@ -19,6 +19,7 @@ import geotrain.migrate as migrate_mod
 from geotrain.controller import Controller
 from geotrain.errors import StoreError
 from geotrain.migrate import DRAIN_TIMEOUT_S, JOIN_TIMEOUT_S, request_site_migration, request_store_migration
+from geotrain.runs import record_controller
 from tests.controller_fakes import (Faked, cli, cloud, ctl, launched, live_pid,  # noqa: F401 - fixtures
                                     one_line_error, run_id)
 from tests.helpers import as_member, geotrain_home  # noqa: F401
@@ -138,7 +139,7 @@ def test_a_failed_store_copy_leaves_the_run_on_its_store(launched: Faked, tmp_pa
 
 
 def test_migrate_refuses_a_malformed_target_or_store_url(run_id, geotrain_home, live_pid):
-    Controller(run_id, geotrain_home).db.update_run(run_id, state="running", controller_pid=live_pid)
+    record_controller(Controller(run_id, geotrain_home).db, run_id, live_pid, state="running")
     line = one_line_error(cli("migrate", run_id, "--site", "a", "--to", "mars:olympus"))
     assert "--to 'mars:olympus': expected PROVIDER[:REGION[:INSTANCE]]" in line
     line = one_line_error(cli("migrate", run_id, "--store", "ftp://somewhere/runs"))

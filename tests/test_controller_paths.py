@@ -22,7 +22,7 @@ import pytest
 
 from geotrain.controller import DRAIN_WAIT_S, Controller
 from geotrain.errors import GeotrainError, RunNotFound
-from geotrain.runs import prepare_resume
+from geotrain.runs import prepare_resume, record_controller
 from providers import Node
 from tests.controller_fakes import (Cloud, Faked, cli, cloud, ctl, launched, live_pid,  # noqa: F401 - fixtures
                                     one_line_error, run_id)
@@ -235,7 +235,7 @@ def test_resume_refuses_an_unknown_a_succeeded_and_a_controlled_run(run_id, geot
         prepare_resume("nope", geotrain_home)
     assert "no run 'nope'" in one_line_error(cli("resume", "nope"))
 
-    db.update_run(run_id, state="running", controller_pid=live_pid)
+    record_controller(db, run_id, live_pid, state="running")  # its pid and start time
     with pytest.raises(GeotrainError, match=f"still controlled by pid {live_pid}"):
         prepare_resume(run_id, geotrain_home)
     assert f"run {run_id} is still controlled by pid {live_pid}" in one_line_error(cli("resume", run_id))
