@@ -184,12 +184,15 @@ def regions(moto: str) -> list[str]:
     return sorted(r["RegionName"] for r in ec2(moto, "us-east-1").describe_regions()["Regions"])
 
 
+def iam(moto: str):
+    return boto3.client("iam", endpoint_url=moto, region_name="us-east-1",
+                        aws_access_key_id="x", aws_secret_access_key="x")
+
+
 def run_profiles(moto: str) -> list[dict]:
     """The instance profiles launch made for sites with `aws.run_role` (path /geotrain/;
     moto ignores list_instance_profiles' PathPrefix, so filtered here)."""
-    iam = boto3.client("iam", endpoint_url=moto, region_name="us-east-1",
-                       aws_access_key_id="x", aws_secret_access_key="x")
-    return [p for p in iam.list_instance_profiles()["InstanceProfiles"] if p["Path"] == "/geotrain/"]
+    return [p for p in iam(moto).list_instance_profiles()["InstanceProfiles"] if p["Path"] == "/geotrain/"]
 
 
 def tagged(moto: str, run_id: str, where: list[str] | None = None) -> dict[str, list[dict]]:

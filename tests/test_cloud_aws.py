@@ -21,11 +21,10 @@ import signal
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
-from tests.cloud_helpers import (BUCKET, OPEN, PROFILE, ROOT, aws_env, cli, cli_json, run_profiles,  # noqa: F401 - aws_env is a fixture
+from tests.cloud_helpers import (BUCKET, OPEN, PROFILE, ROOT, aws_env, cli, cli_json, iam, run_profiles,  # noqa: F401 - aws_env is a fixture
                                  ec2, enforce_operator_policy, events_from_db, refused, small, tagged,
                                  user_data, wait_started, write_recipe)
 from tests.fakes.aws_faults import FaultProxy
@@ -62,14 +61,13 @@ def test_aws_recipe_launch_status_down(aws_env, moto_server):
     assert len(runs) == 2 and all(r["InstanceMarketOptions.MarketType"] == "spot" for r in runs)
     # The recipe's node identity (run_role: a role and profile of each site's own, under
     # /geotrain/, for this run only), and no public address on any node.
-    iam = boto3.client("iam", endpoint_url=moto_server, region_name="us-east-1",
-                       aws_access_key_id="x", aws_secret_access_key="x")
+    roles = iam(moto_server)
     made = run_profiles(moto_server)
     assert sorted(r["IamInstanceProfile.Arn"] for r in runs) == sorted(p["Arn"] for p in made)
     assert len(made) == 2 and all(p["Roles"][0]["RoleName"] != PROFILE for p in made)
     for prof in made:
         role = prof["Roles"][0]["RoleName"]
-        tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName=role)["Tags"]}
+        tags = {t["Key"]: t["Value"] for t in roles.list_role_tags(RoleName=role)["Tags"]}
         assert tags["geotrain-run"] == run_id and tags["geotrain-site"] in ("east", "west"), tags
     assert all(r["NetworkInterface.1.AssociatePublicIpAddress"] == "false" for r in runs)
     for call in runs:  # what each node boots with: the run, its site, the aws watcher
@@ -106,7 +104,7 @@ def test_aws_recipe_launch_status_down(aws_env, moto_server):
         assert i in down.stdout
     after = tagged(moto_server, run_id)  # every region
     assert after == {"instances": {}, "groups": {}}, after
-    assert iam.list_roles(PathPrefix="/geotrain/")["Roles"] == []  # the run's roles went with it
+    assert roles.list_roles(PathPrefix="/geotrain/")["Roles"] == []  # the run's roles went with it
     assert run_profiles(moto_server) == []
     final = cli_json(env, "status", run_id)
     assert final["state"] == "stopped" and final["controller_pid"] is None
