@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.emulators import azurite, backend_url, gcs_emulator, missing, stop, store_urls  # noqa: F401 - fixtures
+from tests.emulators import azurite, backend_url, gcs_emulator, missing, server_env, stop, store_urls  # noqa: F401 - fixtures
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 
@@ -73,7 +73,7 @@ def moto_s3():
         mp.setenv("NO_PROXY", "127.0.0.1,localhost")
         proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ))
+                                env=server_env())
         try:
             wait_for_port(port, proc)
             bucket = f"geotrain-test-{uuid.uuid4().hex[:8]}"
@@ -93,7 +93,7 @@ def moto_server():
     Tests reset it with `POST <url>/moto-api/reset`."""
     require_moto()
     port = free_port()
-    env = dict(os.environ, MOTO_AMIS_PATH=str(AWS_AMIS), NO_PROXY="127.0.0.1,localhost")
+    env = server_env(MOTO_AMIS_PATH=str(AWS_AMIS), NO_PROXY="127.0.0.1,localhost")
     proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:

@@ -66,6 +66,16 @@ def wait_for_port(name: str, port: int, proc: subprocess.Popen, timeout_s: float
     raise RuntimeError(f"{name} did not answer on port {port} within {timeout_s} s")
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment of a session-long server (an emulator, moto): this process's, less
+    every GEOTRAIN_* variable. A session fixture starts its server while some test runs,
+    and that test's GEOTRAIN_HOME (or a run's tags) in the server's environment would make
+    the server one of that test's processes: the `geotrain_home` teardown kills what
+    runs under its home, and a server killed there fails every later test that uses it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GEOTRAIN_")}
+    return dict(env, **extra)
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -95,7 +105,8 @@ def start_gcs(preconditions: bool = True):
     args = ["start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"]
     cmd = [sys.executable, "-m", "tests.gcs_emulator", *args] if preconditions else [str(exe), *args]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=server_env())
     try:
         wait_for_port("gcp-storage-emulator", port, proc)
         import gcsfs
@@ -131,7 +142,7 @@ def start_azurite():
     t0 = time.monotonic()
     proc = subprocess.Popen([exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", data,
                              "--skipApiVersionCheck", "--loose", "--disableTelemetry"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env())
     try:
         wait_for_port("azurite-blob", port, proc)
         from azure.storage.blob import BlobServiceClient

@@ -11,6 +11,7 @@ ever takes them for committed state.
 """
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -302,3 +303,16 @@ def test_plain_path_is_a_local_store(tmp_path):
     assert s.local
     s.put_json("x.json", [1])
     assert json.loads((tmp_path / "plain" / "x.json").read_bytes()) == [1]
+
+
+def test_session_servers_start_without_the_running_tests_geotrain_variables(monkeypatch):
+    """An emulator started lazily inside a test (store_urls) must not carry that test's
+    GEOTRAIN_HOME, or the geotrain_home teardown kills it as one of the test's processes
+    and every later test of the session that uses it fails (seen under xdist)."""
+    from tests.emulators import server_env
+
+    monkeypatch.setenv("GEOTRAIN_HOME", "/tmp/some-test-home")
+    monkeypatch.setenv("GEOTRAIN_RUN", "r1")
+    env = server_env(EXTRA="1")
+    assert not [k for k in env if k.startswith("GEOTRAIN_")] and env["EXTRA"] == "1"
+    assert env["PATH"] == os.environ["PATH"]
