@@ -146,6 +146,74 @@ def test_split_params_of_the_gpt():
         Muon([{"params": [model.ln_f.weight], "kind": "sgd"}])
 
 
+def _no_host_reads(monkeypatch):
+    def refuse(*_a, **_k):
+        raise AssertionError("a host read of a tensor inside scaler.step")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("clip", [False, True])
+def test_fused_muon_takes_the_scalers_scale_and_overflow_on_the_device(monkeypatch, clip):
+    """`fused` (the default where every parameter is on CUDA; forced here, the CPU has
+    a fused AdamW too): under an fp16 GradScaler the steps are the unscaled ones, an
+    overflowing step changes no parameter and no state, and `scaler.step` reads
+    nothing on the host (with `clip` the scaler has unscaled the gradients first)."""
+    x, y, model = _regression_mlp()
+    ref_model = copy.deepcopy(model)
+    make = lambda m, fused: configure_muon(m, muon_lr=0.02, adamw_lr=3e-3,  # noqa: E731
+                                           weight_decay=0.1, betas=(0.9, 0.95),
+                                           adamw_params=[m[4].weight], fused=fused)
+    opt, ref = make(model, True), make(ref_model, False)
+    assert opt._step_supports_amp_scaling and not ref._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+
+    def scaled_step(poison: bool = False) -> None:
+        loss = nn.functional.mse_loss(model(x), y) * (math.inf if poison else 1.0)
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(opt)
+        with monkeypatch.context() as m:
+            _no_host_reads(m)
+            scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    for _ in range(4):
+        scaled_step()
+        nn.functional.mse_loss(ref_model(x), y).backward()
+        ref.step()
+        ref.zero_grad()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    scale = scaler.get_scale()
+    scaled_step(poison=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[i][k], state[i][k]) for i in state for k in state[i])
+    assert scaler.get_scale() == scale / 2  # the scaler saw the overflow
+    scaled_step()
+    assert not torch.equal(next(model.parameters()), params[0])  # and the next one steps
+
+
+@pytest.mark.timeout(30)
+def test_unfused_muon_under_a_scaler_is_read_on_the_host(monkeypatch):
+    """The check above can fail: without `fused`, GradScaler reads the overflow flag
+    on the host before it calls the step (what the CPU default still does)."""
+    x, y, model = _regression_mlp()
+    opt = configure_muon(model, muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.1,
+                         betas=(0.9, 0.95), adamw_params=[model[4].weight])
+    assert not opt.fused  # CPU parameters
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    _no_host_reads(monkeypatch)
+    with pytest.raises(AssertionError, match="host read"):
+        scaler.step(opt)
+
+
 @pytest.mark.timeout(30)
 def test_state_dict_round_trip():
     x, y, model = _regression_mlp()

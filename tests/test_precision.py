@@ -1,9 +1,10 @@
 """Precision, devices and the no-sync hot path of the built-in trainer
 (geotrain/train/precision.py, geotrain/train/trainer.py `inner_step`, `Meter`).
 
-Everything runs on the CPU: bf16 and fp16 through CPU autocast, so the paths a
-GPU takes are exercised here; what only CUDA does (pinned copies, fused AdamW,
-TF32, a side stream) is checked on a GPU machine, not by this file.
+Everything but the last test runs on the CPU: bf16 and fp16 through CPU
+autocast, so the paths a GPU takes are exercised here; what only CUDA does
+(pinned copies, fused AdamW, TF32, a side stream) is checked on a GPU machine.
+The last test runs there only: the trainer's step under CUDA's sync debug mode.
 """
 
 from __future__ import annotations
@@ -262,3 +263,28 @@ def test_ranks_agree_on_a_drain_at_the_same_step_without_asking_every_step(tmp_p
     (_, step0, asked0), (_, step1, asked1) = results
     assert step0 == step1 and asked0 == 3 and asked1 == 0
     assert step0 > 3  # the questions were spaced by the steps rank 0 counts in a second
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason=f"needs CUDA: torch {torch.__version__} sees no CUDA device here")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_on_cuda_the_inner_step_never_waits_for_the_device(optimizer, precision):
+    """The trainer's step on CUDA (autocast, the scaler, clipping, fused AdamW or
+    Muon taking the scaler's flags) under `torch.cuda.set_sync_debug_mode("error")`,
+    which raises at any operation that makes the host wait for the GPU."""
+    device = P.prepare_device("cuda:0")
+    model = _tiny().to(device)
+    train = loads("name: x\ntrain: {optimizer: %s}\n" % optimizer + SITES).train
+    opt = M.build_optimizer(model, train)
+    scaler = P.grad_scaler(precision, device)
+    batches = [tuple(t.to(device) for t in _batch(s)) for s in range(4)]
+    trainer.inner_step(model, model, opt, scaler, precision, *batches[0], 1.0)  # first-use setup
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.inner_step(model, model, opt, scaler, precision, *batches[s % 4], 1.0)
+                  for s in range(1, 6)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(loss.item()) for loss in losses)
