@@ -2,7 +2,7 @@
 the share of a DiLoCo round spent outside inner steps, per preset and precision.
 
     python benchmarks/train.py --out PATH [--presets tiny,small] [--precisions fp32,bf16]
-                               [--steps 20] [--rounds 3] [--inner-steps 10]
+                               [--steps 20] [--rounds 3] [--inner-steps 10] [--compile]
 
 It runs on the device present: CUDA when there is one (every preset that fits,
 bf16/fp16/fp32), else the CPU (`tiny` and `small`, a few minutes). Each row
@@ -27,8 +27,11 @@ so what it measures is what a site runs:
   spent in inner steps (copying the model out, computing and encoding the
   pseudo-gradient, the store, the outer step, loading the result).
 
-Writes JSON (`{"device", "device_name", "date", "torch", "baseline", "rows": [...]}`)
-and prints a table.
+With `--compile` each row's forward runs through `torch.compile` (as
+`train.compile: true` in a recipe); compiling happens in the untimed warm-up.
+
+Writes JSON (`{"device", "device_name", "date", "torch", "baseline", "rows": [...]}`),
+again after every row (what a run cut short measured is kept), and prints a table.
 """
 
 from __future__ import annotations
@@ -125,9 +128,10 @@ def bench_row(preset: str, precision: str, device: torch.device, args, peak_meas
     model = build(cfg, seed=0).to(device)
     opt = build_optimizer(model, spec)
     scaler = P.grad_scaler(precision, device)
+    forward = torch.compile(model) if args.compile else model
 
     def step(x, y) -> torch.Tensor:
-        return inner_step(model, model, opt, scaler, precision, x, y, spec.grad_clip)
+        return inner_step(model, forward, opt, scaler, precision, x, y, spec.grad_clip)
 
     gen = torch.Generator().manual_seed(0)
     batches = [_batches(gen, spec.batch_size, spec.seq_len, device) for _ in range(4)]
@@ -145,7 +149,7 @@ def bench_row(preset: str, precision: str, device: torch.device, args, peak_meas
     fpt = flops_per_token(model, cfg, spec.seq_len)
     peak, peak_source = device_peak(device, precision, peak_measured)
     outside = round_outside_share(model, opt, step, batches, args)
-    return {"preset": preset, "precision": precision,
+    return {"preset": preset, "precision": precision, "compile": args.compile,
             "params": sum(p.numel() for p in model.parameters()),
             "batch_size": spec.batch_size, "seq_len": spec.seq_len, "steps": args.steps,
             "tokens_per_s": tokens_per_s, "flops_per_token": fpt,
@@ -185,7 +189,7 @@ def _row_in_subprocess(preset: str, precision: str, args) -> dict:
            f"{preset}:{precision}:{args.baseline!r}", "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--rounds", str(args.rounds),
            "--inner-steps", str(args.inner_steps), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len)]
+           "--seq-len", str(args.seq_len)] + (["--compile"] if args.compile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -205,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner-steps", type=int, default=10, help="inner steps per round there")
     ap.add_argument("--batch-size", type=int, default=None, help="default 16 on a GPU, 8 on the CPU")
     ap.add_argument("--seq-len", type=int, default=None, help="default 1024 on a GPU, 128 on the CPU")
+    ap.add_argument("--compile", action="store_true", help="run each row's forward through "
+                                                           "torch.compile (warm-up untimed)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # PRESET:PRECISION:BASELINE, in a child
     args = ap.parse_args(argv)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -226,22 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     baseline = args.baseline = measure_matmul_tflops(device, torch.float32, 4096 if gpu else 1024)
     print(f"device: {name}; baseline fp32 matmul {baseline:.3f} TFLOP/s", flush=True)
-    rows = []
+    out = {"device": device.type, "device_name": name,
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
+           "baseline": {"fp32_matmul_tflops": baseline}, "rows": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for preset in presets:
         for precision in precisions:
             row = _row_in_subprocess(preset, precision, args)
-            rows.append(row)
+            out["rows"].append(row)
+            Path(args.out).write_text(json.dumps(out, indent=2))  # each row kept as it comes
             if "skipped" in row:
                 print(f"{preset:>6} {precision:>4}  skipped: {row['skipped']}", flush=True)
                 continue
             print(f"{preset:>6} {precision:>4}  {row['tokens_per_s']:>12,.0f} tok/s  "
                   f"MFU {row['mfu']:6.1%}  peak mem {row['peak_memory_bytes'] / 2**20:8.1f} MiB  "
                   f"outside {row['outside_share']:5.1%}", flush=True)
-    out = {"device": device.type, "device_name": name,
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
-           "baseline": {"fp32_matmul_tflops": baseline}, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
     return 0

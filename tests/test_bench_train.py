@@ -42,3 +42,21 @@ def test_cpu_rows_write_the_documented_json(tmp_path):
         assert math.isfinite(r["loss"]) and 4.0 < r["loss"] < math.log(256) + 0.5
     # Same model, data and steps: bf16 autocast moves the loss only a little.
     assert rows["bf16"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=0.02)
+
+
+def test_compiled_rows_say_so_and_train_the_same_model(tmp_path):
+    """`--compile` runs the forward through torch.compile (inductor on this CPU); the
+    row says so and its loss is that of the same steps without it."""
+    out = tmp_path / "train.json"
+    args = ["--presets", "tiny", "--precisions", "fp32", "--steps", "2", "--warmup", "1",
+            "--rounds", "1", "--inner-steps", "2"]
+    rows = {}
+    for compiled in (False, True):
+        p = subprocess.run([sys.executable, str(ROOT / "benchmarks/train.py"), "--out", str(out),
+                            *args, *(["--compile"] if compiled else [])],
+                           capture_output=True, text=True, timeout=280)
+        assert p.returncode == 0, p.stderr[-3000:]
+        [row] = json.loads(out.read_text())["rows"]
+        assert row["compile"] is compiled and "skipped" not in row
+        rows[compiled] = row
+    assert rows[True]["loss"] == pytest.approx(rows[False]["loss"], rel=1e-3)

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 import pytest
+import torch
 
 from geotrain import catalog
 from geotrain.placement import launch_site
@@ -110,6 +111,8 @@ def test_launch_refuses_before_asking_the_provider(geotrain_home):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="declares GPUs that CPU torch cannot use: "
+                    "tests/test_gpu.py is this test where CUDA is present")
 def test_declared_gpus_one_per_worker_and_cpu_torch_forms_a_gloo_group(monkeypatch):
     import ray
 
