@@ -9,8 +9,8 @@ the repository included. This script, run on a machine with an index:
 1. walks the requirements of `ROOTS` (geotrain's needs for local sites, the
    tests and the benchmark; not the cloud SDKs, which local sites never
    import) through the packages installed beside it, and keeps what `IMAGE`
-   lacks, plus `ALWAYS` (small pure-Python packages whose version on the
-   image is unknown and that geotrain pins tighter than most);
+   lacks, plus `ALWAYS` (small pure-Python packages that geotrain's code
+   calls, whose versions on the image are unknown);
 2. downloads each one's wheel for the target Python and platform, at the
    version installed here (the one CI tests with);
 3. rewrites Ray's wheel without its Java jar and its dashboard's web client
@@ -52,8 +52,11 @@ IMAGE = frozenset(canonicalize_name(n) for n in """
     msgpack multidict numpy packaging pluggy propcache protobuf psutil pygments pytest
     pytest-timeout pytest-xdist pyyaml requests rich safetensors shellingham six torch typer
     typing-extensions urllib3 yarl""".split())
-# Carried even so: geotrain needs fsspec>=2026.9, pydantic typing-extensions>=4.14.
-ALWAYS = frozenset({"fsspec", "typing-extensions"})
+# Carried even so, at the versions CI tests (small, pure Python, the image's versions
+# unknown): what geotrain's own code calls. It needs fsspec>=2026.9, typer>=0.12.
+ALWAYS = frozenset({"fsspec", "typing-extensions", "typer", "click", "rich", "shellingham",
+                    "annotated-doc", "markdown-it-py", "mdurl", "pygments", "packaging",
+                    "filelock"})
 # Dropped from Ray's wheel: Java workers' jar, the dashboard's browser client.
 RAY_DROP = ("ray/jars/", "ray/dashboard/client/build/")
 CARRY_LIMIT = 64 * 2**20
