@@ -130,7 +130,9 @@ def start_moto(host: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(moto), "-H", host, "-p", str(port)],
+    # moto with S3's conditional writes atomic (tests/atomic_moto.py), as the tests run it
+    atomic = Path(__file__).resolve().parent.parent / "tests" / "atomic_moto.py"
+    proc = subprocess.Popen([sys.executable, str(atomic), "-H", host, "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     atexit.register(lambda: proc.poll() is None and proc.kill())
     deadline = time.monotonic() + 20

@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import AWS_AMIS, MOTO_SERVER, free_port, wait_for_port  # noqa: E402
+from tests.conftest import AWS_AMIS, MOTO_CMD, free_port, wait_for_port  # noqa: E402
 from tests.emulators import stop as stop_process  # noqa: E402
 from tests.fakes.aws_faults import FaultProxy  # noqa: E402
 from tests.fakes.aws_operator import user_policy  # noqa: E402
@@ -77,7 +77,7 @@ class Twin:
     def __init__(self, work: Path):
         self.work = work
         port = free_port()
-        self.moto = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+        self.moto = subprocess.Popen([*MOTO_CMD, "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, MOTO_AMIS_PATH=str(AWS_AMIS)))
         wait_for_port(port, self.moto)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a local S3 emulator (moto server) for the whole session;
+"""Shared fixtures: a local S3 emulator (moto server, its conditional writes made
+atomic as S3's: tests/atomic_moto.py) for the whole session;
 GCS and Azure Blob emulators and the per-backend store URLs live in tests/emulators.py.
 
 The server is started once, on a free port bound to 127.0.0.1, with dummy
@@ -18,6 +19,9 @@ import pytest
 from tests.emulators import azurite, backend_url, gcs_emulator, missing, server_env, stop, store_urls  # noqa: F401 - fixtures
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+# moto's server with S3's conditional writes atomic (tests/atomic_moto.py): run as
+# MOTO_CMD + ["-H", host, "-p", port].
+MOTO_CMD = [sys.executable, str(Path(__file__).with_name("atomic_moto.py"))]
 
 
 def require_moto() -> None:
@@ -71,7 +75,7 @@ def moto_s3():
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.delenv("AWS_PROFILE", raising=False)
         mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-        proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+        proc = subprocess.Popen([*MOTO_CMD, "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=server_env())
         try:
@@ -94,7 +98,7 @@ def moto_server():
     require_moto()
     port = free_port()
     env = server_env(MOTO_AMIS_PATH=str(AWS_AMIS), NO_PROXY="127.0.0.1,localhost")
-    proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([*MOTO_CMD, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_for_port(port, proc)
