@@ -40,7 +40,8 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 # What geotrain imports to run local sites on a GPU, its GPU tests and benchmarks/train.py.
 ROOTS = ("ray", "pydantic", "cryptography", "fsspec", "pyyaml", "typer", "rich", "safetensors",
@@ -112,7 +113,11 @@ def download(packages: dict[str, str], python: str, out: Path) -> list[Path]:
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
         raise KitError(f"pip download: {last}")
-    wheels = {canonicalize_name(w.name.split("-")[0]): w for w in out.glob("*.whl")}
+    wheels = {}
+    for w in out.glob("*.whl"):  # the requested version of each (an older one may lie beside it)
+        name, version, _, _ = parse_wheel_filename(w.name)
+        if name in packages and Version(packages[name]) == version:
+            wheels[name] = w
     missing = sorted(set(packages) - set(wheels))
     if missing:
         raise KitError(f"no wheel came for {', '.join(missing)}")
@@ -161,12 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         packages = needed(ROOTS, args.python)
-        stale = [w for w in args.out.glob("*.whl")
-                 if canonicalize_name(w.name.split("-")[0]) not in packages]
-        for w in stale:  # one version of each, nothing else: gpu.sh installs them all
-            w.unlink()
         wheels = download(packages, args.python, args.out)
-        for w in args.out.glob("*.whl"):
+        for w in args.out.glob("*.whl"):  # one version of each, nothing else: gpu.sh installs all
             if w not in wheels:
                 w.unlink()
         saved = sum(slim_wheel(w) for w in wheels if w.name.startswith("ray-"))

@@ -44,7 +44,6 @@ def test_cpu_rows_write_the_documented_json(tmp_path):
     assert rows["bf16"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=0.02)
 
 
-
 def test_compile_hands_each_rows_model_to_torch_compile(monkeypatch):
     """`--compile` reaches each row's process and its forward goes through
     torch.compile; the row says so. (A spy stands in for the compiler here:

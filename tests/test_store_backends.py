@@ -35,24 +35,28 @@ def test_create_writes_once_and_never_overwrites(backend_url):
     assert store.listdir("rounds/000001") == ["members"]
 
 
+def race(store: RunStore, key: str, data, n: int = 8) -> list[int]:
+    """`n` threads, released at once, each creating `key` with `data(i)`; the winners."""
+    barrier, wins = threading.Barrier(n), []
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        if store.create(key, data(i)):
+            wins.append(i)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return wins
+
+
 def test_racing_threads_exactly_one_wins(backend_url):
     store = RunStore(backend_url)
     for trial in range(3):
         key = f"race/{trial}"
-        n = 8
-        barrier = threading.Barrier(n)
-        wins: list[int] = []
-
-        def writer(i: int) -> None:
-            barrier.wait()
-            if store.create(key, f"writer-{i}".encode() * 1000):
-                wins.append(i)
-
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        wins = race(store, key, lambda i: f"writer-{i}".encode() * 1000)
         assert len(wins) == 1, f"trial {trial}: winners {wins}"
         assert store.get(key) == f"writer-{wins[0]}".encode() * 1000
 
@@ -95,7 +99,7 @@ def test_racing_processes_exactly_one_wins(backend_url):
     assert RunStore(backend_url).get("race/processes") == f"process-{winner}".encode()
 
 
-def test_the_s3_emulator_checks_and_writes_as_one(tmp_path):
+def test_the_s3_emulator_checks_and_writes_as_one():
     """tests/atomic_moto.py, which every S3 test runs: with each object write paused
     50 ms between moto's If-None-Match check and its insert (plain moto 5.2 then gave
     several winners in each of 20 races of 8 writers), every race of racing
@@ -119,18 +123,7 @@ def test_the_s3_emulator_checks_and_writes_as_one(tmp_path):
                      aws_secret_access_key="testing").create_bucket(Bucket="atomic-race")
         store = RunStore("s3://atomic-race/run", endpoint_url=url, key="testing", secret="testing")
         for trial in range(5):
-            barrier, wins = threading.Barrier(8), []
-
-            def writer(i: int) -> None:
-                barrier.wait()
-                if store.create(f"race/{trial}", f"writer-{i}".encode()):
-                    wins.append(i)
-
-            threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(30)
+            wins = race(store, f"race/{trial}", lambda i: f"writer-{i}".encode())
             assert len(wins) == 1, f"trial {trial}: winners {wins}"
     finally:
         stop(proc)
